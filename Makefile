@@ -1,0 +1,46 @@
+# FusionRun: every target sets itself up first (scripts/setup.sh is idempotent and fast when done).
+PY := .venv/bin/python
+EXAMPLE ?= examples/tiny-local.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow test-all lint fmt crds bench k8s clean
+
+setup:
+	@bash scripts/setup.sh
+
+## Run a tiny fusion end to end on this machine (no cluster, local artifacts).
+demo: setup
+	$(PY) -m jobs.cli run $(EXAMPLE)
+
+## The default test run (CI runs exactly this): lint + everything not marked slow.
+test: setup
+	$(PY) -m ruff check .
+	bash scripts/k8s-control-plane.sh build
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## Slow suites: real pretrained models, longer multi-process training.
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+fmt: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+## Regenerate crds/ (and the chart's copy) from the pydantic spec.
+crds: setup
+	$(PY) -m jobs.cli crd --write
+
+bench: setup
+	$(PY) -m bench.run
+
+k8s:
+	bash scripts/k8s-control-plane.sh build
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache runs

@@ -1,0 +1,266 @@
+"""Compact, checksummed, memory-mappable artifact shards.
+
+A shard is one safetensors file (a C/Rust-backed, memory-mappable container with a JSON header) holding
+ragged per-document data as flat arrays plus `doc_offsets`. Nothing is padded to a fixed length; token ids
+are uint16 when the vocabulary fits, else int32; values are 16-bit. Writes go to a temporary file in the same
+folder, are fsynced and renamed, so a reader sees a whole shard or none. Readers check the header, the
+arrays each kind of shard must have, their dtypes and shapes, and (when given) the sha256 recorded in the
+stage manifest, and name the file and the fix when anything is off.
+
+Kinds and their arrays (N = tokens in the shard, D = documents, k = top-k, K = fused width):
+
+extract  (one model's predictions on its own tokenization; row t predicts token t+1 of its document;
+          the last row of each document predicts nothing: gold_logprob 0, excluded everywhere)
+  doc_index int64 [D]          document ids in the prepared corpus (join key across models)
+  doc_offsets int64 [D+1]      token offsets of documents
+  input_ids uint16|int32 [N]   the model's tokens
+  token_nbytes uint16 [N]      bytes of text each token stands for (0 for special tokens)
+  topk_ids uint16|int32 [N,k]  top-k next-token ids, best first
+  topk_logprobs float16 [N,k]  their log-probabilities under the full softmax
+  gold_logprob float16 [N]     log-probability of the actual next token
+  doc_nll float32 [D]          sum of -log p(gold) over predicted positions (fp32 accumulation)
+  doc_pred_nbytes int64 [D]    bytes of text those predicted tokens stand for (bits/byte = nll/ln2/bytes)
+  doc_n_pred int32 [D]         number of predicted positions
+
+aligned  (one source's predictions mapped onto the target's positions and vocabulary)
+  doc_index, doc_offsets       as the target's extract shard
+  topk_ids int32 [N,k]         target vocab ids, -1 where empty (duplicates merged, unmapped dropped)
+  topk_logprobs float16 [N,k]  -inf where empty
+  aligned uint8 [N]            1: accepted 1:1 pair; 0: fallback, one-hot on the next gold target token
+  gold_logprob float16 [N]     the source's log p(gold) at the aligned position (NaN when not aligned)
+  gold_nbytes uint16 [N]       bytes of the source token that was predicted there (0 when not aligned)
+  doc_nll, doc_pred_nbytes, doc_n_pred   the source's own per-document figures (sequence-level CE)
+
+fused  (training targets on the target's tokenization)
+  doc_index, doc_offsets, input_ids      as the target's extract shard
+  target_ids int32 [N,K]       fused distribution's ids, -1 where empty
+  target_probs float16 [N,K]   its probabilities (rows sum to 1 over non-empty entries; 0 where empty)
+  choice int8 [D] or [N]       MinCE: index of the candidate picked (0 = target); AvgCE: -1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = "1"
+
+# name -> (allowed dtypes, ndim, leading dimension: "N" tokens, "D" documents, "D+1")
+_COMMON = {
+    "doc_index": ({"int64"}, 1, "D"),
+    "doc_offsets": ({"int64"}, 1, "D+1"),
+}
+_DOC_CE = {
+    "doc_nll": ({"float32"}, 1, "D"),
+    "doc_pred_nbytes": ({"int64"}, 1, "D"),
+    "doc_n_pred": ({"int32"}, 1, "D"),
+}
+SCHEMAS: dict[str, dict[str, tuple[set[str], int, str]]] = {
+    "extract": {
+        **_COMMON,
+        **_DOC_CE,
+        "input_ids": ({"uint16", "int32"}, 1, "N"),
+        "token_nbytes": ({"uint16"}, 1, "N"),
+        "topk_ids": ({"uint16", "int32"}, 2, "N"),
+        "topk_logprobs": ({"float16"}, 2, "N"),
+        "gold_logprob": ({"float16"}, 1, "N"),
+    },
+    "aligned": {
+        **_COMMON,
+        **_DOC_CE,
+        "topk_ids": ({"int32"}, 2, "N"),
+        "topk_logprobs": ({"float16"}, 2, "N"),
+        "aligned": ({"uint8"}, 1, "N"),
+        "gold_logprob": ({"float16"}, 1, "N"),
+        "gold_nbytes": ({"uint16"}, 1, "N"),
+    },
+    "fused": {
+        **_COMMON,
+        "input_ids": ({"uint16", "int32"}, 1, "N"),
+        "target_ids": ({"int32"}, 2, "N"),
+        "target_probs": ({"float16"}, 2, "N"),
+        "choice": ({"int8"}, 1, "*"),
+    },
+    # Free-form shards (prepared documents, evaluation data): no array contract beyond the container.
+    "raw": {},
+}
+
+
+class ShardError(ValueError):
+    """A shard that cannot be used: missing, truncated, corrupt, or not of the expected kind."""
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The smallest id dtype that holds every id of a vocabulary (uint16 up to 65,536 entries)."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    sha256: str
+    nbytes: int
+    counts: dict[str, int]
+
+
+def _counts(arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    out = {}
+    if "doc_offsets" in arrays:
+        out["documents"] = int(len(arrays["doc_offsets"]) - 1)
+        out["tokens"] = int(arrays["doc_offsets"][-1]) if len(arrays["doc_offsets"]) else 0
+    return out
+
+
+def validate_arrays(kind: str, arrays: dict[str, Any], where: str) -> None:
+    """Check that `arrays` hold what a shard of `kind` must hold; raise ShardError naming the problem."""
+    if kind not in SCHEMAS:
+        raise ShardError(f"{where}: unknown shard kind {kind!r}; expected one of {sorted(SCHEMAS)}")
+    schema = SCHEMAS[kind]
+    missing = sorted(set(schema) - set(arrays))
+    if missing:
+        raise ShardError(f"{where}: {kind} shard lacks arrays {missing}")
+    if not schema:
+        return
+    n_docs = len(arrays["doc_offsets"]) - 1
+    offsets = np.asarray(arrays["doc_offsets"])
+    if n_docs < 0 or (n_docs and (offsets[0] != 0 or np.any(np.diff(offsets) < 0))):
+        raise ShardError(f"{where}: doc_offsets must start at 0 and never decrease")
+    n_tok = int(offsets[-1]) if len(offsets) else 0
+    dims = {"N": n_tok, "D": n_docs, "D+1": n_docs + 1}
+    widths = set()
+    for name, (dtypes, ndim, lead) in schema.items():
+        a = arrays[name]
+        if str(a.dtype) not in dtypes:
+            raise ShardError(f"{where}: array {name} has dtype {a.dtype}, expected one of {sorted(dtypes)}")
+        if a.ndim != ndim:
+            raise ShardError(f"{where}: array {name} has {a.ndim} dimensions, expected {ndim}")
+        if lead == "*":
+            if a.shape[0] not in (n_docs, n_tok):
+                raise ShardError(f"{where}: array {name} has {a.shape[0]} rows; expected {n_docs} or {n_tok}")
+        elif a.shape[0] != dims[lead]:
+            raise ShardError(f"{where}: array {name} has {a.shape[0]} rows, expected {dims[lead]} ({lead})")
+        if ndim == 2 and name.endswith(("ids", "logprobs", "probs")):
+            widths.add(a.shape[1])
+    if len(widths) > 1:
+        raise ShardError(f"{where}: top-k arrays disagree on width: {sorted(widths)}")
+
+
+def write_shard(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray],
+                meta: dict[str, Any] | None = None) -> ShardInfo:
+    """Validate and write one shard atomically; return its checksum and size for the stage manifest."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    validate_arrays(kind, arrays, str(path))
+    header = {"kind": kind, "format_version": FORMAT_VERSION, "meta": json.dumps(meta or {}, sort_keys=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(arrays, tmp, metadata=header)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return ShardInfo(path, digest, path.stat().st_size, _counts(arrays))
+
+
+class Shard:
+    """A read-only shard. Arrays load lazily from the memory-mapped file (`shard["topk_ids"]`)."""
+
+    def __init__(self, path: Path, kind: str, meta: dict[str, Any], handle: Any):
+        self.path, self.kind, self.meta, self._h = path, kind, meta, handle
+        self._cache: dict[str, np.ndarray] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._h.keys())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._h.keys()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            try:
+                self._cache[name] = self._h.get_tensor(name)
+            except Exception as err:  # safetensors raises its own error types
+                raise ShardError(f"{self.path}: cannot read array {name}: {err}") from None
+        return self._cache[name]
+
+    @property
+    def n_docs(self) -> int:
+        return len(self["doc_offsets"]) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self["doc_offsets"][-1])
+
+    def doc_slice(self, i: int) -> slice:
+        off = self["doc_offsets"]
+        return slice(int(off[i]), int(off[i + 1]))
+
+
+def read_shard(path: str | os.PathLike, kind: str | None = None, sha256: str | None = None) -> Shard:
+    """Open a shard, checking container, kind, checksum (when given) and array contract."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    fix = "delete it and rerun the stage that writes it (complete shards are skipped, this one is redone)"
+    if not path.is_file():
+        raise ShardError(f"{path}: shard is missing; rerun the stage that writes it")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise ShardError(f"{path}: checksum mismatch (corrupt or partial shard); {fix}")
+    try:
+        h = safe_open(str(path), framework="numpy")
+        header = h.metadata() or {}
+    except Exception as err:
+        raise ShardError(f"{path}: not a readable shard ({err}); {fix}") from None
+    got = header.get("kind")
+    if got is None:
+        raise ShardError(f"{path}: not a FusionRun shard (no kind in header); {fix}")
+    if kind is not None and got != kind:
+        raise ShardError(f"{path}: expected a {kind} shard, found {got}")
+    meta = json.loads(header.get("meta", "{}"))
+    shard = Shard(path, got, meta, h)
+    validate_arrays(got, {k: _LazyShape(h, k) for k in h.keys()}, str(path))
+    return shard
+
+
+class _LazyShape:
+    """Shape and dtype of an array without reading it (validation of big shards stays cheap)."""
+
+    def __init__(self, handle: Any, name: str):
+        sl = handle.get_slice(name)
+        self.shape = tuple(sl.get_shape())
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(_ST_DTYPES[sl.get_dtype()])
+        self._h, self._name = handle, name
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self._h.get_tensor(self._name)
+
+
+_ST_DTYPES = {"U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "I32": "int32", "U32": "uint32",
+              "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "float32", "F32": "float32",
+              "F64": "float64", "BOOL": "bool"}

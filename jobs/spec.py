@@ -1,0 +1,416 @@
+"""The FusionRun spec: one pydantic model, the single source of truth.
+
+The operator, the CRD schema (generated from these classes, see `jobs.crd`), the stage jobs and the local
+runner all read a FusionRun through these classes. Field names are camelCase on the wire (Kubernetes
+convention) and snake_case in Python. Defaults follow the FuseLLM paper where it sets them (k=10,
+lambda=0.9, MinED, MinCE). This module must stay light: the operator imports it, and never imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "fusionrun.dev"
+API_VERSION = "v1alpha1"
+KIND = "FusionRun"
+PLURAL = "fusionruns"
+
+# DNS-1123 label: names end up in Job names, labels and store keys.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
+MODEL_URI_PATTERN = r"^(file://|s3://|pkg://|hf://|/|\./|\.\./|[A-Za-z0-9][\w.-]*/[\w.-]+$)"
+STORE_URI_PATTERN = r"^(file://|s3://|/|\./|\.\./)"
+
+
+class Spec(BaseModel):
+    """Base of every spec class: camelCase aliases, unknown fields rejected (typos fail loudly)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+class RandomInit(Spec):
+    """Build a small randomly initialised model instead of loading weights (tests, tiny examples).
+
+    The vocabulary size follows the tokenizer, so any real tokenizer can be paired with it."""
+
+    architecture: Literal["llama", "gpt_neox", "gemma3", "qwen2", "mistral"] = "llama"
+    hidden_size: int = Field(64, ge=8, le=8192)
+    num_layers: int = Field(2, ge=1, le=128)
+    num_heads: int = Field(4, ge=1, le=128)
+    intermediate_size: int | None = Field(None, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> RandomInit:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hiddenSize ({self.hidden_size}) must be a multiple of numHeads ({self.num_heads})"
+            )
+        return self
+
+
+class ModelRef(Spec):
+    """Where a model comes from.
+
+    uri: a local folder (or file:// URI), an s3:// URI of a folder, pkg://<python package>/<sub path> for
+    a folder shipped inside an installed Python package, or a Hugging Face id (org/name or hf://org/name,
+    for clusters with hub access)."""
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="Short name used in Job names and store keys.")
+    uri: str | None = Field(None, pattern=MODEL_URI_PATTERN, description="Model weights location.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside uri, for GGUF weights.")
+    tokenizer: str | None = Field(
+        None, pattern=MODEL_URI_PATTERN, description="Tokenizer location when it differs from uri."
+    )
+    revision: str | None = None
+    random_init: RandomInit | None = Field(
+        None, description="Random-init a model of this shape with the given tokenizer (no weights)."
+    )
+
+    @model_validator(mode="after")
+    def _weights_or_random(self) -> ModelRef:
+        if self.uri is None and self.random_init is None:
+            raise ValueError("set either uri (model weights) or randomInit (a random-init model)")
+        if self.random_init is not None and self.tokenizer is None and self.uri is None:
+            raise ValueError("randomInit needs a tokenizer: set tokenizer to a tokenizer folder or pkg:// URI")
+        return self
+
+    @property
+    def tokenizer_uri(self) -> str:
+        return self.tokenizer or self.uri  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+class CorpusFormat(str, Enum):
+    auto = "auto"
+    text = "text"
+    jsonl = "jsonl"
+    parquet = "parquet"
+    hf_disk = "hf-disk"
+
+
+class Corpus(Spec):
+    uri: str = Field(..., description="File or folder of documents: local path, file:// or s3:// URI.")
+    format: CorpusFormat = CorpusFormat.auto
+    text_field: str = Field("text", description="Field holding the text (jsonl, parquet, hf-disk).")
+    glob: str | None = Field(None, description="For folders: which files to read, e.g. '**/*.py'.")
+    max_documents: int | None = Field(None, ge=1)
+    max_bytes: int | None = Field(None, ge=1, description="Stop reading after this many bytes of text.")
+    heldout_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Share of documents kept out of training for evaluation."
+    )
+    seed: int = 0
+
+
+class Extraction(Spec):
+    top_k: int = Field(10, ge=1, le=256, description="Next-token entries kept per position.")
+    max_length: int = Field(
+        2048, ge=16, le=131072, description="Longest sequence in tokens, under every tokenizer."
+    )
+    batch_tokens: int = Field(8192, ge=16, description="Tokens per forward batch (length-bucketed).")
+    shards: int = Field(1, ge=1, le=4096, description="Shards per model: the unit of parallel work.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPUs that support it, float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Alignment(Spec):
+    method: Literal["mined", "em"] = Field("mined", description="Token acceptance: min edit distance or exact.")
+    vocab_map: Literal["lazy", "full"] = Field(
+        "lazy", description="lazy: map only source ids seen in extracted top-k; full: the whole vocab."
+    )
+
+
+class Fusion(Spec):
+    strategy: Literal["minCE", "avgCE"] = "minCE"
+    level: Literal["sequence", "token"] = "sequence"
+    ce_unit: Literal["byte", "token"] = Field(
+        "byte", description="byte: bits per byte (fair across tokenizers); token: the reference's per-token CE."
+    )
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    include_target: bool = Field(True, description="The target's own distribution is a fusion candidate.")
+
+
+class Training(Spec):
+    lambda_: float = Field(
+        0.9, alias="lambda", ge=0.0, le=1.0, description="Weight of the causal-LM loss; 1 - lambda the fusion loss."
+    )
+    loss: Literal["ce", "kl"] = Field("ce", description="Fusion loss: soft-label cross-entropy or KL.")
+    learning_rate: float = Field(1e-5, gt=0.0, le=1.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.008, ge=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0.0)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; default: one pass (epochs).")
+    epochs: float = Field(1.0, gt=0.0)
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(16, ge=1)
+    seq_len: int = Field(2048, ge=16)
+    zero_stage: int = Field(2, ge=0, le=3)
+    nodes: int = Field(1, ge=1, le=1024)
+    procs_per_node: int = Field(1, ge=1, le=64, description="Processes per node: one per GPU.")
+    gradient_checkpointing: bool = False
+    checkpoint_interval: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps.")
+    seed: int = 42
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    clm_baseline: bool = Field(
+        False, description="Also train a CLM-only model (lambda=1) on the same data, steps and seed."
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class Evaluation(Spec):
+    enabled: bool = True
+    max_documents: int | None = Field(None, ge=1)
+    evaluate_sources: bool = Field(True, description="Also score each source on its own tokenization.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Where artifacts go, and Kubernetes knobs
+
+
+class SecretKeyRef(Spec):
+    name: str = Field(..., description="Secret name in the FusionRun's namespace.")
+    access_key_key: str = "AWS_ACCESS_KEY_ID"
+    secret_key_key: str = "AWS_SECRET_ACCESS_KEY"
+
+
+class Store(Spec):
+    uri: str = Field(
+        "file://./runs", pattern=STORE_URI_PATTERN, description="Local folder or s3://bucket/prefix."
+    )
+    endpoint: str | None = Field(None, description="S3 endpoint URL for MinIO, SeaweedFS, Ceph...")
+    region: str | None = None
+    insecure: bool = Field(False, description="Allow plain http:// endpoints.")
+    credentials_secret: SecretKeyRef | None = Field(
+        None, description="S3 keys from a Secret; unset: the pod's cloud identity (IRSA, workload identity)."
+    )
+
+    @model_validator(mode="after")
+    def _http_needs_insecure(self) -> Store:
+        if self.endpoint and self.endpoint.startswith("http://") and not self.insecure:
+            raise ValueError("endpoint is plain http://: set insecure: true to allow it, or use https://")
+        return self
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+
+class Toleration(Spec):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class StageResources(Spec):
+    cpu: str | None = Field(None, pattern=r"^\d+(\.\d+)?m?$")
+    memory: str | None = Field(None, pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    gpus: int = Field(0, ge=0, le=64)
+    gpu_resource: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+class Resources(Spec):
+    prepare: StageResources = Field(default_factory=StageResources)
+    extract: StageResources = Field(default_factory=StageResources)
+    align: StageResources = Field(default_factory=StageResources)
+    fuse: StageResources = Field(default_factory=StageResources)
+    train: StageResources = Field(default_factory=StageResources)
+    evaluate: StageResources = Field(default_factory=StageResources)
+
+
+class Retry(Spec):
+    max_attempts: int = Field(3, ge=1, le=100, description="Attempts per stage task before the run fails.")
+    backoff_seconds: int = Field(10, ge=0, le=3600, description="First retry delay; doubles each attempt.")
+    restart_from: Literal["prepare", "extract", "align", "fuse", "train", "evaluate"] | None = Field(
+        None, description="Rerun from this stage: clears failures there and after; finished earlier stages stay."
+    )
+    restart_nonce: str | None = Field(None, description="Change to trigger another restartFrom.")
+
+
+class FusionRunSpec(Spec):
+    target: ModelRef
+    sources: list[ModelRef] = Field(..., min_length=1, max_length=16)
+    corpus: Corpus
+    extraction: Extraction = Field(default_factory=Extraction)
+    alignment: Alignment = Field(default_factory=Alignment)
+    fusion: Fusion = Field(default_factory=Fusion)
+    training: Training = Field(default_factory=Training)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    store: Store = Field(default_factory=Store)
+    resources: Resources = Field(default_factory=Resources)
+    retry: Retry = Field(default_factory=Retry)
+    image: str | None = Field(None, description="Job image; default: the operator's configured job image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    service_account_name: str | None = None
+    suspend: bool = Field(False, description="Stop creating Jobs and delete running ones; resume with false.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run after this long.")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete finished Jobs after this.")
+    queue_name: str | None = Field(None, description="Kueue queue: sets kueue.x-k8s.io/queue-name on Jobs.")
+    priority_class_name: str | None = None
+    delete_artifacts: bool = Field(False, description="Delete the run's artifacts when the FusionRun is deleted.")
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> FusionRunSpec:
+        names = [self.target.name, *(s.name for s in self.sources)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique across target and sources; repeated: {dupes}")
+        if self.training.seq_len > self.extraction.max_length:
+            raise ValueError(
+                f"training.seqLen ({self.training.seq_len}) exceeds extraction.maxLength "
+                f"({self.extraction.max_length}): raise extraction.maxLength or lower training.seqLen"
+            )
+        return self
+
+    @property
+    def models(self) -> list[ModelRef]:
+        """Target first, then sources, in spec order: the order of extraction and of fusion candidates."""
+        return [self.target, *self.sources]
+
+    def model(self, name: str) -> ModelRef:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(f"no model named {name!r}; known: {[m.name for m in self.models]}")
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(..., pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+    namespace: str | None = None
+
+
+class FusionRun(BaseModel):
+    """A whole FusionRun document as `kubectl apply -f` takes it."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    api_version: str = Field(f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
+    kind: Literal["FusionRun"] = KIND
+    metadata: Metadata
+    spec: FusionRunSpec
+
+    @field_validator("api_version")
+    @classmethod
+    def _known_version(cls, v: str) -> str:
+        if v != f"{API_GROUP}/{API_VERSION}":
+            raise ValueError(f"apiVersion must be {API_GROUP}/{API_VERSION}")
+        return v
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and clear errors
+
+
+class SpecError(ValueError):
+    """A FusionRun that does not validate; the message names every bad field and what is allowed."""
+
+
+def format_validation_error(err: ValidationError, root: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p != "__root__")
+        loc = f"{root}.{loc}" if root and loc else (root or loc or "(document)")
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        lines.append(f"{loc}: {msg}{got_s}")
+    return "invalid FusionRun:\n  " + "\n  ".join(lines)
+
+
+def parse_fusionrun(doc: dict[str, Any]) -> FusionRun:
+    try:
+        return FusionRun.model_validate(doc)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def parse_spec(spec: dict[str, Any]) -> FusionRunSpec:
+    try:
+        return FusionRunSpec.model_validate(spec)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, root="spec")) from None
+
+
+def load_fusionrun(path: str | Path) -> FusionRun:
+    """Read a FusionRun YAML file; relative local paths in it are resolved against the file's folder."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"no such FusionRun file: {path}") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path}: expected a FusionRun mapping with apiVersion, kind, metadata and spec")
+    run = parse_fusionrun(doc)
+    return run.model_copy(update={"spec": resolve_relative_paths(run.spec, path.parent.resolve())})
+
+
+def resolve_relative_paths(spec: FusionRunSpec, base: Path) -> FusionRunSpec:
+    """Make ./relative local URIs absolute so that a run does not depend on the caller's directory."""
+
+    def fix(uri: str | None) -> str | None:
+        if uri is None:
+            return None
+        if uri.startswith("file://./") or uri.startswith("file://../"):
+            return "file://" + str((base / uri[len("file://") :]).resolve())
+        if re.match(r"^\.\.?/", uri):
+            return str((base / uri).resolve())
+        return uri
+
+    data = spec.model_dump(by_alias=True)
+    for m in [data["target"], *data["sources"]]:
+        m["uri"] = fix(m["uri"])
+        m["tokenizer"] = fix(m["tokenizer"])
+    data["corpus"]["uri"] = fix(data["corpus"]["uri"])
+    data["store"]["uri"] = fix(data["store"]["uri"])
+    return FusionRunSpec.model_validate(data)
+
+
+def spec_fingerprint_fields(spec: FusionRunSpec, stage: str) -> dict[str, Any]:
+    """The parts of the spec that decide a stage's output: a change in them invalidates that output.
+
+    Kept here, beside the spec, so that the jobs and the operator agree on what 'same inputs' means."""
+    d = spec.model_dump(mode="json", by_alias=True)
+    models = {m["name"]: {k: m[k] for k in ("uri", "ggufFile", "tokenizer", "revision", "randomInit")}
+              for m in [d["target"], *d["sources"]]}
+    prepare = {"corpus": d["corpus"], "maxLength": d["extraction"]["maxLength"],
+               "shards": d["extraction"]["shards"], "tokenizers": {n: m["tokenizer"] or m["uri"]
+                                                                   for n, m in models.items()}}
+    by_stage: dict[str, dict[str, Any]] = {
+        "prepare": prepare,
+        "extract": {"models": models, "topK": d["extraction"]["topK"]},
+        "align": {"alignment": d["alignment"]},
+        "fuse": {"fusion": d["fusion"]},
+        "train": {"training": {k: v for k, v in d["training"].items() if k not in ("checkpointInterval",)}},
+        "evaluate": {"evaluation": d["evaluation"]},
+    }
+    return by_stage[stage]

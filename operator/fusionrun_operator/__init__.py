@@ -1,0 +1,1 @@
+"""The FusionRun Kubernetes operator (kopf). Imports no torch."""
