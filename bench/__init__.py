@@ -1,0 +1,1 @@
+"""Benchmarks: each prints side-by-side comparisons (ratios) measured in one run."""
