@@ -205,6 +205,21 @@ class Shard:
                 raise ShardError(f"{self.path}: cannot read array {name}: {err}") from None
         return self._cache[name]
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one array, read from the memory map without loading the whole array
+        (training streams blocks of a few thousand rows out of multi-GB shards). Clamped to the array."""
+        if name in self._cache:
+            return self._cache[name][start:stop]
+        try:
+            sl = self._h.get_slice(name)
+            n = int(sl.get_shape()[0])
+            lo, hi = max(0, min(start, n)), max(0, min(stop, n))
+            if hi <= lo:  # safetensors rejects empty slices at the end of an array
+                return np.empty((0, *sl.get_shape()[1:]), dtype=_ST_DTYPES[sl.get_dtype()])
+            return sl[lo:hi]
+        except Exception as err:  # safetensors raises its own error types
+            raise ShardError(f"{self.path}: cannot read rows {start}:{stop} of {name}: {err}") from None
+
     @property
     def n_docs(self) -> int:
         return len(self["doc_offsets"]) - 1
