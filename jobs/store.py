@@ -1,0 +1,404 @@
+"""The artifact store: where every stage reads its inputs and writes its outputs.
+
+Two backends behind one small interface, with keys relative to `<store uri>/<run name>/`:
+- a local folder (`file:///abs/path`, `/abs/path`): writes go to a temporary file beside the target and are
+  renamed into place, so a reader sees a whole object or none;
+- S3 (`s3://bucket/prefix`) through boto3: AWS, MinIO, SeaweedFS, Ceph. Multipart transfers, botocore's
+  retries with exponential backoff (bounded attempts), path-style addressing for custom endpoints, and
+  credentials from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, which Kubernetes fills from
+  the run's Secret) or boto3's default chain (pod identity). S3 PUTs are atomic by nature.
+
+Failures become `StoreError` naming the endpoint, bucket or key and the fix; credentials are never logged.
+This module imports no torch: the operator uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from jobs.spec import Store as StoreSpec
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used as configured; the message names what and how to fix it."""
+
+
+class Store(ABC):
+    """Objects under one run's prefix. Keys use '/' and never start with '/'."""
+
+    base_uri: str
+
+    def uri_for(self, key: str) -> str:
+        return f"{self.base_uri.rstrip('/')}/{_clean_key(key)}"
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int | None:
+        """Size in bytes, or None when the object does not exist."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def upload(self, local_path: str | os.PathLike, key: str) -> None: ...
+
+    @abstractmethod
+    def download(self, key: str, local_path: str | os.PathLike) -> Path: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under `prefix` (relative to the run), sorted."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix`; return how many were deleted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object if it exists."""
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's own file when the store is a local folder (readers skip a copy), else None."""
+        return None
+
+
+def _clean_key(key: str) -> str:
+    key = key.strip("/")
+    if not key or ".." in key.split("/"):
+        raise StoreError(f"invalid store key {key!r}: keys are relative paths without '..'")
+    return key
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LocalStore(Store):
+    def __init__(self, root: Path):
+        self.root = root
+        self.base_uri = f"file://{root}"
+
+    def _p(self, key: str) -> Path:
+        return self.root / _clean_key(key)
+
+    def exists(self, key: str) -> bool:
+        return self._p(key).is_file()
+
+    def size(self, key: str) -> int | None:
+        p = self._p(key)
+        return p.stat().st_size if p.is_file() else None
+
+    def get_bytes(self, key: str) -> bytes:
+        p = self._p(key)
+        try:
+            return p.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{self.uri_for(key)}: no such object; rerun the stage that writes it") from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        dst = self._p(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def upload(self, local_path: str | os.PathLike, key: str) -> None:
+        src, dst = Path(local_path), self._p(key)
+        if src.resolve() == dst.resolve():
+            return
+        _atomic_copy(src, dst)
+
+    def download(self, key: str, local_path: str | os.PathLike) -> Path:
+        src, dst = self._p(key), Path(local_path)
+        if not src.is_file():
+            raise StoreError(f"{self.uri_for(key)}: no such object; rerun the stage that writes it")
+        if src.resolve() != dst.resolve():
+            _atomic_copy(src, dst)
+        return dst
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix.strip("/") if prefix.strip("/") else self.root
+        if base.is_file():
+            return [prefix.strip("/")]
+        if not base.is_dir():
+            # A prefix may end inside a name ("extract/a" matching "extract/ab/..."): scan the parent.
+            parent = base.parent
+            if not parent.is_dir():
+                return []
+            cands = [p for p in parent.iterdir() if p.name.startswith(base.name)]
+        else:
+            cands = [base]
+        out: list[str] = []
+        for c in cands:
+            files = [c] if c.is_file() else [p for p in c.rglob("*") if p.is_file()]
+            out += [str(p.relative_to(self.root)) for p in files if not p.name.endswith(".partial")]
+        return sorted(out)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for k in keys:
+            (self.root / k).unlink(missing_ok=True)
+        return len(keys)
+
+    def delete(self, key: str) -> None:
+        self._p(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._p(key)
+
+
+# --------------------------------------------------------------------------------------------------
+# S3
+
+_MiB = 1 << 20
+
+
+def _s3_error(err: Exception, endpoint: str, bucket: str, what: str) -> StoreError:
+    """Turn a boto3/botocore failure into a message that says what to change. Never includes secrets."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
+
+    where = f"S3 endpoint {endpoint}, bucket {bucket!r}"
+    if isinstance(err, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
+        return StoreError(f"cannot reach {where} while {what} (retried): {err}; check store.endpoint "
+                          "and that the server is up and reachable from here")
+    if isinstance(err, NoCredentialsError):
+        return StoreError(f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                          "(or store.credentialsSecret on Kubernetes), or give the pod a cloud identity")
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket",):
+            return StoreError(f"{where}: the bucket does not exist; create it "
+                              f"(e.g. `aws s3 mb s3://{bucket}`) or fix store.uri")
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
+                    "InvalidToken", "ExpiredToken"):
+            return StoreError(f"{where}: access denied ({code}) while {what}; check the S3 credentials "
+                              "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or store.credentialsSecret) "
+                              "and the bucket policy")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StoreError(f"{where}: no such object while {what}; rerun the stage that writes it")
+        return StoreError(f"{where}: S3 error {code} while {what}: {err}")
+    return StoreError(f"{where}: {type(err).__name__} while {what}: {err}")
+
+
+def make_s3_client(spec: StoreSpec, max_attempts: int | None = None) -> Any:
+    """A boto3 S3 client for the store spec: bounded retries with backoff, path-style for custom endpoints."""
+    import boto3
+    from botocore.config import Config
+
+    attempts = max_attempts or int(os.environ.get("FUSIONRUN_S3_MAX_ATTEMPTS", "8"))
+    cfg = Config(
+        retries={"max_attempts": attempts, "mode": "standard"},  # exponential backoff with jitter
+        connect_timeout=float(os.environ.get("FUSIONRUN_S3_CONNECT_TIMEOUT", "5")),
+        read_timeout=float(os.environ.get("FUSIONRUN_S3_READ_TIMEOUT", "60")),
+        s3={"addressing_style": "path"} if spec.endpoint else {},
+        region_name=spec.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
+    )
+    return boto3.session.Session().client("s3", endpoint_url=spec.endpoint, config=cfg,
+                                          verify=None if not spec.insecure else False)
+
+
+class S3Store(Store):
+    def __init__(self, spec: StoreSpec, bucket: str, prefix: str, client: Any | None = None):
+        from boto3.s3.transfer import TransferConfig
+
+        self.spec, self.bucket = spec, bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint = spec.endpoint or "AWS default"
+        self.base_uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.client = client or make_s3_client(spec)
+        # Multipart above 16 MiB in 16 MiB parts, a few parts in flight: big shards and checkpoints.
+        self.transfer = TransferConfig(multipart_threshold=16 * _MiB, multipart_chunksize=16 * _MiB,
+                                       max_concurrency=4, use_threads=True)
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}/{_clean_key(key)}" if self.prefix else _clean_key(key)
+
+    def _err(self, err: Exception, what: str) -> StoreError:
+        return _s3_error(err, self.endpoint, self.bucket, what)
+
+    def check(self) -> None:
+        """Fail early and clearly when the endpoint, bucket or credentials are wrong."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as err:
+            from botocore.exceptions import ClientError
+
+            if isinstance(err, ClientError) and str(err.response.get("Error", {}).get("Code")) in ("404",
+                                                                                                  "NoSuchBucket"):
+                err.response["Error"]["Code"] = "NoSuchBucket"
+            raise self._err(err, "checking the bucket") from None
+
+    def size(self, key: str) -> int | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._k(key))["ContentLength"])
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._err(err, f"checking {self.uri_for(key)}") from None
+        except Exception as err:
+            raise self._err(err, f"checking {self.uri_for(key)}") from None
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+        except Exception as err:
+            raise self._err(err, f"reading {self.uri_for(key)}") from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+        except Exception as err:
+            raise self._err(err, f"writing {self.uri_for(key)}") from None
+
+    def upload(self, local_path: str | os.PathLike, key: str) -> None:
+        try:
+            self.client.upload_file(str(local_path), self.bucket, self._k(key), Config=self.transfer)
+        except Exception as err:
+            raise self._err(getattr(err, "last_exception", None) or err, f"uploading {self.uri_for(key)}") \
+                from None
+
+    def download(self, key: str, local_path: str | os.PathLike) -> Path:
+        dst = Path(local_path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+        os.close(fd)
+        try:
+            self.client.download_file(self.bucket, self._k(key), tmp, Config=self.transfer)
+            os.replace(tmp, dst)
+        except Exception as err:
+            Path(tmp).unlink(missing_ok=True)
+            raise self._err(err, f"downloading {self.uri_for(key)}") from None
+        return dst
+
+    def _iter_keys(self, full_prefix: str) -> list[str]:
+        out = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                              Prefix=full_prefix):
+                out += [o["Key"] for o in page.get("Contents", [])]
+        except Exception as err:
+            raise self._err(err, f"listing s3://{self.bucket}/{full_prefix}") from None
+        return out
+
+    def list(self, prefix: str = "") -> list[str]:
+        p = prefix.lstrip("/")  # a string prefix of keys: "a/" lists a folder, "a" also matches "ab/..."
+        full = f"{self.prefix}/{p}" if self.prefix else p
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(k[cut:] for k in self._iter_keys(full))
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
+        except Exception as err:
+            raise self._err(err, f"deleting {self.uri_for(key)}") from None
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = [self._k(k) for k in self.list(prefix)]
+        for i in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+            try:
+                self.client.delete_objects(Bucket=self.bucket, Delete=batch)
+            except Exception as err:
+                raise self._err(err, f"deleting under {self.uri_for(prefix)}") from None
+        return len(keys)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """s3://bucket/some/prefix -> ("bucket", "some/prefix")."""
+    if not uri.startswith("s3://"):
+        raise StoreError(f"not an s3:// URI: {uri!r}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise StoreError(f"{uri!r} names no bucket: use s3://BUCKET/optional/prefix")
+    return bucket, prefix.strip("/")
+
+
+def open_store(store_spec: StoreSpec, run_name: str, check: bool = False) -> Store:
+    """The store of one run: keys are relative to `<store uri>/<run name>/`.
+
+    check: for S3, verify endpoint, bucket and credentials now (a clear error before any work)."""
+    if not run_name or "/" in run_name:
+        raise StoreError(f"invalid run name {run_name!r}: use the FusionRun's metadata.name")
+    uri = store_spec.uri
+    if store_spec.is_s3:
+        bucket, prefix = parse_s3_uri(uri)
+        store = S3Store(store_spec, bucket, f"{prefix}/{run_name}" if prefix else run_name)
+        if check:
+            store.check()
+        return store
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    if not os.path.isabs(path):
+        raise StoreError(f"store.uri {uri!r} is relative: load the spec with jobs.spec.load_fusionrun (which "
+                         "resolves it against the YAML file's folder) or give an absolute path")
+    return LocalStore(Path(path) / run_name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models kept in S3
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FUSIONRUN_CACHE", Path.home() / ".cache" / "fusionrun"))
+
+
+def download_model(store: Store | StoreSpec, uri: str) -> str:
+    """A local path for a model URI: s3:// folders are downloaded once into the cache; others pass through.
+
+    Uses the run store's endpoint and credentials (a model may live in another bucket of the same S3)."""
+    if not uri.startswith("s3://"):
+        return uri
+    spec = store.spec if isinstance(store, S3Store) else store if isinstance(store, StoreSpec) else None
+    if spec is None:
+        spec = StoreSpec(uri="s3://placeholder")  # local run store, model in AWS S3: default chain
+    bucket, prefix = parse_s3_uri(uri)
+    dest = cache_dir() / "models" / hashlib.sha256(f"{spec.endpoint}|{uri}".encode()).hexdigest()[:16]
+    done = dest / ".fusionrun-complete"
+    if done.is_file():
+        return str(dest)
+    src = S3Store(spec, bucket, prefix)
+    keys = src.list("")
+    if not keys:
+        raise StoreError(f"model {uri}: no objects under that prefix at {src.endpoint}; upload the model "
+                         "folder there or fix the model's uri")
+    for k in keys:
+        src.download(k, dest / k)
+    done.write_text(uri)  # last: a half-finished download is redone, not used
+    return str(dest)

@@ -1,0 +1,218 @@
+"""The artifact store on a local folder and on a real S3 server (SeaweedFS), and task manifests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.manifest import (
+    Output,
+    build_manifest,
+    completed_tasks,
+    digest,
+    manifest_key,
+    why_incomplete,
+    write_manifest,
+)
+from jobs.plan import Stage, Task, build_dag
+from jobs.spec import Store as StoreSpec
+from jobs.spec import parse_spec
+from jobs.store import LocalStore, S3Store, StoreError, download_model, open_store
+from tests.harness.s3 import ENDPOINT, s3_bucket, s3_server  # noqa: F401
+
+SPEC = {
+    "target": {"name": "tgt", "tokenizer": "/tok", "randomInit": {}},
+    "sources": [{"name": "src", "tokenizer": "/tok2", "randomInit": {}}],
+    "corpus": {"uri": "/corpus.txt"},
+    "extraction": {"maxLength": 256},
+    "training": {"seqLen": 128},
+}
+
+
+def _s3_spec(bucket: str, prefix: str = "runs") -> StoreSpec:
+    return StoreSpec(uri=f"s3://{bucket}/{prefix}", endpoint=ENDPOINT, insecure=True)
+
+
+def _exercise(store) -> None:
+    """The same contract on every backend."""
+    assert not store.exists("a/b.bin") and store.size("a/b.bin") is None
+    store.put_bytes("a/b.bin", b"hello")
+    assert store.exists("a/b.bin") and store.size("a/b.bin") == 5
+    assert store.get_bytes("a/b.bin") == b"hello"
+    store.put_bytes("a/b.bin", b"hello, again")  # overwrite
+    assert store.get_bytes("a/b.bin") == b"hello, again"
+    store.put_bytes("a/c.bin", b"x")
+    store.put_bytes("ab/d.bin", b"y")
+    assert store.list("a/") == ["a/b.bin", "a/c.bin"]
+    assert store.list("") == ["a/b.bin", "a/c.bin", "ab/d.bin"]
+    assert store.uri_for("a/b.bin").endswith("/run1/a/b.bin")
+    with pytest.raises(StoreError, match="no such object"):
+        store.get_bytes("nope")
+    with pytest.raises(StoreError, match="invalid store key"):
+        store.exists("../escape")
+    assert store.delete_prefix("a/") == 2
+    assert store.list("") == ["ab/d.bin"]
+    store.delete("ab/d.bin")
+    assert store.list("") == []
+
+
+def test_local_store_contract(tmp_path: Path) -> None:
+    store = open_store(StoreSpec(uri=f"file://{tmp_path}"), "run1")
+    assert isinstance(store, LocalStore) and store.root == tmp_path / "run1"
+    _exercise(store)
+
+
+def test_local_store_upload_download_atomic(tmp_path: Path) -> None:
+    store = open_store(StoreSpec(uri=str(tmp_path / "s")), "run1")
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(1000))
+    store.upload(src, "x/f.bin")
+    got = store.download("x/f.bin", tmp_path / "out" / "f.bin")
+    assert got.read_bytes() == src.read_bytes()
+    # No temporary files remain beside the objects.
+    assert sorted(p.name for p in (tmp_path / "s" / "run1" / "x").iterdir()) == ["f.bin"]
+
+
+def test_local_store_relative_uri_is_rejected() -> None:
+    with pytest.raises(StoreError, match="relative"):
+        open_store(StoreSpec(uri="./runs"), "r")
+
+
+@pytest.mark.s3
+def test_s3_store_contract(s3_server, s3_bucket) -> None:  # noqa: F811
+    store = open_store(_s3_spec(s3_bucket), "run1", check=True)
+    assert isinstance(store, S3Store) and store.base_uri == f"s3://{s3_bucket}/runs/run1"
+    _exercise(store)
+
+
+@pytest.mark.s3
+def test_s3_multipart_upload_and_download(s3_server, s3_bucket, tmp_path: Path) -> None:  # noqa: F811
+    from boto3.s3.transfer import TransferConfig
+
+    store = open_store(_s3_spec(s3_bucket), "run1")
+    store.transfer = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
+    data = os.urandom(12 << 20)  # 3 parts
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    store.upload(src, "big.bin")
+    head = s3_server.client().head_object(Bucket=s3_bucket, Key="runs/run1/big.bin")
+    assert head["ETag"].strip('"').endswith("-3")  # a multipart object's ETag counts its parts
+    out = store.download("big.bin", tmp_path / "dl" / "big.bin")
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+@pytest.mark.s3
+def test_s3_errors_name_endpoint_bucket_and_fix(s3_server, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.setenv("FUSIONRUN_S3_MAX_ATTEMPTS", "2")
+    with pytest.raises(StoreError, match=r"bucket 'no-such-bucket'.*does not exist; create it"):
+        open_store(_s3_spec("no-such-bucket"), "r", check=True)
+    bucket = s3_server.make_bucket()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(StoreError, match="access denied") as err:
+        open_store(_s3_spec(bucket), "r", check=True)
+    assert "wrong-secret" not in str(err.value)
+    monkeypatch.setenv("FUSIONRUN_S3_CONNECT_TIMEOUT", "1")
+    spec = StoreSpec(uri=f"s3://{bucket}/p", endpoint="http://127.0.0.1:9", insecure=True)
+    with pytest.raises(StoreError, match=r"cannot reach S3 endpoint http://127.0.0.1:9.*store.endpoint"):
+        open_store(spec, "r").put_bytes("k", b"v")
+
+
+@pytest.mark.s3
+def test_s3_rides_out_a_server_restart(s3_server, s3_bucket, tmp_path: Path) -> None:  # noqa: F811
+    """The server goes away and comes back while the store keeps writing: bounded retries ride it out."""
+    store = open_store(_s3_spec(s3_bucket), "run1")
+    store.put_bytes("before", b"1")
+    s3_server.stop()
+    restarter = threading.Timer(2.0, s3_server.start)
+    restarter.start()
+    t0 = time.monotonic()
+    try:
+        src = tmp_path / "f.bin"
+        src.write_bytes(b"z" * 100_000)
+        store.upload(src, "during.bin")  # first attempts fail (connection refused), later ones succeed
+    finally:
+        restarter.join()
+    assert time.monotonic() - t0 >= 1.5
+    assert store.get_bytes("before") == b"1"
+    assert store.get_bytes("during.bin") == b"z" * 100_000
+
+
+@pytest.mark.s3
+def test_download_model_caches_an_s3_folder(s3_server, s3_bucket, tmp_path, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.setenv("FUSIONRUN_CACHE", str(tmp_path / "cache"))
+    c = s3_server.client()
+    c.put_object(Bucket=s3_bucket, Key="models/m1/config.json", Body=b"{}")
+    c.put_object(Bucket=s3_bucket, Key="models/m1/sub/w.bin", Body=b"w")
+    store = open_store(_s3_spec(s3_bucket), "run1")
+    path = Path(download_model(store, f"s3://{s3_bucket}/models/m1"))
+    assert (path / "config.json").read_bytes() == b"{}" and (path / "sub" / "w.bin").read_bytes() == b"w"
+    c.delete_object(Bucket=s3_bucket, Key="models/m1/config.json")
+    assert download_model(store, f"s3://{s3_bucket}/models/m1") == str(path)  # cached: no second download
+    assert download_model(store, "/local/model") == "/local/model"
+    with pytest.raises(StoreError, match="no objects under that prefix"):
+        download_model(store, f"s3://{s3_bucket}/models/none")
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifests
+
+
+def _complete(store, spec, task: Task, dag, outputs: dict[str, bytes]) -> dict:
+    from jobs.manifest import input_digests
+
+    outs = {}
+    for k, data in outputs.items():
+        store.put_bytes(k, data)
+        outs[k] = Output(hashlib.sha256(data).hexdigest(), len(data))
+    m = build_manifest(spec, task, outs, input_digests(store, {t.id: t for t in dag}, task), time.time())
+    write_manifest(store, task, m)
+    return m
+
+
+def test_manifest_completeness_rules(tmp_path: Path) -> None:
+    spec = parse_spec(SPEC)
+    dag = build_dag(spec)
+    by_id = {t.id: t for t in dag}
+    store = open_store(StoreSpec(uri=str(tmp_path)), "r")
+    prep, ext = by_id["prepare"], by_id["extract-tgt-00000"]
+    assert manifest_key(ext) == "extract/tgt/shard-00000.manifest.json"
+    assert why_incomplete(store, spec, prep, by_id) == "no manifest"
+    m_prep = _complete(store, spec, prep, dag, {"prepare/shard-00000.safetensors": b"docs"})
+    _complete(store, spec, ext, dag, {"extract/tgt/shard-00000.safetensors": b"logits"})
+    assert completed_tasks(store, spec, dag) == {"prepare", "extract-tgt-00000"}
+
+    # A truncated output (size differs) makes the task incomplete; verify catches same-size corruption.
+    store.put_bytes("extract/tgt/shard-00000.safetensors", b"LOGITS")
+    assert why_incomplete(store, spec, ext, by_id) is None
+    assert why_incomplete(store, spec, ext, by_id, verify=True) == \
+        "output extract/tgt/shard-00000.safetensors checksum mismatch"
+    store.put_bytes("extract/tgt/shard-00000.safetensors", b"logit")
+    assert "has 5 bytes, manifest says 6" in why_incomplete(store, spec, ext, by_id)
+    store.put_bytes("extract/tgt/shard-00000.safetensors", b"logits")
+
+    # Redoing the upstream with identical outputs keeps dependants valid (timestamps are not content) ...
+    time.sleep(0.01)
+    m2 = _complete(store, spec, prep, dag, {"prepare/shard-00000.safetensors": b"docs"})
+    assert m2["finished_at"] != m_prep["finished_at"] and digest(m2) == digest(m_prep)
+    assert why_incomplete(store, spec, ext, by_id) is None
+    # ... while changed upstream outputs invalidate them.
+    _complete(store, spec, prep, dag, {"prepare/shard-00000.safetensors": b"other docs"})
+    assert why_incomplete(store, spec, ext, by_id) == "an input changed"
+
+    # A spec field that decides extraction invalidates; one that does not (training) leaves it alone.
+    _complete(store, spec, ext, dag, {"extract/tgt/shard-00000.safetensors": b"logits"})
+    topk = parse_spec({**SPEC, "extraction": {"maxLength": 256, "topK": 5}})
+    assert why_incomplete(store, topk, ext, by_id) == "spec changed"
+    lr = parse_spec({**SPEC, "training": {"seqLen": 128, "learningRate": 0.1}})
+    assert why_incomplete(store, lr, ext, by_id) is None
+    # Editing another model does not redo this model's extraction.
+    src3 = {"name": "src", "tokenizer": "/tok2", "randomInit": {"seed": 3}}
+    other = parse_spec({**SPEC, "sources": [src3]})
+    assert why_incomplete(store, other, ext, by_id) is None
+    src_ext = Task(Stage.extract, "src", 0, deps=("prepare",))
+    assert why_incomplete(store, other, src_ext, by_id) == "no manifest"
