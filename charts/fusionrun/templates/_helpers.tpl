@@ -1,0 +1,124 @@
+{{/* Names: every resource name derives from fusionrun.fullname (63-character DNS label limit). */}}
+{{- define "fusionrun.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fusionrun.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fusionrun.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every resource; selectorLabels are the immutable subset the Deployment selects on.
+     commonLabels carry no component, so resources of other components (the job ServiceAccount) add theirs. */}}
+{{- define "fusionrun.commonLabels" -}}
+helm.sh/chart: {{ include "fusionrun.chart" . }}
+app.kubernetes.io/name: {{ include "fusionrun.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: fusionrun
+{{- end }}
+
+{{- define "fusionrun.labels" -}}
+{{ include "fusionrun.commonLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "fusionrun.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fusionrun.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* The operator's ServiceAccount name. */}}
+{{- define "fusionrun.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "fusionrun.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The stage Jobs' ServiceAccount name. */}}
+{{- define "fusionrun.jobServiceAccountName" -}}
+{{- if .Values.jobServiceAccount.create }}
+{{- default (printf "%s-job" (include "fusionrun.fullname" . | trunc 59 | trimSuffix "-")) .Values.jobServiceAccount.name }}
+{{- else }}
+{{- required "jobServiceAccount.name is required when jobServiceAccount.create is false" .Values.jobServiceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* image: repository@digest when a digest is given, else repository:tag (tag defaults to appVersion). */}}
+{{- define "fusionrun.imageRef" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (default .appVersion .image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "fusionrun.operatorImage" -}}
+{{- include "fusionrun.imageRef" (dict "image" .Values.image "appVersion" .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "fusionrun.jobImage" -}}
+{{- include "fusionrun.imageRef" (dict "image" .Values.jobImage "appVersion" .Chart.AppVersion) }}
+{{- end }}
+
+{{/* Namespaced mode: the watched namespaces (default: the release namespace), unique, as a list. */}}
+{{- define "fusionrun.watchedNamespaces" -}}
+{{- $ns := .Values.watch.namespaces | default (list .Release.Namespace) }}
+{{- toJson (uniq $ns) }}
+{{- end }}
+
+{{/* Namespaces that get a job ServiceAccount: the release namespace, the watched ones in namespaced mode,
+     and jobServiceAccount.extraNamespaces. */}}
+{{- define "fusionrun.jobNamespaces" -}}
+{{- $ns := list .Release.Namespace }}
+{{- if not .Values.watch.clusterWide }}
+{{- $ns = concat $ns (include "fusionrun.watchedNamespaces" . | fromJsonArray) }}
+{{- end }}
+{{- $ns = concat $ns .Values.jobServiceAccount.extraNamespaces }}
+{{- toJson (uniq $ns) }}
+{{- end }}
+
+{{/* The operator's namespaced permissions: exactly what fusionrun_operator and kopf call, nothing more.
+     Shared by the ClusterRole (cluster-wide mode) and the per-namespace Roles (namespaced mode). */}}
+{{- define "fusionrun.operatorRules" -}}
+# FusionRuns: kopf watches them and patches its finalizer and progress annotations.
+- apiGroups: ["fusionrun.dev"]
+  resources: ["fusionruns"]
+  verbs: ["get", "list", "watch", "patch"]
+# Observed state goes only through the status subresource.
+- apiGroups: ["fusionrun.dev"]
+  resources: ["fusionruns/status"]
+  verbs: ["get", "patch"]
+# One Job per stage task (owned by the FusionRun); deleted on suspend, restart and retry.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Headless Services give multi-node training ranks a stable rendezvous address.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# Pods are read only: why a stage's pod failed (exit code, OOMKilled) goes into the status message.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# kopf and the operator post Events on FusionRuns (kubectl describe shows what happened and why).
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
