@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from operator import itemgetter, methodcaller
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,8 @@ class TokenizerView:
     nbytes: np.ndarray  # uint16 [vocab_size]: len(token_bytes[i])
     eos_id: int
     special_ids: np.ndarray  # int64, sorted: ids that stand for no text
+    byte_fallback: np.ndarray  # bool [vocab_size]: SentencePiece <0xNN> tokens (emitted only for bytes
+    #                            no other token covers; an exact match prefers the token that is emitted)
     pieces: list[str | None] = field(repr=False)  # the tokenizer's own spelling per id (diagnostics)
 
     @classmethod
@@ -77,6 +80,11 @@ class TokenizerView:
             view = build_view(tok)
             _VIEWS[id(tok)] = (tok, view)
             return view
+
+    @cached_property
+    def token_text(self) -> list[str]:
+        """token_bytes as latin-1 str (one char per byte), the form rapidfuzz compares in C."""
+        return list(map(methodcaller("decode", "latin-1"), self.token_bytes))
 
     def decode(self, ids: Any) -> bytes:
         """The bytes a sequence of ids stands for (special tokens contribute nothing)."""
@@ -104,6 +112,7 @@ class TokenizerView:
         h.update(self.nbytes.astype("<u2").tobytes())
         h.update(b"".join(self.token_bytes))
         h.update(self.special_ids.astype("<i8").tobytes())
+        h.update(np.packbits(self.byte_fallback).tobytes())
         return h.hexdigest()
 
 
@@ -219,9 +228,13 @@ def build_view(tok: PreTrainedTokenizerBase) -> TokenizerView:
     nbytes = np.fromiter(map(len, token_bytes), dtype=np.int64, count=size)
     if nbytes.max(initial=0) > np.iinfo(np.uint16).max:
         raise TokenizerSchemeError(f"tokenizer {name}: a token stands for more than 65535 bytes")
+    fallback = np.zeros(size, dtype=bool)
+    if kind == "sentencepiece":
+        piece_to_id = dict(zip(pieces, range(size), strict=True))
+        fallback[[piece_to_id[p] for p in _BYTE_FALLBACK if p in piece_to_id]] = True
     return TokenizerView(name=name, vocab_size=size, kind=kind, marker=marker, token_bytes=token_bytes,
                          nbytes=nbytes.astype(np.uint16), eos_id=int(tok.eos_token_id), special_ids=special,
-                         pieces=pieces)
+                         byte_fallback=fallback, pieces=pieces)
 
 
 def _holes(pieces: list[str | None]) -> set[int]:
