@@ -1,0 +1,202 @@
+"""The run report: report.md + report.json + PNG plots, from what the stages left in the store.
+
+  - held-out bits per byte (and perplexity): target before training, CLM-only baseline, FuseLLM, each source
+    (evaluate/metrics.json)
+  - training loss curves (train/<variant>/progress.json, or JSON lines with step and loss in the train log)
+  - how often MinCE picked each candidate (fuse manifests' summaries)
+  - per-task timings (manifests' started_at / finished_at)
+Written to a local folder and copied into the store under report/. Everything missing is reported as
+missing, not invented.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jobs.manifest import manifest_key, read_manifest
+from jobs.plan import Stage, build_dag
+from jobs.spec import FusionRunSpec
+from jobs.store import Store, StoreError
+
+METRICS_KEY = "evaluate/metrics.json"
+
+
+def _json(store: Store, key: str) -> Any:
+    try:
+        return json.loads(store.get_bytes(key)) if store.exists(key) else None
+    except (StoreError, ValueError):
+        return None
+
+
+def loss_curve(obj: Any) -> list[tuple[int, float]]:
+    """(step, loss) pairs from a training progress record, whatever its nesting: the first list of
+    mappings that have a step and a loss (loss, train_loss or total_loss)."""
+    if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        pts = []
+        for x in obj:
+            loss = next((x[k] for k in ("loss", "train_loss", "total_loss") if k in x), None)
+            if "step" in x and isinstance(loss, int | float):
+                pts.append((int(x["step"]), float(loss)))
+        if pts:
+            return pts
+    if isinstance(obj, dict):
+        for v in obj.values():
+            pts = loss_curve(v)
+            if pts:
+                return pts
+    return []
+
+
+def loss_curve_from_log(text: str) -> list[tuple[int, float]]:
+    """(step, loss) from JSON log lines (the train stage's structured progress lines)."""
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"loss"' in line:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return loss_curve(rows)
+
+
+def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> dict[str, Any]:
+    dag = build_dag(spec)
+    tasks = {}
+    choice: dict[str, int] = {}
+    for t in dag:
+        m = read_manifest(store, manifest_key(t))
+        if m is None:
+            tasks[t.id] = {"state": "missing"}
+            continue
+        tasks[t.id] = {"state": "complete", "seconds": round(m["finished_at"] - m["started_at"], 2),
+                       "counts": m.get("counts", {})}
+        if t.stage is Stage.fuse:
+            for name, n in (m.get("summary", {}).get("choice_counts") or {}).items():
+                choice[name] = choice.get(name, 0) + int(n)
+    curves = {}
+    variants = ["fused", *(["clm"] if spec.training.clm_baseline else [])]
+    for v in variants:
+        pts = loss_curve(_json(store, f"train/{v}/progress.json"))
+        if not pts and log_dir is not None:
+            log = log_dir / f"train{'-clm' if v == 'clm' else ''}.log"
+            if log.is_file():
+                pts = loss_curve_from_log(log.read_text(errors="replace"))
+        curves[v] = pts
+    return {"tasks": tasks, "metrics": _json(store, METRICS_KEY), "loss_curves": curves,
+            "mince_choices": choice, "fusion": spec.fusion.model_dump(by_alias=True)}
+
+
+def _plot_bpb(metrics: dict[str, Any], path: Path) -> bool:
+    models = (metrics or {}).get("models") or {}
+    rows = [(name, m["bits_per_byte"]) for name, m in models.items() if m.get("bits_per_byte") is not None]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([r[0] for r in rows], [r[1] for r in rows], color="#4477aa")
+    ax.set_ylabel("held-out bits per byte (lower is better)")
+    for i, (_, v) in enumerate(rows):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _plot_loss(curves: dict[str, list[tuple[int, float]]], path: Path) -> bool:
+    if not any(curves.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, pts in curves.items():
+        if pts:
+            label = "FuseLLM" if name == "fused" else "CLM only"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _plot_choices(choice: dict[str, int], path: Path) -> bool:
+    if not choice:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(list(choice), list(choice.values()), color="#228833")
+    ax.set_ylabel("times picked by MinCE")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) -> str:
+    lines = [f"# FusionRun {run_name}", ""]
+    metrics = data.get("metrics") or {}
+    models = metrics.get("models") or {}
+    if models:
+        lines += ["## Held-out evaluation", "",
+                  f"{metrics.get('heldout', {}).get('documents', '?')} held-out documents, "
+                  f"{metrics.get('heldout', {}).get('bytes', '?')} bytes.", "",
+                  "| model | bits per byte | perplexity (own tokens) | tokens |", "|---|---|---|---|"]
+        for name, m in models.items():
+            lines.append(f"| {name} | {m.get('bits_per_byte', float('nan')):.4f} | "
+                         f"{m.get('perplexity', float('nan')):.2f} | {m.get('tokens', '?')} |")
+        lines.append("")
+    else:
+        lines += ["## Held-out evaluation", "", "No metrics (evaluation disabled or not run).", ""]
+    for key, title in (("bpb", "bits per byte"), ("loss", "training loss"), ("choices", "MinCE choices")):
+        if key in plots:
+            lines += [f"![{title}]({plots[key]})", ""]
+    if data.get("mince_choices"):
+        total = sum(data["mince_choices"].values())
+        lines += ["## Fusion: candidate picked by MinCE", "", "| candidate | picked | share |",
+                  "|---|---|---|"]
+        for name, n in data["mince_choices"].items():
+            lines.append(f"| {name} | {n} | {n / total:.1%} |")
+        lines.append("")
+    lines += ["## Tasks", "", "| task | state | seconds |", "|---|---|---|"]
+    for tid, t in data["tasks"].items():
+        lines.append(f"| {tid} | {t['state']} | {t.get('seconds', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(store: Store, spec: FusionRunSpec, run_name: str, out_dir: Path, result: Any = None) -> Path:
+    """Write report.md, report.json and plots into out_dir, copy them to the store; return report.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = collect(store, spec, out_dir.parent / "logs")
+    if result is not None:
+        data["this_invocation"] = {"outcomes": result.outcomes,
+                                   "seconds": {k: round(v, 2) for k, v in result.seconds.items()}}
+    plots = {}
+    for key, fn, arg in (("bpb", _plot_bpb, data["metrics"]), ("loss", _plot_loss, data["loss_curves"]),
+                         ("choices", _plot_choices, data["mince_choices"])):
+        if fn(arg, out_dir / f"{key}.png"):
+            plots[key] = f"{key}.png"
+    (out_dir / "report.json").write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    md = out_dir / "report.md"
+    md.write_text(render_markdown(run_name, data, plots))
+    for p in out_dir.iterdir():
+        if p.is_file():
+            store.upload(p, f"report/{p.name}")
+    return md

@@ -1,0 +1,295 @@
+"""What every stage entrypoint shares: loading the spec, the task's context, reading verified inputs,
+committing outputs + manifest, progress reporting.
+
+A stage function takes a `StageContext`, writes its outputs with `ctx.output_path` / `ctx.add_output`, and
+returns (counts, summary); `run_task` skips it when the task is already complete and writes the manifest
+last when it returns. Inputs are read through `ctx.input_shard`, which checks the sha256 the producer
+recorded: a corrupt input drops the producer's manifest (so that the next run redoes it) and fails with a
+message naming the artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.manifest import (
+    Output,
+    build_manifest,
+    input_digests,
+    invalidate,
+    manifest_key,
+    read_manifest,
+    why_incomplete,
+    write_manifest,
+)
+from jobs.plan import Stage, Task, build_dag
+from jobs.spec import FusionRunSpec, SpecError, load_fusionrun, parse_fusionrun, parse_spec
+from jobs.store import Store, open_store
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class StageError(RuntimeError):
+    """A stage that cannot do its work; the message names the artifact or field and the fix."""
+
+
+def load_spec_and_name(spec_file: str | None, run_name: str | None) -> tuple[FusionRunSpec, str]:
+    """The spec from --spec (a FusionRun YAML/JSON document, or a bare spec) or env FUSIONRUN_SPEC (JSON of
+    the spec, as Kubernetes Jobs get it); the run name from --run, env FUSIONRUN_NAME or metadata.name."""
+    import yaml
+
+    name = run_name or os.environ.get("FUSIONRUN_NAME")
+    if spec_file:
+        path = Path(spec_file)
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise SpecError(f"--spec {path}: no such file") from None
+        except yaml.YAMLError as err:
+            raise SpecError(f"--spec {path}: not valid YAML/JSON: {err}") from None
+        if isinstance(doc, dict) and "spec" in doc and "metadata" in doc:
+            parse_fusionrun(doc)  # validation errors name the field
+            run = load_fusionrun(path)  # resolves ./relative paths against the file's folder
+            return run.spec, name or run.metadata.name
+        if not isinstance(doc, dict):
+            raise SpecError(f"--spec {path}: expected a FusionRun document or a spec mapping")
+        from jobs.spec import resolve_relative_paths
+
+        spec = resolve_relative_paths(parse_spec(doc), path.parent.resolve())
+    else:
+        raw = os.environ.get("FUSIONRUN_SPEC")
+        if not raw:
+            raise SpecError("no spec: pass --spec FILE or set FUSIONRUN_SPEC to the spec as JSON")
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"FUSIONRUN_SPEC is not valid JSON: {err}") from None
+        spec = parse_spec(doc)
+    if not name:
+        raise SpecError("no run name: pass --run NAME or set FUSIONRUN_NAME (the FusionRun's metadata.name)")
+    return spec, name
+
+
+@dataclass
+class StageContext:
+    spec: FusionRunSpec
+    run_name: str
+    store: Store
+    task: Task
+    dag: list[Task]
+    scratch: Path
+    started_at: float = field(default_factory=time.time)
+    outputs: dict[str, Output] = field(default_factory=dict)
+
+    @property
+    def by_id(self) -> dict[str, Task]:
+        return {t.id: t for t in self.dag}
+
+    def task_of(self, task_id: str) -> Task:
+        return self.by_id[task_id]
+
+    # ---- inputs
+    def input_file(self, key: str) -> Path:
+        """A local path of a store object (the object itself for a local store, else a scratch copy)."""
+        local = self.store.local_path(key)
+        if local is not None:
+            return local
+        dst = self.scratch / "in" / key
+        if not dst.is_file():
+            self.store.download(key, dst)
+        return dst
+
+    def input_shard(self, producer: Task, key: str, kind: str) -> Any:
+        """Open an input shard, verifying the checksum its producer's manifest recorded.
+
+        A missing, corrupt or foreign shard drops the producer's manifest, so that the next run redoes the
+        producer (nothing complete is deleted: only the bad artifact's claim to be complete)."""
+        from fusion.format import ShardError, read_shard
+
+        m = read_manifest(self.store, manifest_key(producer))
+        if m is None or key not in m["outputs"]:
+            raise StageError(f"input {self.store.uri_for(key)} has no manifest entry: run task {producer.id} "
+                             "first")
+        try:
+            return read_shard(self.input_file(key), kind=kind, sha256=m["outputs"][key]["sha256"])
+        except ShardError as err:
+            invalidate(self.store, producer)
+            raise StageError(f"input {self.store.uri_for(key)} of task {self.task.id} is unusable: {err}. "
+                             f"Its producer {producer.id} is marked incomplete: rerun the run (or "
+                             f"`python -m jobs {' '.join(producer.args())}`) to redo it") from None
+
+    # ---- outputs
+    def output_path(self, key: str) -> Path:
+        """Where to write an output: its final place in a local store (writers are atomic), else scratch."""
+        local = self.store.local_path(key)
+        if local is not None:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            return local
+        p = self.scratch / "out" / key
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def add_output(self, key: str, path: Path, sha256: str | None = None) -> None:
+        """Record an output written at `path` (from output_path) and upload it when the store is remote."""
+        from fusion.format import sha256_file
+
+        digest = sha256 or sha256_file(path)
+        if self.store.local_path(key) != path:
+            self.store.upload(path, key)
+        self.outputs[key] = Output(digest, path.stat().st_size)
+
+    def put_json(self, key: str, obj: Any) -> None:
+        import hashlib
+
+        data = json.dumps(obj, indent=1, sort_keys=True).encode()
+        self.store.put_bytes(key, data)
+        self.outputs[key] = Output(hashlib.sha256(data).hexdigest(), len(data))
+
+
+StageFn = Callable[[StageContext], tuple[dict[str, Any], dict[str, Any]]]
+
+
+def run_task(stage_fn: StageFn, task: Task, spec: FusionRunSpec, run_name: str, force: bool = False,
+             store: Store | None = None) -> int:
+    """Run one task unless complete; write its manifest last. Returns a process exit code."""
+    store = store or open_store(spec.store, run_name, check=spec.store.is_s3)
+    dag = build_dag(spec)
+    by_id = {t.id: t for t in dag}
+    if task.id not in by_id:
+        raise StageError(f"task {task.id} is not part of this run (known: {', '.join(sorted(by_id))})")
+    task = by_id[task.id]  # with its dependencies
+    reason = why_incomplete(store, spec, task, by_id)
+    if reason is None and not force:
+        log_event("skip", task=task.id, reason="complete")
+        return EXIT_OK
+    inputs = input_digests(store, by_id, task)  # fails clearly when a dependency is not done
+    scratch = Path(tempfile.mkdtemp(prefix=f"fusionrun-{task.id}-"))
+    try:
+        ctx = StageContext(spec, run_name, store, task, dag, scratch)
+        log_event("start", task=task.id, reason=reason or "forced")
+        if reason != "no manifest":
+            invalidate(store, task)  # a stale manifest must not vouch for outputs being rewritten
+        counts, summary = stage_fn(ctx)
+        write_manifest(store, task, build_manifest(spec, task, ctx.outputs, inputs, ctx.started_at,
+                                                    counts, summary))
+        log_event("done", task=task.id, seconds=round(time.time() - ctx.started_at, 2), **counts)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return EXIT_OK
+
+
+def log_event(event: str, **fields: Any) -> None:
+    """One structured JSON line on stderr (machine-readable in Kubernetes logs and the local runner's)."""
+    print(json.dumps({"event": event, "time": round(time.time(), 3), **fields}), file=sys.stderr, flush=True)
+
+
+class Progress:
+    """Progress of a long loop: a tqdm bar on a terminal, else a JSON line every `every` percent."""
+
+    def __init__(self, total: int, task: str, unit: str = "docs", every: float = 10.0):
+        self.total, self.task, self.unit, self.every = max(total, 1), task, unit, every
+        self.done, self._next = 0, every
+        self._bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=task, unit=unit, file=sys.stderr)
+            except ImportError:
+                self._bar = None
+        self._t0 = time.time()
+
+    def __call__(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        pct = 100.0 * self.done / self.total
+        if pct >= self._next or self.done >= self.total:
+            log_event("progress", task=self.task, done=self.done, total=self.total, unit=self.unit,
+                      percent=round(pct, 1), seconds=round(time.time() - self._t0, 2))
+            while self._next <= pct:
+                self._next += self.every
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def shard_key(prefix: str, shard: int, suffix: str = ".safetensors") -> str:
+    return f"{prefix}/shard-{shard:05d}{suffix}"
+
+
+def stage_task(stage: str, model: str | None = None, shard: int | None = None,
+               variant: str | None = None) -> Task:
+    return Task(Stage(stage), model=model, shard=shard, variant=variant)
+
+
+def model_location(ctx: StageContext, uri: str | None) -> str | None:
+    """A path (or hub id) fusion can load: s3:// folders are downloaded (cached), pkg:// resolved."""
+    if uri is None:
+        return None
+    from jobs.store import StoreError, download_model
+
+    if uri.startswith("s3://"):
+        try:
+            return download_model(ctx.store, uri)
+        except StoreError as err:
+            raise StageError(f"model at {uri}: {err}") from None
+    if uri.startswith(("pkg://", "file://")):
+        from fusion.hub import resolve_path
+
+        return str(resolve_path(uri))
+    return uri
+
+
+def load_model_tokenizer(ctx: StageContext, name: str) -> tuple[Any, Any]:
+    """The tokenizer and its TokenizerView of a spec model; errors name the model and the field to fix."""
+    from fusion.hub import load_tokenizer
+    from fusion.tokens import TokenizerView
+
+    m = ctx.spec.model(name)
+    uri = m.tokenizer_uri
+    loc = uri if not uri.startswith("s3://") else model_location(ctx, uri)
+    try:
+        tok = load_tokenizer(loc, m.gguf_file)
+        return tok, TokenizerView.from_tokenizer(tok)
+    except Exception as err:
+        field = "tokenizer" if m.tokenizer else "uri"
+        raise StageError(f"model {name}: cannot load its tokenizer from {uri} ({err}); fix {field} of model "
+                         f"{name} in the spec") from None
+
+
+def load_spec_model(ctx: StageContext, name: str, vocab_size: int, eos_id: int) -> Any:
+    """The spec model `name` (weights or randomInit) on the configured device and dtype."""
+    from fusion.models import load_model
+
+    m = ctx.spec.model(name)
+    ri = m.random_init.model_dump() if m.random_init is not None else None
+    path = None if ri is not None else model_location(ctx, m.uri)
+    try:
+        return load_model(path, m.gguf_file if ri is None else None, random_init=ri, vocab_size=vocab_size,
+                          device=ctx.spec.extraction.device, dtype=ctx.spec.extraction.dtype,
+                          eos_token_id=eos_id)
+    except Exception as err:
+        raise StageError(f"model {name} ({m.uri or 'randomInit'}) will not load: {err}. Fix uri/ggufFile/"
+                         f"randomInit of model {name} in the spec") from None
+
+
+def set_threads() -> int:
+    """Torch intra-op threads from FUSIONRUN_THREADS / OMP_NUM_THREADS (the local runner's share)."""
+    import torch
+
+    n = int(os.environ.get("FUSIONRUN_THREADS") or os.environ.get("OMP_NUM_THREADS") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()

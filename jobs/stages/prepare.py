@@ -1,0 +1,109 @@
+"""prepare: corpus -> documents that fit every model, a held-out split, and `extraction.shards` shards.
+
+Writes prepare/shard-SSSSS.safetensors (kind raw: text uint8, doc_offsets int64 byte offsets, doc_index
+int64 global ids) for training documents, prepare/heldout.safetensors for evaluation, and the manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs.corpus import CorpusError, assign_shards, heldout_split, pack_texts, read_documents, split_to_fit
+from jobs.stages.common import StageContext, StageError, log_event, shard_key
+from jobs.store import StoreError, download_model
+
+HELDOUT_KEY = "prepare/heldout.safetensors"
+
+
+def corpus_path(ctx: StageContext) -> Path:
+    """A local path of the corpus: s3:// corpora are downloaded (cached) first."""
+    uri = ctx.spec.corpus.uri
+    if uri.startswith("s3://"):
+        try:
+            if _is_object(ctx, uri):  # one file
+                return _download_object(ctx, uri)
+            return Path(download_model(ctx.store, uri))  # a folder (prefix), cached
+        except StoreError as err:
+            raise StageError(f"corpus.uri {uri}: {err}") from None
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+
+
+def _is_object(ctx: StageContext, uri: str) -> bool:
+    from jobs.store import S3Store, parse_s3_uri
+
+    bucket, key = parse_s3_uri(uri)
+    spec = ctx.store.spec if isinstance(ctx.store, S3Store) else ctx.spec.store
+    return S3Store(spec, bucket, "").size(key) is not None
+
+
+def _download_object(ctx: StageContext, uri: str) -> Path:
+    from jobs.store import S3Store, parse_s3_uri
+
+    bucket, key = parse_s3_uri(uri)
+    spec = ctx.store.spec if isinstance(ctx.store, S3Store) else ctx.spec.store
+    return S3Store(spec, bucket, "").download(key, ctx.scratch / "corpus" / Path(key).name)
+
+
+def load_tokenizers(ctx: StageContext) -> list[Any]:
+    from fusion.hub import load_tokenizer
+
+    toks = []
+    for m in ctx.spec.models:
+        uri = download_model(ctx.store, m.tokenizer_uri)
+        try:
+            toks.append(load_tokenizer(uri, m.gguf_file))
+        except Exception as err:
+            field = "tokenizer" if m.tokenizer else "uri"
+            raise StageError(f"model {m.name}: cannot load its tokenizer from {m.tokenizer_uri} ({err}); fix "
+                             f"{field} of model {m.name} in the spec") from None
+    return toks
+
+
+def write_docs(ctx: StageContext, key: str, texts: list[str], doc_index: np.ndarray, split: str) -> int:
+    from fusion.format import write_shard
+
+    text, offsets = pack_texts(texts)
+    path = ctx.output_path(key)
+    info = write_shard(path, "raw", {"text": text, "doc_offsets": offsets,
+                                     "doc_index": doc_index.astype(np.int64)},
+                       meta={"split": split, "documents": len(texts)})
+    ctx.add_output(key, path, info.sha256)
+    return int(offsets[-1])
+
+
+def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    spec = ctx.spec
+    try:
+        docs = read_documents(corpus_path(ctx), spec.corpus)
+    except CorpusError as err:
+        raise StageError(str(err)) from None
+    train_ids, held_ids = heldout_split(len(docs), spec.corpus.heldout_fraction, spec.corpus.seed)
+    toks = load_tokenizers(ctx)
+    max_len = spec.extraction.max_length
+
+    train_pieces = split_to_fit([docs[i] for i in train_ids], toks, max_len)
+    held_pieces = split_to_fit([docs[i] for i in held_ids], toks, max_len)
+    train_texts = [p for pieces in train_pieces for p in pieces]
+    held_texts = [p for pieces in held_pieces for p in pieces]
+    if not train_texts:
+        raise StageError("corpus: no training documents left after the held-out split; add documents or "
+                         "lower corpus.heldoutFraction")
+    n_cut = sum(len(p) > 1 for p in train_pieces) + sum(len(p) > 1 for p in held_pieces)
+    log_event("prepared", task=ctx.task.id, documents=len(docs), train_pieces=len(train_texts),
+              heldout_pieces=len(held_texts), documents_cut=n_cut)
+
+    shard_bytes = []
+    for s, ids in enumerate(assign_shards(len(train_texts), spec.extraction.shards)):
+        if len(ids) == 0:
+            raise StageError(f"extraction.shards={spec.extraction.shards} exceeds the {len(train_texts)} "
+                             "training documents: lower extraction.shards")
+        shard_bytes.append(write_docs(ctx, shard_key("prepare", s), [train_texts[i] for i in ids], ids,
+                                      "train"))
+    held_bytes = write_docs(ctx, HELDOUT_KEY, held_texts, np.arange(len(held_texts)), "heldout")
+    counts = {"documents": len(docs), "train_documents": len(train_texts),
+              "heldout_documents": len(held_texts), "train_bytes": int(sum(shard_bytes)),
+              "heldout_bytes": held_bytes}
+    return counts, {"documents_cut": n_cut, "shards": spec.extraction.shards}
