@@ -81,6 +81,22 @@ class TokenizerView:
             _VIEWS[id(tok)] = (tok, view)
             return view
 
+    @classmethod
+    def from_token_bytes(cls, name: str, token_bytes: list[bytes], eos_id: int,
+                         special_ids: list[int] | None = None, kind: str = "byte_level",
+                         byte_fallback: list[int] | None = None) -> TokenizerView:
+        """A view of a hand-made vocabulary given as bytes (tests, small examples). eos_id is special."""
+        size = len(token_bytes)
+        special = sorted({eos_id, *(special_ids or [])})
+        tb = [b"" if i in special else bytes(b) for i, b in enumerate(token_bytes)]
+        fallback = np.zeros(size, dtype=bool)
+        fallback[list(byte_fallback or [])] = True
+        marker = {"byte_level": BPE_MARKER, "sentencepiece": SPM_MARKER}.get(kind)
+        return cls(name=name, vocab_size=size, kind=kind, marker=marker, token_bytes=tb,
+                   nbytes=np.fromiter(map(len, tb), dtype=np.uint16, count=size), eos_id=eos_id,
+                   special_ids=np.array(special, dtype=np.int64), byte_fallback=fallback,
+                   pieces=[b.decode("latin-1") for b in token_bytes])
+
     @cached_property
     def token_text(self) -> list[str]:
         """token_bytes as latin-1 str (one char per byte), the form rapidfuzz compares in C."""
