@@ -51,7 +51,7 @@ def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     while start < n:
         longest = int(lengths[order[start]])  # sorted descending: the first row is the batch's max
         rows = max(1, batch_tokens // max(1, longest))
-        batches.append(order[start:start + rows])
+        batches.append(order[start : start + rows])
         start += rows
     return batches
 
@@ -76,13 +76,15 @@ def _flatten(docs: list[np.ndarray], vocab_size: int, what: str) -> _Flat:
         raise ExtractionError(
             f"{what}: documents {empty[:10].tolist()} are empty (0 tokens); every document must hold at "
             "least its EOS token: encode with fusion.tokens.encode_documents (it appends EOS) and drop "
-            "empty texts")
+            "empty texts"
+        )
     ids = np.concatenate([np.asarray(d) for d in docs]).astype(np.int64, copy=False)
     bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
     if len(bad):
         raise ExtractionError(
             f"{what}: token id {int(ids[bad[0]])} is outside the tokenizer's vocabulary [0, {vocab_size}); "
-            "the documents were encoded with a different tokenizer than this model's")
+            "the documents were encoded with a different tokenizer than this model's"
+        )
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     next_ids = np.zeros_like(ids)
@@ -128,9 +130,16 @@ def _head_logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | N
     return logits
 
 
-def forward_logprobs(model: Any, docs: list[np.ndarray], vocab_size: int, top_k: int = 0,
-                     batch_tokens: int = 8192, progress: Callable[[int], None] | None = None,
-                     what: str = "extraction", check_head: bool = True) -> dict[str, np.ndarray]:
+def forward_logprobs(
+    model: Any,
+    docs: list[np.ndarray],
+    vocab_size: int,
+    top_k: int = 0,
+    batch_tokens: int = 8192,
+    progress: Callable[[int], None] | None = None,
+    what: str = "extraction",
+    check_head: bool = True,
+) -> dict[str, np.ndarray]:
     """The shared forward of extraction and evaluation, over documents of token ids.
 
     Returns flat per-row arrays in document order: gold_logprob float32 [N] (0 on last rows), and with
@@ -140,10 +149,13 @@ def forward_logprobs(model: Any, docs: list[np.ndarray], vocab_size: int, top_k:
     if vocab_size > model_vocab:
         raise ExtractionError(
             f"{what}: tokenizer has {vocab_size} tokens but the model only {model_vocab} output rows: "
-            "pair the model with its own tokenizer")
+            "pair the model with its own tokenizer"
+        )
     if top_k > vocab_size:
-        raise ExtractionError(f"{what}: top_k={top_k} exceeds the vocabulary size {vocab_size}; "
-                              f"set extraction.topK to at most {vocab_size}")
+        raise ExtractionError(
+            f"{what}: top_k={top_k} exceeds the vocabulary size {vocab_size}; "
+            f"set extraction.topK to at most {vocab_size}"
+        )
     if batch_tokens < 1:
         raise ExtractionError(f"{what}: batch_tokens must be positive, got {batch_tokens}")
     flat = _flatten(docs, vocab_size, what)
@@ -152,7 +164,8 @@ def forward_logprobs(model: Any, docs: list[np.ndarray], vocab_size: int, top_k:
         longest = int(np.argmax(flat.lengths))
         raise ExtractionError(
             f"{what}: document {longest} has {int(flat.lengths[longest])} tokens, more than the model's "
-            f"max_position_embeddings ({max_pos}); lower extraction.maxLength so prepare splits documents")
+            f"max_position_embeddings ({max_pos}); lower extraction.maxLength so prepare splits documents"
+        )
     if check_head:
         check_head_matches_forward(model, np.asarray(docs[0]))
     n = len(flat.ids)
@@ -181,10 +194,10 @@ def forward_logprobs(model: Any, docs: list[np.ndarray], vocab_size: int, top_k:
             real = hidden[mask.to(device).bool()]
             targets = next_t[rows_t].to(device)
             for s in range(0, len(rows), chunk):
-                logits = _head_logits(head, real[s:s + chunk], softcap)
+                logits = _head_logits(head, real[s : s + chunk], softcap)
                 lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                sel = rows[s:s + chunk]
-                g = logits.gather(-1, targets[s:s + chunk, None]) - lse
+                sel = rows[s : s + chunk]
+                g = logits.gather(-1, targets[s : s + chunk, None]) - lse
                 gold[sel] = g.squeeze(-1).cpu().numpy()
                 if top_k:
                     # Padded vocabulary rows (ids >= len(tokenizer)) stand for no text: never pick them.
@@ -215,23 +228,32 @@ def check_head_matches_forward(model: Any, ids: np.ndarray, atol: float = 1e-3) 
         raise ExtractionError(
             f"{type(model).__name__}: base model + LM head do not reproduce the model's logits (max diff "
             f"{float((ours - theirs).abs().max()):.3g}); this architecture transforms logits in a way "
-            "fusion.extract does not support yet")
+            "fusion.extract does not support yet"
+        )
 
 
-def extract_documents(model: Any, view: TokenView, docs: list[np.ndarray], doc_index: np.ndarray,
-                      top_k: int = 10, batch_tokens: int = 8192,
-                      progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+def extract_documents(
+    model: Any,
+    view: TokenView,
+    docs: list[np.ndarray],
+    doc_index: np.ndarray,
+    top_k: int = 10,
+    batch_tokens: int = 8192,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
     """The arrays of an EXTRACT shard (fusion.format) for `docs` (token ids, EOS included, no BOS)."""
     doc_index = np.asarray(doc_index, dtype=np.int64)
     if doc_index.shape != (len(docs),):
-        raise ExtractionError(f"doc_index has shape {doc_index.shape}, expected ({len(docs)},): "
-                              "one id per document")
+        raise ExtractionError(
+            f"doc_index has shape {doc_index.shape}, expected ({len(docs)},): one id per document"
+        )
     if top_k < 1:
         raise ExtractionError(f"top_k must be at least 1, got {top_k}")
     vocab = int(view.vocab_size)
     if top_k > vocab:  # checked here too so the error comes before any forward
-        raise ExtractionError(f"top_k={top_k} exceeds the vocabulary size {vocab}; "
-                              f"set extraction.topK to at most {vocab}")
+        raise ExtractionError(
+            f"top_k={top_k} exceeds the vocabulary size {vocab}; set extraction.topK to at most {vocab}"
+        )
     res = forward_logprobs(model, docs, vocab, top_k, batch_tokens, progress, "extraction")
     offsets, predicts = res["offsets"], res["predicts"]
     ids = res["input_ids"]
@@ -257,4 +279,3 @@ def extract_documents(model: Any, view: TokenView, docs: list[np.ndarray], doc_i
         "doc_pred_nbytes": doc_pred_nbytes,
         "doc_n_pred": doc_n_pred,
     }
-

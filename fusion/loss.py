@@ -35,7 +35,7 @@ class _LogSumExpFP32(torch.autograd.Function):
         rows = max(1, _LSE_CHUNK_ELEMENTS // max(1, flat.shape[1]))
         lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
         for start in range(0, flat.shape[0], rows):
-            lse[start:start + rows] = torch.logsumexp(flat[start:start + rows].float(), dim=-1)
+            lse[start : start + rows] = torch.logsumexp(flat[start : start + rows].float(), dim=-1)
         ctx.save_for_backward(logits, lse)
         return lse.reshape(logits.shape[:-1])
 
@@ -58,9 +58,15 @@ def logsumexp_fp32(logits: torch.Tensor) -> torch.Tensor:
     return _LogSumExpFP32.apply(logits)
 
 
-def fusion_loss(logits: torch.Tensor, labels: torch.Tensor, target_ids: torch.Tensor,
-                target_probs: torch.Tensor, fusion_mask: torch.Tensor, lam: float = 0.9,
-                kind: str = "ce") -> LossParts:
+def fusion_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_probs: torch.Tensor,
+    fusion_mask: torch.Tensor,
+    lam: float = 0.9,
+    kind: str = "ce",
+) -> LossParts:
     """lam * CLM + (1 - lam) * fusion loss, each averaged over its real positions.
 
     logits [B,T,V]; labels [B,T]: the next-token id at each position, -100 to ignore; target_ids [B,T,K]:
@@ -74,11 +80,15 @@ def fusion_loss(logits: torch.Tensor, labels: torch.Tensor, target_ids: torch.Te
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
     b, t = logits.shape[:2]
     if labels.shape != (b, t) or fusion_mask.shape != (b, t):
-        raise ValueError(f"labels {tuple(labels.shape)} and fusion_mask {tuple(fusion_mask.shape)} must be "
-                         f"[B, T] = {(b, t)} to match logits")
+        raise ValueError(
+            f"labels {tuple(labels.shape)} and fusion_mask {tuple(fusion_mask.shape)} must be "
+            f"[B, T] = {(b, t)} to match logits"
+        )
     if target_ids.shape[:2] != (b, t) or target_probs.shape != target_ids.shape:
-        raise ValueError(f"target_ids {tuple(target_ids.shape)} and target_probs {tuple(target_probs.shape)} "
-                         f"must both be [B, T, K] with [B, T] = {(b, t)}")
+        raise ValueError(
+            f"target_ids {tuple(target_ids.shape)} and target_probs {tuple(target_probs.shape)} "
+            f"must both be [B, T, K] with [B, T] = {(b, t)}"
+        )
 
     lse = logsumexp_fp32(logits)  # [B,T] fp32, shared by both terms
 

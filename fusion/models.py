@@ -51,8 +51,16 @@ def select_dtype(pref: str, device: torch.device | str) -> torch.dtype:
     return _DTYPES[pref]
 
 
-def _config_for(architecture: str, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
-                intermediate_size: int, max_position_embeddings: int, eos_token_id: int | None) -> Any:
+def _config_for(
+    architecture: str,
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    eos_token_id: int | None,
+) -> Any:
     from transformers import (
         Gemma3TextConfig,
         GPTNeoXConfig,
@@ -87,15 +95,27 @@ def _config_for(architecture: str, vocab_size: int, hidden_size: int, num_layers
         # Text-only Gemma 3: head_dim is independent of hidden_size in Gemma (256 by default); keep it
         # hidden/heads so a tiny model stays tiny. Alternating sliding/full attention as the real model.
         layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(num_layers)]
-        return Gemma3TextConfig(num_key_value_heads=num_heads, head_dim=hidden_size // num_heads,
-                                layer_types=layer_types, sliding_window=512, **common)
+        return Gemma3TextConfig(
+            num_key_value_heads=num_heads,
+            head_dim=hidden_size // num_heads,
+            layer_types=layer_types,
+            sliding_window=512,
+            **common,
+        )
     raise ModelLoadError(f"unknown architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
 
 
-def random_init_model(architecture: str, vocab_size: int, hidden_size: int = 64, num_layers: int = 2,
-                      num_heads: int = 4, intermediate_size: int | None = None, seed: int = 0,
-                      max_position_embeddings: int = 4096,
-                      eos_token_id: int | None = None) -> PreTrainedModel:
+def random_init_model(
+    architecture: str,
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    seed: int = 0,
+    max_position_embeddings: int = 4096,
+    eos_token_id: int | None = None,
+) -> PreTrainedModel:
     """A randomly initialised causal LM of `architecture`, identical for the same arguments and seed.
 
     vocab_size is the model's (config.vocab_size): normally len(tokenizer), or more for a padded vocabulary.
@@ -106,8 +126,16 @@ def random_init_model(architecture: str, vocab_size: int, hidden_size: int = 64,
         raise ModelLoadError(f"vocab_size must be at least 2, got {vocab_size}")
     if hidden_size % num_heads:
         raise ModelLoadError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
-    config = _config_for(architecture, vocab_size, hidden_size, num_layers, num_heads,
-                         intermediate_size or 4 * hidden_size, max_position_embeddings, eos_token_id)
+    config = _config_for(
+        architecture,
+        vocab_size,
+        hidden_size,
+        num_layers,
+        num_heads,
+        intermediate_size or 4 * hidden_size,
+        max_position_embeddings,
+        eos_token_id,
+    )
     # Seeded locally so building a model never disturbs the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -135,13 +163,21 @@ def _load_hint(path: str, gguf_file: str | None, err: BaseException) -> str:
         return "the folder's weights or config are unreadable or of an architecture this transformers lacks"
     if os.path.isabs(path) or path.startswith((".", "file:")):
         return "the folder does not exist: check uri (s3:// models are downloaded by the jobs layer first)"
-    return ("not a local folder, so it was tried as a Hugging Face id: check the id, or on machines without "
-            "hub access copy the model to a folder or s3:// and set uri to it")
+    return (
+        "not a local folder, so it was tried as a Hugging Face id: check the id, or on machines without "
+        "hub access copy the model to a folder or s3:// and set uri to it"
+    )
 
 
-def load_model(path: str | None, gguf_file: str | None = None, random_init: dict[str, Any] | None = None,
-               vocab_size: int | None = None, device: str = "auto", dtype: str = "auto",
-               eos_token_id: int | None = None) -> PreTrainedModel:
+def load_model(
+    path: str | None,
+    gguf_file: str | None = None,
+    random_init: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    eos_token_id: int | None = None,
+) -> PreTrainedModel:
     """A causal LM in eval mode on `device` in `dtype`.
 
     random_init (the spec's randomInit fields, snake_case) builds a random model with `vocab_size`
@@ -172,12 +208,15 @@ def load_model(path: str | None, gguf_file: str | None = None, random_init: dict
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as err:
         where = f"{path}/{gguf_file}" if gguf_file else path
-        raise ModelLoadError(f"model {where!r} did not load ({type(err).__name__}: {err}); "
-                             f"likely fix: {_load_hint(path, gguf_file, err)}") from err
+        raise ModelLoadError(
+            f"model {where!r} did not load ({type(err).__name__}: {err}); "
+            f"likely fix: {_load_hint(path, gguf_file, err)}"
+        ) from err
     if vocab_size is not None and model.config.vocab_size < vocab_size:
         raise ModelLoadError(
             f"model {path!r} has {model.config.vocab_size} embedding rows but its tokenizer has {vocab_size} "
-            "tokens: ids past the embedding would crash; pair the model with its own tokenizer")
+            "tokens: ids past the embedding would crash; pair the model with its own tokenizer"
+        )
     return model.to(device=dev, dtype=dt).eval()
 
 

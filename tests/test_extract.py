@@ -35,8 +35,9 @@ def model_and_tok(request):
     arch, tok_name = request.param
     tok = request.getfixturevalue(f"{tok_name}_tokenizer")
     view = request.getfixturevalue(f"{tok_name}_view")
-    model = random_init_model(arch, view.vocab_size, hidden_size=32, num_layers=2, num_heads=4, seed=11,
-                              eos_token_id=view.eos_id)
+    model = random_init_model(
+        arch, view.vocab_size, hidden_size=32, num_layers=2, num_heads=4, seed=11, eos_token_id=view.eos_id
+    )
     if arch == "gemma3":
         model.config.final_logit_softcapping = 4.0  # the model's forward applies it; extraction must too
     return model, tok, view
@@ -79,8 +80,9 @@ def test_topk_equals_dense_forward_and_bucketing_changes_nothing(model_and_tok) 
     for name in ("input_ids", "token_nbytes", "doc_offsets", "doc_n_pred", "doc_pred_nbytes"):
         np.testing.assert_array_equal(single[name], out[name])
     for name in ("topk_logprobs", "gold_logprob"):
-        np.testing.assert_allclose(single[name].astype(np.float32), out[name].astype(np.float32),
-                                   atol=FP16_ATOL, rtol=0)
+        np.testing.assert_allclose(
+            single[name].astype(np.float32), out[name].astype(np.float32), atol=FP16_ATOL, rtol=0
+        )
     np.testing.assert_allclose(single["doc_nll"], out["doc_nll"], rtol=1e-4)
     same_ids = (single["topk_ids"] == out["topk_ids"]).mean()
     assert same_ids > 0.99  # only near-exact ties may swap order
@@ -109,10 +111,12 @@ def test_length_bucketed_batches_are_padded_only_to_their_own_length(mistral_tok
     model = random_init_model("llama", mistral_view.vocab_size, hidden_size=16, num_heads=2)
     shapes: list[tuple[int, int]] = []
     model.base_model.register_forward_pre_hook(
-        lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+        lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
     seen: list[int] = []
-    extract_documents(model, mistral_view, docs, np.arange(len(docs)), top_k=2, batch_tokens=512,
-                      progress=seen.append)
+    extract_documents(
+        model, mistral_view, docs, np.arange(len(docs)), top_k=2, batch_tokens=512, progress=seen.append
+    )
     lengths = np.array([len(d) for d in docs])
     expected = [(len(b), int(lengths[b].max())) for b in plan_batches(lengths, 512)]
     # First two forwards: the head-vs-forward check on the first document's first 16 tokens.
@@ -137,8 +141,9 @@ def test_padded_vocab_never_stores_padding_ids(qwen_tokenizer, qwen_view) -> Non
     assert int(dense.argmax(-1)[0]) >= n_tok  # the padding rows would have won
     rows = slice(0, len(docs[0]))
     ids = torch.as_tensor(out["topk_ids"][rows].astype(np.int64))
-    np.testing.assert_allclose(out["topk_logprobs"][rows].astype(np.float32), dense.gather(-1, ids).numpy(),
-                               atol=FP16_ATOL, rtol=0)
+    np.testing.assert_allclose(
+        out["topk_logprobs"][rows].astype(np.float32), dense.gather(-1, ids).numpy(), atol=FP16_ATOL, rtol=0
+    )
 
 
 def test_deterministic_and_round_trips_through_a_shard(tmp_path, mistral_tokenizer, mistral_view) -> None:
@@ -170,8 +175,9 @@ def test_bad_input_errors_name_the_problem(mistral_view) -> None:
     small = random_init_model("llama", 1000, hidden_size=16, num_heads=2)
     with pytest.raises(ExtractionError, match="only 1000 output rows"):
         extract_documents(small, mistral_view, [doc], np.arange(1))
-    short = random_init_model("llama", mistral_view.vocab_size, hidden_size=16, num_heads=2,
-                              max_position_embeddings=3)
+    short = random_init_model(
+        "llama", mistral_view.vocab_size, hidden_size=16, num_heads=2, max_position_embeddings=3
+    )
     with pytest.raises(ExtractionError, match="max_position_embeddings"):
         extract_documents(short, mistral_view, [doc], np.arange(1))
 
@@ -180,8 +186,15 @@ def test_unsupported_logit_transform_is_refused() -> None:
     # Cohere multiplies logits by config.logit_scale inside its forward; the split head must notice.
     from transformers import AutoModelForCausalLM, CohereConfig
 
-    cfg = CohereConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=2, intermediate_size=32, logit_scale=0.25)
+    cfg = CohereConfig(
+        vocab_size=300,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        logit_scale=0.25,
+    )
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with pytest.raises(ExtractionError, match="do not reproduce the model's logits"):
         check_head_matches_forward(model, np.arange(10))

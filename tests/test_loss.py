@@ -112,7 +112,8 @@ def test_empty_ids_and_masked_positions_are_ignored() -> None:
     keep = mask3.clone()
     keep[1, 4] = False
     assert fusion_loss(logits, labels, ids3, probs, mask3).fusion.item() == pytest.approx(
-        fusion_loss(logits, labels, ids, probs, keep).fusion.item(), abs=1e-6)
+        fusion_loss(logits, labels, ids, probs, keep).fusion.item(), abs=1e-6
+    )
 
 
 def test_bf16_autocast_close_to_fp32() -> None:
@@ -136,8 +137,9 @@ def test_chunked_logsumexp_matches_torch(monkeypatch: pytest.MonkeyPatch) -> Non
     w = torch.randn(3, 7, dtype=torch.float64)
     (logsumexp_fp32(x) * w).sum().backward()
     (torch.logsumexp(y, -1) * w).sum().backward()
-    torch.testing.assert_close(logsumexp_fp32(x.detach()).double(), torch.logsumexp(y.detach(), -1),
-                               atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(
+        logsumexp_fp32(x.detach()).double(), torch.logsumexp(y.detach(), -1), atol=1e-5, rtol=1e-6
+    )
     torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-5)
 
 

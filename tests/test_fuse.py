@@ -1,0 +1,320 @@
+"""fusion.fuse: MinCE / AvgCE on shards with known distributions and hand-computed fused rows.
+
+The running case: one document of 3 target tokens, k = 2, candidates = target + one source.
+  target row 0: ids (11, 20) p (.6, .2) -> softmax over the two: (.75, .25)
+  target row 1: ids (12, 21) p (.5, .25) -> (2/3, 1/3); row 2 is the last row: empty
+  source row 0: aligned, ids (20, 30) p (.5, .5); row 1: unaligned one-hot on the next gold token 12
+  target: doc_nll 4 nats over 2 tokens and 8 bytes -> 2.0 nats/token, 4/ln2/8 = 0.72135 bits/byte
+  source: doc_nll 3 nats over 1 token  and 8 bytes -> 3.0 nats/token, 3/ln2/8 = 0.54101 bits/byte
+Per token the target is better, per byte the source is: ce_unit decides (defect 2).
+AvgCE weights: r = exp(-CE) = (0.486097, 0.582160); w = softmax(r) = (0.476003, 0.523997).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusion.format import read_shard, write_shard
+from fusion.fuse import FusionError, fuse_shard, merge_rows
+
+LN = np.log
+W_T, W_S = 0.476002748195895, 0.523997251804105
+
+
+def _extract(
+    path: Path,
+    topk_ids,
+    topk_p,
+    gold_lp,
+    token_nbytes,
+    offsets,
+    doc_nll,
+    n_pred,
+    nbytes,
+    input_ids=None,
+    doc_index=None,
+):
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = int(offsets[-1])
+    arrays = {
+        "doc_index": np.asarray(
+            doc_index if doc_index is not None else np.arange(len(offsets) - 1), np.int64
+        ),
+        "doc_offsets": offsets,
+        "input_ids": np.asarray(input_ids if input_ids is not None else np.arange(10, 10 + n), np.uint16),
+        "token_nbytes": np.asarray(token_nbytes, np.uint16),
+        "topk_ids": np.asarray(topk_ids, np.uint16),
+        "topk_logprobs": LN(np.asarray(topk_p, np.float64)).astype(np.float16),
+        "gold_logprob": np.asarray(gold_lp, np.float16),
+        "doc_nll": np.asarray(doc_nll, np.float32),
+        "doc_pred_nbytes": np.asarray(nbytes, np.int64),
+        "doc_n_pred": np.asarray(n_pred, np.int32),
+    }
+    write_shard(path, "extract", arrays)
+    return read_shard(path, "extract")
+
+
+def _aligned(
+    path: Path,
+    topk_ids,
+    topk_p,
+    aligned,
+    gold_lp,
+    gold_nbytes,
+    offsets,
+    doc_nll,
+    n_pred,
+    nbytes,
+    doc_index=None,
+):
+    ids = np.asarray(topk_ids, np.int32)
+    with np.errstate(divide="ignore"):
+        lp = np.where(ids >= 0, LN(np.asarray(topk_p, np.float64)), -np.inf)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    arrays = {
+        "doc_index": np.asarray(
+            doc_index if doc_index is not None else np.arange(len(offsets) - 1), np.int64
+        ),
+        "doc_offsets": offsets,
+        "topk_ids": ids,
+        "topk_logprobs": lp.astype(np.float16),
+        "aligned": np.asarray(aligned, np.uint8),
+        "gold_logprob": np.asarray(gold_lp, np.float16),
+        "gold_nbytes": np.asarray(gold_nbytes, np.uint16),
+        "doc_nll": np.asarray(doc_nll, np.float32),
+        "doc_pred_nbytes": np.asarray(nbytes, np.int64),
+        "doc_n_pred": np.asarray(n_pred, np.int32),
+    }
+    write_shard(path, "aligned", arrays)
+    return read_shard(path, "aligned")
+
+
+@pytest.fixture
+def case(tmp_path):
+    target = _extract(
+        tmp_path / "t.safetensors",
+        [[11, 20], [12, 21], [0, 1]],
+        [[0.6, 0.2], [0.5, 0.25], [0.5, 0.5]],
+        gold_lp=[-1.0, -2.0, 0.0],
+        token_nbytes=[3, 2, 0],
+        offsets=[0, 3],
+        doc_nll=[4.0],
+        n_pred=[2],
+        nbytes=[8],
+        input_ids=[10, 11, 12],
+    )
+    source = _aligned(
+        tmp_path / "s.safetensors",
+        [[20, 30], [12, -1], [-1, -1]],
+        [[0.5, 0.5], [1.0, 0.0], [0.0, 0.0]],
+        aligned=[1, 0, 0],
+        gold_lp=[-1.5, np.nan, np.nan],
+        gold_nbytes=[4, 0, 0],
+        offsets=[0, 3],
+        doc_nll=[3.0],
+        n_pred=[1],
+        nbytes=[8],
+    )
+    return target, source
+
+
+def test_min_ce_per_byte_picks_the_source_per_token_the_target(case) -> None:
+    target, source = case
+    by_byte = fuse_shard(target, [source], "minCE", "sequence", "byte")
+    assert by_byte["choice"].tolist() == [1]
+    assert by_byte["target_ids"].tolist() == [[20, 30], [12, -1], [-1, -1]]
+    np.testing.assert_allclose(by_byte["target_probs"].astype(float), [[0.5, 0.5], [1, 0], [0, 0]], atol=1e-3)
+    assert by_byte["choice"].dtype == np.int8 and by_byte["target_ids"].dtype == np.int32
+
+    by_token = fuse_shard(target, [source], "minCE", "sequence", "token")
+    assert by_token["choice"].tolist() == [0]
+    assert by_token["target_ids"].tolist() == [[11, 20], [12, 21], [-1, -1]]  # last row empty
+    np.testing.assert_allclose(
+        by_token["target_probs"].astype(float), [[0.75, 0.25], [2 / 3, 1 / 3], [0, 0]], atol=1e-3
+    )
+    np.testing.assert_array_equal(by_token["input_ids"], [10, 11, 12])
+
+
+def test_avg_ce_mixes_over_the_union_of_ids(case) -> None:
+    target, source = case
+    out = fuse_shard(target, [source], "avgCE", "sequence", "byte")
+    assert out["choice"].tolist() == [-1]
+    assert out["target_ids"].shape == (3, 4)  # K = k * candidates
+    # row 0: 20 = .25 w_t + .5 w_s = 0.380999; 11 = .75 w_t = 0.357002; 30 = .5 w_s = 0.261999
+    # row 1: 12 = 2/3 w_t + 1 w_s = 0.841332 (duplicate merged); 21 = 1/3 w_t = 0.158668
+    assert out["target_ids"].tolist() == [[20, 11, 30, -1], [12, 21, -1, -1], [-1, -1, -1, -1]]
+    np.testing.assert_allclose(
+        out["target_probs"].astype(float),
+        [[0.380999, 0.357002, 0.261999, 0], [0.841332, 0.158668, 0, 0], [0, 0, 0, 0]],
+        atol=1e-3,
+    )
+    assert pytest.approx(1.0) == W_T + W_S
+    assert pytest.approx(0.357002, abs=1e-6) == 0.75 * W_T
+
+
+def test_temperature_softens_but_one_hots_stay(case) -> None:
+    target, source = case
+    out = fuse_shard(target, [source], "minCE", "sequence", "token", temperature=2.0)
+    # softmax(ln p / 2) = sqrt(p) normalised:
+    # (.6, .2) -> (0.633975, 0.366025); (.5, .25) -> (0.585786, 0.414214)
+    np.testing.assert_allclose(
+        out["target_probs"][:2].astype(float), [[0.633975, 0.366025], [0.585786, 0.414214]], atol=1e-3
+    )
+    src = fuse_shard(target, [source], "minCE", "sequence", "byte", temperature=2.0)
+    np.testing.assert_allclose(src["target_probs"][1].astype(float), [1, 0])
+
+
+def test_token_level_choices_per_position(case) -> None:
+    target, source = case
+    # per byte, row 0: target 1/ln2/2 = 0.7213 vs source 1.5/ln2/4 = 0.5410 -> source;
+    # row 1: the source is unaligned (not eligible) -> target; row 2: nobody eligible -> index 0 (empty)
+    out = fuse_shard(target, [source], "minCE", "token", "byte")
+    assert out["choice"].tolist() == [1, 0, 0]
+    assert out["target_ids"].tolist() == [[20, 30], [12, 21], [-1, -1]]
+    # per token, row 0: target 1.0 vs source 1.5 -> target
+    assert fuse_shard(target, [source], "minCE", "token", "token")["choice"].tolist() == [0, 0, 0]
+    # AvgCE per position: row 0 has the same two CEs as the sequence case -> same weights; row 1 only the
+    # target is eligible -> weight 1; row 2 stays empty.
+    avg = fuse_shard(target, [source], "avgCE", "token", "byte")
+    assert avg["choice"].tolist() == [-1, -1, -1]
+    assert avg["target_ids"].tolist() == [[20, 11, 30, -1], [12, 21, -1, -1], [-1, -1, -1, -1]]
+    np.testing.assert_allclose(
+        avg["target_probs"].astype(float),
+        [[0.380999, 0.357002, 0.261999, 0], [2 / 3, 1 / 3, 0, 0], [0, 0, 0, 0]],
+        atol=1e-3,
+    )
+
+
+def test_without_the_target_and_ties(case, tmp_path) -> None:
+    target, source = case
+    out = fuse_shard(target, [source], "minCE", include_target=False)
+    assert out["choice"].tolist() == [0]  # index over the candidates used: the only source
+    assert out["target_ids"].tolist() == [[20, 30], [12, -1], [-1, -1]]
+    # A source exactly as good as the target (same bits per byte): the tie goes to the target.
+    tie = _aligned(
+        tmp_path / "tie.safetensors",
+        [[20, 30], [12, -1], [-1, -1]],
+        [[0.5, 0.5], [1, 0], [0, 0]],
+        aligned=[1, 0, 0],
+        gold_lp=[-1, 0, 0],
+        gold_nbytes=[1, 0, 0],
+        offsets=[0, 3],
+        doc_nll=[4.0],
+        n_pred=[3],
+        nbytes=[8],
+    )
+    assert fuse_shard(target, [tie], "minCE", "sequence", "byte")["choice"].tolist() == [0]
+    with pytest.raises(FusionError, match="nothing to fuse"):
+        fuse_shard(target, [], include_target=False)
+
+
+def test_any_number_of_sources_and_per_document_choice(tmp_path) -> None:
+    # Two documents (2 and 3 tokens), target + 3 sources. Per byte, document 0's best is source 3 and
+    # document 1's best is source 1; rows of a document all come from its chosen candidate.
+    off = [0, 2, 5]
+    t = _extract(
+        tmp_path / "t.safetensors",
+        [[1, 2]] * 5,
+        [[0.5, 0.5]] * 5,
+        [-1] * 5,
+        [1] * 5,
+        off,
+        doc_nll=[2.0, 6.0],
+        n_pred=[1, 2],
+        nbytes=[2, 3],
+    )  # 1.443, 2.885 bits/byte
+    cands = []
+    for j, nll in enumerate([(3.0, 1.0), (2.5, 5.0), (1.0, 5.5)], start=1):
+        cands.append(
+            _aligned(
+                tmp_path / f"s{j}.safetensors",
+                [[10 * j, -1]] * 5,
+                [[1, 0]] * 5,
+                [1] * 5,
+                [-1] * 5,
+                [1] * 5,
+                off,
+                doc_nll=list(nll),
+                n_pred=[1, 1],
+                nbytes=[2, 3],
+            )
+        )
+    out = fuse_shard(t, cands, "minCE", "sequence", "byte")
+    assert out["choice"].tolist() == [3, 1]
+    assert out["target_ids"][:, 0].tolist() == [30, 30, 10, 10, 10]
+    avg = fuse_shard(t, cands, "avgCE")
+    assert avg["target_ids"].shape == (5, 8)
+    np.testing.assert_allclose(avg["target_probs"].astype(float).sum(1), 1.0, atol=2e-3)
+    # Document 0 weights: CE (bits/byte) = nll / ln2 / 2 bytes for (target, s1, s2, s3).
+    ce = np.array([2.0, 3.0, 2.5, 1.0]) / math.log(2) / 2
+    w = np.exp(np.exp(-ce)) / np.exp(np.exp(-ce)).sum()
+    row0 = dict(
+        zip(avg["target_ids"][0].tolist(), avg["target_probs"][0].astype(float).tolist(), strict=True)
+    )
+    assert row0[10] == pytest.approx(w[1], abs=1e-3) and row0[30] == pytest.approx(w[3], abs=1e-3)
+    assert row0[1] == pytest.approx(w[0] / 2, abs=1e-3)
+
+
+def test_merge_rows_sums_duplicates_and_sorts() -> None:
+    ids = np.array([[5, 3, 5, -1, 3, 9], [-1, -1, -1, -1, -1, -1], [7, 7, 7, 7, 7, 7]], np.int32)
+    p = np.array([[0.1, 0.2, 0.3, 0.9, 0.1, 0.3], [0.5] * 6, [1 / 6] * 6])
+    out_ids, out_p = merge_rows(ids, p)
+    # row 0: 5 -> 0.4, 3 -> 0.3, 9 -> 0.3 (sum 1.0; the 0.9 under an empty id is dropped); ties by id
+    assert out_ids.tolist() == [[5, 3, 9, -1, -1, -1], [-1] * 6, [7, -1, -1, -1, -1, -1]]
+    np.testing.assert_allclose(out_p, [[0.4, 0.3, 0.3, 0, 0, 0], [0] * 6, [1, 0, 0, 0, 0, 0]], atol=1e-12)
+
+
+def test_mismatched_documents_and_wrong_kinds_are_refused(case, tmp_path) -> None:
+    target, source = case
+    other = _aligned(
+        tmp_path / "o.safetensors",
+        [[1, -1]] * 3,
+        [[1, 0]] * 3,
+        [0] * 3,
+        [0] * 3,
+        [0] * 3,
+        [0, 3],
+        [1.0],
+        [1],
+        [1],
+        doc_index=[42],
+    )
+    with pytest.raises(FusionError, match="documents differ"):
+        fuse_shard(target, [other])
+    longer = _aligned(
+        tmp_path / "x.safetensors",
+        [[1, -1]] * 4,
+        [[1, 0]] * 4,
+        [0] * 4,
+        [0] * 4,
+        [0] * 4,
+        [0, 4],
+        [1.0],
+        [1],
+        [1],
+        doc_index=[0],
+    )
+    with pytest.raises(FusionError, match="positions differ"):
+        fuse_shard(target, [longer])
+    with pytest.raises(FusionError, match="must be an extract shard"):
+        fuse_shard(source, [source])
+    with pytest.raises(FusionError, match="must be an aligned shard"):
+        fuse_shard(target, [target])
+    with pytest.raises(FusionError, match="strategy"):
+        fuse_shard(target, [source], strategy="maxCE")
+    with pytest.raises(FusionError, match="temperature"):
+        fuse_shard(target, [source], temperature=0.0)
+
+
+def test_fused_arrays_write_as_a_fused_shard(case, tmp_path) -> None:
+    target, source = case
+    for level in ("sequence", "token"):
+        info = write_shard(
+            tmp_path / f"f-{level}.safetensors", "fused", fuse_shard(target, [source], level=level)
+        )
+        shard = read_shard(info.path, "fused", info.sha256)
+        assert shard["choice"].shape == ((1,) if level == "sequence" else (3,))
