@@ -42,9 +42,25 @@ CRD_PATHS = (
 
 # JSON-Schema keywords with an OpenAPI v3 (Kubernetes) meaning that survive as they are.
 _KEEP = {
-    "type", "description", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern",
-    "minItems", "maxItems", "format", "default", "nullable", "items", "properties", "required",
-    "additionalProperties", "exclusiveMinimum", "exclusiveMaximum",
+    "type",
+    "description",
+    "enum",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "format",
+    "default",
+    "nullable",
+    "items",
+    "properties",
+    "required",
+    "additionalProperties",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
 }
 
 
@@ -189,8 +205,16 @@ def crd() -> dict[str, Any]:
                                 "kind": {"type": "string"},
                                 # Only name/generateName may be restricted; the name ends up in Job
                                 # names, labels and store keys, so it is bounded like jobs.spec.Metadata.
-                                "metadata": {"type": "object", "properties": {"name": {
-                                    "type": "string", "maxLength": 40, "pattern": RUN_NAME_PATTERN}}},
+                                "metadata": {
+                                    "type": "object",
+                                    "properties": {
+                                        "name": {
+                                            "type": "string",
+                                            "maxLength": 40,
+                                            "pattern": RUN_NAME_PATTERN,
+                                        }
+                                    },
+                                },
                                 "spec": spec_schema,
                                 "status": status_schema(),
                             },

@@ -24,8 +24,11 @@ def to_draft4(node: Any) -> Any:
         return [to_draft4(v) for v in node]
     if not isinstance(node, dict):
         return node
-    out = {k: to_draft4(v) for k, v in node.items() if not k.startswith("x-kubernetes-")
-           and k not in ("nullable", "default")}
+    out = {
+        k: to_draft4(v)
+        for k, v in node.items()
+        if not k.startswith("x-kubernetes-") and k not in ("nullable", "default")
+    }
     if node.get("nullable"):
         out["type"] = [node["type"], "null"]
         if "enum" in out:
@@ -68,12 +71,21 @@ def test_crd_identity_and_printer_columns() -> None:
     assert c["metadata"]["name"] == "fusionruns.fusionrun.dev"
     names = c["spec"]["names"]
     assert (names["kind"], names["plural"], names["shortNames"], names["categories"]) == (
-        "FusionRun", "fusionruns", ["fr"], ["all", "ml"])
+        "FusionRun",
+        "fusionruns",
+        ["fr"],
+        ["all", "ml"],
+    )
     (version,) = c["spec"]["versions"]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     cols = {col["name"]: col["jsonPath"] for col in version["additionalPrinterColumns"]}
-    assert cols == {"Stage": ".status.stage", "Progress": ".status.progress", "Phase": ".status.phase",
-                    "Message": ".status.message", "Age": ".metadata.creationTimestamp"}
+    assert cols == {
+        "Stage": ".status.stage",
+        "Progress": ".status.progress",
+        "Phase": ".status.phase",
+        "Message": ".status.message",
+        "Age": ".metadata.creationTimestamp",
+    }
     status_props = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     for path in cols.values():
         if path.startswith(".status."):
@@ -110,16 +122,36 @@ def test_conversion_by_hand() -> None:
     assert crdmod.openapi_schema(Small, "small") == {
         "type": "object",
         "properties": {
-            "temperature": {"type": "number", "default": 1.0, "minimum": 0.0, "exclusiveMinimum": True,
-                            "maximum": 100.0},
+            "temperature": {
+                "type": "number",
+                "default": 1.0,
+                "minimum": 0.0,
+                "exclusiveMinimum": True,
+                "maximum": 100.0,
+            },
             "maxDocs": {"type": "integer", "minimum": 1, "nullable": True},
-            "betas": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2,
-                      "default": [0.9, 0.95]},
+            "betas": {
+                "type": "array",
+                "items": {"type": "number"},
+                "minItems": 2,
+                "maxItems": 2,
+                "default": [0.9, 0.95],
+            },
             "mode": {"type": "string", "default": "a", "pattern": "^[ab]$"},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "inner": {"type": "object", "properties": {"level": {
-                "type": "integer", "description": "How deep.", "default": 2, "maximum": 3, "minimum": 1}},
-                "nullable": True},
+            "inner": {
+                "type": "object",
+                "properties": {
+                    "level": {
+                        "type": "integer",
+                        "description": "How deep.",
+                        "default": 2,
+                        "maximum": 3,
+                        "minimum": 1,
+                    }
+                },
+                "nullable": True,
+            },
         },
     }
 
@@ -139,10 +171,19 @@ def test_accepts_minimal_and_fully_defaulted_specs() -> None:
     full = FusionRunSpec.model_validate(MINIMAL).model_dump(mode="json", by_alias=True)
     v.validate(full)
     rich = copy.deepcopy(full)
-    rich["resources"]["extract"].update(gpus=8, cpu="500m", memory="40Gi", nodeSelector={"gpu": "h100"},
-                                        tolerations=[{"key": "gpu", "operator": "Exists"}])
-    rich["store"].update(uri="s3://bucket/runs", endpoint="http://s3:8333", insecure=True,
-                         credentialsSecret={"name": "s3-keys"})
+    rich["resources"]["extract"].update(
+        gpus=8,
+        cpu="500m",
+        memory="40Gi",
+        nodeSelector={"gpu": "h100"},
+        tolerations=[{"key": "gpu", "operator": "Exists"}],
+    )
+    rich["store"].update(
+        uri="s3://bucket/runs",
+        endpoint="http://s3:8333",
+        insecure=True,
+        credentialsSecret={"name": "s3-keys"},
+    )
     rich["retry"].update(restartFrom="fuse", restartNonce="2")
     FusionRunSpec.model_validate(rich)
     v.validate(rich)
@@ -191,21 +232,69 @@ def test_missing_required_field_is_rejected() -> None:
 def _full_status() -> FusionRunStatus:
     t = "2026-11-25T01:00:00Z"
     return FusionRunStatus(
-        phase="Running", stage="train", progress="train 45%", message="training", observed_generation=3,
-        start_time=t, completion_time=t, observed_restart="fuse/2",
-        conditions=[Condition(type="Running", status="True", reason="Training", message="m",
-                              observed_generation=3, last_transition_time=t)],
-        stages={"prepare": StageStatus(state="Succeeded", tasks=1, succeeded=1, running=0, failed=0,
-                                       attempts=1,
-                                       start_time=t, completion_time=t, job_names=["r-prepare-1"],
-                                       output_uri="s3://b/r/prepare/")},
-        tasks=[TaskStatus(id="prepare", stage="prepare", state="Retrying", attempts=2, failures=1,
-                          last_failed_attempt=1, next_attempt_time=t, reason="BackoffLimitExceeded",
-                          message="exit 1", job_names=["r-prepare-2"], start_time=t, completion_time=t)],
-        training=[TrainingProgress(variant="fused", step=45, total_steps=100, percent=45.0, loss=2.5,
-                                   clm_loss=2.4, fusion_loss=3.1, tokens_per_second=1000.0,
-                                   learning_rate=1e-5,
-                                   eta_seconds=55.0, updated_at=t)],
+        phase="Running",
+        stage="train",
+        progress="train 45%",
+        message="training",
+        observed_generation=3,
+        start_time=t,
+        completion_time=t,
+        observed_restart="fuse/2",
+        conditions=[
+            Condition(
+                type="Running",
+                status="True",
+                reason="Training",
+                message="m",
+                observed_generation=3,
+                last_transition_time=t,
+            )
+        ],
+        stages={
+            "prepare": StageStatus(
+                state="Succeeded",
+                tasks=1,
+                succeeded=1,
+                running=0,
+                failed=0,
+                attempts=1,
+                start_time=t,
+                completion_time=t,
+                job_names=["r-prepare-1"],
+                output_uri="s3://b/r/prepare/",
+            )
+        },
+        tasks=[
+            TaskStatus(
+                id="prepare",
+                stage="prepare",
+                state="Retrying",
+                attempts=2,
+                failures=1,
+                last_failed_attempt=1,
+                next_attempt_time=t,
+                reason="BackoffLimitExceeded",
+                message="exit 1",
+                job_names=["r-prepare-2"],
+                start_time=t,
+                completion_time=t,
+            )
+        ],
+        training=[
+            TrainingProgress(
+                variant="fused",
+                step=45,
+                total_steps=100,
+                percent=45.0,
+                loss=2.5,
+                clm_loss=2.4,
+                fusion_loss=3.1,
+                tokens_per_second=1000.0,
+                learning_rate=1e-5,
+                eta_seconds=55.0,
+                updated_at=t,
+            )
+        ],
         metrics={"fused": {"bitsPerByte": 1.1, "perModel": [1, 2]}},
         artifacts_uri="s3://b/r/",
     )

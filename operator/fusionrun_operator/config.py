@@ -1,0 +1,129 @@
+"""Operator settings, read once from the environment (the Helm chart sets these variables).
+
+| variable | default | meaning |
+|---|---|---|
+| FUSIONRUN_JOB_IMAGE | ghcr.io/fusionrun/fusionrun:0.1.0 | image of stage Jobs when spec.image is unset |
+| FUSIONRUN_JOB_IMAGE_PULL_POLICY | IfNotPresent | when spec.imagePullPolicy is unset |
+| FUSIONRUN_NAMESPACES | (empty: cluster-wide) | comma-separated namespaces to watch |
+| FUSIONRUN_RESYNC_SECONDS | 30 | timer: re-reconcile every run this often (backoff, progress, deadlines) |
+| FUSIONRUN_WATCH_SERVER_TIMEOUT | 300 | seconds the API server keeps one watch open |
+| FUSIONRUN_WATCH_CLIENT_TIMEOUT | 330 | client-side cap, so that a silently dead watch is reopened |
+| FUSIONRUN_LIVENESS | http://0.0.0.0:8080/healthz | kopf liveness endpoint ("" disables) |
+| FUSIONRUN_READ_STORE | true | read the store (completed tasks, progress, metrics); false: trust Jobs only |
+| FUSIONRUN_DEFAULT_STORE_URI | (none) | store for runs whose spec.store.uri is a relative local path |
+| FUSIONRUN_DEFAULT_STORE_{ENDPOINT,REGION,INSECURE,SECRET} | (none) | the default store's S3 settings |
+| FUSIONRUN_MASTER_PORT | 29500 | rendezvous port of multi-node training |
+| FUSIONRUN_RUN_AS_USER | 1000 | uid of stage pods (non-root) |
+
+Pure: `from_env(mapping)` has no side effects; bad values fail with the variable's name and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# Exit code with which stage jobs report bad input (invalid spec, bad arguments, unusable input files):
+# retrying cannot help, so the run fails at once. Equal to jobs.stages.common.EXIT_USAGE (a test checks).
+PERMANENT_EXIT_CODE = 2
+# Waiting reasons of a container that will not start without a change to the spec or the cluster.
+PERMANENT_WAITING_REASONS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """An operator setting with a bad value; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    job_image: str = "ghcr.io/fusionrun/fusionrun:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    namespaces: tuple[str, ...] = ()
+    resync_seconds: float = 30.0
+    server_timeout: int = 300
+    client_timeout: int = 330
+    liveness: str | None = "http://0.0.0.0:8080/healthz"
+    read_store: bool = True
+    default_store_uri: str | None = None
+    default_store_endpoint: str | None = None
+    default_store_region: str | None = None
+    default_store_insecure: bool = False
+    default_store_secret: str | None = None
+    master_port: int = 29500
+    run_as_user: int = 1000
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}={raw!r}: use true or false")
+
+
+def _number(env: Mapping[str, str], key: str, default: float, minimum: float, kind: type = int) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r}: expected a{'n integer' if kind is int else ' number'}") from None
+    if value < minimum:
+        raise ConfigError(f"{key}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
+    env = os.environ if env is None else env
+    d = OperatorConfig()
+    policy = env.get("FUSIONRUN_JOB_IMAGE_PULL_POLICY") or d.image_pull_policy
+    if policy not in ("Always", "IfNotPresent", "Never"):
+        raise ConfigError(f"FUSIONRUN_JOB_IMAGE_PULL_POLICY={policy!r}: use Always, IfNotPresent or Never")
+    store_uri = env.get("FUSIONRUN_DEFAULT_STORE_URI") or None
+    if store_uri and not store_uri.startswith(("s3://", "file:///", "/")):
+        raise ConfigError(
+            f"FUSIONRUN_DEFAULT_STORE_URI={store_uri!r}: use s3://bucket/prefix or an absolute path"
+        )
+    server_timeout = int(_number(env, "FUSIONRUN_WATCH_SERVER_TIMEOUT", d.server_timeout, 1))
+    client_timeout = int(_number(env, "FUSIONRUN_WATCH_CLIENT_TIMEOUT", server_timeout + 30, 1))
+    if client_timeout <= server_timeout:
+        raise ConfigError(
+            "FUSIONRUN_WATCH_CLIENT_TIMEOUT must exceed FUSIONRUN_WATCH_SERVER_TIMEOUT "
+            f"({client_timeout} <= {server_timeout}), else healthy watches are cut"
+        )
+    liveness = env.get("FUSIONRUN_LIVENESS", d.liveness)
+    return OperatorConfig(
+        job_image=env.get("FUSIONRUN_JOB_IMAGE") or d.job_image,
+        image_pull_policy=policy,
+        namespaces=tuple(n.strip() for n in env.get("FUSIONRUN_NAMESPACES", "").split(",") if n.strip()),
+        resync_seconds=float(_number(env, "FUSIONRUN_RESYNC_SECONDS", d.resync_seconds, 1, float)),
+        server_timeout=server_timeout,
+        client_timeout=client_timeout,
+        liveness=liveness or None,
+        read_store=_bool(env, "FUSIONRUN_READ_STORE", d.read_store),
+        default_store_uri=store_uri,
+        default_store_endpoint=env.get("FUSIONRUN_DEFAULT_STORE_ENDPOINT") or None,
+        default_store_region=env.get("FUSIONRUN_DEFAULT_STORE_REGION") or None,
+        default_store_insecure=_bool(env, "FUSIONRUN_DEFAULT_STORE_INSECURE", False),
+        default_store_secret=env.get("FUSIONRUN_DEFAULT_STORE_SECRET") or None,
+        master_port=int(_number(env, "FUSIONRUN_MASTER_PORT", d.master_port, 1)),
+        run_as_user=int(_number(env, "FUSIONRUN_RUN_AS_USER", d.run_as_user, 1)),
+    )
