@@ -83,8 +83,10 @@ def read_marker(data: bytes, where: str) -> dict[str, Any]:
                               ) from None
 
 
-def local_complete(step_dir: Path) -> bool:
-    """True when the marker exists and every file it lists is present with its recorded size."""
+def local_complete(step_dir: Path, fingerprint: str | None = None) -> bool:
+    """True when the marker exists, was written for `fingerprint` (when given: the run's training inputs
+    and settings; a checkpoint of another configuration is never resumed) and every file it lists is
+    present with its recorded size."""
     mk = step_dir / MARKER
     if not mk.is_file():
         return False
@@ -92,26 +94,34 @@ def local_complete(step_dir: Path) -> bool:
         m = read_marker(mk.read_bytes(), str(mk))
     except CheckpointError:
         return False
+    if fingerprint is not None and m.get("fingerprint") != fingerprint:
+        return False
     return all((step_dir / rel).is_file() and (step_dir / rel).stat().st_size == f["bytes"]
                for rel, f in m["files"].items())
 
 
-def local_steps(root: Path) -> list[int]:
-    """Steps of the complete checkpoints under `root`, ascending."""
+def local_steps(root: Path, fingerprint: str | None = None) -> list[int]:
+    """Steps of the complete checkpoints under `root` (of `fingerprint` when given), ascending."""
     if not root.is_dir():
         return []
     steps = [step_of(p.name) for p in root.iterdir() if p.is_dir()]
-    return sorted(s for s in steps if s is not None and local_complete(root / tag(s)))
+    return sorted(s for s in steps if s is not None and local_complete(root / tag(s), fingerprint))
 
 
-def store_steps(store: ArtifactStore | None, prefix: str) -> list[int]:
-    """Steps of the checkpoints in the store whose marker exists, ascending."""
+def store_steps(store: ArtifactStore | None, prefix: str, fingerprint: str | None = None) -> list[int]:
+    """Steps of the checkpoints in the store whose marker exists (and names `fingerprint`), ascending."""
     if store is None:
         return []
     out = set()
     for key in store.list(f"{prefix}/"):
         rest = key[len(prefix) + 1:].split("/")
         if len(rest) == 2 and rest[1] == MARKER and (s := step_of(rest[0])) is not None:
+            if fingerprint is not None:
+                try:
+                    if read_marker(store.get_bytes(key), key).get("fingerprint") != fingerprint:
+                        continue
+                except CheckpointError:
+                    continue
             out.add(s)
     return sorted(out)
 

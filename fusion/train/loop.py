@@ -46,6 +46,7 @@ class TrainIO:
     work_dir: Path
     store: ckpt.ArtifactStore | None = None
     prefix: str = "train/fused"
+    fingerprint: str | None = None  # what the run trains on and how; checkpoints of another are ignored
 
     @property
     def local_checkpoints(self) -> Path:
@@ -176,13 +177,13 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
         state, step, resumed_from = DataState(), 0, None
         choice = [None]
         if rank == 0:
-            choice = [ckpt.choose_resume(ckpt.local_steps(io.local_checkpoints),
-                                         ckpt.store_steps(io.store, io.store_checkpoints))]
+            choice = [ckpt.choose_resume(ckpt.local_steps(io.local_checkpoints, io.fingerprint),
+                                         ckpt.store_steps(io.store, io.store_checkpoints, io.fingerprint))]
         dist.broadcast_object_list(choice, src=0)
         if choice[0] is not None:
             resumed_from = choice[0][0]
             step_dir = io.local_checkpoints / ckpt.tag(resumed_from)
-            if node_leader and not ckpt.local_complete(step_dir):
+            if node_leader and not ckpt.local_complete(step_dir, io.fingerprint):
                 if io.store is None:
                     raise ckpt.CheckpointError(f"{step_dir}: checkpoint missing on this node and no store")
                 ckpt.download(io.store, io.store_checkpoints, resumed_from, io.local_checkpoints)
@@ -220,7 +221,8 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
             merged: dict[str, Any] = {}
             for part in gathered:
                 merged.update(part or {})
-            marker = ckpt.marker_bytes(step_now, merged, {"world_size": world, "zero_stage": cfg.zero_stage})
+            marker = ckpt.marker_bytes(step_now, merged, {"world_size": world, "zero_stage": cfg.zero_stage,
+                                                          "fingerprint": io.fingerprint})
             if node_leader:
                 ckpt.write_local_marker(step_dir, marker)
             dist.barrier()
