@@ -152,7 +152,9 @@ def _load_uncached(uri: str, gguf_file: str | None) -> PreTrainedTokenizerBase:
     if kind == "gguf":
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if kind == "tiktoken":
-        return tiktoken_tokenizer(path)
+        tok = tiktoken_tokenizer(path)
+        tok.name_or_path = uri
+        return tok
     return sentencepiece_tokenizer(path, uri)
 
 
@@ -174,6 +176,7 @@ def sentencepiece_tokenizer(path: Path, uri: str) -> PreTrainedTokenizerBase:
     if len(tok) <= 3:
         raise TokenizerLoadError(f"tokenizer {uri}: SentencePiece conversion of {path} gave no vocabulary")
     tok.vocab_file = str(path.resolve())  # save_pretrained copies it; the temporary link is gone
+    tok.name_or_path = uri
     return tok
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,7 @@ class VocabMap:
                            computed=z["computed"].astype(bool), distance=z["distance"].astype(np.int32),
                            method=str(z["method"]), src_fingerprint=str(z["src_fingerprint"]),
                            tgt_fingerprint=str(z["tgt_fingerprint"]))
-        except (KeyError, ValueError, OSError) as err:
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
             raise StaleVocabMapError(f"{path}: not a readable vocabulary map ({err}); delete it to rebuild") \
                 from None
         if src is not None and tgt is not None:
