@@ -286,7 +286,7 @@ def map_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_map: VocabMap,
     k = mapped.shape[1]
     earlier = np.tril(np.ones((k, k), dtype=bool), -1)  # [j, j']: j' < j
     dup = ((mapped[:, :, None] == mapped[:, None, :]) & earlier).any(axis=2) & (mapped >= 0)
-    empty = dup | (mapped < 0)
+    empty = dup | (mapped < 0) | np.isneginf(lp)  # probability 0 is no entry
     mapped = np.where(empty, -1, mapped)
     lp = np.where(empty, -np.inf, lp)
     order = np.argsort(empty, axis=1, kind="stable")  # keep the best-first order, empties last
