@@ -1,0 +1,162 @@
+"""Training-step cost of the fused loss against a CLM-only step: same model, same batch, one run.
+
+    .venv/bin/python -m bench.train_step [--vocab 32000] [--batch 4] [--seq 256] [--k 10] [--steps 10]
+
+A step is forward + loss + backward + AdamW step on a tiny random-init Llama. Three losses:
+  clm        torch.nn.functional.cross_entropy over the vocabulary (what a plain CLM trainer runs)
+  clm-ours   fusion.loss.fusion_loss with lambda = 1 (our CLM path: fp32 logsumexp + gather)
+  fused      fusion.loss.fusion_loss with lambda = 0.9 and K sparse fused targets per position
+Steps are interleaved (clm, clm-ours, fused, clm, ...) so that machine noise hits all alike; the median is
+reported and the fused/clm ratio printed (goal <= 1.15). Peak memory of a step: on a GPU
+torch.cuda.max_memory_allocated after a reset; on the CPU the peak RSS growth of a step, measured in a
+fresh child process per loss (a process's peak RSS only ever rises).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+LOSSES = ("clm", "clm-ours", "fused")
+
+
+def build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    import torch
+
+    from fusion.models import random_init_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_init_model("llama", vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+                              num_heads=args.heads, seed=0).to(device=device, dtype=dtype).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    b, t, k, v = args.batch, args.seq, args.k, args.vocab
+    input_ids = torch.randint(0, v, (b, t + 1), generator=g)
+    target_ids = torch.randint(0, v, (b, t, k), generator=g)
+    target_ids[..., 0] = input_ids[:, 1:]  # the gold token among the K, as real fused targets mostly have
+    target_probs = torch.softmax(torch.randn(b, t, k, generator=g) * 2, dim=-1).half()
+    batch = {"input_ids": input_ids[:, :-1], "labels": input_ids[:, 1:], "target_ids": target_ids,
+             "target_probs": target_probs, "fusion_mask": torch.ones(b, t, dtype=torch.bool)}
+    return model, opt, {k_: x.to(device) for k_, x in batch.items()}
+
+
+def step(model: Any, opt: Any, batch: dict[str, Any], loss_name: str) -> float:
+    import torch
+
+    from fusion.loss import fusion_loss
+
+    logits = model(input_ids=batch["input_ids"]).logits
+    if loss_name == "clm":
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 batch["labels"].reshape(-1))
+    else:
+        lam = 1.0 if loss_name == "clm-ours" else 0.9
+        loss = fusion_loss(logits, batch["labels"], batch["target_ids"], batch["target_probs"],
+                           batch["fusion_mask"], lam).total
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
+    model, opt, batch = build(args)
+    for name in LOSSES:  # warm-up: allocator, kernels, optimizer state
+        step(model, opt, batch, name)
+    times: dict[str, list[float]] = {n: [] for n in LOSSES}
+    for _ in range(args.steps):
+        for name in LOSSES:
+            _sync()
+            t0 = time.perf_counter()
+            step(model, opt, batch, name)
+            _sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(args: argparse.Namespace, loss_name: str) -> int:
+    """Peak memory (bytes) one step of `loss_name` needs beyond the model, optimizer state and batch."""
+    import torch
+
+    model, opt, batch = build(args)
+    step(model, opt, batch, loss_name)  # creates the optimizer state: not the loss's cost
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(model, opt, batch, loss_name)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    # CPU: this child's peak RSS after one more step, minus its RSS before it
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = _rss_bytes()
+    step(model, opt, batch, loss_name)
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_before)
+    return peak - base
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n")[0])
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary (Mistral's size by default)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--k", type=int, default=10, help="fused targets per position")
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per loss")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--memory-child", choices=LOSSES, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(peak_memory(args, args.memory_child))
+        return 0
+
+    times = time_steps(args)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    child = [sys.executable, "-m", "bench.train_step", *(argv if argv is not None else sys.argv[1:])]
+    mem = {n: int(subprocess.run([*child, "--memory-child", n], capture_output=True, text=True, check=True
+                                 ).stdout.split()[-1]) for n in LOSSES}
+    on_gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"train step, tiny Llama (hidden {args.hidden}, {args.layers} layers), vocab {args.vocab}, "
+          f"batch {args.batch} x {args.seq} tokens, K = {args.k}, {device}")
+    print(f"{'loss':<10} {'median step':>12} {'min':>9} {'peak mem of a step':>20}")
+    for n in LOSSES:
+        print(f"{n:<10} {med[n] * 1e3:>10.1f} ms {min(times[n]) * 1e3:>6.1f} ms {mem[n] / 2**20:>16.1f} MiB")
+    ratio = med["fused"] / med["clm"]
+    print(f"fused / clm step time: {ratio:.3f}x (goal <= 1.15x); fused / clm-ours: "
+          f"{med['fused'] / med['clm-ours']:.3f}x; "
+          f"peak memory fused / clm: {mem['fused'] / max(mem['clm'], 1):.3f}x")
+    print(json.dumps({"bench": "train_step", "device": device, "vocab": args.vocab, "batch": args.batch,
+                      "seq": args.seq, "k": args.k, "median_s": med, "peak_bytes": mem, "ratio": ratio}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
