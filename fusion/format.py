@@ -176,12 +176,41 @@ def write_shard(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray
         save_file(arrays, tmp, metadata=header)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp makes 0600 files: give the shard the mode any new file gets, so that other users of a
+        # shared volume (another uid in another pod) can read it.
+        os.chmod(tmp, 0o666 & ~_umask())
         digest = sha256_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a crash only once the folder is synced
     return ShardInfo(path, digest, path.stat().st_size, _counts(arrays))
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would briefly change it for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not open folders; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class Shard:
@@ -195,7 +224,7 @@ class Shard:
         return list(self._h.keys())
 
     def __contains__(self, name: str) -> bool:
-        return name in self._h.keys()
+        return name in self._h.keys()  # noqa: SIM118  (safe_open handles are not mappings)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._cache:
@@ -255,7 +284,7 @@ def read_shard(path: str | os.PathLike, kind: str | None = None, sha256: str | N
         raise ShardError(f"{path}: expected a {kind} shard, found {got}")
     meta = json.loads(header.get("meta", "{}"))
     shard = Shard(path, got, meta, h)
-    validate_arrays(got, {k: _LazyShape(h, k) for k in h.keys()}, str(path))
+    validate_arrays(got, {k: _LazyShape(h, k) for k in h.keys()}, str(path))  # noqa: SIM118
     return shard
 
 
@@ -266,7 +295,9 @@ class _LazyShape:
         sl = handle.get_slice(name)
         self.shape = tuple(sl.get_shape())
         self.ndim = len(self.shape)
-        self.dtype = np.dtype(_ST_DTYPES[sl.get_dtype()])
+        # Validation compares dtype names only. bf16 and fp8 have no numpy dtype: keep their names so they
+        # fail validation by name instead of passing as something they are not.
+        self.dtype = _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype())
         self._h, self._name = handle, name
 
     def __len__(self) -> int:
@@ -277,5 +308,5 @@ class _LazyShape:
 
 
 _ST_DTYPES = {"U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "I32": "int32", "U32": "uint32",
-              "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "float32", "F32": "float32",
+              "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
               "F64": "float64", "BOOL": "bool"}
