@@ -165,7 +165,7 @@ def detect_scheme(pieces: list[str | None], name: str) -> tuple[str, str | None]
     present = set(pieces)
     alphabet_hits = len(_ALPHABET & present)
     fallback_hits = len(present.intersection(_BYTE_FALLBACK))
-    words = [p for p in pieces if p]
+    words = list(filter(None, pieces))
     spm_starts = sum(map(methodcaller("startswith", SPM_MARKER), words))
     bpe_starts = sum(map(methodcaller("startswith", BPE_MARKER), words))
     # A byte-level BPE vocabulary holds (nearly) the whole 256-character byte alphabet as single tokens

@@ -104,10 +104,14 @@ def test_encode_documents_appends_eos_and_no_bos(mistral_tokenizer, smollm2_toke
     assert doc.tolist() == [19556, 905, 2]
 
 
-def test_special_token_text_in_a_document_stays_text(qwen_tokenizer, qwen_view):
+def test_special_token_text_in_a_document_stays_text(qwen_tokenizer, qwen_view, mistral_tokenizer,
+                                                    mistral_view):
     (ids,) = encode_documents(qwen_tokenizer, ["a<|endoftext|>b"])
     assert ids.tolist().count(151643) == 1 and ids[-1] == 151643  # only the EOS we append
     assert qwen_view.decode(ids) == b"a<|endoftext|>b"
+    (ids,) = encode_documents(mistral_tokenizer, ["a</s><s>b"])
+    assert not set(ids[:-1].tolist()) & {0, 1, 2} and ids[-1] == 2
+    assert mistral_view.decode(ids) == b" a</s><s>b"
 
 
 def test_empty_text_is_refused_naming_the_document(mistral_tokenizer):
