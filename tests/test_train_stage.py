@@ -97,7 +97,8 @@ def fused_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("train-stage")
     tok = train_tokenizer(d / "tok")
     spec_file = d / "run.yaml"
-    spec_file.write_text(yaml.safe_dump(spec_doc(d / "tok", d / "store", procsPerNode=2)))
+    spec_file.write_text(yaml.safe_dump(spec_doc(d / "tok", d / "store", procsPerNode=2,
+                                                 gradientCheckpointing=True)))
     run = load_fusionrun(spec_file)
     store = open_store(run.spec.store, run.metadata.name)
     by_id = {t.id: t for t in build_dag(run.spec)}
@@ -125,6 +126,9 @@ def run_stage(spec: Path, *args: str, work: Path) -> subprocess.CompletedProcess
 def test_stage_launches_two_ranks_exports_and_writes_the_manifest_last(fused_run: dict, tmp_path: Path):
     proc = run_stage(fused_run["spec"], "--variant", "clm", work=tmp_path / "work")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    start = [json.loads(line) for line in proc.stdout.splitlines() if '"event": "start"' in line]
+    assert len(start) == 1 and start[0]["world_size"] == 2 and start[0]["gradient_checkpointing"] is True
+    assert start[0]["lambda"] == 1.0 and start[0]["bf16"] is False and start[0]["total_steps"] == 4
     steps = [json.loads(line) for line in proc.stdout.splitlines() if '"event": "step"' in line]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]  # logged once (rank 0), by both ranks' launcher
     assert all(s["fusion_loss"] is None and s["loss"] == s["clm_loss"] for s in steps)  # lambda = 1

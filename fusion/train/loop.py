@@ -172,6 +172,12 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                           lr_scheduler=scheduler, config=ds_config)
         device = engine.device
+        if rank == 0:
+            log({"event": "start", "world_size": world, "zero_stage": cfg.zero_stage, "bf16": bf16,
+                 "total_steps": steps, "blocks": blocks.n_blocks, "variant": cfg.variant,
+                 "lambda": cfg.effective_lambda,
+                 "gradient_checkpointing": bool(getattr(engine.module, "is_gradient_checkpointing", False)),
+                 "device": str(device)})
 
         # ---- resume
         state, step, resumed_from = DataState(), 0, None
