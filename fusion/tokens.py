@@ -121,6 +121,10 @@ class TokenizerView:
 
     def fingerprint(self) -> str:
         """sha256 of the vocabulary as bytes + special ids: two views with equal fingerprints map alike."""
+        return self._fingerprint
+
+    @cached_property
+    def _fingerprint(self) -> str:
         import hashlib
 
         h = hashlib.sha256()

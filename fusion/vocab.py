@@ -34,8 +34,8 @@ import numpy as np
 from fusion.tokens import TokenizerView
 
 METHODS = ("mined", "em")
-# Query rows per rapidfuzz call: bounds the int32 distance block (rows x target vocab) to ~64-300 MB.
-_CHUNK_CELLS = 1 << 26
+# Query rows per rapidfuzz call: bounds the int32 distance block (rows x target vocab) to ~128 MB.
+_CHUNK_CELLS = 1 << 25
 
 
 class StaleVocabMapError(ValueError):
