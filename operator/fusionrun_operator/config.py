@@ -14,15 +14,22 @@
 | FUSIONRUN_DEFAULT_STORE_{ENDPOINT,REGION,INSECURE,SECRET} | (none) | the default store's S3 settings |
 | FUSIONRUN_MASTER_PORT | 29500 | rendezvous port of multi-node training |
 | FUSIONRUN_RUN_AS_USER | 1000 | uid of stage pods (non-root) |
+| FUSIONRUN_JOB_SERVICE_ACCOUNT | (none) | ServiceAccount of stage pods without spec.serviceAccountName |
+| FUSIONRUN_STAGE_DEFAULTS | {} | JSON {stage: {cpu, gpus, ...}}: fills empty spec.resources.<stage> fields |
 
 Pure: `from_env(mapping)` has no side effects; bad values fail with the variable's name and what is allowed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from jobs.spec import Resources, StageResources, format_validation_error
 
 # Exit code with which stage jobs report bad input (invalid spec, bad arguments, unusable input files):
 # retrying cannot help, so the run fails at once. Equal to jobs.stages.common.EXIT_USAGE (a test checks).
@@ -60,6 +67,9 @@ class OperatorConfig:
     default_store_secret: str | None = None
     master_port: int = 29500
     run_as_user: int = 1000
+    job_service_account: str | None = None
+    # Per-stage pod defaults (the Helm chart's stageDefaults); see manifests.stage_resources for the merge.
+    stage_defaults: Mapping[str, StageResources] = field(default_factory=dict)
 
     @property
     def clusterwide(self) -> bool:
@@ -89,6 +99,23 @@ def _number(env: Mapping[str, str], key: str, default: float, minimum: float, ki
     if value < minimum:
         raise ConfigError(f"{key}={raw!r}: must be at least {minimum}")
     return value
+
+
+def _stage_defaults(env: Mapping[str, str]) -> dict[str, StageResources]:
+    key = "FUSIONRUN_STAGE_DEFAULTS"
+    raw = env.get(key) or "{}"
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{key}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: expected a JSON object {{stage: resources}}, got {type(data).__name__}")
+    try:
+        parsed = Resources.model_validate(data)  # unknown stages and fields fail here, by name
+    except ValidationError as err:
+        msg = format_validation_error(err, root=key).replace("invalid FusionRun", "invalid settings")
+        raise ConfigError(msg) from None
+    return {stage: getattr(parsed, stage) for stage in data}
 
 
 def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -126,4 +153,6 @@ def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
         default_store_secret=env.get("FUSIONRUN_DEFAULT_STORE_SECRET") or None,
         master_port=int(_number(env, "FUSIONRUN_MASTER_PORT", d.master_port, 1)),
         run_as_user=int(_number(env, "FUSIONRUN_RUN_AS_USER", d.run_as_user, 1)),
+        job_service_account=env.get("FUSIONRUN_JOB_SERVICE_ACCOUNT") or None,
+        stage_defaults=_stage_defaults(env),
     )

@@ -134,6 +134,22 @@ def _resources(res: StageResources) -> dict[str, Any]:
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
+def stage_resources(spec: FusionRunSpec, stage: str, config: OperatorConfig) -> StageResources:
+    """The run's spec.resources.<stage>, with every field it leaves empty (cpu/memory unset, gpus 0, the
+    default gpuResource, no nodeSelector, no tolerations) taken from the operator's stage defaults. Empty,
+    not unset: the API server fills the CRD's defaults (gpus: 0) into every stored stage object."""
+    own: StageResources = getattr(spec.resources, stage)
+    default = config.stage_defaults.get(stage)
+    if default is None:
+        return own
+    blank = StageResources()
+    merged = {
+        name: getattr(default if getattr(own, name) == getattr(blank, name) else own, name)
+        for name in StageResources.model_fields
+    }
+    return StageResources.model_validate(merged)
+
+
 def _tolerations(res: StageResources) -> list[dict[str, str]]:
     return [t.model_dump(exclude_none=True) for t in res.tolerations]
 
@@ -212,7 +228,7 @@ def job_manifest(
 
     rank: None for every task but training; training gets 0..nodes-1. active_deadline_seconds: what is
     left of the run's deadline (the Job must not outlive the run)."""
-    res: StageResources = getattr(spec.resources, task.stage.value)
+    res = stage_resources(spec, task.stage.value, config)
     multi_node = task.distributed and spec.training.nodes > 1
     labels = labels_for(run.name, task, attempt, rank if task.distributed else None)
     job_labels = dict(labels)
@@ -255,8 +271,8 @@ def job_manifest(
         pod["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
         pod["tolerations"] = _tolerations(res)
-    if spec.service_account_name:
-        pod["serviceAccountName"] = spec.service_account_name
+    if spec.service_account_name or config.job_service_account:
+        pod["serviceAccountName"] = spec.service_account_name or config.job_service_account
     if spec.priority_class_name:
         pod["priorityClassName"] = spec.priority_class_name
     if multi_node:
