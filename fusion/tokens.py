@@ -10,8 +10,9 @@ comparisons (vocabulary map, alignment) use those bytes:
   sentencepiece  (Llama / Mistral): '▁' = b' ', '<0xNN>' = the byte NN, anything else its UTF-8
   special tokens (EOS, BOS, <unk>, control tokens): b'' (they stand for no text)
 
-SentencePiece tokenizers prepend a space to a text ("Hello" -> '▁Hello'), so the first token of a document
-carries one byte the text lacks; alignment cost treats that as one edit, which does not move the path.
+SentencePiece tokenizers prepend a space to a text that does not start with one ("Hello" -> '▁Hello'), so
+the first token of such a document carries one byte the text lacks; alignment cost treats that as one
+edit, which does not move the path.
 """
 
 from __future__ import annotations

@@ -90,10 +90,15 @@ def test_decoded_tokens_give_back_the_text(family, request):
     view = request.getfixturevalue(f"{family}_view")
     text = inspect.getsource(json)[:5000] + "\n\tnaïve café – 東京 😀 1234\r\n"
     (ids,) = encode_documents(tok, [text])
-    # SentencePiece prepends one space to a text (its dummy prefix): the first token carries it.
+    # SentencePiece prepends one space to a text not starting with one (its dummy prefix).
     expected = (b" " if view.kind == "sentencepiece" else b"") + text.encode()
     assert view.decode(ids) == expected  # the trailing EOS adds nothing
     assert int(view.nbytes[ids].sum()) == len(expected)
+
+
+def test_sentencepiece_dummy_prefix_only_where_the_text_lacks_a_space(mistral_tokenizer, mistral_view):
+    decoded = [mistral_view.decode(d) for d in encode_documents(mistral_tokenizer, ["x", " x", "\nx"])]
+    assert decoded == [b" x", b" x", b" \nx"]
 
 
 def test_encode_documents_appends_eos_and_no_bos(mistral_tokenizer, smollm2_tokenizer):
