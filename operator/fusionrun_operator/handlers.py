@@ -3,7 +3,9 @@ FusionRun, our Jobs and their pods, the store) and carries out its plan (create,
 status, post events). The API calls it makes are listed in README.md (the Helm chart's RBAC follows it).
 
 Triggers, all ending in the same `reconcile_run(namespace, name)`: FusionRun create / resume / spec update,
-a timer (retries after backoff, training progress, deadlines), and any event of a Job we manage. Calls
+a resync thread every FUSIONRUN_RESYNC_SECONDS (retries after backoff, training progress, deadlines), and
+any event of a Job we manage. No kopf.timer: kopf gives every object with a timer a finalizer, and the only
+finalizer we want is the one for spec.deleteArtifacts. Calls
 for one run are serialised (one lock per run) and coalesced: an event that arrives while that run is
 being reconciled makes the running pass go round once more instead of starting a second one.
 """
@@ -11,6 +13,7 @@ being reconciled makes the running pass go round once more instead of starting a
 from __future__ import annotations
 
 import base64
+import contextvars
 import json
 import logging
 import threading
@@ -312,11 +315,44 @@ def on_run_changed(name: str, namespace: str, logger: logging.Logger, **_: Any) 
     reconcile_run(namespace, name, logger)
 
 
-@kopf.timer(
-    API_GROUP, API_VERSION, PLURAL, interval=CONFIG.resync_seconds, initial_delay=CONFIG.resync_seconds
-)
-def on_timer(name: str, namespace: str, logger: logging.Logger, **_: Any) -> None:
-    reconcile_run(namespace, name, logger)
+# Periodic resync without kopf.timer: kopf puts a finalizer on every object that has a timer, which
+# would block deleting runs whenever the operator is down. A thread walks the known runs instead.
+_known_runs: set[tuple[str, str]] = set()
+_stop_resync = threading.Event()
+
+
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+def track_runs(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    with _meta_lock:
+        if event.get("type") == "DELETED":
+            _known_runs.discard(key)
+        else:
+            _known_runs.add(key)
+
+
+def _resync_loop() -> None:
+    while not _stop_resync.wait(CONFIG.resync_seconds):
+        with _meta_lock:
+            runs = sorted(_known_runs)
+        for namespace, name in runs:
+            try:
+                reconcile_run(namespace, name, log)
+            except Exception as err:  # one broken run must not stop the others' resync
+                log.warning(f"resync of {namespace}/{name} failed: {type(err).__name__}: {err}")
+
+
+@kopf.on.startup()
+def start_resync(**_: Any) -> None:
+    # Run in a copy of this handler's context: kopf.event() needs the operator's posting queue.
+    ctx = contextvars.copy_context()
+    _stop_resync.clear()
+    threading.Thread(target=ctx.run, args=(_resync_loop,), name="fusionrun-resync", daemon=True).start()
+
+
+@kopf.on.cleanup()
+def stop_resync(**_: Any) -> None:
+    _stop_resync.set()
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_RUN: kopf.PRESENT})

@@ -335,8 +335,8 @@ def _condition(
     return Condition(
         type=type_,
         status=status,
-        reason=reason,
-        message=message,
+        reason=reason or None,
+        message=message or None,
         observed_generation=gen,
         last_transition_time=now_s if changed else prev.last_transition_time,
     )
