@@ -49,23 +49,25 @@ def token_costs(src_text: list[str], tgt_text: list[str], workers: int = 1) -> n
 
 
 def dtw_matrix(cost: np.ndarray) -> np.ndarray:
-    """The accumulated-cost matrix D (int64 [n, m]) of a cost matrix, row by row with numpy."""
-    cost = np.asarray(cost, dtype=np.int64)
+    """The accumulated-cost matrix D [n, m] of a cost matrix, row by row with numpy."""
+    cost = np.asarray(cost)
     n, m = cost.shape
-    acc = np.empty((n, m), dtype=np.int64)
     if n == 0 or m == 0:
-        return acc
-    np.cumsum(cost[0], out=acc[0])  # first row: only left moves
-    enter = np.empty(m, dtype=np.int64)
-    shifted = np.zeros(m, dtype=np.int64)
+        return np.empty((n, m), dtype=np.int64)
+    # D on the path is at most (n + m) * max cost; C (row sums) at most m * max cost: int32 when they fit.
+    bound = (n + m) * int(max(cost.max(), 0))
+    cost = cost.astype(np.int32 if bound < 2**30 else np.int64)
+    acc = np.empty((n, m), dtype=cost.dtype)
+    csum = np.cumsum(cost, axis=1)  # C[i, j]
+    before = csum - cost  # C[i, j-1] (0 in column 0)
+    acc[0] = csum[0]  # first row: only left moves
     for i in range(1, n):
-        prev = acc[i - 1]
-        enter[0] = prev[0]
-        np.minimum(prev[1:], prev[:-1], out=enter[1:])  # up or diagonal into column j
-        row_sum = np.cumsum(cost[i])
-        shifted[1:] = row_sum[:-1]  # C[k-1]
-        np.minimum.accumulate(enter - shifted, out=acc[i])
-        acc[i] += row_sum
+        prev, row = acc[i - 1], acc[i]
+        row[0] = prev[0]
+        np.minimum(prev[1:], prev[:-1], out=row[1:])  # E: up or diagonal into each column
+        row -= before[i]
+        np.minimum.accumulate(row, out=row)
+        row += csum[i]
     return acc
 
 
