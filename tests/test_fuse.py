@@ -318,3 +318,73 @@ def test_fused_arrays_write_as_a_fused_shard(case, tmp_path) -> None:
         )
         shard = read_shard(info.path, "fused", info.sha256)
         assert shard["choice"].shape == ((1,) if level == "sequence" else (3,))
+
+
+def test_real_pipeline_extract_align_fuse(
+    tmp_path, smollm2_tokenizer, smollm2_view, mistral_tokenizer, mistral_view
+) -> None:
+    """Target llama + SmolLM2 tokenizer, source gpt_neox + Mistral tokenizer: extract both, align the source
+    with fusion.align, fuse. The fused shard follows the decisions computed here from the extract shards."""
+    import torch
+
+    from fusion.align import align_shard, needed_source_ids
+    from fusion.extract import extract_documents
+    from fusion.models import random_init_model
+    from fusion.tokens import encode_documents
+    from fusion.vocab import build_vocab_map
+
+    torch.set_num_threads(2)
+    texts = [
+        "def add(a, b):\n    return a + b\n",
+        "The quick brown fox jumps over the lazy dog.",
+        "import os\nprint(os.getcwd())\n",
+    ]
+    shards = {}
+    for name, arch, tok, view, seed in (
+        ("t", "llama", smollm2_tokenizer, smollm2_view, 1),
+        ("s", "gpt_neox", mistral_tokenizer, mistral_view, 2),
+    ):
+        model = random_init_model(arch, view.vocab_size, hidden_size=16, num_heads=2, seed=seed)
+        if (
+            name == "t"
+        ):  # a confidently wrong target (sharp random logits): worse than the source's near-uniform
+            with torch.no_grad():
+                model.get_output_embeddings().weight.mul_(200.0)
+        arrays = extract_documents(model, view, encode_documents(tok, texts), np.arange(3), top_k=5)
+        info = write_shard(tmp_path / f"{name}.safetensors", "extract", arrays)
+        shards[name] = read_shard(info.path, "extract", info.sha256)
+    tgt, src = shards["t"], shards["s"]
+    vmap = build_vocab_map(mistral_view, smollm2_view, "mined", src_ids=needed_source_ids(src), workers=1)
+    aligned_arrays = align_shard(src, tgt, mistral_view, smollm2_view, vmap, "mined")
+    info = write_shard(tmp_path / "a.safetensors", "aligned", aligned_arrays)
+    aligned = read_shard(info.path, "aligned", info.sha256)
+
+    fused = fuse_shard(tgt, [aligned], "minCE", "sequence", "byte")
+    write_shard(tmp_path / "f.safetensors", "fused", fused)
+    bpb = [
+        np.asarray(s["doc_nll"], np.float64) / math.log(2) / np.asarray(s["doc_pred_nbytes"])
+        for s in (tgt, src)
+    ]
+    np.testing.assert_array_equal(fused["choice"], np.argmin(np.stack(bpb), axis=0))
+    assert (fused["choice"] == 1).any()  # the source wins somewhere, so its rows are checked below
+    off = np.asarray(tgt["doc_offsets"])
+    ids, probs = fused["target_ids"], fused["target_probs"].astype(np.float64)
+    last = off[1:] - 1
+    assert (ids[last] == -1).all()  # the last row of each document predicts nothing
+    body = np.setdiff1d(np.arange(off[-1]), last)
+    assert (ids[body, 0] >= 0).all() and ids.max() < smollm2_view.vocab_size
+    np.testing.assert_allclose(probs[body].sum(1), 1.0, atol=3e-3)
+    tgt_input = np.asarray(tgt["input_ids"]).astype(np.int64)
+    checked = 0
+    for d in np.flatnonzero(fused["choice"] == 1):
+        rows = np.arange(off[d], off[d + 1] - 1)
+        fallback = rows[np.asarray(aligned["aligned"])[rows] == 0]
+        # The source's unaligned rows are one-hot on the NEXT target token (defect 1 stays fixed).
+        np.testing.assert_array_equal(ids[fallback, 0], tgt_input[fallback + 1])
+        np.testing.assert_allclose(probs[fallback, 0], 1.0)
+        checked += len(fallback)
+    assert checked > 0
+
+    avg = fuse_shard(tgt, [aligned], "avgCE", "token", "byte")
+    assert avg["target_ids"].shape == (off[-1], 10)
+    np.testing.assert_allclose(avg["target_probs"][body].astype(np.float64).sum(1), 1.0, atol=3e-3)
