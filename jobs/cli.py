@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from jobs.plan import STAGE_ORDER
+
+if TYPE_CHECKING:
+    from jobs.spec import FusionRunSpec
 
 STAGES = [s.value for s in STAGE_ORDER]
 
@@ -94,20 +99,21 @@ def cmd_validate(path: str) -> int:
     return 0
 
 
-def cmd_run(path: str, force_stage: str | None, workers: int | None) -> int:
+def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str | None = None) -> int:
     from jobs.local import LocalRunner, RunFailed
     from jobs.spec import SpecError, load_fusionrun
     from jobs.store import StoreError
 
     try:
         run = load_fusionrun(path)
-        runner = LocalRunner(run.spec, run.metadata.name, workers=workers)
+        spec = apply_env_overrides(run.spec)
+        runner = LocalRunner(spec, run.metadata.name, workers=workers)
     except (SpecError, StoreError) as err:
         print(f"{path}: {err}", file=sys.stderr)
         return 1
     t0 = time.time()
     try:
-        result = runner.run(force_stage=force_stage, on_task=_print_task)
+        result = runner.run(force_stage=force_stage, on_task=_print_task, until=until)
     except RunFailed as err:
         print(f"run {run.metadata.name} FAILED: {err}", file=sys.stderr)
         return 1
@@ -119,6 +125,16 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None) -> int:
     if result.report:
         print(f"report: {result.report}")
     return 0
+
+
+def apply_env_overrides(spec: FusionRunSpec) -> FusionRunSpec:
+    """FUSIONRUN_S3_ENDPOINT replaces store.endpoint of an S3 store (the same file against another server)."""
+    endpoint = os.environ.get("FUSIONRUN_S3_ENDPOINT")
+    if not endpoint or not spec.store.is_s3:
+        return spec
+    store = spec.store.model_copy(update={"endpoint": endpoint,
+                                          "insecure": spec.store.insecure or endpoint.startswith("http://")})
+    return spec.model_copy(update={"store": store})
 
 
 def _print_task(task_id: str, outcome: str, seconds: float) -> None:
@@ -134,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("file")
     r.add_argument("--force-stage", choices=STAGES, help="redo this stage and everything after it")
     r.add_argument("--workers", type=int, help="parallel tasks (default: fits the CPU cores)")
+    r.add_argument("--until", choices=STAGES, help="stop after this stage (e.g. inspect fused shards)")
     v = sub.add_parser("validate", help="check a FusionRun file")
     v.add_argument("file")
     sub.add_parser("stage", help="run one task (python -m jobs ...)", add_help=False)
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "validate":
         return cmd_validate(args.file)
-    return cmd_run(args.file, args.force_stage, args.workers)
+    return cmd_run(args.file, args.force_stage, args.workers, args.until)
 
 
 if __name__ == "__main__":

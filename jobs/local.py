@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.manifest import invalidate, why_incomplete
-from jobs.plan import Stage, Task, TaskState, build_dag, downstream, ready_tasks
+from jobs.plan import STAGE_ORDER, Stage, Task, TaskState, build_dag, downstream, ready_tasks
 from jobs.spec import FusionRunSpec
 from jobs.store import LocalStore, Store, open_store
 
@@ -106,7 +106,12 @@ class LocalRunner:
         return _Running(task, proc, log, time.time())
 
     def run(self, force_stage: str | None = None,
-            on_task: Callable[[str, str, float], None] | None = None) -> RunResult:
+            on_task: Callable[[str, str, float], None] | None = None, until: str | None = None) -> RunResult:
+        """Run every task not complete (force_stage: redo that stage and later ones; until: stop after
+        that stage's tasks). Raises RunFailed on the first failed task."""
+        if until:
+            last = STAGE_ORDER.index(Stage(until))
+            self.dag = [t for t in self.dag if STAGE_ORDER.index(t.stage) <= last]
         if force_stage:
             for t in downstream(self.dag, Stage(force_stage)):
                 invalidate(self.store, t)
