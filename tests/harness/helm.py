@@ -143,6 +143,8 @@ class Helm:
         return proc
 
 
-@pytest.fixture(scope="session")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Helm]:
+@pytest.fixture(scope="session", name="helm")
+def helm_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Helm]:
+    """`helm` in a test's arguments (import helm_fixture; the function's name keeps arguments from
+    shadowing the import)."""
     yield Helm(ensure_helm(), tmp_path_factory.mktemp("helm-home"))

@@ -51,12 +51,12 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{/* The stage Jobs' ServiceAccount name. */}}
+{{/* The stage Jobs' ServiceAccount name; empty when none is created or named (the namespace default). */}}
 {{- define "fusionrun.jobServiceAccountName" -}}
 {{- if .Values.jobServiceAccount.create }}
 {{- default (printf "%s-job" (include "fusionrun.fullname" . | trunc 59 | trimSuffix "-")) .Values.jobServiceAccount.name }}
 {{- else }}
-{{- required "jobServiceAccount.name is required when jobServiceAccount.create is false" .Values.jobServiceAccount.name }}
+{{- .Values.jobServiceAccount.name }}
 {{- end }}
 {{- end }}
 
@@ -94,31 +94,45 @@ app.kubernetes.io/component: operator
 {{- toJson (uniq $ns) }}
 {{- end }}
 
-{{/* The operator's namespaced permissions: exactly what fusionrun_operator and kopf call, nothing more.
-     Shared by the ClusterRole (cluster-wide mode) and the per-namespace Roles (namespaced mode). */}}
+{{/* The operator's namespaced permissions: exactly the API calls of fusionrun_operator.handlers and of
+     kopf as the operator configures it (standalone: no peering objects). Shared by the ClusterRole
+     (cluster-wide mode) and the per-namespace Roles (namespaced mode). */}}
 {{- define "fusionrun.operatorRules" -}}
-# FusionRuns: kopf watches them and patches its finalizer and progress annotations.
+# FusionRuns: kopf lists and watches them and patches its finalizer and progress annotations; the
+# reconciler reads each run afresh (get).
 - apiGroups: ["fusionrun.dev"]
   resources: ["fusionruns"]
   verbs: ["get", "list", "watch", "patch"]
-# Observed state goes only through the status subresource.
+# Observed state is written only through the status subresource.
 - apiGroups: ["fusionrun.dev"]
   resources: ["fusionruns/status"]
-  verbs: ["get", "patch"]
-# One Job per stage task (owned by the FusionRun); deleted on suspend, restart and retry.
+  verbs: ["patch"]
+# One Job per task attempt: kopf watches them (a finished Job triggers the next step), the reconciler
+# lists, creates, and deletes them (suspend, restartFrom, retries).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Headless Services give multi-node training ranks a stable rendezvous address.
+  verbs: ["list", "watch", "create", "delete"]
+# Multi-node training: a headless Service per training task (deleted with the run by ownerReferences).
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "delete"]
-# Pods are read only: why a stage's pod failed (exit code, OOMKilled) goes into the status message.
+  verbs: ["create"]
+# Read only: why a task's pod failed (exit code, OOMKilled, image pull errors) goes into the status.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-# kopf and the operator post Events on FusionRuns (kubectl describe shows what happened and why).
-- apiGroups: ["", "events.k8s.io"]
+  verbs: ["list"]
+# Events on FusionRuns (kubectl describe shows what happened and why), posted by kopf and the reconciler.
+- apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.rbac.readSecrets }}
+# A run's S3 keys (spec.store.credentialsSecret), to read its progress from the store and to delete its
+# artifacts (spec.deleteArtifacts).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+  {{- with .Values.rbac.secretNames }}
+  resourceNames:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
 {{- end }}
