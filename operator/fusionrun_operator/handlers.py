@@ -271,10 +271,36 @@ def reconcile_run(namespace: str, name: str, logger: logging.Logger = log) -> fl
             requeue = _reconcile_once(namespace, name, logger)
             with _meta_lock:
                 if key not in _pending:
-                    return requeue
+                    break
                 _pending.discard(key)
     finally:
         lock.release()
+    if requeue is not None and requeue < CONFIG.resync_seconds:
+        _wake_later(key, requeue)  # a retry due before the next resync: be on time for it
+    return requeue
+
+
+_wakeups: dict[tuple[str, str], threading.Timer] = {}
+
+
+def _wake_later(key: tuple[str, str], seconds: float) -> None:
+    """One pending wake-up per run (a newer one replaces it), in this context (kopf.event needs it)."""
+    ctx = contextvars.copy_context()
+    timer = threading.Timer(seconds + 0.2, ctx.run, args=(_wake, key))
+    timer.daemon = True
+    with _meta_lock:
+        old = _wakeups.pop(key, None)
+        if old is not None:
+            old.cancel()
+        _wakeups[key] = timer
+    timer.start()
+
+
+def _wake(key: tuple[str, str]) -> None:
+    try:
+        reconcile_run(*key)
+    except Exception as err:
+        log.warning(f"retry pass of {key[0]}/{key[1]} failed: {type(err).__name__}: {err}")
 
 
 def _reconcile_once(namespace: str, name: str, logger: logging.Logger) -> float | None:
