@@ -31,6 +31,8 @@ from fusion.format import Shard
 from fusion.tokens import TokenizerView
 from fusion.vocab import METHODS, VocabMap
 
+_ROWS_PER_BLOCK = 1 << 16  # accepted rows mapped at a time: [rows, k, k] bool masks stay <= 64 MB (k <= 32)
+
 
 class AlignmentError(ValueError):
     """Shards or maps that cannot be aligned together."""
@@ -234,8 +236,13 @@ def align_shard_with_stats(src: Shard, tgt: Shard, src_view: TokenizerView, tgt_
     k = src_topk.shape[1]
     topk_ids = np.full((n_tgt, k), -1, dtype=np.int32)
     topk_lp = np.full((n_tgt, k), -np.inf, dtype=np.float32)
-    mapped_ids, mapped_lp = map_topk(src_topk[s_rows], np.asarray(src["topk_logprobs"])[s_rows],
-                                     vocab_map, exact_only=(method == "em"))
+    src_lp = np.asarray(src["topk_logprobs"])
+    mapped_ids = np.empty((len(s_rows), k), dtype=np.int32)
+    mapped_lp = np.empty((len(s_rows), k), dtype=np.float32)
+    for lo in range(0, len(s_rows), _ROWS_PER_BLOCK):  # bounds the [rows, k, k] duplicate masks
+        block = s_rows[lo:lo + _ROWS_PER_BLOCK]
+        mapped_ids[lo:lo + len(block)], mapped_lp[lo:lo + len(block)] = map_topk(
+            src_topk[block], src_lp[block], vocab_map, exact_only=(method == "em"))
     # An accepted row none of whose entries survive mapping (EM, rare) carries nothing: it falls back.
     kept = mapped_ids[:, 0] >= 0
     rows, s_rows, same = rows[kept], s_rows[kept], same[kept]

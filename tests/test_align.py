@@ -227,6 +227,18 @@ def test_align_shard_mined_on_a_known_string(known_pair, smollm2_view, mistral_v
     assert stats.to_dict()["aligned"] == 9
 
 
+def test_blockwise_top_k_mapping_gives_the_same_shard(known_pair, smollm2_view, mistral_view, monkeypatch):
+    import fusion.align
+
+    src, tgt = known_pair
+    vmap = build_vocab_map(smollm2_view, mistral_view, "mined", src_ids=needed_source_ids(src))
+    whole = align_shard(src, tgt, smollm2_view, mistral_view, vmap, "mined")
+    monkeypatch.setattr(fusion.align, "_ROWS_PER_BLOCK", 2)
+    blocks = align_shard(src, tgt, smollm2_view, mistral_view, vmap, "mined")
+    for name, arr in whole.items():
+        np.testing.assert_array_equal(blocks[name], arr, err_msg=name)
+
+
 def test_align_shard_em_rejects_the_non_exact_pair(known_pair, smollm2_view, mistral_view):
     src, tgt = known_pair
     vmap = build_vocab_map(smollm2_view, mistral_view, "em", src_ids=needed_source_ids(src))
