@@ -52,6 +52,7 @@ def _check_task_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def stage_main(argv: list[str] | None = None) -> int:
     """Entry of `python -m jobs`: run one task; exit 0 done/skipped, 1 failed (message on stderr), 2 usage."""
+    from jobs.manifest import ManifestError
     from jobs.spec import SpecError
     from jobs.stages.common import EXIT_FAILED, StageError, load_spec_and_name, log_event, run_task
     from jobs.store import StoreError
@@ -78,7 +79,7 @@ def stage_main(argv: list[str] | None = None) -> int:
         task = Task(Stage(args.stage), model=args.model, shard=args.shard, variant=args.variant)
         module = importlib.import_module(f"jobs.stages.{args.stage}")
         return run_task(module.run, task, spec, name, force=args.force)
-    except (SpecError, StageError, StoreError) as err:
+    except (SpecError, StageError, StoreError, ManifestError) as err:
         log_event("failed", stage=args.stage, error=str(err))
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED

@@ -122,18 +122,20 @@ class LocalRunner:
         notify = on_task or (lambda *_: None)
         try:
             while True:
-                for t in ready_tasks(self.dag, states):
-                    if t.id in running or t in queued:
-                        continue
-                    t0 = time.time()
-                    if why_incomplete(self.store, self.spec, t, self.by_id, verify=self.verify) is None:
-                        states[t.id] = TaskState.succeeded
-                        result.skipped += 1
-                        result.outcomes[t.id] = "skipped"
-                        notify(t.id, "skipped", time.time() - t0)
-                    else:
-                        queued.append(t)
-                        states[t.id] = TaskState.running  # claimed: ready_tasks will not offer it again
+                claimed = True
+                while claimed:  # a skipped task can make its dependants ready at once
+                    claimed = False
+                    for t in ready_tasks(self.dag, states):
+                        claimed = True
+                        t0 = time.time()
+                        if why_incomplete(self.store, self.spec, t, self.by_id, verify=self.verify) is None:
+                            states[t.id] = TaskState.succeeded
+                            result.skipped += 1
+                            result.outcomes[t.id] = "skipped"
+                            notify(t.id, "skipped", time.time() - t0)
+                        else:
+                            queued.append(t)
+                            states[t.id] = TaskState.running  # claimed: not offered again
                 self._start_queued(queued, running)
                 if not running and not queued:
                     if any(s is not TaskState.succeeded for s in states.values()) or \

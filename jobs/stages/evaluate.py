@@ -41,10 +41,10 @@ def trained_model_dir(ctx: StageContext, variant: str) -> str:
     return str(dest)
 
 
-def score(model: Any, view: Any, docs: list[np.ndarray]) -> dict[str, float]:
+def score(model: Any, view: Any, docs: list[np.ndarray], batch_tokens: int) -> dict[str, float]:
     from fusion.evaluate import bits_per_byte, perplexity, score_documents
 
-    scores = score_documents(model, view, docs)
+    scores = score_documents(model, view, docs, batch_tokens=batch_tokens)
     return {"bits_per_byte": float(bits_per_byte(scores)), "perplexity": float(perplexity(scores)),
             "tokens": int(sum(len(d) for d in docs))}
 
@@ -68,7 +68,7 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     models: dict[str, dict[str, Any]] = {}
 
     def add(label: str, model: Any, v: Any, d: list[np.ndarray]) -> None:
-        models[label] = score(model, v, d)
+        models[label] = score(model, v, d, ctx.spec.extraction.batch_tokens)
         log_event("scored", task=ctx.task.id, model=label, **models[label])
 
     add("target-before", load_spec_model(ctx, tgt, view.vocab_size, view.eos_id), view, docs)
