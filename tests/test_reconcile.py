@@ -571,3 +571,46 @@ def test_merge_patch_removes_what_is_gone() -> None:
         "tasks": [{"id": "a"}],
     }
     assert merge_patch(new, new) == {}
+
+
+def test_operator_reads_a_real_local_store(tmp_path) -> None:
+    """The handlers' store edge on a real file store with real manifests (jobs.manifest), fed to reconcile."""
+    import json
+    import logging
+
+    from fusionrun_operator.handlers import read_store_state
+
+    from jobs.manifest import build_manifest, invalidate, write_manifest
+    from jobs.plan import Stage, Task
+    from jobs.spec import FusionRunSpec
+    from jobs.store import open_store
+
+    doc = spec(store={"uri": f"file://{tmp_path}"})
+    fr_spec = FusionRunSpec.model_validate(doc)
+    store = open_store(fr_spec.store, "demo")
+    prepare = Task(Stage.prepare)
+    write_manifest(store, prepare, build_manifest(fr_spec, prepare, {}, {}, started_at=0.0))
+    progress = {"step": 3, "total_steps": 12, "loss": 2.0, "tokens_per_s": 100.0}
+    store.put_bytes("train/fused/progress.json", json.dumps(progress).encode())
+    got_store, completed, prog, metrics = read_store_state(fr_spec, "demo", "ml", logging.getLogger("t"))
+    assert completed == frozenset({"prepare"}) and prog == {"fused": progress} and metrics is None
+    obs = Observed(
+        run=RunRef("demo", "ml", "uid-1", 1),
+        spec=doc,
+        status=FusionRunStatus(),
+        jobs=[],
+        now=T0,
+        completed=completed,
+        progress=prog,
+    )
+    p = reconcile(obs, CONFIG)
+    assert created(p)[0] == "demo-extract-target-00000-1" and len(p.create) == 4
+    assert p.status.training[0].percent == 25.0
+    # what restartFrom does to the store: the manifest goes, the task is no longer complete
+    invalidate(got_store, prepare)
+    assert read_store_state(fr_spec, "demo", "ml", logging.getLogger("t"))[1] == frozenset()
+    # an unreadable store (a bucket on an endpoint nobody serves) means "unknown", not "nothing done"
+    s3 = FusionRunSpec.model_validate(
+        spec(store={"uri": "s3://nobucket/x", "endpoint": "http://127.0.0.1:9", "insecure": True})
+    )
+    assert read_store_state(s3, "demo", "ml", logging.getLogger("t"))[1] is None
