@@ -16,10 +16,13 @@ Which candidate is better is decided by its cross-entropy:
 Special tokens stand for 0 bytes; they count as one byte so that a CE stays finite.
 
 MinCE keeps the distribution of the candidate with the lowest CE (ties: the lowest index, i.e. the
-target); AvgCE mixes all with weights softmax_j(exp(-CE_j)) over the union of their ids, duplicates summed.
+target); AvgCE mixes all with weights softmax_j(exp(-CE_j)) over the union of their ids, duplicates summed,
+renormalised per row (a candidate with an empty row there, e.g. an aligned row whose ids all failed to map,
+leaves its weight to the others). Rows that end up empty (last rows; MinCE picking an empty row) carry no
+fusion target: the loss skips them.
 
 Everything is numpy over all positions of a shard: per-document values reach positions through np.repeat,
-duplicate ids merge through a per-row sort; nothing loops over tokens or documents.
+duplicate ids merge through per-row sorts and running sums; nothing loops over tokens or documents.
 """
 
 from __future__ import annotations
@@ -149,28 +152,30 @@ def ce_weights(ce: np.ndarray, eligible: np.ndarray | None = None) -> np.ndarray
 def merge_rows(ids: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sum probabilities of repeated ids within each row, renormalise, sort best first, pad -1 / 0.
 
-    ids int32 [N, W] (-1 empty), probs float [N, W]. Vectorised: one per-row sort by id, run sums via one
-    bincount over (row, run) keys, one per-row sort by probability."""
+    ids int32 [N, W] (-1 empty), probs float [N, W]. Vectorised over [N, W]: a per-row sort by id makes
+    repeats contiguous runs; a run's sum is a difference of the row's running sums, kept at the run's last
+    slot (other slots emptied); then a per-row sort by probability."""
     n, w = ids.shape
     valid = ids >= 0
-    key = np.where(valid, ids, _EMPTY_KEY)
+    key = np.where(valid, ids, _EMPTY_KEY).astype(np.int32)
     order = np.argsort(key, axis=1, kind="stable")
     sk = np.take_along_axis(key, order, axis=1)
     sp = np.take_along_axis(np.where(valid, probs, 0.0), order, axis=1)
-    new_run = np.ones((n, w), dtype=bool)
-    new_run[:, 1:] = sk[:, 1:] != sk[:, :-1]
-    run = np.cumsum(new_run, axis=1) - 1
-    rows = np.repeat(np.arange(n), w).reshape(n, w)
-    merged_p = np.bincount((rows * w + run).ravel(), weights=sp.ravel(), minlength=n * w).reshape(n, w)
-    merged_ids = np.full((n, w), _EMPTY_KEY, dtype=np.int64)
-    merged_ids[rows, run] = sk  # every member of a run writes the same id
-    present = merged_ids != _EMPTY_KEY
-    total = merged_p.sum(axis=1, keepdims=True)
-    merged_p = np.where(present, merged_p / np.where(total > 0, total, 1.0), 0.0)
+    run_end = np.ones((n, w), dtype=bool)
+    run_end[:, :-1] = sk[:, 1:] != sk[:, :-1]
+    running = np.cumsum(sp, axis=1)
+    # Running sum just before each run starts (probabilities are >= 0, so it never decreases along a row).
+    before = np.zeros((n, w))
+    before[:, 1:] = np.where(run_end[:, :-1], running[:, :-1], 0.0)
+    np.maximum.accumulate(before, axis=1, out=before)
+    keep = run_end & (sk != _EMPTY_KEY)
+    merged = np.where(keep, running - before, 0.0)
+    total = merged.sum(axis=1, keepdims=True)
+    merged /= np.where(total > 0, total, 1.0)
     # Best first; empties last; equal probabilities keep ascending id order (stable) for determinism.
-    order = np.argsort(np.where(present, -merged_p, 1.0), axis=1, kind="stable")
-    out_ids = np.take_along_axis(np.where(present, merged_ids, -1), order, axis=1).astype(np.int32)
-    out_p = np.take_along_axis(merged_p, order, axis=1)
+    order = np.argsort(np.where(keep, -merged, 1.0), axis=1, kind="stable")
+    out_ids = np.take_along_axis(np.where(keep, sk, -1), order, axis=1)
+    out_p = np.take_along_axis(merged, order, axis=1)
     return out_ids, out_p
 
 
