@@ -260,12 +260,22 @@ def test_any_number_of_sources_and_per_document_choice(tmp_path) -> None:
 
 
 def test_merge_rows_sums_duplicates_and_sorts() -> None:
-    ids = np.array([[5, 3, 5, -1, 3, 9], [-1, -1, -1, -1, -1, -1], [7, 7, 7, 7, 7, 7]], np.int32)
-    p = np.array([[0.1, 0.2, 0.3, 0.9, 0.1, 0.3], [0.5] * 6, [1 / 6] * 6])
+    ids = np.array(
+        [[5, 3, 5, -1, 3, 9], [-1, -1, -1, -1, -1, -1], [7, 7, 7, 7, 7, 7], [4, -1, 8, -1, -1, -1]], np.int32
+    )
+    p = np.array([[0.1, 0.2, 0.3, 0.9, 0.1, 0.3], [0.5] * 6, [1 / 6] * 6, [0.1, 0.3, 0.4, 0, 0, 0]])
     out_ids, out_p = merge_rows(ids, p)
     # row 0: 5 -> 0.4, 3 -> 0.3, 9 -> 0.3 (sum 1.0; the 0.9 under an empty id is dropped); ties by id
-    assert out_ids.tolist() == [[5, 3, 9, -1, -1, -1], [-1] * 6, [7, -1, -1, -1, -1, -1]]
-    np.testing.assert_allclose(out_p, [[0.4, 0.3, 0.3, 0, 0, 0], [0] * 6, [1, 0, 0, 0, 0, 0]], atol=1e-12)
+    # row 3: only 0.5 of mass on real ids (a candidate's row was empty): renormalised, 8 -> 0.8, 4 -> 0.2
+    assert out_ids.tolist() == [
+        [5, 3, 9, -1, -1, -1],
+        [-1] * 6,
+        [7, -1, -1, -1, -1, -1],
+        [8, 4, -1, -1, -1, -1],
+    ]
+    np.testing.assert_allclose(
+        out_p, [[0.4, 0.3, 0.3, 0, 0, 0], [0] * 6, [1, 0, 0, 0, 0, 0], [0.8, 0.2, 0, 0, 0, 0]], atol=1e-12
+    )
 
 
 def test_mismatched_documents_and_wrong_kinds_are_refused(case, tmp_path) -> None:
