@@ -614,3 +614,18 @@ def test_operator_reads_a_real_local_store(tmp_path) -> None:
         spec(store={"uri": "s3://nobucket/x", "endpoint": "http://127.0.0.1:9", "insecure": True})
     )
     assert read_store_state(s3, "demo", "ml", logging.getLogger("t"))[1] is None
+
+
+def test_jobs_of_tasks_no_longer_in_the_spec_are_stopped() -> None:
+    p = run(
+        None,
+        [
+            job("extract-smol-00001", 1),
+            job("extract-smol-00000", 1),
+            job("extract-other-00000", 1, "Succeeded"),
+        ],
+        completed={"prepare"},
+        extraction={"shards": 1},
+    )
+    assert p.delete_jobs == ["demo-extract-smol-00001-1"]  # shard 1 is gone; shard 0 keeps running
+    assert created(p) == ["demo-extract-target-00000-1"]

@@ -452,6 +452,10 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Plan:
             )
         tasks[t.id] = _step_task(ctx, t, rec, completed, counting=not spec.suspend)
 
+    # Jobs of tasks the spec no longer has (fewer shards, a source removed) stop.
+    ctx.delete += [
+        j.name for j in obs.jobs if j.task_id not in tasks and j.state == "Active" and not j.deleting
+    ]
     failed = [tasks[t.id] for t in dag if tasks[t.id].state == "Failed"]
     start = parse_time(old.start_time)
     deadline_hit = bool(
