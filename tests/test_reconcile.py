@@ -629,3 +629,18 @@ def test_jobs_of_tasks_no_longer_in_the_spec_are_stopped() -> None:
     )
     assert p.delete_jobs == ["demo-extract-smol-00001-1"]  # shard 1 is gone; shard 0 keeps running
     assert created(p) == ["demo-extract-target-00000-1"]
+
+
+def test_a_retry_job_created_before_a_crash_is_not_created_again() -> None:
+    first = run()
+    failed = run(first.status, [job("prepare", 1, "Failed", exit_code=1)])
+    assert failed.status.task("prepare").state == "Retrying"
+    # attempt 2's Job was created, but the status write after it was lost: status still says Retrying
+    p = run(
+        failed.status,
+        [job("prepare", 1, "Failed", exit_code=1), job("prepare", 2)],
+        now=T0 + timedelta(seconds=60),
+    )
+    assert created(p) == [] and p.delete_jobs == []
+    t = p.status.task("prepare")
+    assert (t.state, t.attempts, t.failures, t.next_attempt_time) == ("Running", 2, 1, None)

@@ -310,13 +310,15 @@ def _step_task(
                 Event("Normal", "RetryScheduled", f"{task.id}: attempt {attempt + 1} in {delay}s")
             )
         return rec.model_copy(update=update)
-    if rec.state in ("Failed", "Retrying"):
-        return rec
-    if current and any(j.state == "Active" for j in current):
+    # Active Jobs of an attempt newer than the last failure: running (also when the status still says
+    # Retrying because the write after creating the retry's Job was lost).
+    if current and attempt > rec.last_failed_attempt and any(j.state == "Active" for j in current):
         if len(current) < _expected_ranks(spec, task):  # a rank vanished: the group restarts whole
             ctx.delete += [j.name for j in current if j.state == "Active"]
             return rec.model_copy(update={"state": "Pending", "reason": "RankLost", "job_names": []})
-        return rec.model_copy(update={"state": "Running"})
+        return rec.model_copy(update={"state": "Running", "next_attempt_time": None})
+    if rec.state in ("Failed", "Retrying"):
+        return rec
     if rec.state == "Running" and not current:
         # Deleted before finishing (suspend, TTL, by hand): run it again as a new attempt, not a failure.
         return rec.model_copy(update={"state": "Pending", "reason": "JobGone", "job_names": []})
