@@ -340,3 +340,16 @@ def test_cli_check_reports_stale_file(tmp_path, capsys) -> None:
     assert crdmod.stale_crds((p,)) == []
     p.write_text(p.read_text().replace("fusionruns", "fusionrunz"))
     assert crdmod.stale_crds((p,)) == [p]
+
+
+def test_the_shipped_examples_pass_the_crd_schema() -> None:
+    examples = sorted((crdmod.REPO_ROOT / "examples").glob("*.yaml"))
+    runs = [
+        d for p in examples for d in yaml.safe_load_all(p.read_text()) if d and d.get("kind") == "FusionRun"
+    ]
+    assert runs, "no FusionRun examples found"
+    v = spec_validator()
+    for doc in runs:
+        v.validate(doc["spec"])
+        name_rule = crdmod.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["metadata"]
+        jsonschema.Draft4Validator(to_draft4(name_rule)).validate(doc["metadata"])
