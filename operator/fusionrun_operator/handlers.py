@@ -330,6 +330,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = CONFIG.server_timeout
     settings.watching.client_timeout = CONFIG.client_timeout
     settings.watching.connect_timeout = 30
+    if hasattr(settings.watching, "label_selectors"):  # kopf >= 1.45: filter Jobs on the server
+        settings.watching.label_selectors["batch", "v1", "jobs"] = f"{LABEL_MANAGED_BY}={MANAGER}"
     settings.posting.level = logging.WARNING  # handler warnings become events; routine logs do not
     settings.peering.standalone = True  # one replica (Deployment strategy Recreate); no peering objects
 
