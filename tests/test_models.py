@@ -67,8 +67,8 @@ def test_gemma3_is_the_text_only_model() -> None:
     assert m.config.layer_types[-1] == "full_attention" and m.config.layer_types[0] == "sliding_attention"
 
 
-def test_load_random_init_from_spec_fields_with_padded_vocab() -> None:
-    # The spec's randomInit fields (snake_case) plus a Qwen-like padded vocabulary.
+def test_load_random_init_from_spec_fields() -> None:
+    # The spec's randomInit fields (snake_case), as jobs passes them.
     fields = {
         "architecture": "qwen2",
         "hidden_size": 16,
