@@ -93,12 +93,15 @@ def test_hand_counted_bytes_and_positions(smollm2_tokenizer, smollm2_view) -> No
     (doc,) = encode_documents(smollm2_tokenizer, ["Hello world"])
     assert [smollm2_view.token_bytes[i] for i in doc] == [b"Hello", b" world", b""]
     model = random_init_model("llama", smollm2_view.vocab_size, hidden_size=16, num_heads=2, seed=1)
-    out = extract_documents(model, smollm2_view, [doc], np.array([7]), top_k=3)
-    np.testing.assert_array_equal(out["token_nbytes"], [5, 6, 0])
-    assert out["doc_pred_nbytes"].tolist() == [6]  # ' world' (6) + EOS (0); 'Hello' is never predicted
-    assert out["doc_n_pred"].tolist() == [2]
-    np.testing.assert_array_equal(out["doc_offsets"], [0, 3])
-    assert out["topk_ids"].shape == (3, 3)
+    eos_only = np.array([smollm2_view.eos_id], dtype=np.int32)  # a one-token document predicts nothing
+    out = extract_documents(model, smollm2_view, [doc, eos_only], np.array([7, 8]), top_k=3)
+    np.testing.assert_array_equal(out["token_nbytes"], [5, 6, 0, 0])
+    assert out["doc_pred_nbytes"].tolist() == [6, 0]  # ' world' (6) + EOS (0); 'Hello' is never predicted
+    assert out["doc_n_pred"].tolist() == [2, 0]
+    assert out["doc_nll"][1] == 0 and out["doc_nll"][0] > 0
+    np.testing.assert_array_equal(out["gold_logprob"][[2, 3]], [0, 0])  # last rows
+    np.testing.assert_array_equal(out["doc_offsets"], [0, 3, 4])
+    assert out["topk_ids"].shape == (4, 3)
 
 
 def test_length_bucketed_batches_are_padded_only_to_their_own_length(mistral_tokenizer, mistral_view) -> None:
