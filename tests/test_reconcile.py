@@ -644,3 +644,32 @@ def test_a_retry_job_created_before_a_crash_is_not_created_again() -> None:
     assert created(p) == [] and p.delete_jobs == []
     t = p.status.task("prepare")
     assert (t.state, t.attempts, t.failures, t.next_attempt_time) == ("Running", 2, 1, None)
+
+
+def test_big_runs_keep_a_compact_status() -> None:
+    import json
+
+    # 100 shards, one source: 1 + 200 extract + 100 align + 100 fuse + train + evaluate = 403 tasks
+    big = {"extraction": {"shards": 100, "maxLength": 256}}
+    p = run(completed={"prepare"}, **big)
+    assert len(p.create) == 200 and len(p.status.tasks) == 403
+    running = p.status.task("extract-target-00042")
+    assert (running.state, running.attempts, running.job_names, running.start_time) == (
+        "Running",
+        1,
+        [],
+        None,
+    )
+    assert p.status.task("prepare").reason is None and p.status.task("prepare").state == "Succeeded"
+    assert len(p.status.stages.extract.job_names) == 50 and p.status.stages.extract.running == 200
+    assert p.status.stages.extract.start_time == "2026-11-25T01:00:00Z"
+    assert len(json.dumps(p.status.to_k8s())) < 60_000
+    # the compact status is enough: the next pass recognises every running Job and creates nothing
+    jobs = [job(f"extract-{m}-{s:05d}", 1) for m in ("target", "smol") for s in range(100)]
+    again = run(p.status, jobs, completed={"prepare"}, now=T0 + timedelta(seconds=30), **big)
+    assert created(again) == [] and again.delete_jobs == [] and again.status == p.status
+    # a failure keeps its details even in a big run
+    jobs[0] = job("extract-target-00000", 1, "Failed", exit_code=1)
+    failed = run(p.status, jobs, completed={"prepare"}, **big)
+    t = failed.status.task("extract-target-00000")
+    assert (t.state, t.reason, t.next_attempt_time) == ("Retrying", "JobFailed", "2026-11-25T01:00:10Z")

@@ -59,6 +59,12 @@ from jobs.status import (
 
 JobState = Literal["Active", "Succeeded", "Failed"]
 
+# Above this many tasks, tasks that are not retrying or failed keep only what reconcile needs (attempt and
+# failure counters): the status must stay well below etcd's 1.5 MB object limit (1024 shards x 4 models
+# is ~8k tasks). Job names follow from the attempt; times are summarised per stage.
+COMPACT_TASKS_ABOVE = 256
+STAGE_JOB_NAMES_MAX = 50
+
 
 # --------------------------------------------------------------------------------------------------
 # Observations (parsed from Kubernetes objects: pure)
@@ -225,6 +231,7 @@ class _Ctx:
     now_s: str
     events: list[Event]
     delete: list[str]
+    jobs_by_task: dict[str, list[JobObservation]] = field(default_factory=dict)  # one pass over the Jobs
 
 
 def _step_task(
@@ -232,7 +239,7 @@ def _step_task(
 ) -> TaskStatus:
     """One task's new record from its old record and its Jobs (no starting here)."""
     obs, spec = ctx.obs, ctx.spec
-    jobs = [j for j in obs.jobs if j.task_id == task.id]
+    jobs = ctx.jobs_by_task.get(task.id, [])
     attempt = max([rec.attempts, *(j.attempt for j in jobs)])
     current = [j for j in jobs if j.attempt == attempt and not j.deleting]
     rec = rec.model_copy(update={"attempts": attempt})
@@ -400,7 +407,9 @@ def _stage_entry(
         attempts=sum(t.attempts for t in tasks),
         start_time=old.start_time or (min(starts) if starts else None),
         completion_time=(old.completion_time or now_s) if state == "Succeeded" else None,
-        job_names=sorted(name for t in tasks if t.state == "Running" for name in t.job_names),
+        job_names=sorted(name for t in tasks if t.state == "Running" for name in t.job_names)[
+            :STAGE_JOB_NAMES_MAX
+        ],
         output_uri=f"{uri}{stage.value}/",
     )
 
@@ -435,16 +444,17 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Plan:
     generation_changed = old.observed_generation is not None and old.observed_generation != gen
 
     ctx = _Ctx(obs, spec, now_s, events, [])
+    for j in obs.jobs:
+        ctx.jobs_by_task.setdefault(j.task_id, []).append(j)
     old_tasks = {t.id: t for t in old.tasks}
     tasks: dict[str, TaskStatus] = {}
     for t in dag:
         rec = old_tasks.get(t.id) or TaskStatus(id=t.id, stage=t.stage.value)
-        attempt = max([rec.attempts, *(j.attempt for j in obs.jobs if j.task_id == t.id)])
+        own_jobs = ctx.jobs_by_task.get(t.id, [])
+        attempt = max([rec.attempts, *(j.attempt for j in own_jobs)])
         if t.id in reset or (generation_changed and rec.state == "Failed"):
             # A fresh start: failures forgotten; the old attempt's Jobs are neither counted nor kept running.
-            ctx.delete += [
-                j.name for j in obs.jobs if j.task_id == t.id and j.state == "Active" and not j.deleting
-            ]
+            ctx.delete += [j.name for j in own_jobs if j.state == "Active" and not j.deleting]
             rec = TaskStatus(
                 id=t.id,
                 stage=t.stage.value,
@@ -590,7 +600,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Plan:
         observed_restart=restart_key or old.observed_restart,
         conditions=conditions,
         stages=stages,
-        tasks=ordered,
+        tasks=_compact(ordered) if len(ordered) > COMPACT_TASKS_ABOVE else ordered,
         training=[training[v] for v in sorted(training)],
         metrics=dict(obs.metrics) if obs.metrics is not None else old.metrics,
         artifacts_uri=uri,
@@ -600,6 +610,11 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Plan:
     plan.events = events
     plan.delete_jobs = sorted(set(ctx.delete))
     return plan
+
+
+def _compact(tasks: list[TaskStatus]) -> list[TaskStatus]:
+    slim = {"job_names": [], "start_time": None, "completion_time": None, "reason": None}
+    return [t.model_copy(update=slim) if t.state in ("Succeeded", "Running", "Pending") else t for t in tasks]
 
 
 def _conditions(
