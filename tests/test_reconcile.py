@@ -673,3 +673,37 @@ def test_big_runs_keep_a_compact_status() -> None:
     failed = run(p.status, jobs, completed={"prepare"}, **big)
     t = failed.status.task("extract-target-00000")
     assert (t.state, t.reason, t.next_attempt_time) == ("Retrying", "JobFailed", "2026-11-25T01:00:10Z")
+
+
+def test_one_pass_reads_each_manifest_once(tmp_path) -> None:
+    from collections import Counter
+    from typing import ClassVar
+
+    from fusionrun_operator.handlers import ReadCache
+
+    from jobs.manifest import build_manifest, completed_tasks, input_digests, write_manifest
+    from jobs.plan import build_dag
+    from jobs.spec import FusionRunSpec
+    from jobs.store import LocalStore
+
+    class CountingStore(LocalStore):  # the real local store, counting its reads
+        reads: ClassVar[Counter] = Counter()
+
+        def get_bytes(self, key: str) -> bytes:
+            self.reads[key] += 1
+            return super().get_bytes(key)
+
+    fr_spec = FusionRunSpec.model_validate(spec(store={"uri": f"file://{tmp_path}"}))
+    store = CountingStore(tmp_path / "demo")
+    dag = build_dag(fr_spec)
+    by_id = {t.id: t for t in dag}
+    for t in dag[:5]:  # prepare and the four extracts, each with its real input digests
+        write_manifest(store, t, build_manifest(fr_spec, t, {}, input_digests(store, by_id, t), 0.0))
+    store.reads.clear()
+    plain = completed_tasks(store, fr_spec, dag)
+    plain_reads = store.reads["prepare/manifest.json"]
+    store.reads.clear()
+    cached = completed_tasks(ReadCache(store), fr_spec, dag)
+    assert cached == plain == set(ALL[:5])
+    assert plain_reads == 5  # its own check + one per extract depending on it
+    assert store.reads["prepare/manifest.json"] == 1 and max(store.reads.values()) == 1

@@ -113,6 +113,32 @@ def open_run_store(spec: FusionRunSpec, name: str, namespace: str) -> Any:
     )
 
 
+class ReadCache:
+    """A store seen through a cache of reads for one pass: completed_tasks reads each dependency's
+    manifest once per dependant, and S3 GETs are what a pass costs."""
+
+    def __init__(self, store: Any):
+        self._store = store
+        self._bytes: dict[str, bytes] = {}
+        self._sizes: dict[str, int | None] = {}
+
+    def size(self, key: str) -> int | None:
+        if key not in self._sizes:
+            self._sizes[key] = self._store.size(key)
+        return self._sizes[key]
+
+    def exists(self, key: str) -> bool:
+        return key in self._bytes or self.size(key) is not None
+
+    def get_bytes(self, key: str) -> bytes:
+        if key not in self._bytes:
+            self._bytes[key] = self._store.get_bytes(key)
+        return self._bytes[key]
+
+    def __getattr__(self, name: str) -> Any:  # everything else (uri_for, local_path, ...) as it is
+        return getattr(self._store, name)
+
+
 def read_store_state(
     spec: FusionRunSpec, name: str, namespace: str, logger: logging.Logger
 ) -> tuple[Any, frozenset[str] | None, dict[str, dict[str, Any]], dict[str, Any] | None]:
@@ -123,7 +149,7 @@ def read_store_state(
     try:
         store = open_run_store(spec, name, namespace)
         dag = build_dag(spec)
-        completed = frozenset(completed_tasks(store, spec, dag))
+        completed = frozenset(completed_tasks(ReadCache(store), spec, dag))
         progress: dict[str, dict[str, Any]] = {}
         for t in dag:
             key = f"train/{t.variant}/progress.json"
