@@ -1,0 +1,79 @@
+"""End to end on a real control plane: `kubectl apply -f` a tiny FusionRun, the operator (a subprocess)
+creates one Job per task, the stand-in kubelet runs each pod's real `python -m jobs <stage>` against the
+real SeaweedFS S3 store, the job controller completes the Jobs, and the run reaches Succeeded with the
+trained model in the store. About 2 minutes on 2 cores (seven stage processes, each loading torch)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.plan import build_dag
+from jobs.spec import parse_spec
+from tests.harness.fusionrun_k8s import (  # noqa: F401  (fixtures)
+    RunEnv,
+    StatusRecorder,
+    condition,
+    fusionrun_env_fixture,
+)
+from tests.harness.k8s import k8s_fixture, k8s_namespace_fixture, kubelet_fixture  # noqa: F401
+from tests.harness.s3 import s3_server  # noqa: F401
+
+pytestmark = [pytest.mark.k8s, pytest.mark.s3]
+
+STAGES = ["prepare", "extract", "align", "fuse", "train", "evaluate"]
+STAGE_CONDITIONS = ["Prepared", "Extracted", "Aligned", "Fused", "Trained", "Evaluated"]
+
+
+def test_tiny_run_goes_from_kubectl_apply_to_a_trained_model(fusionrun_env: RunEnv) -> None:
+    env = fusionrun_env
+    spec = env.spec()
+    task_ids = [t.id for t in build_dag(parse_spec(spec))]
+    assert task_ids == ["prepare", "extract-target-00000", "extract-qwen-00000", "align-qwen-00000",
+                        "fuse-00000", "train", "evaluate"]
+
+    with StatusRecorder(env.k8s, env.ns, "tiny") as rec:
+        assert env.apply("tiny", spec) == "fusionrun.fusionrun.dev/tiny created"
+        st = env.wait_phase("tiny", "Succeeded", 420)
+
+    # Transitions: the run went Running -> Succeeded through every stage in order, each task once.
+    assert rec.phases[-2:] == ["Running", "Succeeded"] and set(rec.phases) <= {"Pending", "Running",
+                                                                              "Succeeded"}
+    assert [s for s in rec.stages if s in STAGES] == STAGES[: len(rec.stages)] or rec.stages == STAGES
+    assert rec.stages[:4] == STAGES[:4]
+    for task_id in task_ids:
+        assert rec.tasks[task_id][-1] == "Succeeded" and "Failed" not in rec.tasks[task_id]
+        assert "Retrying" not in rec.tasks[task_id]
+    for t in st["tasks"]:
+        assert (t["state"], t["attempts"], t["failures"]) == ("Succeeded", 1, 0), t
+
+    # Conditions: Succeeded, not Failed, and every stage's own condition.
+    assert condition(st, "Succeeded")["status"] == "True"
+    assert condition(st, "Failed")["status"] == "False"
+    for type_ in STAGE_CONDITIONS:
+        assert condition(st, type_)["status"] == "True", type_
+
+    # Exactly one Job per task (attempt 1), all complete: nothing duplicated, nothing left running.
+    outcomes = env.outcomes("tiny")
+    assert outcomes == {f"tiny-{t}-1": "Complete" for t in task_ids}
+    assert sorted(r.exit_code for r in env.kubelet.runs.values()) == [0] * len(task_ids)
+
+    # The trained model is in the store, in Hugging Face format, shaped as the spec says.
+    model_keys = env.keys("runs/tiny/train/fused/model/")
+    assert "runs/tiny/train/fused/model/config.json" in model_keys
+    assert any(k.endswith(".safetensors") for k in model_keys), model_keys
+    s3 = env.s3.client()
+    config = json.loads(s3.get_object(Bucket=env.bucket, Key="runs/tiny/train/fused/model/config.json")
+                        ["Body"].read())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (16, 1, 2)
+    assert config["vocab_size"] >= 32000  # the target's tokenizer: Mistral v0.1, 32,000 tokens
+    metrics_key = "runs/tiny/evaluate/metrics.json"
+    metrics = json.loads(s3.get_object(Bucket=env.bucket, Key=metrics_key)["Body"].read())
+    assert st["metrics"] and set(st["metrics"]) <= set(metrics) | {"models", "documents"}
+    assert st["artifactsUri"].rstrip("/") == f"s3://{env.bucket}/runs/tiny"
+
+    # What `kubectl get fusionruns` shows for it.
+    rows = [r.split() for r in env.k8s.kubectl("get", "fusionruns", namespace=env.ns).stdout.splitlines()]
+    assert rows[0] == ["NAME", "STAGE", "PROGRESS", "PHASE", "AGE"]
+    assert rows[1][0] == "tiny" and rows[1][-2] == "Succeeded", rows
