@@ -145,7 +145,9 @@ def forward_logprobs(
     Returns flat per-row arrays in document order: gold_logprob float32 [N] (0 on last rows), and with
     top_k > 0 topk_ids int64 [N, k] / topk_logprobs float32 [N, k]; plus offsets int64 [D+1].
     check_head: first verify on a few tokens that the split forward reproduces the model's own logits."""
-    model_vocab = int(model.config.vocab_size)
+    head_weight = getattr(model.get_output_embeddings(), "weight", None)
+    # The LM head's rows are the logits (config.vocab_size can be absent or nested in composite configs).
+    model_vocab = int(head_weight.shape[0]) if head_weight is not None else int(model.config.vocab_size)
     if vocab_size > model_vocab:
         raise ExtractionError(
             f"{what}: tokenizer has {vocab_size} tokens but the model only {model_vocab} output rows: "
