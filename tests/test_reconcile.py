@@ -707,3 +707,34 @@ def test_one_pass_reads_each_manifest_once(tmp_path) -> None:
     assert cached == plain == set(ALL[:5])
     assert plain_reads == 5  # its own check + one per extract depending on it
     assert store.reads["prepare/manifest.json"] == 1 and max(store.reads.values()) == 1
+
+
+def test_a_missing_secret_waits_and_says_so_instead_of_failing() -> None:
+    st = run().status
+    msg = 'secret "s3-keys" not found'
+    p = run(st, [job("prepare", 1, waiting_reason="CreateContainerConfigError", waiting_message=msg)])
+    t = p.status.task("prepare")
+    assert (t.state, t.failures, t.message) == ("Running", 0, f"waiting: CreateContainerConfigError: {msg}")
+    assert p.delete_jobs == [] and p.status.phase == "Running"
+    # a container on its normal way up is not reported at all
+    pods = [
+        {
+            "metadata": {"labels": {"job-name": "demo-prepare-1"}},
+            "status": {
+                "containerStatuses": [
+                    {"name": "stage", "state": {"waiting": {"reason": "ContainerCreating"}}}
+                ]
+            },
+        }
+    ]
+    k8s = [
+        {
+            "metadata": {
+                "name": "demo-prepare-1",
+                "labels": {"fusionrun.dev/task": "prepare", "fusionrun.dev/attempt": "1"},
+            },
+            "status": {},
+        }
+    ]
+    (o,) = observe_jobs(k8s, pods)
+    assert o.waiting_reason is None and o.state == "Active"

@@ -34,16 +34,14 @@ from jobs.spec import Resources, StageResources, format_validation_error
 # Exit code with which stage jobs report bad input (invalid spec, bad arguments, unusable input files):
 # retrying cannot help, so the run fails at once. Equal to jobs.stages.common.EXIT_USAGE (a test checks).
 PERMANENT_EXIT_CODE = 2
-# Waiting reasons of a container that will not start without a change to the spec or the cluster.
+# Waiting reasons of a container that will not start without a change to the spec or the image: the task
+# fails at once. CreateContainerConfigError (e.g. the credentials Secret does not exist yet) is not among
+# them: Kubernetes retries it, and the task's message shows it while it waits.
 PERMANENT_WAITING_REASONS = frozenset(
-    {
-        "ErrImagePull",
-        "ImagePullBackOff",
-        "InvalidImageName",
-        "ErrImageNeverPull",
-        "CreateContainerConfigError",
-    }
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 )
+# Waiting reasons of every container on its way up: not worth reporting.
+NORMAL_WAITING_REASONS = frozenset({"ContainerCreating", "PodInitializing"})
 
 
 class ConfigError(ValueError):

@@ -34,7 +34,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-from fusionrun_operator.config import PERMANENT_EXIT_CODE, PERMANENT_WAITING_REASONS, OperatorConfig
+from fusionrun_operator.config import (
+    NORMAL_WAITING_REASONS,
+    PERMANENT_EXIT_CODE,
+    PERMANENT_WAITING_REASONS,
+    OperatorConfig,
+)
 from fusionrun_operator.manifests import (
     LABEL_ATTEMPT,
     LABEL_RANK,
@@ -124,7 +129,7 @@ def observe_jobs(
                 st = cs.get("state") or {}
                 if "terminated" in st and st["terminated"].get("exitCode") not in (None, 0):
                     exit_code = st["terminated"]["exitCode"]
-                elif "waiting" in st and st["waiting"].get("reason") in PERMANENT_WAITING_REASONS:
+                elif "waiting" in st and st["waiting"].get("reason") not in (None, *NORMAL_WAITING_REASONS):
                     waiting_reason = st["waiting"]["reason"]
                     waiting_message = st["waiting"].get("message")
         gen = (meta.get("annotations") or {}).get("fusionrun.dev/generation")
@@ -200,7 +205,7 @@ def backoff_seconds(spec: FusionRunSpec, failures: int) -> int:
 def _failure_of(jobs: list[JobObservation]) -> tuple[str, str, bool] | None:
     """(reason, message, permanent) of a failed attempt from its Jobs, or None when none failed."""
     for j in jobs:
-        if j.waiting_reason:
+        if j.waiting_reason in PERMANENT_WAITING_REASONS:
             msg = f"job {j.name}: container cannot start: {j.waiting_reason}"
             return j.waiting_reason, msg + (f": {j.waiting_message}" if j.waiting_message else ""), True
     for j in jobs:
@@ -323,7 +328,13 @@ def _step_task(
         if len(current) < _expected_ranks(spec, task):  # a rank vanished: the group restarts whole
             ctx.delete += [j.name for j in current if j.state == "Active"]
             return rec.model_copy(update={"state": "Pending", "reason": "RankLost", "job_names": []})
-        return rec.model_copy(update={"state": "Running", "next_attempt_time": None})
+        waiting = next((j for j in current if j.waiting_reason), None)  # e.g. its Secret does not exist yet
+        note = (
+            f"waiting: {waiting.waiting_reason}: {waiting.waiting_message or ''}".rstrip(": ")
+            if waiting
+            else None
+        )
+        return rec.model_copy(update={"state": "Running", "next_attempt_time": None, "message": note})
     if rec.state in ("Failed", "Retrying"):
         return rec
     if rec.state == "Running" and not current:
