@@ -160,10 +160,18 @@ def read_store_state(
             "evaluate/metrics.json"
         ):
             metrics = json.loads(store.get_bytes("evaluate/metrics.json"))
+        _store_warnings.pop((namespace, name), None)
         return store, completed, progress, metrics
     except Exception as err:  # StoreError, a missing Secret, a malformed JSON file: run on Job states
-        logger.warning(f"store of {namespace}/{name} not readable, trusting Job states: {err}")
+        msg = f"store of {namespace}/{name} not readable, trusting Job states: {err}"
+        # Warnings become Kubernetes events: one per distinct problem, not one per pass.
+        if _store_warnings.get((namespace, name)) != msg:
+            logger.warning(msg)
+        _store_warnings[(namespace, name)] = msg
         return None, None, {}, None
+
+
+_store_warnings: dict[tuple[str, str], str] = {}
 
 
 # --------------------------------------------------------------------------------------------------
