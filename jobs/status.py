@@ -113,6 +113,9 @@ class FusionRunStatus(StatusModel):
     message: str | None = None
     observed_generation: int | None = None
     start_time: str | None = None
+    active_since: str | None = Field(
+        None, description="Start of the activeDeadlineSeconds clock: the first Job, or the last resume."
+    )
     completion_time: str | None = None
     observed_restart: str | None = Field(None, description="restartFrom/restartNonce already applied.")
     conditions: list[Condition] = Field(default_factory=list)

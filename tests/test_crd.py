@@ -238,6 +238,7 @@ def _full_status() -> FusionRunStatus:
         message="training",
         observed_generation=3,
         start_time=t,
+        active_since=t,
         completion_time=t,
         observed_restart="fuse/2",
         conditions=[

@@ -482,6 +482,21 @@ def test_run_deadline() -> None:
     )
     assert over.status.phase == "Failed" and cond(over, "Failed") == ("True", "DeadlineExceeded")
     assert over.delete_jobs == ["demo-extract-smol-00000-1"] and created(over) == []
+    # suspended time does not count: resuming restarts the clock, as for a Job
+    paused = run(
+        mid.status,
+        [],
+        completed={"prepare"},
+        activeDeadlineSeconds=100,
+        suspend=True,
+        now=T0 + timedelta(seconds=50),
+    )
+    resumed = run(
+        paused.status, [], completed={"prepare"}, activeDeadlineSeconds=100, now=T0 + timedelta(seconds=500)
+    )
+    assert resumed.status.phase == "Running" and resumed.status.active_since == "2026-11-25T01:08:20Z"
+    assert resumed.status.start_time == "2026-11-25T01:00:00Z"
+    assert [o["spec"]["activeDeadlineSeconds"] for o in resumed.create] == [100, 100, 100, 100]
 
 
 def test_disabled_evaluation_is_skipped() -> None:

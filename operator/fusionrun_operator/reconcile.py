@@ -481,11 +481,15 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Plan:
     ]
     failed = [tasks[t.id] for t in dag if tasks[t.id].state == "Failed"]
     start = parse_time(old.start_time)
+    # The deadline clock runs like a Job's: from the first Job, restarted when the run resumes.
+    clock = parse_time(old.active_since) or start
+    if old.phase == "Suspended" and not spec.suspend and clock is not None:
+        clock = obs.now
     deadline_hit = bool(
         spec.active_deadline_seconds
-        and start
+        and clock
         and not failed
-        and (obs.now - start).total_seconds() > spec.active_deadline_seconds
+        and (obs.now - clock).total_seconds() > spec.active_deadline_seconds
     )
     all_done = all(tasks[t.id].state == "Succeeded" for t in dag)
 
@@ -524,7 +528,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Plan:
             attempt = rec.attempts + 1
             left = None
             if spec.active_deadline_seconds:
-                left = spec.active_deadline_seconds - ((obs.now - start).total_seconds() if start else 0)
+                left = spec.active_deadline_seconds - ((obs.now - clock).total_seconds() if clock else 0)
             plan.create += task_manifests(obs.run, spec, t, attempt, config, active_deadline_seconds=left)
             names = task_job_names(obs.run.name, spec, t, attempt)
             tasks[t.id] = rec.model_copy(
@@ -539,7 +543,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Plan:
                 }
             )
             events.append(Event("Normal", "TaskStarted", f"{t.id}: attempt {attempt}: {', '.join(names)}"))
-            start = start or obs.now
+            start, clock = start or obs.now, clock or obs.now
     plan.requeue_after = remaining
 
     # Run phase and summary.
@@ -607,6 +611,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Plan:
         message=message,
         observed_generation=gen,
         start_time=iso(start) if start else None,
+        active_since=iso(clock) if clock else None,
         completion_time=(old.completion_time or now_s) if phase in ("Succeeded", "Failed") else None,
         observed_restart=restart_key or old.observed_restart,
         conditions=conditions,
