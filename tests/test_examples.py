@@ -4,7 +4,8 @@
   openAPIV3Schema (what the API server enforces), planned into a DAG of the expected size, and every Job the
   operator would create for them is a valid batch/v1 Job for current Kubernetes (kubernetes-validate).
 - Other objects (the S3 Secret): kubernetes-validate, strict, for two current Kubernetes versions.
-- On the local real API server (@pytest.mark.k8s): `kubectl apply --dry-run=server` of every example.
+- On the local real API server: `kubectl apply --dry-run=server` of every example (in tests/test_chart.py,
+  which already starts a control plane: one per module that imports the fixture).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import yaml
 
 from jobs.plan import Stage, build_dag
 from jobs.spec import FusionRun, SecretKeyRef, SpecError, load_fusionrun, parse_fusionrun
-from tests.harness.k8s import k8s_fixture, k8s_namespace_fixture  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -210,28 +210,3 @@ def test_operator_jobs_for_example_are_valid_kubernetes(name):
     container = train["spec"]["template"]["spec"]["containers"][0]
     gpus = run.spec.resources.train.gpus
     assert container["resources"].get("limits", {}).get("nvidia.com/gpu") == (str(gpus) if gpus else None)
-
-
-@pytest.mark.k8s
-def test_examples_accepted_by_a_real_api_server(k8s, k8s_namespace):
-    """`kubectl apply --dry-run=server`: the API server's own validation (CRD schema, Secret) accepts them."""
-    k8s.apply_crds()
-    for path in EXAMPLES:
-        out = k8s.kubectl("apply", "--dry-run=server", "-f", str(path), "-o", "name", namespace=k8s_namespace)
-        kinds = sorted(line.split("/")[0] for line in out.stdout.split())
-        assert kinds == sorted(
-            "fusionrun.fusionrun.dev" if d["kind"] == "FusionRun" else d["kind"].lower() for d in docs(path)
-        )
-    # And rejects a bad one with the schema's message.
-    bad = docs(ROOT / "examples" / "k8s-tiny.yaml")[0]
-    bad["spec"]["extraction"]["topK"] = 0
-    proc = k8s.kubectl(
-        "apply",
-        "--dry-run=server",
-        "-f",
-        "-",
-        input=yaml.safe_dump(bad),
-        namespace=k8s_namespace,
-        check=False,
-    )
-    assert proc.returncode != 0 and "spec.extraction.topK" in proc.stderr, proc.stderr
