@@ -301,3 +301,29 @@ def test_operator_never_imports_torch() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_operator_stage_defaults_fill_only_what_the_spec_leaves_empty() -> None:
+    cfg = cfgmod.from_env(
+        {
+            "FUSIONRUN_STAGE_DEFAULTS": json.dumps(
+                {"extract": {"cpu": "4", "gpus": 1, "nodeSelector": {"pool": "gpu"}}}
+            ),
+            "FUSIONRUN_JOB_SERVICE_ACCOUNT": "fusionrun-job",
+        }
+    )
+    spec = make_spec(resources={"extract": {"cpu": "8"}})
+    res = m.stage_resources(spec, "extract", cfg)
+    assert (res.cpu, res.gpus, res.node_selector) == ("8", 1, {"pool": "gpu"})
+    assert m.stage_resources(spec, "prepare", cfg) == spec.resources.prepare  # no defaults for prepare
+    (job,) = m.task_manifests(RUN, spec, Task(Stage.extract, model="smol", shard=0), 1, cfg)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "fusionrun-job" and pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "8", "nvidia.com/gpu": "1"},
+        "limits": {"nvidia.com/gpu": "1"},
+    }
+    with pytest.raises(cfgmod.ConfigError, match="FUSIONRUN_STAGE_DEFAULTS: not valid JSON"):
+        cfgmod.from_env({"FUSIONRUN_STAGE_DEFAULTS": "{extract"})
+    with pytest.raises(cfgmod.ConfigError, match=r"FUSIONRUN_STAGE_DEFAULTS\.extrct"):
+        cfgmod.from_env({"FUSIONRUN_STAGE_DEFAULTS": '{"extrct": {"gpus": 1}}'})
