@@ -80,6 +80,7 @@ def test_operator_killed_mid_run_creates_no_duplicate_jobs(fusionrun_env: RunEnv
     hold = env.kubelet.hold(is_extract)
     env.apply("crash", env.spec())
     wait_until(lambda: len(hold.held) == 2, 120, "both extract pods to be running")
+    wait_until(lambda: env.outcomes("crash").get("crash-prepare-1") == "Complete", 30, "prepare's Job")
     before = env.outcomes("crash")
     assert before == {"crash-prepare-1": "Complete", "crash-extract-target-00000-1": "Active",
                       "crash-extract-qwen-00000-1": "Active"}
@@ -139,8 +140,9 @@ def test_suspend_deletes_running_jobs_and_resume_reruns_them(fusionrun_env: RunE
     assert st["phase"] == "Running" and condition(st, "Suspended")["status"] == "False"
     expected = {"pause-prepare-1": "Complete", "pause-extract-target-00000-2": "Complete",
                 "pause-extract-qwen-00000-2": "Complete"}
+    wait_until(lambda: {n: env.outcomes("pause").get(n) for n in expected} == expected, 30,
+               f"the Jobs to end as {expected}")
     outcomes = env.outcomes("pause")
-    assert {n: outcomes.get(n) for n in expected} == expected
     assert not {"pause-extract-target-00000-1", "pause-extract-qwen-00000-1"} & set(outcomes)
 
 
