@@ -726,7 +726,7 @@ def can_i(cp: ControlPlane, who: str, verb: str, resource: str, namespace: str |
 
 def leftovers(cp: ControlPlane, namespaces: list[str]) -> list[str]:
     sel = f"app.kubernetes.io/instance={RELEASE_K8S}"
-    kinds = "deployments,replicasets,configmaps,serviceaccounts,roles,rolebindings,poddisruptionbudgets"
+    kinds = "deployments,replicasets,pods,configmaps,serviceaccounts,roles,rolebindings,poddisruptionbudgets"
     out = [
         line
         for ns in namespaces
@@ -861,7 +861,25 @@ def test_helm_install_cluster_wide_rbac(k8s, helm, tmp_path):
     release_ns, some_ns = k8s.create_namespace("fr-cw"), k8s.create_namespace("fr-any")
     release = "frcw"
     try:
-        helm.run("install", release, str(CHART), "-n", release_ns, kubeconfig=k8s.kubeconfig)
+        out = helm.run(
+            "install",
+            release,
+            str(CHART),
+            "-n",
+            release_ns,
+            "--set",
+            "podDisruptionBudget.enabled=true",
+            "--set",
+            "networkPolicy.enabled=true",
+            kubeconfig=k8s.kubeconfig,
+        ).stdout
+        assert "It reconciles FusionRuns in every namespace." in out
+        # A 1.20 server has no policy/v1: the chart picks policy/v1beta1 there, and the server takes both.
+        pdb = k8s.kubectl_json(
+            "get", "poddisruptionbudgets.v1beta1.policy", f"{release}-fusionrun", namespace=release_ns
+        )
+        assert pdb["spec"]["minAvailable"] == 1
+        assert k8s.kubectl("get", "networkpolicy", "-o", "name", namespace=release_ns).stdout.strip()
         sa = f"system:serviceaccount:{release_ns}:{release}-fusionrun"
         for verb, resource in [
             ("watch", "fusionruns.fusionrun.dev"),
@@ -894,6 +912,8 @@ def test_helm_install_cluster_wide_rbac(k8s, helm, tmp_path):
     assert (
         k8s.kubectl("get", "clusterroles,clusterrolebindings", "-l", sel, "-o", "name").stdout.strip() == ""
     )
+    kinds = "deployments,configmaps,serviceaccounts,poddisruptionbudgets,networkpolicies"
+    assert k8s.kubectl("get", kinds, "-l", sel, "-o", "name", namespace=release_ns).stdout.strip() == ""
     for ns in (release_ns, some_ns):
         k8s.delete_namespace(ns)
 
