@@ -264,8 +264,22 @@ def _holes(pieces: list[str | None]) -> set[int]:
     return {i for i, p in enumerate(pieces) if p is None}
 
 
-def encode_documents(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[np.ndarray]:
-    """Token ids of each text + EOS, no BOS (the project's convention), int32.
+def adds_bos_by_default(tok: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's own default encoding starts with BOS (Gemma, Llama-2: yes; GPT-2 family: no).
+
+    Models trained that way are much worse without it (Gemma 3 270M on English prose here: 0.97 bits/byte
+    without BOS, 0.76 with), so extraction follows each model's own convention unless told otherwise."""
+    bos = tok.bos_token_id
+    if bos is None:
+        return False
+    ids = tok("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def encode_documents(
+    tok: PreTrainedTokenizerBase, texts: list[str], add_bos: bool = False
+) -> list[np.ndarray]:
+    """Token ids of each text + EOS, int32; BOS first only when `add_bos` (the reference never adds it).
 
     Text that merely looks like a special token ('<|endoftext|>', '</s>') is encoded as text: a document
     only ends where we append EOS."""
@@ -278,16 +292,23 @@ def encode_documents(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[np.
             raise ValueError(f"document {i}: empty text; drop empty documents before encoding")
     if tok.eos_token_id is None:
         raise TokenizerSchemeError(f"tokenizer {tokenizer_name(tok)}: has no EOS token to end documents with")
+    if add_bos and tok.bos_token_id is None:
+        raise TokenizerSchemeError(
+            f"tokenizer {tokenizer_name(tok)}: addBos is set but the tokenizer has no BOS token; "
+            "set addBos: false"
+        )
     if not texts:
         return []
     encoded = tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
     eos = int(tok.eos_token_id)
+    head = [int(tok.bos_token_id)] if add_bos else []
     out = []
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"document {i}: encodes to no tokens under {tokenizer_name(tok)}")
-        arr = np.empty(len(ids) + 1, dtype=np.int32)
-        arr[:-1] = ids
+        arr = np.empty(len(head) + len(ids) + 1, dtype=np.int32)
+        arr[: len(head)] = head
+        arr[len(head) : -1] = ids
         arr[-1] = eos
         out.append(arr)
     return out

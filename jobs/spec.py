@@ -78,13 +78,20 @@ class ModelRef(Spec):
     random_init: RandomInit | None = Field(
         None, description="Random-init a model of this shape with the given tokenizer (no weights)."
     )
+    add_bos: bool | None = Field(
+        None,
+        description="Start each document with BOS. Unset: follow the tokenizer's own default (Gemma and "
+        "Llama-2 add it; models trained with it score far worse without it). false: the reference's no-BOS.",
+    )
 
     @model_validator(mode="after")
     def _weights_or_random(self) -> ModelRef:
         if self.uri is None and self.random_init is None:
             raise ValueError("set either uri (model weights) or randomInit (a random-init model)")
         if self.random_init is not None and self.tokenizer is None and self.uri is None:
-            raise ValueError("randomInit needs a tokenizer: set tokenizer to a tokenizer folder or pkg:// URI")
+            raise ValueError(
+                "randomInit needs a tokenizer: set tokenizer to a tokenizer folder or pkg:// URI"
+            )
         return self
 
     @property
@@ -131,7 +138,9 @@ class Extraction(Spec):
 
 
 class Alignment(Spec):
-    method: Literal["mined", "em"] = Field("mined", description="Token acceptance: min edit distance or exact.")
+    method: Literal["mined", "em"] = Field(
+        "mined", description="Token acceptance: min edit distance or exact."
+    )
     vocab_map: Literal["lazy", "full"] = Field(
         "lazy", description="lazy: map only source ids seen in extracted top-k; full: the whole vocab."
     )
@@ -141,7 +150,8 @@ class Fusion(Spec):
     strategy: Literal["minCE", "avgCE"] = "minCE"
     level: Literal["sequence", "token"] = "sequence"
     ce_unit: Literal["byte", "token"] = Field(
-        "byte", description="byte: bits per byte (fair across tokenizers); token: the reference's per-token CE."
+        "byte",
+        description="byte: bits per byte (fair across tokenizers); token: the reference's per-token CE.",
     )
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     include_target: bool = Field(True, description="The target's own distribution is a fusion candidate.")
@@ -149,7 +159,11 @@ class Fusion(Spec):
 
 class Training(Spec):
     lambda_: float = Field(
-        0.9, alias="lambda", ge=0.0, le=1.0, description="Weight of the causal-LM loss; 1 - lambda the fusion loss."
+        0.9,
+        alias="lambda",
+        ge=0.0,
+        le=1.0,
+        description="Weight of the causal-LM loss; 1 - lambda the fusion loss.",
     )
     loss: Literal["ce", "kl"] = Field("ce", description="Fusion loss: soft-label cross-entropy or KL.")
     learning_rate: float = Field(1e-5, gt=0.0, le=1.0)
@@ -250,7 +264,8 @@ class Retry(Spec):
     max_attempts: int = Field(3, ge=1, le=100, description="Attempts per stage task before the run fails.")
     backoff_seconds: int = Field(10, ge=0, le=3600, description="First retry delay; doubles each attempt.")
     restart_from: Literal["prepare", "extract", "align", "fuse", "train", "evaluate"] | None = Field(
-        None, description="Rerun from this stage: clears failures there and after; finished earlier stages stay."
+        None,
+        description="Rerun from this stage: clears failures there and after; finished earlier stages stay.",
     )
     restart_nonce: str | None = Field(None, description="Change to trigger another restartFrom.")
 
@@ -275,7 +290,9 @@ class FusionRunSpec(Spec):
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete finished Jobs after this.")
     queue_name: str | None = Field(None, description="Kueue queue: sets kueue.x-k8s.io/queue-name on Jobs.")
     priority_class_name: str | None = None
-    delete_artifacts: bool = Field(False, description="Delete the run's artifacts when the FusionRun is deleted.")
+    delete_artifacts: bool = Field(
+        False, description="Delete the run's artifacts when the FusionRun is deleted."
+    )
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> FusionRunSpec:
@@ -400,11 +417,16 @@ def spec_fingerprint_fields(spec: FusionRunSpec, stage: str) -> dict[str, Any]:
 
     Kept here, beside the spec, so that the jobs and the operator agree on what 'same inputs' means."""
     d = spec.model_dump(mode="json", by_alias=True)
-    models = {m["name"]: {k: m[k] for k in ("uri", "ggufFile", "tokenizer", "revision", "randomInit")}
-              for m in [d["target"], *d["sources"]]}
-    prepare = {"corpus": d["corpus"], "maxLength": d["extraction"]["maxLength"],
-               "shards": d["extraction"]["shards"], "tokenizers": {n: m["tokenizer"] or m["uri"]
-                                                                   for n, m in models.items()}}
+    models = {
+        m["name"]: {k: m[k] for k in ("uri", "ggufFile", "tokenizer", "revision", "randomInit", "addBos")}
+        for m in [d["target"], *d["sources"]]
+    }
+    prepare = {
+        "corpus": d["corpus"],
+        "maxLength": d["extraction"]["maxLength"],
+        "shards": d["extraction"]["shards"],
+        "tokenizers": {n: m["tokenizer"] or m["uri"] for n, m in models.items()},
+    }
     by_stage: dict[str, dict[str, Any]] = {
         "prepare": prepare,
         "extract": {"models": models, "topK": d["extraction"]["topK"]},

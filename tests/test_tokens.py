@@ -12,6 +12,7 @@ from fusion.tokens import (
     BYTE_TO_UNICODE,
     TokenizerSchemeError,
     TokenizerView,
+    adds_bos_by_default,
     build_view,
     encode_documents,
 )
@@ -107,6 +108,22 @@ def test_encode_documents_appends_eos_and_no_bos(mistral_tokenizer, smollm2_toke
     assert all(d.dtype == np.int32 for d in docs)
     (doc,) = encode_documents(smollm2_tokenizer, ["Hello world"])
     assert doc.tolist() == [19556, 905, 2]
+
+
+def test_add_bos_follows_each_tokenizers_own_default(mistral_tokenizer, smollm2_tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    # SmolLM2's byte-level BPE encodes without BOS; a Gemma/Llama-style tokenizer whose post-processor
+    # prepends <s> does (the check reads the tokenizer's behaviour, not its class).
+    assert adds_bos_by_default(smollm2_tokenizer) is False
+    raw = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "a": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    with_bos = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    assert adds_bos_by_default(with_bos) is True
+    docs = encode_documents(mistral_tokenizer, ["Hello world", "a"], add_bos=True)
+    assert [d.tolist() for d in docs] == [[1, 22557, 1526, 2], [1, 264, 2]]
 
 
 def test_special_token_text_in_a_document_stays_text(qwen_tokenizer, qwen_view, mistral_tokenizer,
