@@ -11,7 +11,8 @@
 # Why build: no release binaries can be downloaded here (package registries only), but Debian bookworm
 # ships the Kubernetes 1.20.2 source package; building kube-apiserver + kube-controller-manager from it
 # takes ~6 minutes on 2 cores, once. `build` is idempotent and returns at once when the cache is there.
-# Cache: $K8S_BIN_DIR, default ~/.cache/k8s-control-plane/1.20.2. Needs root (apt-get) only when build
+# Cache: $K8S_BIN_DIR, default ~/.cache/k8s-control-plane/1.20.2-fusionrun1 (the suffix names our two
+# patches for building 1.20 with a newer Go, see cmd_build). Needs root (apt-get) only when build
 # dependencies are missing.
 #
 # Ports: API_PORT, ETCD_PORT, ETCD_PEER_PORT from the environment, else free ports picked at start, so
@@ -19,7 +20,9 @@
 set -euo pipefail
 
 K8S_VERSION=1.20.2
-BIN_DIR=${K8S_BIN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-control-plane/$K8S_VERSION}
+# Bump the suffix whenever the patches applied below change, so that an old cache is not reused.
+BUILD_ID=$K8S_VERSION-fusionrun1
+BIN_DIR=${K8S_BIN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-control-plane/$BUILD_ID}
 # The Debian source tarball we build from, pinned by checksum: a different upload must be looked at first.
 ORIG_TARBALL=kubernetes_1.20.5+really1.20.2.orig.tar.gz
 ORIG_SHA256=b83c0780efb182d928dc63d46488a847f161f04e40a94b96bf5247dd671ecdfc
@@ -60,6 +63,10 @@ cmd_build() {
   if have_binaries && command -v etcd >/dev/null; then
     echo "k8s-control-plane: v$K8S_VERSION ready in $BIN_DIR"; return 0
   fi
+  # One build at a time (parallel test sessions, make targets): the others wait, then find the cache.
+  mkdir -p "$(dirname "$BIN_DIR")"
+  exec 9>"$BIN_DIR.lock"
+  flock 9
   install_deps
   if have_binaries; then echo "k8s-control-plane: v$K8S_VERSION ready in $BIN_DIR"; return 0; fi
   enable_deb_src
@@ -78,6 +85,13 @@ cmd_build() {
   rm -rf "${r:?}"/*
   cp "$sys"/*.go "$sys"/*.s "$r"/
   rm -f "$r"/*_test.go
+  # go-openapi/validate treats a value as JSON null when reflect.DeepEqual(reflect.Zero(T), ValueOf(v)):
+  # with Go >= 1.18 that holds for every zero value ("" , 0, false), so the API server would reject
+  # `message: ""` in a custom resource as 'must be of type string: "null"'. Only a real nil is null.
+  local tv=$src/vendor/github.com/go-openapi/validate/type.go
+  grep -q 'data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data))' "$tv" \
+    || die "unexpected $tv: the zero-value patch no longer applies"
+  sed -i 's/data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data))/data == nil/' "$tv"
   # The build expects the tree at $GOPATH/src/k8s.io/kubernetes; everything is vendored, so no network.
   mkdir -p "$src/.gopath/src/k8s.io"
   ln -sfn "$src" "$src/.gopath/src/k8s.io/kubernetes"
