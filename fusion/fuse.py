@@ -44,13 +44,16 @@ class FusionError(ValueError):
     """Candidates that cannot be fused (mismatched documents, bad settings); names the shard and the fix."""
 
 
+_BLOCK_ROWS = 1 << 16  # rows fused at a time: [rows, K] temporaries stay ~tens of MB whatever the shard
+
+
 @dataclass
 class Candidate:
-    """One candidate's distributions and figures, aligned to the target's positions."""
+    """One candidate, aligned to the target's positions: per-row and per-document figures in memory, its
+    [N, k] top-k arrays read block by block from the memory-mapped shard (`block`)."""
 
-    name: str
-    ids: np.ndarray  # int32 [N, k], -1 empty
-    logprobs: np.ndarray  # float32 [N, k], -inf empty
+    shard: Shard
+    empty_rows: np.ndarray  # bool [N]: rows forced empty (the target's last rows)
     eligible: np.ndarray  # bool [N]: positions where its per-position CE is defined
     gold_logprob: np.ndarray  # float32 [N]
     gold_nbytes: np.ndarray  # int64 [N]: bytes of the token predicted at each position
@@ -58,11 +61,31 @@ class Candidate:
     doc_pred_nbytes: np.ndarray  # int64 [D]
     doc_n_pred: np.ndarray  # int64 [D]
 
+    @property
+    def width(self) -> int:
+        return int(self.shard.rows("topk_ids", 0, 0).shape[1])
+
+    def block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [start, stop): ids int32 (-1 empty) and log-probs float32 (-inf empty)."""
+        ids = np.asarray(self.shard.rows("topk_ids", start, stop)).astype(np.int32)
+        logprobs = np.asarray(self.shard.rows("topk_logprobs", start, stop)).astype(np.float32)
+        ids[self.empty_rows[start:stop]] = -1
+        logprobs[ids < 0] = -np.inf
+        return ids, logprobs
+
 
 def _last_rows(offsets: np.ndarray, n: int) -> np.ndarray:
     last = np.zeros(n, dtype=bool)
     last[offsets[1:][np.diff(offsets) > 0] - 1] = True
     return last
+
+
+def _doc_figures(shard: Shard) -> dict[str, np.ndarray]:
+    return {
+        "doc_nll": np.asarray(shard["doc_nll"]).astype(np.float64),
+        "doc_pred_nbytes": np.asarray(shard["doc_pred_nbytes"]).astype(np.int64),
+        "doc_n_pred": np.asarray(shard["doc_n_pred"]).astype(np.int64),
+    }
 
 
 def target_candidate(shard: Shard) -> Candidate:
@@ -72,22 +95,15 @@ def target_candidate(shard: Shard) -> Candidate:
     offsets = np.asarray(shard["doc_offsets"])
     n = int(offsets[-1])
     last = _last_rows(offsets, n)
-    ids = np.asarray(shard["topk_ids"]).astype(np.int32)
-    logprobs = np.asarray(shard["topk_logprobs"]).astype(np.float32)
-    ids[last] = -1
-    logprobs[last] = -np.inf
     nbytes = np.asarray(shard["token_nbytes"]).astype(np.int64)
     next_nbytes = np.append(nbytes[1:], 0) if n else nbytes
     return Candidate(
-        name=str(shard.path),
-        ids=ids,
-        logprobs=logprobs,
+        shard=shard,
+        empty_rows=last,
         eligible=~last,
         gold_logprob=np.asarray(shard["gold_logprob"]).astype(np.float32),
         gold_nbytes=next_nbytes,
-        doc_nll=np.asarray(shard["doc_nll"]).astype(np.float64),
-        doc_pred_nbytes=np.asarray(shard["doc_pred_nbytes"]).astype(np.int64),
-        doc_n_pred=np.asarray(shard["doc_n_pred"]).astype(np.int64),
+        **_doc_figures(shard),
     )
 
 
@@ -95,19 +111,14 @@ def aligned_candidate(shard: Shard) -> Candidate:
     """A source's aligned shard as a candidate: its per-position CE exists only where it aligned 1:1."""
     if shard.kind != "aligned":
         raise FusionError(f"{shard.path}: a source's candidate must be an aligned shard, got {shard.kind}")
-    ids = np.asarray(shard["topk_ids"]).astype(np.int32)
-    logprobs = np.asarray(shard["topk_logprobs"]).astype(np.float32)
-    logprobs[ids < 0] = -np.inf
+    aligned = np.asarray(shard["aligned"]) == 1
     return Candidate(
-        name=str(shard.path),
-        ids=ids,
-        logprobs=logprobs,
-        eligible=np.asarray(shard["aligned"]) == 1,
+        shard=shard,
+        empty_rows=np.zeros(len(aligned), dtype=bool),
+        eligible=aligned,
         gold_logprob=np.asarray(shard["gold_logprob"]).astype(np.float32),
         gold_nbytes=np.asarray(shard["gold_nbytes"]).astype(np.int64),
-        doc_nll=np.asarray(shard["doc_nll"]).astype(np.float64),
-        doc_pred_nbytes=np.asarray(shard["doc_pred_nbytes"]).astype(np.int64),
-        doc_n_pred=np.asarray(shard["doc_n_pred"]).astype(np.int64),
+        **_doc_figures(shard),
     )
 
 
@@ -224,41 +235,52 @@ def fuse_shard(
     offsets = np.asarray(target["doc_offsets"])
     lengths = np.diff(offsets)
     n = int(offsets[-1])
-    probs = [softmax_rows(c.logprobs, temperature) for c in cands]
+    # Decisions first, from per-document / per-row figures: which candidate (MinCE) or what weights (AvgCE).
     if level == "sequence":
         ce = np.stack([sequence_ce(c, ce_unit) for c in cands])  # [C, D]
         eligible = None
     else:
         ce = np.stack([token_ce(c, ce_unit) for c in cands])  # [C, N]
         eligible = np.stack([c.eligible for c in cands])
-
+    widths = [c.width for c in cands]
     if strategy == "minCE":
         pick = np.argmin(ce, axis=0)  # first minimum: ties go to the lowest index (the target)
         per_row = np.repeat(pick, lengths) if level == "sequence" else pick
-        width = max(c.ids.shape[1] for c in cands)
-        out_ids = np.full((n, width), -1, dtype=np.int32)
-        out_p = np.zeros((n, width), dtype=np.float64)
-        for j, (c, p) in enumerate(zip(cands, probs, strict=True)):  # a loop over candidates only
-            rows = per_row == j
-            k = c.ids.shape[1]
-            out_ids[rows, :k] = c.ids[rows]
-            out_p[rows, :k] = p[rows]
-        out_p[out_ids < 0] = 0.0
         choice = pick.astype(np.int8)
+        out_width = max(widths)
     else:
         w = ce_weights(ce, eligible)
-        if level == "sequence":
-            w = np.repeat(w, lengths, axis=1)  # [C, N]
-        ids_all = np.concatenate([c.ids for c in cands], axis=1)
-        p_all = np.concatenate([p * w[j][:, None] for j, p in enumerate(probs)], axis=1)
-        out_ids, out_p = merge_rows(ids_all, p_all)
+        weights = np.repeat(w, lengths, axis=1) if level == "sequence" else w  # [C, N]
         choice = np.full(len(lengths) if level == "sequence" else n, -1, dtype=np.int8)
+        out_width = sum(widths)
+
+    # Then the distributions, a block of rows at a time (memory bounded by the block, not the shard).
+    out_ids = np.full((n, out_width), -1, dtype=np.int32)
+    out_p = np.zeros((n, out_width), dtype=np.float16)
+    for start in range(0, n, _BLOCK_ROWS):
+        stop = min(n, start + _BLOCK_ROWS)
+        blocks = [c.block(start, stop) for c in cands]
+        probs = [softmax_rows(lp, temperature) for _, lp in blocks]
+        if strategy == "minCE":
+            ids_b = np.full((stop - start, out_width), -1, dtype=np.int32)
+            p_b = np.zeros((stop - start, out_width))
+            for j, ((ids, _), p) in enumerate(zip(blocks, probs, strict=True)):  # over candidates only
+                rows = per_row[start:stop] == j
+                ids_b[rows, : ids.shape[1]] = ids[rows]
+                p_b[rows, : ids.shape[1]] = p[rows]
+            p_b[ids_b < 0] = 0.0
+        else:
+            ids_all = np.concatenate([ids for ids, _ in blocks], axis=1)
+            p_all = np.concatenate([p * weights[j, start:stop, None] for j, p in enumerate(probs)], axis=1)
+            ids_b, p_b = merge_rows(ids_all, p_all)
+        out_ids[start:stop] = ids_b
+        out_p[start:stop] = p_b
 
     return {
         "doc_index": np.asarray(target["doc_index"]),
         "doc_offsets": offsets,
         "input_ids": np.asarray(target["input_ids"]),
         "target_ids": out_ids,
-        "target_probs": out_p.astype(np.float16),
+        "target_probs": out_p,
         "choice": choice,
     }

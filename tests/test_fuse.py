@@ -331,7 +331,7 @@ def test_fused_arrays_write_as_a_fused_shard(case, tmp_path) -> None:
 
 
 def test_real_pipeline_extract_align_fuse(
-    tmp_path, smollm2_tokenizer, smollm2_view, mistral_tokenizer, mistral_view
+    tmp_path, monkeypatch, smollm2_tokenizer, smollm2_view, mistral_tokenizer, mistral_view
 ) -> None:
     """Target llama + SmolLM2 tokenizer, source gpt_neox + Mistral tokenizer: extract both, align the source
     with fusion.align, fuse. The fused shard follows the decisions computed here from the extract shards."""
@@ -398,3 +398,12 @@ def test_real_pipeline_extract_align_fuse(
     avg = fuse_shard(tgt, [aligned], "avgCE", "token", "byte")
     assert avg["target_ids"].shape == (off[-1], 10)
     np.testing.assert_allclose(avg["target_probs"][body].astype(np.float64).sum(1), 1.0, atol=3e-3)
+
+    # Fusing block by block (as for shards of millions of rows) changes nothing.
+    import fusion.fuse as fuse_mod
+
+    monkeypatch.setattr(fuse_mod, "_BLOCK_ROWS", 7)
+    for args, whole in ((("minCE", "sequence", "byte"), fused), (("avgCE", "token", "byte"), avg)):
+        blocked = fuse_shard(tgt, [aligned], *args)
+        for name in whole:
+            np.testing.assert_array_equal(blocked[name], whole[name])
