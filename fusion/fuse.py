@@ -21,8 +21,10 @@ renormalised per row (a candidate with an empty row there, e.g. an aligned row w
 leaves its weight to the others). Rows that end up empty (last rows; MinCE picking an empty row) carry no
 fusion target: the loss skips them.
 
-Everything is numpy over all positions of a shard: per-document values reach positions through np.repeat,
-duplicate ids merge through per-row sorts and running sums; nothing loops over tokens or documents.
+Everything is numpy, vectorised over positions: the decisions (MinCE's pick, AvgCE's weights) come first
+from per-document / per-row figures, per-document values reaching positions through np.repeat; the [N, k]
+top-k arrays are then fused in blocks of rows read from the memory-mapped shards (memory bounded by the
+block), duplicate ids merging through per-row sorts and running sums. No loop over tokens or documents.
 """
 
 from __future__ import annotations
