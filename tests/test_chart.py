@@ -76,6 +76,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "store": {"uri": "s3://fusion-artifacts/runs", "region": "us-east-1"},
         "rbac": {"readSecrets": False},
     },
+    "bring-your-own": {
+        "rbac": {"create": False, "aggregateRoles": False},
+        "serviceAccount": {"create": False, "name": "platform-operator"},
+        "jobServiceAccount": {"create": False},
+    },
     "hardened-extras": {
         "image": {"digest": "sha256:" + "ab" * 32},
         "imagePullSecrets": ["ghcr-pull"],
@@ -178,6 +183,10 @@ def test_helm_lint_strict(helm, tmp_path, name):
         ({"image": {"pullPolicy": "Sometimes"}}, "image.pullPolicy: image.pullPolicy must be one of"),
         ({"store": {"uri": "gs://bucket"}}, "store.uri: Does not match pattern"),
         ({"storeUri": "s3://x"}, "Additional property storeUri is not allowed"),
+        (
+            {"serviceAccount": {"create": False}},
+            "serviceAccount.name is required when serviceAccount.create is false",
+        ),
         (
             {"podDisruptionBudget": {"enabled": True, "minAvailable": 1, "maxUnavailable": 1}},
             "podDisruptionBudget: set minAvailable or maxUnavailable, not both",
@@ -357,6 +366,19 @@ def test_secret_access_limited_to_named_secrets(rendered):
         "verbs": ["get"],
         "resourceNames": ["fusionrun-s3"],
     }
+
+
+def test_bring_your_own_identity_and_rbac(rendered):
+    objs = rendered["bring-your-own"]
+    assert not [
+        o
+        for o in objs
+        if o["kind"] in ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+    ]
+    assert one(objs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "platform-operator"
+    cfg = operator_config(objs)
+    assert cfg.job_service_account is None  # stage pods run as their namespace's default account
+    assert "serviceAccountName" not in _jobs_for(MINIMAL_SPEC, cfg)["prepare"]["spec"]["template"]["spec"]
 
 
 def test_hardened_extras(rendered):
