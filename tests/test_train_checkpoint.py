@@ -86,9 +86,15 @@ def roundtrip(store, tmp_path: Path) -> None:
         ck.download(store, PREFIX, 2, tmp_path / "node-c")
     assert not (tmp_path / "node-c" / "step-2" / ck.MARKER).exists()
 
+    # keep 1: step 2 goes; step 6 (no marker) is newer than the kept step 4, so it may still be uploading
     assert ck.prune_store(store, PREFIX, keep=1) == [2]
     assert ck.store_steps(store, PREFIX) == [4]
     assert not [k for k in store.list(f"{PREFIX}/") if "/step-2/" in k]
+    d = make_checkpoint(src, 8)
+    ck.upload(store, PREFIX, d, ck.hash_files(d))
+    store.put_bytes(f"{PREFIX}/step-8/{ck.MARKER}", (d / ck.MARKER).read_bytes())
+    assert ck.prune_store(store, PREFIX, keep=1) == [4, 6]  # the cut-short step 6 is garbage now
+    assert {k.split("/")[3] for k in store.list(f"{PREFIX}/")} == {"step-8"}
 
 
 def test_upload_download_prune_on_a_file_store(tmp_path: Path):

@@ -180,9 +180,16 @@ def prune_local(root: Path, keep: int) -> list[int]:
 
 
 def prune_store(store: ArtifactStore, prefix: str, keep: int) -> list[int]:
-    steps = store_steps(store, prefix)
+    """As prune_local, in the store: all but the newest `keep` complete checkpoints go, and so do the
+    leftovers of uploads cut short (no marker) that are older than those."""
+    complete = store_steps(store, prefix)
+    kept = set(complete[-keep:]) if keep > 0 else set()
+    if not kept:
+        return []
+    newest = max(kept)
+    present = {step_of(k[len(prefix) + 1:].split("/")[0]) for k in store.list(f"{prefix}/")}
     removed = []
-    for s in steps[:-keep] if keep > 0 else steps:
+    for s in sorted(x for x in present if x is not None and x < newest and x not in kept):
         base = f"{prefix}/{tag(s)}"
         store.delete_prefix(f"{base}/{MARKER}")  # marker first, as locally
         store.delete_prefix(f"{base}/")
