@@ -439,6 +439,27 @@ def test_default_settings_reach_the_operator(rendered):
     assert operator_config(rendered["namespaced"]).namespaces == ("team-a", "team-b")
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("[]", "FUSIONRUN_STAGE_DEFAULTS: expected a JSON object {stage: resources}, got list"),
+        ('{"trian": {}}', "FUSIONRUN_STAGE_DEFAULTS.trian: Extra inputs are not permitted"),
+        (
+            '{"train": {"gpus": -1}}',
+            "FUSIONRUN_STAGE_DEFAULTS.train.gpus: Input should be greater than or equal to 0",
+        ),
+        ("{train: 8}", "FUSIONRUN_STAGE_DEFAULTS: not valid JSON"),
+    ],
+)
+def test_operator_names_a_bad_stage_defaults_setting(raw, message):
+    """Settings that bypass the chart's schema (set by hand) still fail at start, naming the variable."""
+    from fusionrun_operator.config import ConfigError, from_env
+
+    with pytest.raises(ConfigError) as err:
+        from_env({"FUSIONRUN_STAGE_DEFAULTS": raw})
+    assert message in str(err.value)
+
+
 def _jobs_for(spec: dict[str, Any], cfg: Any) -> dict[str, dict[str, Any]]:
     from fusionrun_operator.manifests import RunRef, effective_spec, task_manifests
 
