@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 FORMAT_VERSION = "1"
+_HEADER_KEY = "fusionrun"  # safetensors metadata key holding {"kind", "format_version", "meta"} as JSON
 
 # name -> (allowed dtypes, ndim, leading dimension: "N" tokens, "D" documents, "D+1")
 _COMMON = {
@@ -168,7 +169,10 @@ def write_shard(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray
     path = Path(path)
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     validate_arrays(kind, arrays, str(path))
-    header = {"kind": kind, "format_version": FORMAT_VERSION, "meta": json.dumps(meta or {}, sort_keys=True)}
+    # ONE metadata key: safetensors stores the metadata map in hash order, which differs from process to
+    # process, so several keys would make identical shards differ in bytes (and in sha256).
+    doc = {"kind": kind, "format_version": FORMAT_VERSION, "meta": meta or {}}
+    header = {_HEADER_KEY: json.dumps(doc, sort_keys=True, separators=(",", ":"))}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
@@ -277,12 +281,18 @@ def read_shard(path: str | os.PathLike, kind: str | None = None, sha256: str | N
         header = h.metadata() or {}
     except Exception as err:
         raise ShardError(f"{path}: not a readable shard ({err}); {fix}") from None
-    got = header.get("kind")
+    try:
+        if _HEADER_KEY in header:
+            doc = json.loads(header[_HEADER_KEY])
+            got, meta = doc.get("kind"), doc.get("meta", {})
+        else:  # the earlier layout: kind / format_version / meta as separate keys
+            got, meta = header.get("kind"), json.loads(header.get("meta", "{}"))
+    except (ValueError, AttributeError) as err:
+        raise ShardError(f"{path}: unreadable FusionRun header ({err}); {fix}") from None
     if got is None:
         raise ShardError(f"{path}: not a FusionRun shard (no kind in header); {fix}")
     if kind is not None and got != kind:
         raise ShardError(f"{path}: expected a {kind} shard, found {got}")
-    meta = json.loads(header.get("meta", "{}"))
     shard = Shard(path, got, meta, h)
     validate_arrays(got, {k: _LazyShape(h, k) for k in h.keys()}, str(path))  # noqa: SIM118
     return shard
