@@ -205,3 +205,39 @@ def test_shard_gets_the_usual_file_mode(tmp_path: Path) -> None:
     finally:
         os.umask(mask)
     assert oct(info.path.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_identical_shards_are_identical_bytes_across_processes(tmp_path: Path) -> None:
+    # safetensors writes its metadata map in per-process hash order; the header must not depend on it,
+    # or a deterministic rerun would change sha256s and force every dependant task to be redone.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np\n"
+        "from fusion.format import write_shard\n"
+        "a = {'doc_offsets': np.array([0, 2], np.int64), 'x': np.arange(4, dtype=np.float16)}\n"
+        "print(write_shard(sys.argv[1], 'raw', a, meta={'model': 'm', 'top_k': 10, 'b': [1, 2]}).sha256)\n"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / f"{i}.safetensors")],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
+        for i in range(4)
+    }
+    assert len(digests) == 1
+    shard = read_shard(tmp_path / "0.safetensors", "raw")
+    assert shard.meta == {"model": "m", "top_k": 10, "b": [1, 2]}
+
+
+def test_unreadable_header_is_named(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "h.safetensors"
+    save_file({"x": np.zeros(1, np.uint8)}, str(path), metadata={"fusionrun": "{not json"})
+    with pytest.raises(ShardError, match=r"h\.safetensors: unreadable FusionRun header"):
+        read_shard(path)
