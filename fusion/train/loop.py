@@ -125,6 +125,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _checkpointing_on(model: Any) -> bool:
+    """Whether activation (gradient) checkpointing is on; transformers 5 renamed the property."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 def _log(record: dict[str, Any]) -> None:
     print(json.dumps(record, sort_keys=True), flush=True)
 
@@ -150,6 +158,8 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         _disable_cpu_shm_comm()
+    if on_gpu:  # before any collective: NCCL binds each rank to its own GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -176,7 +186,7 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
             log({"event": "start", "world_size": world, "zero_stage": cfg.zero_stage, "bf16": bf16,
                  "total_steps": steps, "blocks": blocks.n_blocks, "variant": cfg.variant,
                  "lambda": cfg.effective_lambda,
-                 "gradient_checkpointing": bool(getattr(engine.module, "is_gradient_checkpointing", False)),
+                 "gradient_checkpointing": _checkpointing_on(engine.module),
                  "device": str(device)})
 
         # ---- resume
@@ -249,7 +259,9 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
         preempted = False
         while step < steps:
             t0 = time.time()
-            sums = torch.zeros(5, dtype=torch.float64)  # total, clm, fusion, tokens, stop
+            # total, clm, fusion, tokens, stop: summed on the device (no host sync per micro-batch), then one
+            # all-reduce per step (NCCL needs device tensors)
+            sums = torch.zeros(5, dtype=torch.float64, device=device)
             my_blocks: list[int] = []
             lr_applied = None
             for micro in range(cfg.grad_accum):
@@ -267,12 +279,11 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
                 if micro == cfg.grad_accum - 1:
                     lr_applied = float(ds_optimizer.param_groups[0]["lr"])  # what this update uses
                 engine.step()
-                sums[0] += float(parts.total.detach())
-                sums[1] += float(parts.clm.detach())
-                sums[2] += float(parts.fusion.detach())
+                sums[:3] += torch.stack([parts.total, parts.clm, parts.fusion]).detach().double()
                 sums[3] += batch.n_tokens
             sums[4] = 1.0 if stop.requested else 0.0
             dist.all_reduce(sums)
+            sums = sums.cpu()
             step += 1
             n_micro = cfg.grad_accum * world
             dt = time.time() - t0
