@@ -44,9 +44,10 @@ class StatusModel(BaseModel):
 class Condition(StatusModel):
     type: str = Field(..., description="Running, Succeeded, Failed, Suspended, or a stage's: Prepared, ...")
     status: ConditionStatus = Field(..., description="True, False or Unknown.")
-    # Optional, and None rather than "": a 1.20 API server reads "" in a list item as null.
-    reason: str | None = Field(None, description="Why, in CamelCase: one word a program can match.")
-    message: str | None = Field(None, description="Why, for people.")
+    # The operator writes None (left out) rather than "": API servers 1.20 built with a newer Go without the
+    # go-openapi patch of scripts/k8s-control-plane.sh read "" in a list item as null and reject it.
+    reason: str | None = Field("", description="Why, in CamelCase: one word a program can match.")
+    message: str | None = Field("", description="Why, for people.")
     observed_generation: int | None = Field(None, description="metadata.generation this was computed for.")
     last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
 
