@@ -1,0 +1,246 @@
+"""Stage entrypoints on real tokenizers and tiny random-init models, in process: prepare's decisions,
+extract -> align -> fuse, skipping, corrupt and missing artifacts, models that will not load."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.corpus import (
+    CorpusError,
+    assign_shards,
+    cut_points,
+    heldout_split,
+    pack_texts,
+    read_documents,
+    split_paragraphs,
+    split_to_fit,
+    unpack_texts,
+)
+from jobs.manifest import manifest_key, read_manifest
+from jobs.plan import Stage, Task
+from jobs.spec import Corpus, parse_spec
+from jobs.stages import align, extract, fuse, prepare
+from jobs.stages.common import StageError, run_task
+from jobs.store import open_store
+from tests.conftest import MISTRAL_URI, SMOLLM2_GGUF, SMOLLM2_URI
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# --------------------------------------------------------------------------------------------------
+# prepare's pure decisions
+
+
+def test_paragraphs_packing_and_shards() -> None:
+    assert split_paragraphs("a b\n\n  \n c\nd \n\t\nlast") == ["a b", "c\nd", "last"]
+    texts = ["héllo", "", "wörld ✓"]
+    blob, offsets = pack_texts(texts)
+    assert offsets.tolist() == [0, 6, 6, 16] and blob.dtype == np.uint8
+    assert unpack_texts(blob, offsets) == texts
+    assert [s.tolist() for s in assign_shards(5, 2)] == [[0, 2, 4], [1, 3]]
+
+
+def test_heldout_split_is_seeded_and_bounded() -> None:
+    train, held = heldout_split(10, 0.2, seed=0)
+    assert len(held) == 2 and len(train) == 8
+    assert sorted([*train, *held]) == list(range(10))
+    again_train, again_held = heldout_split(10, 0.2, seed=0)
+    assert held.tolist() == again_held.tolist() and train.tolist() == again_train.tolist()
+    assert heldout_split(10, 0.2, seed=1)[1].tolist() != held.tolist() or True  # other seeds may differ
+    assert len(heldout_split(10, 0.01, seed=0)[1]) == 1  # a positive fraction keeps at least one
+    assert len(heldout_split(1, 0.5, seed=0)[1]) == 0  # never every document
+    assert len(heldout_split(10, 0.0, seed=0)[1]) == 0
+
+
+def test_cut_points_at_token_starts() -> None:
+    offsets = [(0, 1), (1, 3), (3, 4), (4, 6), (6, 7)]
+    assert cut_points(offsets, 5, 2) == [3, 6]
+    assert cut_points(offsets, 5, 5) == []
+
+
+def test_read_documents_formats_and_limits(tmp_path: Path) -> None:
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("alpha\n\nstill alpha")  # a folder: one document per file
+    (folder / "sub" / "b.txt").write_text("beta")
+    (folder / "c.md").write_text("gamma")
+    (folder / "bin.txt").write_bytes(b"\xff\xfe\x00bad")  # not UTF-8: skipped
+    alpha = "alpha\n\nstill alpha"
+    assert read_documents(folder, Corpus(uri=str(folder), glob="**/*.txt")) == [alpha, "beta"]
+    assert read_documents(folder, Corpus(uri=str(folder), maxDocuments=2)) == [alpha, "gamma"]
+    f = tmp_path / "c.txt"
+    f.write_text("one\n\ntwo two\n\nthree")
+    assert read_documents(f, Corpus(uri=str(f))) == ["one", "two two", "three"]
+    assert read_documents(f, Corpus(uri=str(f), maxBytes=10)) == ["one", "two two"]  # 3 + 7 bytes
+    j = tmp_path / "c.jsonl"
+    j.write_text('{"body": "x y"}\n\n{"body": "z"}\n')
+    assert read_documents(j, Corpus(uri=str(j), textField="body")) == ["x y", "z"]
+    with pytest.raises(CorpusError, match=r"c\.jsonl:1: no field 'text'; set corpus\.textField"):
+        read_documents(j, Corpus(uri=str(j)))
+    j.write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(CorpusError, match=r"c\.jsonl:2: not valid JSON"):
+        read_documents(j, Corpus(uri=str(j)))
+    with pytest.raises(CorpusError, match="does not exist"):
+        read_documents(tmp_path / "nope", Corpus(uri="/nope"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(CorpusError, match="holds no documents"):
+        read_documents(empty, Corpus(uri=str(empty)))
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path: Path) -> None:
+    try:
+        import pyarrow  # noqa: F401
+
+        pytest.skip("pyarrow is installed here")
+    except ImportError:
+        pass
+    p = tmp_path / "c.parquet"
+    p.write_bytes(b"PAR1")
+    with pytest.raises(CorpusError, match="reading parquet needs pyarrow"):
+        read_documents(p, Corpus(uri=str(p)))
+
+
+def test_split_to_fit_every_tokenizer(smollm2_tokenizer, mistral_tokenizer, qwen_tokenizer) -> None:
+    import inspect
+
+    long = inspect.getdoc(json.dumps)  # ~2 KB of real English and code
+    toks = [smollm2_tokenizer, mistral_tokenizer, qwen_tokenizer]
+    short = "A short document."
+    pieces_long, pieces_short = split_to_fit([long, short], toks, max_length=32)
+    assert pieces_short == [short]
+    assert len(pieces_long) > 10
+    assert "".join(pieces_long) == long  # cut, never rewritten: pieces concatenate to the text
+    for tok in toks:
+        lengths = [len(ids) + 1 for ids in tok(pieces_long, add_special_tokens=False)["input_ids"]]
+        assert max(lengths) <= 32  # EOS included
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages, in process, on a tiny run
+
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Return a new list containing all items from the iterable in ascending order.",
+    "A custom key function can be supplied to customize the sort order, and the reverse flag can be set "
+    "to request the result in descending order. " * 3,
+    "def add(a, b):\n    return a + b",
+    "Numbers 12345 and symbols: {}, [], ().",
+    "Unicode: naïve café, 東京, emoji ✓.",
+]
+
+
+def _spec(tmp_path: Path, **overrides):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXT))
+    spec = {
+        "target": {"name": "tgt", "tokenizer": SMOLLM2_URI, "ggufFile": SMOLLM2_GGUF,
+                   "randomInit": {"architecture": "llama", "hiddenSize": 32, "numLayers": 1, "numHeads": 2}},
+        "sources": [{"name": "mis", "tokenizer": MISTRAL_URI,
+                     "randomInit": {"architecture": "gpt_neox", "hiddenSize": 32, "numLayers": 1,
+                                    "numHeads": 2, "seed": 5}}],
+        "corpus": {"uri": str(corpus), "heldoutFraction": 0.2, "seed": 4},
+        "extraction": {"maxLength": 32, "topK": 4, "device": "cpu", "dtype": "float32"},
+        "training": {"seqLen": 16},
+        "store": {"uri": str(tmp_path / "store")},
+        **overrides,
+    }
+    return parse_spec(spec)
+
+
+def _t(stage: str, model: str | None = None, shard: int | None = None) -> Task:
+    return Task(Stage(stage), model=model, shard=shard)
+
+
+def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral_tokenizer) -> None:
+    from fusion.format import read_shard
+
+    spec = _spec(tmp_path)
+    store = open_store(spec.store, "r")
+    root = tmp_path / "store" / "r"
+
+    assert run_task(prepare.run, _t("prepare"), spec, "r") == 0
+    m = read_manifest(store, "prepare/manifest.json")
+    # 6 documents, round(0.2 * 6) = 1 held out (seed 4: document 1); the long document 2 is cut into
+    # pieces of <= 31 tokens + EOS, so more than 5 training documents remain.
+    assert m["counts"]["documents"] == 6 and m["counts"]["heldout_documents"] == 1
+    held = read_shard(root / "prepare" / "heldout.safetensors", "raw")
+    assert unpack_texts(held["text"], held["doc_offsets"]) == [TEXT[1]]
+    raw = read_shard(root / "prepare" / "shard-00000.safetensors", "raw")
+    texts = unpack_texts(raw["text"], raw["doc_offsets"])
+    assert raw["doc_index"].tolist() == list(range(len(texts))) and len(texts) > 5
+    for t in texts:
+        assert len(mistral_tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 <= 32
+
+    for name in ("tgt", "mis"):
+        assert run_task(extract.run, _t("extract", name, 0), spec, "r") == 0
+    ext = read_shard(root / "extract" / "tgt" / "shard-00000.safetensors", "extract")
+    assert ext["doc_index"].tolist() == raw["doc_index"].tolist()
+    assert ext["topk_ids"].shape[1] == 4
+    for d, text in enumerate(texts):  # the target's tokens spell exactly the document, then EOS
+        ids = ext["input_ids"][ext.doc_slice(d)]
+        assert ids[-1] == smollm2_view.eos_id and smollm2_view.decode(ids[:-1]) == text.encode()
+
+    assert run_task(align.run, _t("align", "mis", 0), spec, "r") == 0
+    am = read_manifest(store, "align/mis/shard-00000.manifest.json")
+    assert am["summary"]["vocab_map"] == "built" and store.exists("align/mis/vocab-map.npz")
+    assert run_task(fuse.run, _t("fuse", None, 0), spec, "r") == 0
+    fm = read_manifest(store, "fuse/shard-00000.manifest.json")
+    # sequence-level MinCE: one pick per document, among the target and the source
+    assert sum(fm["summary"]["choice_counts"].values()) == len(texts)
+    assert set(fm["summary"]["choice_counts"]) == {"tgt", "mis"}
+
+    # A rerun skips every complete task: the manifests are untouched.
+    before = {k: store.get_bytes(k) for k in store.list("") if k.endswith(".json")}
+    for task, fn in ((_t("prepare"), prepare.run), (_t("extract", "tgt", 0), extract.run),
+                     (_t("align", "mis", 0), align.run), (_t("fuse", None, 0), fuse.run)):
+        assert run_task(fn, task, spec, "r") == 0
+    assert {k: store.get_bytes(k) for k in before} == before
+
+    # A corrupted input (same size, a flipped byte) is detected, not used: the consumer fails naming it,
+    # the producer's claim to be complete is dropped, and redoing it gives the identical shard.
+    shard = root / "extract" / "mis" / "shard-00000.safetensors"
+    good = read_shard(shard, "extract")
+    good_arrays = {k: np.array(good[k]) for k in good.keys()}  # noqa: SIM118 (a Shard, not a dict)
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StageError) as err:
+        run_task(align.run, _t("align", "mis", 0), spec, "r", force=True)
+    msg = str(err.value)
+    assert "extract/mis/shard-00000.safetensors" in msg and "checksum mismatch" in msg
+    assert "extract-mis-00000 is marked incomplete" in msg
+    assert read_manifest(store, manifest_key(_t("extract", "mis", 0))) is None
+    assert run_task(extract.run, _t("extract", "mis", 0), spec, "r") == 0
+    redone = read_shard(shard, "extract")
+    # A deterministic redo: the same arrays. (Not always the same bytes: safetensors writes its header
+    # metadata in hash-map order, so the sha256 may differ and dependants are then redone, never reused.)
+    assert all(np.array_equal(redone[k], v, equal_nan=True) for k, v in good_arrays.items())
+    assert run_task(align.run, _t("align", "mis", 0), spec, "r", force=True) == 0
+    am2 = read_manifest(store, "align/mis/shard-00000.manifest.json")
+    assert am2["summary"]["vocab_map"] == "reused"  # the cached map covered every id
+    assert am2["counts"] == am["counts"]
+
+
+def test_missing_input_and_unloadable_model(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    with pytest.raises(Exception, match="needs prepare, which has no manifest"):
+        run_task(extract.run, _t("extract", "tgt", 0), spec, "r")
+    assert run_task(prepare.run, _t("prepare"), spec, "r") == 0
+    bad = _spec(tmp_path, sources=[{"name": "mis", "uri": str(tmp_path / "no-such-model"),
+                                    "tokenizer": MISTRAL_URI}])
+    with pytest.raises(StageError) as err:
+        run_task(extract.run, _t("extract", "mis", 0), bad, "r")
+    msg = str(err.value)
+    assert "model mis" in msg and "no-such-model" in msg and "Fix uri/ggufFile/randomInit of model mis" in msg
+    assert not (tmp_path / "store" / "r" / "extract" / "mis").exists() or \
+        read_manifest(open_store(bad.store, "r"), "extract/mis/shard-00000.manifest.json") is None
+    bad_tok = _spec(tmp_path, sources=[{"name": "mis", "tokenizer": str(tmp_path / "nothing.model"),
+                                        "randomInit": {}}])
+    with pytest.raises(StageError, match=r"model mis: cannot load its tokenizer from .*fix tokenizer of"):
+        run_task(extract.run, _t("extract", "mis", 0), bad_tok, "r")
