@@ -262,10 +262,25 @@ def test_relative_store_becomes_the_operators_default_store() -> None:
 
 
 def test_manifests_pass_kubernetes_schema_validation() -> None:
+    """Every object of every task of a run using most knobs, strictly, against the oldest and a recent
+    Kubernetes schema that kubernetes-validate ships (1.25, 1.30)."""
     kv = pytest.importorskip("kubernetes_validate")
-    spec = make_spec(training={"nodes": 2}, resources={"train": {"gpus": 1}}, ttlSecondsAfterFinished=60)
-    for obj in m.task_manifests(RUN, spec, Task(Stage.train, variant="fused"), 1, CONFIG, 100):
-        kv.validate(obj, "1.30.0", strict=True)
+    spec = make_spec(
+        training={"nodes": 2},
+        resources={
+            "extract": {"gpus": 1, "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+            "train": {"gpus": 8, "memory": "100Gi", "nodeSelector": {"pool": "h100"}},
+        },
+        ttlSecondsAfterFinished=60,
+        queueName="team-a",
+        priorityClassName="high",
+        serviceAccountName="runner",
+    )
+    objs = [o for t in build_dag(spec) for o in m.task_manifests(RUN, spec, t, 1, CONFIG, 100)]
+    assert [o["kind"] for o in objs].count("Service") == 1 and len(objs) == 1 + 4 + 2 + 2 + 1 + 2 + 1
+    for version in ("1.25.0", "1.30.0"):
+        for obj in objs:
+            kv.validate(obj, version, strict=True)
 
 
 def test_config_from_env() -> None:
