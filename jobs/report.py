@@ -21,6 +21,15 @@ from jobs.spec import FusionRunSpec
 from jobs.store import Store, StoreError
 
 METRICS_KEY = "evaluate/metrics.json"
+LABELS = {"target-before": "target (before)", "clm": "CLM only", "fused": "FuseLLM"}
+
+
+def ordered_models(metrics: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(label, figures) in reading order: target before training, CLM only, FuseLLM, then the sources."""
+    models = (metrics or {}).get("models") or {}
+    head = [k for k in LABELS if k in models]
+    rest = sorted(k for k in models if k not in LABELS)
+    return [(LABELS.get(k, k.removeprefix("source:") + " (source)"), models[k]) for k in [*head, *rest]]
 
 
 def _json(store: Store, key: str) -> Any:
@@ -90,8 +99,8 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
 
 
 def _plot_bpb(metrics: dict[str, Any], path: Path) -> bool:
-    models = (metrics or {}).get("models") or {}
-    rows = [(name, m["bits_per_byte"]) for name, m in models.items() if m.get("bits_per_byte") is not None]
+    rows = [(name, m["bits_per_byte"]) for name, m in ordered_models(metrics)
+            if m.get("bits_per_byte") is not None]
     if not rows:
         return False
     import matplotlib
@@ -153,13 +162,13 @@ def _plot_choices(choice: dict[str, int], path: Path) -> bool:
 def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) -> str:
     lines = [f"# FusionRun {run_name}", ""]
     metrics = data.get("metrics") or {}
-    models = metrics.get("models") or {}
+    models = ordered_models(metrics)
     if models:
         lines += ["## Held-out evaluation", "",
                   f"{metrics.get('heldout', {}).get('documents', '?')} held-out documents, "
                   f"{metrics.get('heldout', {}).get('bytes', '?')} bytes.", "",
                   "| model | bits per byte | perplexity (own tokens) | tokens |", "|---|---|---|---|"]
-        for name, m in models.items():
+        for name, m in models:
             lines.append(f"| {name} | {m.get('bits_per_byte', float('nan')):.4f} | "
                          f"{m.get('perplexity', float('nan')):.2f} | {m.get('tokens', '?')} |")
         lines.append("")
