@@ -47,6 +47,21 @@ def test_folders_without_marker_truncated_files_or_other_fingerprints_are_not_co
     assert ck.local_steps(tmp_path) == [2, 4, 8]  # no fingerprint asked: any configuration
 
 
+def test_checkpoints_of_another_configuration_are_dropped(tmp_path: Path):
+    make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 500, fingerprint="old-config")
+    make_checkpoint(tmp_path, 7, marker=False)  # maybe ours, cut short: not for this function to judge
+    assert ck.drop_foreign_local(tmp_path, "fp") == [500]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-7"]
+    store = open_store(StoreSpec(uri=f"file://{tmp_path / 'store'}"), "run")
+    for s, fp in ((2, "fp"), (500, "old-config")):
+        d = make_checkpoint(tmp_path / "src", s, fingerprint=fp)
+        ck.upload(store, PREFIX, d, ck.hash_files(d))
+        store.put_bytes(f"{PREFIX}/{ck.tag(s)}/{ck.MARKER}", (d / ck.MARKER).read_bytes())
+    assert ck.drop_foreign_store(store, PREFIX, "fp") == [500]
+    assert ck.store_steps(store, PREFIX) == [2] and not store.list(f"{PREFIX}/step-500/")
+
+
 def test_choose_resume_takes_the_newest_and_prefers_local_on_a_tie():
     assert ck.choose_resume([], []) is None
     assert ck.choose_resume([2, 4], [2, 4, 6]) == (6, "store")

@@ -161,6 +161,40 @@ def download(store: ArtifactStore, prefix: str, step: int, root: Path) -> Path:
     return dest
 
 
+def _marker_fingerprint(data: bytes, where: str) -> str | None:
+    try:
+        return read_marker(data, where).get("fingerprint")
+    except CheckpointError:
+        return None
+
+
+def drop_foreign_local(root: Path, fingerprint: str) -> list[int]:
+    """Delete the complete checkpoints of another configuration (a changed spec or changed inputs): they
+    can never be resumed, and left alone they would crowd this run's checkpoints out of the kept set."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        s, mk = step_of(p.name), p / MARKER
+        if s is not None and mk.is_file() and _marker_fingerprint(mk.read_bytes(), str(mk)) != fingerprint:
+            mk.unlink(missing_ok=True)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(s)
+    return sorted(removed)
+
+
+def drop_foreign_store(store: ArtifactStore, prefix: str, fingerprint: str) -> list[int]:
+    """drop_foreign_local for the store."""
+    removed = []
+    for s in store_steps(store, prefix):
+        key = f"{prefix}/{tag(s)}/{MARKER}"
+        if _marker_fingerprint(store.get_bytes(key), key) != fingerprint:
+            store.delete_prefix(key)
+            store.delete_prefix(f"{prefix}/{tag(s)}/")
+            removed.append(s)
+    return removed
+
+
 def prune_local(root: Path, keep: int) -> list[int]:
     """Delete all but the newest `keep` complete checkpoints, and any incomplete folder older than those."""
     complete = local_steps(root)

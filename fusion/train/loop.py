@@ -192,6 +192,12 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
         # ---- resume
         state, step, resumed_from = DataState(), 0, None
         choice = [None]
+        if io.fingerprint is not None:  # checkpoints of another configuration are stale: clear them first
+            if rank == 0 and io.store is not None:
+                ckpt.drop_foreign_store(io.store, io.store_checkpoints, io.fingerprint)
+            if node_leader:
+                ckpt.drop_foreign_local(io.local_checkpoints, io.fingerprint)
+            dist.barrier()
         if rank == 0:
             choice = [ckpt.choose_resume(ckpt.local_steps(io.local_checkpoints, io.fingerprint),
                                          ckpt.store_steps(io.store, io.store_checkpoints, io.fingerprint))]

@@ -158,6 +158,7 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
         build_manifest,
         fingerprint,
         input_digests,
+        invalidate,
         manifest_key,
         read_manifest,
         why_incomplete,
@@ -177,6 +178,8 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
         log_event("skip", task=task.id, reason="complete")
         return 0
     inputs = input_digests(store, by_id, task)
+    if rank == 0 and reason != "no manifest":
+        invalidate(store, task)  # a stale manifest must not vouch for a model being rewritten
     started = time.time()
     work = Path(os.environ.get("FUSIONRUN_WORK_DIR")
                 or Path(tempfile.gettempdir()) / f"fusionrun-{run_name}-{task.id}")
