@@ -1,0 +1,180 @@
+"""The local runner end to end on a very tiny run: every task as a real subprocess (`python -m jobs ...`),
+DeepSpeed training included; rerun skips everything; a run killed mid-extract resumes; the same run with the
+store on a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.local import LocalRunner, RunFailed, threads_for
+from jobs.manifest import manifest_key, read_manifest
+from jobs.plan import Stage, Task, build_dag
+from jobs.spec import parse_spec
+from jobs.store import open_store
+from tests.conftest import MISTRAL_URI, SMOLLM2_GGUF, SMOLLM2_URI
+from tests.harness.s3 import ENDPOINT, s3_bucket, s3_server  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Return a new list containing all items from the iterable in ascending order.",
+    "A custom key function can be supplied to customize the sort order.",
+    "def add(a, b):\n    return a + b",
+    "Numbers 12345 and symbols: {}, [], ().",
+    "Unicode: naïve café, emoji ✓, and more text to read.",
+    "Another short paragraph about reading files line by line.",
+    "The last document of this very small corpus.",
+]
+
+
+def tiny_spec(tmp_path: Path, store: dict | None = None, **training) -> dict:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(DOCS))
+    small = {"hiddenSize": 32, "numLayers": 1, "numHeads": 2}
+    return {
+        "target": {"name": "tgt", "tokenizer": SMOLLM2_URI, "ggufFile": SMOLLM2_GGUF,
+                   "randomInit": {"architecture": "llama", **small}},
+        "sources": [{"name": "mis", "tokenizer": MISTRAL_URI,
+                     "randomInit": {"architecture": "gpt_neox", **small, "seed": 7}}],
+        "corpus": {"uri": str(corpus), "heldoutFraction": 0.25},
+        "extraction": {"maxLength": 32, "topK": 4, "shards": 2, "device": "cpu", "dtype": "float32"},
+        "training": {"seqLen": 16, "maxSteps": 2, "microBatchSize": 2, "gradAccum": 1, "zeroStage": 0,
+                     "learningRate": 0.001, "dtype": "float32", "checkpointInterval": 1, **training},
+        "store": store or {"uri": str(tmp_path / "store")},
+    }
+
+
+def test_thread_shares() -> None:
+    extract = Task(Stage.extract, "m", 0)
+    train = Task(Stage.train, variant="fused")
+    assert threads_for(extract, 1, 2) == 2  # alone: every core
+    assert threads_for(extract, 2, 2) == 1  # two in parallel: one core each
+    assert threads_for(extract, 3, 8) == 2
+    assert threads_for(train, 2, 2) == 2  # training runs alone with every core
+
+
+def _check_complete_run(store, spec, report: Path | None) -> dict:
+    dag = build_dag(spec)
+    for t in dag:
+        assert read_manifest(store, manifest_key(t)) is not None, t.id
+    metrics = json.loads(store.get_bytes("evaluate/metrics.json"))
+    assert set(metrics["models"]) == {"target-before", "fused", "source:mis"}
+    assert metrics["heldout"]["documents"] == 2  # round(0.25 * 8)
+    for m in metrics["models"].values():
+        assert 0 < m["bits_per_byte"] < 100 and m["perplexity"] > 1
+    if report is not None:
+        text = report.read_text()
+        assert "| target (before) |" in text and "| FuseLLM |" in text and "| mis (source) |" in text
+        assert (report.parent / "bpb.png").stat().st_size > 1000
+    return metrics
+
+
+def test_local_run_end_to_end_then_rerun_skips_all(tmp_path: Path) -> None:
+    spec = parse_spec(tiny_spec(tmp_path))
+    lines: list[tuple[str, str]] = []
+    runner = LocalRunner(spec, "e2e", extra_env={"OMP_NUM_THREADS": "1"})
+    result = runner.run(on_task=lambda tid, outcome, s: lines.append((tid, outcome)))
+    n_tasks = len(build_dag(spec))  # prepare, 2x2 extract, 2 align, 2 fuse, train, evaluate
+    assert n_tasks == 11 and result.ran == n_tasks and result.skipped == 0
+    store = open_store(spec.store, "e2e")
+    _check_complete_run(store, spec, result.report)
+    assert result.report == tmp_path / "store" / "e2e" / "report" / "report.md"
+    assert store.exists("report/report.json")
+    assert (tmp_path / "store" / "e2e" / "logs" / "train.log").is_file()
+    manifests = {k: store.get_bytes(k) for k in store.list("") if k.endswith("manifest.json")}
+
+    again = LocalRunner(spec, "e2e").run()
+    assert again.ran == 0 and again.skipped == n_tasks
+    assert {k: store.get_bytes(k) for k in manifests} == manifests  # nothing rewritten
+
+    # A spec change that decides fusion redoes fuse and what follows it, nothing before.
+    changed = parse_spec({**tiny_spec(tmp_path), "fusion": {"strategy": "avgCE"}})
+    third = LocalRunner(changed, "e2e").run()
+    assert sorted(k for k, v in third.outcomes.items() if v == "ran") == \
+        ["evaluate", "fuse-00000", "fuse-00001", "train"]
+
+
+def test_failure_stops_the_run_and_names_the_log(tmp_path: Path) -> None:
+    spec = parse_spec({**tiny_spec(tmp_path), "corpus": {"uri": str(tmp_path / "missing.txt")}})
+    with pytest.raises(RunFailed) as err:
+        LocalRunner(spec, "bad").run()
+    assert err.value.task_id == "prepare"
+    log = tmp_path / "store" / "bad" / "logs" / "prepare.log"
+    assert str(log) in str(err.value) and "missing.txt does not exist" in log.read_text()
+    assert not (tmp_path / "store" / "bad" / "extract").exists()
+
+
+def test_killed_mid_extract_then_resumed(tmp_path: Path) -> None:
+    """SIGKILL the whole runner (and its task processes) while extraction runs; the rerun skips what was
+    complete, leaves it untouched and redoes the rest."""
+    spec_dict = tiny_spec(tmp_path)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "fusionrun.dev/v1alpha1", "kind": "FusionRun",
+                                    "metadata": {"name": "kill"}, "spec": spec_dict}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "jobs.cli", "run", str(path), "--until", "fuse"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    logs = tmp_path / "store" / "kill" / "logs"
+    deadline = time.monotonic() + 300
+    killed_during = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        for log in sorted(logs.glob("extract-*.log")) if logs.is_dir() else []:
+            text = log.read_text()
+            if '"event": "start"' in text and '"event": "done"' not in text:
+                killed_during = log.stem
+                break
+        if killed_during:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed_during is not None, "extraction never seen running"
+    spec = parse_spec(spec_dict)
+    store = open_store(spec.store, "kill")
+    dag = build_dag(spec)
+    done_before = {t.id: store.get_bytes(manifest_key(t)) for t in dag
+                   if store.exists(manifest_key(t))}
+    assert "prepare" in done_before and killed_during not in done_before
+    shards_before = {k: store.get_bytes(k) for k in store.list("extract/") if k.endswith(".safetensors")
+                     and k.replace(".safetensors", ".manifest.json") in store.list("extract/")}
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for tid in done_before:
+        assert any(line.split()[:2] == [tid, "skipped"] for line in out.stdout.splitlines()), out.stdout
+    assert any(line.split()[:2] == [killed_during, "ran"] for line in out.stdout.splitlines())
+    for tid, m in done_before.items():
+        assert store.get_bytes(manifest_key(next(t for t in dag if t.id == tid))) == m
+    for k, data in shards_before.items():
+        assert store.get_bytes(k) == data  # complete outputs untouched, byte for byte
+    for t in dag:
+        if t.stage.value in ("prepare", "extract", "align", "fuse"):
+            assert store.exists(manifest_key(t)), t.id
+
+
+@pytest.mark.s3
+def test_local_run_with_store_on_seaweedfs(s3_server, s3_bucket, tmp_path: Path) -> None:  # noqa: F811
+    store_spec = {"uri": f"s3://{s3_bucket}/runs", "endpoint": ENDPOINT, "insecure": True}
+    spec = parse_spec(tiny_spec(tmp_path, store=store_spec))
+    runner = LocalRunner(spec, "s3run", local_dir=tmp_path / "local", extra_env={"OMP_NUM_THREADS": "1"})
+    result = runner.run()
+    assert result.ran == len(build_dag(spec))
+    store = open_store(spec.store, "s3run")
+    _check_complete_run(store, spec, result.report)
+    keys = store.list("")
+    assert "extract/tgt/shard-00000.safetensors" in keys and "train/fused/model/config.json" in keys
+    assert "report/report.md" in keys and result.report == tmp_path / "local" / "report" / "report.md"
+    # Every object is in the bucket, under the run's prefix: nothing was written to the local store path.
+    raw = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="runs/s3run/")
+    assert raw["KeyCount"] == len(keys) or raw.get("IsTruncated")
+    assert LocalRunner(spec, "s3run", local_dir=tmp_path / "local").run().skipped == len(build_dag(spec))
