@@ -105,3 +105,28 @@ def test_s3_endpoint_override_from_env(monkeypatch) -> None:
     assert got.store.endpoint == "http://127.0.0.1:9999" and got.store.insecure
     local = parse_spec({**SPEC, "store": {"uri": "/tmp/x"}})
     assert apply_env_overrides(local) is local
+
+
+def test_unreachable_s3_store_is_a_clear_failure(monkeypatch, capsys) -> None:
+    store = {"uri": "s3://bucket/runs", "endpoint": "http://127.0.0.1:9", "insecure": True}
+    monkeypatch.setenv("FUSIONRUN_SPEC", json.dumps({**SPEC, "corpus": {"uri": "/c.txt"}, "store": store}))
+    monkeypatch.setenv("FUSIONRUN_NAME", "r1")
+    monkeypatch.setenv("FUSIONRUN_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("FUSIONRUN_S3_CONNECT_TIMEOUT", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    assert stage_main(["prepare"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach S3 endpoint http://127.0.0.1:9, bucket 'bucket'" in err and "store.endpoint" in err
+
+
+def test_run_prints_tasks_and_report(tmp_path: Path, capsys) -> None:
+    """`fusionrun run --until prepare` in process: one line per task, then where the report is."""
+    (tmp_path / "c.txt").write_text("One paragraph.\n\nAnother paragraph.\n\nA third.\n\nA fourth one.\n")
+    path = _write_run(tmp_path, SPEC)
+    assert main(["run", str(path), "--until", "prepare"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:2] == ["prepare", "ran"]
+    assert f"report: {tmp_path / 'store' / 'r1' / 'report' / 'report.md'}" in out
+    assert main(["run", str(path), "--until", "prepare"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[:2] == ["prepare", "skipped"]
