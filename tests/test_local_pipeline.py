@@ -178,3 +178,27 @@ def test_local_run_with_store_on_seaweedfs(s3_server, s3_bucket, tmp_path: Path)
     raw = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="runs/s3run/")
     assert raw["KeyCount"] == len(keys) or raw.get("IsTruncated")
     assert LocalRunner(spec, "s3run", local_dir=tmp_path / "local").run().skipped == len(build_dag(spec))
+
+
+@pytest.mark.slow
+def test_tiny_local_example_end_to_end(tmp_path: Path) -> None:
+    """examples/tiny-local.yaml as shipped (store moved to tmp): `make demo`'s run, ~5-15 min on 2 cores."""
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-local.yaml").read_text())
+    doc["spec"]["corpus"]["uri"] = str(ROOT / "examples" / "data" / "stdlib-docstrings.txt")
+    doc["spec"]["store"]["uri"] = str(tmp_path / "runs")
+    path = tmp_path / "tiny-local.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(path)], env=env, capture_output=True,
+                         text=True, timeout=3600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = tmp_path / "runs" / "tiny-local" / "report" / "report.md"
+    assert f"report: {report}" in out.stdout
+    metrics = json.loads((tmp_path / "runs" / "tiny-local" / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"target-before", "fused", "clm", "source:neox-mistral",
+                                      "source:qwen2-qwen"}
+    # Training helps on held-out text even at this size (random init -> a few dozen steps).
+    assert metrics["models"]["fused"]["bits_per_byte"] < metrics["models"]["target-before"]["bits_per_byte"]
+    again = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(path)], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and " 0 ran, 16 skipped" in again.stdout
