@@ -59,7 +59,9 @@ def loss_curve(obj: Any) -> list[tuple[int, float]]:
 
 
 def loss_curve_from_log(text: str) -> list[tuple[int, float]]:
-    """(step, loss) from JSON log lines (the train stage's structured progress lines)."""
+    """(step, loss) from JSON log lines (the train stage's structured progress lines). The local runner
+    appends each attempt to the same log: a later attempt's figure for a step replaces an earlier one, so a
+    resumed run keeps the steps done before the interruption, a redone run replaces the steps it logs."""
     rows = []
     for line in text.splitlines():
         line = line.strip()
@@ -68,7 +70,7 @@ def loss_curve_from_log(text: str) -> list[tuple[int, float]]:
                 rows.append(json.loads(line))
             except ValueError:
                 continue
-    return loss_curve(rows)
+    return sorted(dict(loss_curve(rows)).items())
 
 
 def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> dict[str, Any]:

@@ -244,3 +244,24 @@ def test_missing_input_and_unloadable_model(tmp_path: Path) -> None:
                                         "randomInit": {}}])
     with pytest.raises(StageError, match=r"model mis: cannot load its tokenizer from .*fix tokenizer of"):
         run_task(extract.run, _t("extract", "mis", 0), bad_tok, "r")
+
+
+def test_report_pieces() -> None:
+    from jobs.report import loss_curve, loss_curve_from_log, ordered_models, render_markdown
+
+    nested = {"progress": {"history": [{"step": 1, "loss": 2.5}, {"step": 2, "train_loss": 2}]}}
+    assert loss_curve(nested) == [(1, 2.5), (2, 2.0)]
+    log = ('=== first attempt\n{"event": "step", "step": 1, "loss": 5.0}\n{"event": "step", "step": 2, '
+           '"loss": 4.0}\nnot json\n=== resumed\n{"event": "resumed", "step": 1}\n'
+           '{"event": "step", "step": 2, "loss": 3.5}\n{"event": "step", "step": 3, "loss": 3.0}\n')
+    assert loss_curve_from_log(log) == [(1, 5.0), (2, 3.5), (3, 3.0)]
+    metrics = {"heldout": {"documents": 2, "bytes": 100},
+               "models": {"source:b": {"bits_per_byte": 4.0, "perplexity": 9.0, "tokens": 5},
+                          "fused": {"bits_per_byte": 2.0, "perplexity": 3.0, "tokens": 4},
+                          "target-before": {"bits_per_byte": 3.0, "perplexity": 7.0, "tokens": 4}}}
+    assert [name for name, _ in ordered_models(metrics)] == ["target (before)", "FuseLLM", "b (source)"]
+    data = {"metrics": metrics, "mince_choices": {"t": 3, "b": 1},
+            "tasks": {"prepare": {"state": "complete", "seconds": 1.5}}}
+    md = render_markdown("r", data, {"bpb": "bpb.png"})
+    assert "| FuseLLM | 2.0000 | 3.00 | 4 |" in md and "| t | 3 | 75.0% |" in md
+    assert "![bits per byte](bpb.png)" in md
