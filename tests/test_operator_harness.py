@@ -55,12 +55,14 @@ def test_pure_helpers() -> None:
 
 
 def test_job_runs_with_pod_env_and_completes(k8s: ControlPlane, k8s_namespace: str, kubelet: StandInKubelet,
-                                             tmp_path: Path) -> None:
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ns = k8s_namespace
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "host-secret")
     client.CoreV1Api(k8s.api()).create_namespaced_secret(
         ns, {"metadata": {"name": "s3-keys"}, "stringData": {"AWS_ACCESS_KEY_ID": "key-123"}})
     out = tmp_path / "env.json"
-    names = ["PLAIN", "FROM_SECRET", "POD_NAME", "POD_NS", "MASTER_ADDR", "EXPANDED", "OMP_NUM_THREADS"]
+    names = ["PLAIN", "FROM_SECRET", "POD_NAME", "POD_NS", "MASTER_ADDR", "EXPANDED", "OMP_NUM_THREADS",
+             "TMPDIR", "AWS_SECRET_ACCESS_KEY"]
     script = textwrap.dedent(f"""
         import json, os, sys
         json.dump({{"env": {{k: os.environ.get(k) for k in {names!r}}}, "cwd": os.getcwd(),
@@ -84,6 +86,8 @@ def test_job_runs_with_pod_env_and_completes(k8s: ControlPlane, k8s_namespace: s
     assert got["env"] == {
         "PLAIN": "plain-value", "FROM_SECRET": "key-123", "POD_NAME": run.name, "POD_NS": ns,
         "MASTER_ADDR": "127.0.0.1", "EXPANDED": f"plain-value/{ns}", "OMP_NUM_THREADS": "1",
+        # A /tmp of its own, and nothing from the test process's environment that the pod did not ask for.
+        "TMPDIR": str(kubelet.log_dir.parent / "pod-tmp" / run.name), "AWS_SECRET_ACCESS_KEY": None,
     }
     assert got["cwd"] == str(Path(__file__).resolve().parents[1])
     assert Path(got["python"]).parent == Path(kubelet.python).parent

@@ -287,15 +287,21 @@ class RunEnv:
         return {n: job_outcome(j) for n, j in self.jobs(name).items()}
 
     def wait_phase(self, name: str, phase: str, timeout: float) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+
         def reached() -> dict[str, Any] | None:
-            st = self.status(name)
+            last.update(st := self.status(name))
             if st.get("phase") == phase:
                 return st
             if st.get("phase") == "Failed" and phase != "Failed":
                 raise AssertionError(f"run {name} failed: {st.get('message')}\n{self.kubelet.all_logs()}")
             return None
 
-        return wait_until(reached, timeout, f"FusionRun {name} to reach phase {phase}")
+        try:
+            return wait_until(reached, timeout, f"FusionRun {name} to reach phase {phase}")
+        except AssertionError as err:
+            seen = {k: last.get(k) for k in ("phase", "stage", "progress", "message")}
+            raise AssertionError(f"{err}\nlast status: {seen}") from None
 
     def keys(self, prefix: str) -> list[str]:
         return s3_keys(self.s3.client(), self.bucket, prefix)

@@ -9,7 +9,8 @@ job controller in kube-controller-manager then counts the Pod and completes or f
 What maps to what:
 - the container's `python`/`python3` (any path) runs as this test's interpreter (the venv's); other
   commands found in the interpreter's bin/ folder (`fusionrun`, `deepspeed`) run from there;
-- cwd is the repository root (the image's workdir holds the same code);
+- cwd is the repository root (the image's workdir holds the same code); TMPDIR is a folder of the pod's
+  own, as a container's /tmp is;
 - env comes from the Pod spec: plain values, `valueFrom.secretKeyRef` / `configMapKeyRef` read from the
   real objects through the API, `fieldRef` (metadata.name/namespace/uid/labels/annotations, status.podIP,
   spec.nodeName), `envFrom`, and `$(VAR)` expansion as Kubernetes does it;
@@ -61,7 +62,7 @@ _SVC_HOST = re.compile(r"^(?P<pre>[a-z][a-z0-9+.-]*://)?(?P<host>[a-z0-9]([-a-z0
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
 _PYTHONS = re.compile(r"^(.*/)?python(3(\.\d+)?)?$")
 # Host environment a pod process inherits: enough to run, nothing that would hide a missing pod env var.
-_HOST_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ")
+_HOST_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 
 
 def now_rfc3339() -> str:
@@ -402,6 +403,10 @@ class StandInKubelet:
         env: dict[str, str] = {k: os.environ[k] for k in _HOST_ENV if k in os.environ}
         env["PATH"] = f"{Path(self.python).parent}:{env.get('PATH', '/usr/bin:/bin')}"
         env["HOSTNAME"] = spec.get("hostname") or meta["name"]
+        # Every container has its own /tmp: scratch files of one pod must never leak into another's.
+        tmp = self.log_dir.parent / "pod-tmp" / meta["name"]
+        tmp.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(tmp)
         env.update(self.extra_env)
         for src in c.get("envFrom") or []:
             prefix = src.get("prefix", "")
