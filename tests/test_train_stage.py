@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +165,42 @@ def test_clm_variant_needs_the_baseline_switch(tmp_path: Path):
     spec.write_text(yaml.safe_dump(spec_doc(tmp_path, tmp_path / "store", clmBaseline=False)))
     proc = run_stage(spec, "--variant", "clm", work=tmp_path / "work")
     assert proc.returncode == 1 and "training.clmBaseline" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_exits_75_and_the_rerun_finishes(fused_run: dict, tmp_path: Path):
+    """Kubernetes preemption: SIGTERM reaches the pod's main process (the launcher), which forwards it; the
+    ranks finish the step, checkpoint, exit 75; the retried task resumes and completes."""
+    spec = tmp_path / "run.yaml"
+    doc = yaml.safe_load(fused_run["spec"].read_text())
+    doc["spec"]["training"].update(maxSteps=400, checkpointInterval=1000)
+    doc["spec"]["store"]["uri"] = f"file://{tmp_path / 'store'}"
+    spec.write_text(yaml.safe_dump(doc))
+    src = fused_run["store"] / "fuse"
+    (tmp_path / "store" / "stage-test").mkdir(parents=True)
+    shutil.copytree(src, tmp_path / "store" / "stage-test" / "fuse")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FUSIONRUN_WORK_DIR": str(tmp_path / "work")}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "train", "--spec", str(spec)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if '"event": "step", ' in line and '"step": 3,' in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=240)
+    lines += out.splitlines()
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    pre = [json.loads(x) for x in lines if '"event": "preempted"' in x]
+    assert len(pre) == 1 and 3 <= pre[0]["step"] < 400
+    stopped = pre[0]["step"]
+    store = tmp_path / "store" / "stage-test" / "train" / "fused"
+    assert (store / "checkpoints" / f"step-{stopped}" / "COMPLETE").is_file()
+    assert not (store / "manifest.json").exists()
+
+    again = run_stage(spec, work=tmp_path / "work")
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [json.loads(x) for x in again.stdout.splitlines() if '"event": "resumed"' in x]
+    assert [r["step"] for r in resumed] == [stopped]
+    assert json.loads((store / "manifest.json").read_text())["summary"]["steps"] == 400
