@@ -101,7 +101,7 @@ def cmd_validate(path: str) -> int:
 
 
 def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str | None = None) -> int:
-    from jobs.local import LocalRunner, RunFailed
+    from jobs.local import LocalRunner, RunFailed, RunStopped
     from jobs.spec import SpecError, load_fusionrun
     from jobs.store import StoreError
 
@@ -118,6 +118,9 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
     except RunFailed as err:
         print(f"run {run.metadata.name} FAILED: {err}", file=sys.stderr)
         return 1
+    except (RunStopped, KeyboardInterrupt):
+        print(f"run {run.metadata.name} stopped; rerun the same command to resume", file=sys.stderr)
+        return 130
     except StoreError as err:
         print(f"run {run.metadata.name}: {err}", file=sys.stderr)
         return 1

@@ -11,12 +11,15 @@ stops the run and names the failed task's log. Logs: <store>/<run>/logs/<task>.l
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from jobs.manifest import invalidate, why_incomplete
 from jobs.plan import STAGE_ORDER, Stage, Task, TaskState, build_dag, downstream, ready_tasks
@@ -116,6 +119,7 @@ class LocalRunner:
             for t in downstream(self.dag, Stage(force_stage)):
                 invalidate(self.store, t)
         result = RunResult()
+        previous = _stop_on_sigterm()
         states: dict[str, TaskState] = {}
         running: dict[str, _Running] = {}
         queued: list[Task] = []
@@ -161,6 +165,8 @@ class LocalRunner:
                     notify(tid, "ran", secs)
         finally:
             self._stop_all(running)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         from jobs.report import write_report
 
         result.report = write_report(self.store, self.spec, self.run_name, self.local_dir / "report",
@@ -191,6 +197,22 @@ class LocalRunner:
             except subprocess.TimeoutExpired:
                 r.proc.kill()
                 r.proc.wait()
+
+
+class RunStopped(RuntimeError):
+    """The runner was asked to stop (SIGTERM); running tasks were stopped, complete ones stay complete."""
+
+
+def _stop_on_sigterm() -> Any:
+    """Turn SIGTERM into an exception so that running tasks are stopped too (their outputs, having no
+    manifest, are redone by the next run). Only possible in the main thread; returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunStopped("stopped by SIGTERM; rerun to resume (complete tasks are skipped)")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _tail(path: Path, lines: int = 15) -> str:

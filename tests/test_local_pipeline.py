@@ -202,3 +202,30 @@ def test_tiny_local_example_end_to_end(tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(path)], env=env, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0 and " 0 ran, 16 skipped" in again.stdout
+
+
+def test_sigterm_stops_the_runner_and_its_tasks(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "fusionrun.dev/v1alpha1", "kind": "FusionRun",
+                                    "metadata": {"name": "term"}, "spec": tiny_spec(tmp_path)}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "jobs.cli", "run", str(path), "--until", "extract"]
+    proc = subprocess.Popen(cmd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    children_file = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 300
+    children: list[int] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = tmp_path / "store" / "term" / "logs"
+        if logs.is_dir() and any(p.name.startswith("extract-") for p in logs.iterdir()):
+            children = [int(c) for c in children_file.read_text().split()]
+            if children:
+                break
+        time.sleep(0.05)
+    assert children, "no extract task seen running"
+    proc.send_signal(signal.SIGTERM)  # the runner alone, as `kill PID` would
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopped; rerun the same command to resume" in err
+    for pid in children:  # the runner stopped (and reaped) its running tasks before exiting
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
