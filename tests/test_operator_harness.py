@@ -19,21 +19,27 @@ from tests.harness.k8s import (  # noqa: F401  (fixtures)
     kubelet_fixture,
     wait_until,
 )
-from tests.harness.kubelet import StandInKubelet, expand_var_refs, job_name_startswith, rewrite_cluster_dns
+from tests.harness.kubelet import (
+    StandInKubelet,
+    expand_var_refs,
+    job_name_startswith,
+    rewrite_cluster_dns,
+    rewrite_mount_paths,
+)
 
 pytestmark = pytest.mark.k8s
 
 
 def job(name: str, script: str, *, env: list[dict[str, Any]] | None = None, backoff_limit: int = 0,
-        extra_pod_spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
-        "spec": {"backoffLimit": backoff_limit, "template": {"spec": {
-            "restartPolicy": "Never",
-            "containers": [{"name": "main", "image": "fusionrun:test", "command": ["python", "-c", script],
-                            "env": env or []}],
-            **(extra_pod_spec or {})}}},
-    }
+        scratch: bool = False) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": "main", "image": "fusionrun:test",
+                                 "command": ["python", "-c", script], "env": env or []}
+    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if scratch:  # an emptyDir at /scratch, as the operator's stage pods have
+        pod["volumes"] = [{"name": "scratch", "emptyDir": {}}]
+        container["volumeMounts"] = [{"name": "scratch", "mountPath": "/scratch"}]
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"backoffLimit": backoff_limit, "template": {"spec": pod}}}
 
 
 def job_status(cp: ControlPlane, ns: str, name: str) -> dict[str, Any]:
@@ -52,6 +58,10 @@ def test_pure_helpers() -> None:
     assert rewrite_cluster_dns("s3.amazonaws.com") == "s3.amazonaws.com"
     assert rewrite_cluster_dns("svc") == "svc"
     assert expand_var_refs("$(A)-$(B)-$$(A)", {"A": "x"}) == "x-$(B)-$(A)"
+    mounts = {"/scratch": "/t/p/volumes/scratch"}
+    assert rewrite_mount_paths("/scratch/tmp", mounts) == "/t/p/volumes/scratch/tmp"
+    assert rewrite_mount_paths("/scratch", mounts) == "/t/p/volumes/scratch"
+    assert rewrite_mount_paths("/scratchy", mounts) == "/scratchy"
 
 
 def test_job_runs_with_pod_env_and_completes(k8s: ControlPlane, k8s_namespace: str, kubelet: StandInKubelet,
@@ -62,7 +72,7 @@ def test_job_runs_with_pod_env_and_completes(k8s: ControlPlane, k8s_namespace: s
         ns, {"metadata": {"name": "s3-keys"}, "stringData": {"AWS_ACCESS_KEY_ID": "key-123"}})
     out = tmp_path / "env.json"
     names = ["PLAIN", "FROM_SECRET", "POD_NAME", "POD_NS", "MASTER_ADDR", "EXPANDED", "OMP_NUM_THREADS",
-             "TMPDIR", "AWS_SECRET_ACCESS_KEY"]
+             "HOME", "TMPDIR", "AWS_SECRET_ACCESS_KEY"]
     script = textwrap.dedent(f"""
         import json, os, sys
         json.dump({{"env": {{k: os.environ.get(k) for k in {names!r}}}, "cwd": os.getcwd(),
@@ -76,18 +86,23 @@ def test_job_runs_with_pod_env_and_completes(k8s: ControlPlane, k8s_namespace: s
         {"name": "POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "MASTER_ADDR", "value": f"r-train-0.r-train.{ns}.svc.cluster.local"},
         {"name": "EXPANDED", "value": "$(PLAIN)/$(POD_NS)"},
+        {"name": "HOME", "value": "/scratch"},
+        {"name": "TMPDIR", "value": "/scratch/tmp"},  # not created by anyone: Python falls back to /tmp
     ]
-    client.BatchV1Api(k8s.api()).create_namespaced_job(ns, job("env-check", script, env=env))
+    client.BatchV1Api(k8s.api()).create_namespaced_job(ns, job("env-check", script, env=env, scratch=True))
 
     cond = wait_until(lambda: job_condition(k8s, ns, "env-check"), 60, "Job env-check to finish")
     assert cond["type"] == "Complete", kubelet.all_logs()
     [run] = kubelet.runs_matching({"job-name": "env-check"})
     got = json.loads(out.read_text())
+    pod_dir = kubelet.log_dir.parent / "pods" / run.name
     assert got["env"] == {
         "PLAIN": "plain-value", "FROM_SECRET": "key-123", "POD_NAME": run.name, "POD_NS": ns,
         "MASTER_ADDR": "127.0.0.1", "EXPANDED": f"plain-value/{ns}", "OMP_NUM_THREADS": "1",
-        # A /tmp of its own, and nothing from the test process's environment that the pod did not ask for.
-        "TMPDIR": str(kubelet.log_dir.parent / "pod-tmp" / run.name), "AWS_SECRET_ACCESS_KEY": None,
+        # The emptyDir is a folder of the pod's own, and so is its /tmp; nothing from the test process's
+        # environment that the pod did not ask for.
+        "HOME": str(pod_dir / "volumes" / "scratch"), "TMPDIR": str(pod_dir / "tmp"),
+        "AWS_SECRET_ACCESS_KEY": None,
     }
     assert got["cwd"] == str(Path(__file__).resolve().parents[1])
     assert Path(got["python"]).parent == Path(kubelet.python).parent

@@ -9,8 +9,10 @@ job controller in kube-controller-manager then counts the Pod and completes or f
 What maps to what:
 - the container's `python`/`python3` (any path) runs as this test's interpreter (the venv's); other
   commands found in the interpreter's bin/ folder (`fusionrun`, `deepspeed`) run from there;
-- cwd is the repository root (the image's workdir holds the same code); TMPDIR is a folder of the pod's
-  own, as a container's /tmp is;
+- cwd is the repository root (the image's workdir holds the same code);
+- emptyDir volumes are fresh folders per pod: env values and arguments under a mountPath are rewritten to
+  them; a TMPDIR that names no folder becomes a folder of the pod's own (Python would fall back to the
+  container's private /tmp);
 - env comes from the Pod spec: plain values, `valueFrom.secretKeyRef` / `configMapKeyRef` read from the
   real objects through the API, `fieldRef` (metadata.name/namespace/uid/labels/annotations, status.podIP,
   spec.nodeName), `envFrom`, and `$(VAR)` expansion as Kubernetes does it;
@@ -87,6 +89,15 @@ def rewrite_cluster_dns(value: str) -> str:
     if not m:
         return value
     return f"{m.group('pre') or ''}{POD_IP}{m.group('post')}"
+
+
+def rewrite_mount_paths(value: str, mounts: Mapping[str, str]) -> str:
+    """A path inside a mounted volume (`/scratch/tmp` under mount /scratch) -> the same path in the local
+    folder that stands in for that volume."""
+    for mount, local in mounts.items():
+        if value == mount or value.startswith(mount + "/"):
+            return local + value[len(mount):]
+    return value
 
 
 def expand_var_refs(value: str, env: Mapping[str, str]) -> str:
@@ -403,11 +414,8 @@ class StandInKubelet:
         env: dict[str, str] = {k: os.environ[k] for k in _HOST_ENV if k in os.environ}
         env["PATH"] = f"{Path(self.python).parent}:{env.get('PATH', '/usr/bin:/bin')}"
         env["HOSTNAME"] = spec.get("hostname") or meta["name"]
-        # Every container has its own /tmp: scratch files of one pod must never leak into another's.
-        tmp = self.log_dir.parent / "pod-tmp" / meta["name"]
-        tmp.mkdir(parents=True, exist_ok=True)
-        env["TMPDIR"] = str(tmp)
         env.update(self.extra_env)
+        mounts = self._volume_dirs(pod)
         for src in c.get("envFrom") or []:
             prefix = src.get("prefix", "")
             if "secretRef" in src:
@@ -419,14 +427,36 @@ class StandInKubelet:
         for var in c.get("env") or []:
             value = self._env_value(pod, var, env)
             if value is not None:
-                env[var["name"]] = rewrite_cluster_dns(value)
+                env[var["name"]] = rewrite_mount_paths(rewrite_cluster_dns(value), mounts)
+        # Every container has its own /tmp, and Python falls back to it when TMPDIR names no folder:
+        # scratch files of one pod must never leak into another's.
+        if not Path(env.get("TMPDIR", "/nonexistent")).is_dir():
+            env["TMPDIR"] = str(self._pod_dir(pod) / "tmp")
+            Path(env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
         words = [*(c.get("command") or []), *(c.get("args") or [])]
         if not c.get("command"):
             raise PodConfigError("CreateContainerError",
                                  f"container {c['name']!r} has no command: the stand-in kubelet knows "
                                  "no image entrypoints, so Job manifests must set command")
-        words = [expand_var_refs(w, env) for w in words]
+        words = [rewrite_mount_paths(expand_var_refs(w, env), mounts) for w in words]
         return [resolve_executable(words[0], self.python), *words[1:]], env
+
+    def _pod_dir(self, pod: Pod) -> Path:
+        return self.log_dir.parent / "pods" / pod["metadata"]["name"]
+
+    def _volume_dirs(self, pod: Pod) -> dict[str, str]:
+        """{mountPath: local folder} for the container's emptyDir mounts: a fresh, empty folder per pod.
+        /dev/shm stays the machine's own (it exists here; a memory-backed emptyDir is the same thing)."""
+        kinds = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+        out = {}
+        for m in pod["spec"]["containers"][0].get("volumeMounts") or []:
+            vol = kinds.get(m["name"], {})
+            if "emptyDir" not in vol or m["mountPath"] == "/dev/shm":
+                continue
+            local = self._pod_dir(pod) / "volumes" / m["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            out[m["mountPath"].rstrip("/")] = str(local)
+        return out
 
     def _env_value(self, pod: Pod, var: dict[str, Any], env: Mapping[str, str]) -> str | None:
         if "value" in var:
