@@ -390,7 +390,7 @@ def download_model(store: Store | StoreSpec, uri: str) -> str:
         spec = StoreSpec(uri="s3://placeholder")  # local run store, model in AWS S3: default chain
     bucket, prefix = parse_s3_uri(uri)
     dest = cache_dir() / "models" / hashlib.sha256(f"{spec.endpoint}|{uri}".encode()).hexdigest()[:16]
-    done = dest / ".fusionrun-complete"
+    done = dest.parent / f"{dest.name}.complete"  # beside, not inside: the folder holds only the model
     if done.is_file():
         return str(dest)
     src = S3Store(spec, bucket, prefix)

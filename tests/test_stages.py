@@ -28,6 +28,7 @@ from jobs.stages import align, extract, fuse, prepare
 from jobs.stages.common import StageError, run_task
 from jobs.store import open_store
 from tests.conftest import MISTRAL_URI, SMOLLM2_GGUF, SMOLLM2_URI
+from tests.harness.s3 import ENDPOINT, s3_bucket, s3_server  # noqa: F401
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -265,3 +266,25 @@ def test_report_pieces() -> None:
     md = render_markdown("r", data, {"bpb": "bpb.png"})
     assert "| FuseLLM | 2.0000 | 3.00 | 4 |" in md and "| t | 3 | 75.0% |" in md
     assert "![bits per byte](bpb.png)" in md
+
+
+@pytest.mark.s3
+def test_prepare_reads_a_corpus_from_s3(s3_server, s3_bucket, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+    """Corpus and store on the same S3 server (the store's endpoint and credentials read the corpus)."""
+    from fusion.format import read_shard
+
+    monkeypatch.setenv("FUSIONRUN_CACHE", str(tmp_path / "cache"))
+
+    c = s3_server.client()
+    c.put_object(Bucket=s3_bucket, Key="data/corpus.txt", Body="\n\n".join(TEXT).encode())
+    c.put_object(Bucket=s3_bucket, Key="data/folder/a.txt", Body=b"file one")
+    c.put_object(Bucket=s3_bucket, Key="data/folder/b.txt", Body=b"file two")
+    store = {"uri": f"s3://{s3_bucket}/runs", "endpoint": ENDPOINT, "insecure": True}
+    for uri, n_docs in ((f"s3://{s3_bucket}/data/corpus.txt", 6), (f"s3://{s3_bucket}/data/folder", 2)):
+        spec = _spec(tmp_path, corpus={"uri": uri, "heldoutFraction": 0.0}, store=store)
+        assert run_task(prepare.run, _t("prepare"), spec, "r", force=True) == 0
+        st = open_store(spec.store, "r")
+        m = read_manifest(st, "prepare/manifest.json")
+        assert m["counts"]["documents"] == n_docs and m["counts"]["heldout_documents"] == 0
+    raw = read_shard(st.download("prepare/shard-00000.safetensors", tmp_path / "s.safetensors"), "raw")
+    assert unpack_texts(raw["text"], raw["doc_offsets"]) == ["file one", "file two"]
