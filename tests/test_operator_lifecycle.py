@@ -41,9 +41,9 @@ def test_failed_pod_is_retried_then_succeeds(fusionrun_env: RunEnv) -> None:
                              120, "prepare to succeed after one retry")
     assert (prepare["attempts"], prepare["failures"]) == (2, 1)
     assert fault.hits == 1
-    assert rec.tasks["prepare"] == ["Pending", "Running", "Retrying", "Running", "Succeeded"][
-        -len(rec.tasks["prepare"]):]
-    assert "Retrying" in rec.tasks["prepare"]
+    # Exact transitions (Pending may pass unseen: the first pass already starts prepare).
+    assert rec.tasks["prepare"] in (["Pending", "Running", "Retrying", "Running", "Succeeded"],
+                                    ["Running", "Retrying", "Running", "Succeeded"])
     # The task counts as done once its outputs are in the store; its Job completes right after.
     expected = {"retry-prepare-1": "Failed", "retry-prepare-2": "Complete"}
     wait_until(lambda: {n: o for n, o in env.outcomes("retry").items() if "prepare" in n} == expected, 30,

@@ -165,20 +165,24 @@ class StatusRecorder:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+        self._poll()  # the state the test just waited for, even if it came after the last poll
 
     @staticmethod
     def _note(seq: list[str], value: str | None) -> None:
         if value and (not seq or seq[-1] != value):
             seq.append(value)
 
+    def _poll(self) -> None:
+        with contextlib.suppress(Exception):
+            st = run_status(self.cp, self.ns, self.name)
+            self._note(self.phases, st.get("phase"))
+            self._note(self.stages, st.get("stage"))
+            for t in st.get("tasks") or []:
+                self._note(self.tasks.setdefault(t["id"], []), t.get("state"))
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                st = run_status(self.cp, self.ns, self.name)
-                self._note(self.phases, st.get("phase"))
-                self._note(self.stages, st.get("stage"))
-                for t in st.get("tasks") or []:
-                    self._note(self.tasks.setdefault(t["id"], []), t.get("state"))
+            self._poll()
             self._stop.wait(self.interval)
 
 
