@@ -96,11 +96,18 @@ def test_local_run_end_to_end_then_rerun_skips_all(tmp_path: Path) -> None:
     assert again.ran == 0 and again.skipped == n_tasks
     assert {k: store.get_bytes(k) for k in manifests} == manifests  # nothing rewritten
 
-    # A spec change that decides fusion redoes fuse and what follows it, nothing before.
+    # A spec change that decides fusion redoes fuse and what follows it, nothing before; a shard corrupted
+    # in place (same size) is caught by the runner's checksum check and redone too.
+    shard = tmp_path / "store" / "e2e" / "extract" / "mis" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x55
+    shard.write_bytes(bytes(data))
     changed = parse_spec({**tiny_spec(tmp_path), "fusion": {"strategy": "avgCE"}})
     third = LocalRunner(changed, "e2e").run()
-    assert sorted(k for k, v in third.outcomes.items() if v == "ran") == \
-        ["evaluate", "fuse-00000", "fuse-00001", "train"]
+    ran = {k for k, v in third.outcomes.items() if v == "ran"}
+    must = {"extract-mis-00001", "fuse-00000", "fuse-00001", "train", "evaluate"}
+    # align-mis-00001 reruns when the redone shard's bytes differ (safetensors header order may vary).
+    assert must <= ran <= must | {"align-mis-00001"}
 
 
 def test_failure_stops_the_run_and_names_the_log(tmp_path: Path) -> None:
