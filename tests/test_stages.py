@@ -159,7 +159,7 @@ def _t(stage: str, model: str | None = None, shard: int | None = None) -> Task:
 
 
 def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral_tokenizer) -> None:
-    from fusion.format import read_shard
+    from fusion.format import read_shard, sha256_file
 
     spec = _spec(tmp_path)
     store = open_store(spec.store, "r")
@@ -206,8 +206,7 @@ def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral
     # A corrupted input (same size, a flipped byte) is detected, not used: the consumer fails naming it,
     # the producer's claim to be complete is dropped, and redoing it gives the identical shard.
     shard = root / "extract" / "mis" / "shard-00000.safetensors"
-    good = read_shard(shard, "extract")
-    good_arrays = {k: np.array(good[k]) for k in good.keys()}  # noqa: SIM118 (a Shard, not a dict)
+    good_sha = sha256_file(shard)
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -218,14 +217,11 @@ def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral
     assert "extract-mis-00000 is marked incomplete" in msg
     assert read_manifest(store, manifest_key(_t("extract", "mis", 0))) is None
     assert run_task(extract.run, _t("extract", "mis", 0), spec, "r") == 0
-    redone = read_shard(shard, "extract")
-    # A deterministic redo: the same arrays. (Not always the same bytes: safetensors writes its header
-    # metadata in hash-map order, so the sha256 may differ and dependants are then redone, never reused.)
-    assert all(np.array_equal(redone[k], v, equal_nan=True) for k, v in good_arrays.items())
+    assert sha256_file(shard) == good_sha  # a deterministic redo: the same bytes
     assert run_task(align.run, _t("align", "mis", 0), spec, "r", force=True) == 0
     am2 = read_manifest(store, "align/mis/shard-00000.manifest.json")
     assert am2["summary"]["vocab_map"] == "reused"  # the cached map covered every id
-    assert am2["counts"] == am["counts"]
+    assert am2["outputs"] == am["outputs"]
 
 
 def test_missing_input_and_unloadable_model(tmp_path: Path) -> None:
