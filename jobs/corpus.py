@@ -115,6 +115,28 @@ def _hf_docs(path: Path, field: str) -> Iterator[str]:
     yield from (t for t in ds[field] if isinstance(t, str))
 
 
+def corpus_stamp(corpus: Corpus) -> str | None:
+    """A cheap fingerprint of a LOCAL corpus's files (paths, sizes, modification times): an edited corpus
+    makes the prepare task stale although the spec is unchanged. None for s3:// corpora (not checked)."""
+    import hashlib
+
+    uri = corpus.uri
+    if uri.startswith("s3://"):
+        return None
+    path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.glob(corpus.glob or "**/*") if p.is_file())
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def read_documents(path: Path, corpus: Corpus) -> list[str]:
     """Documents of the corpus at local `path`, after corpus.maxDocuments / maxBytes (in reading order)."""
     if not path.exists():

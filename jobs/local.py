@@ -132,7 +132,7 @@ class LocalRunner:
                     for t in ready_tasks(self.dag, states):
                         claimed = True
                         t0 = time.time()
-                        if why_incomplete(self.store, self.spec, t, self.by_id, verify=self.verify) is None:
+                        if self._complete(t):
                             states[t.id] = TaskState.succeeded
                             result.skipped += 1
                             result.outcomes[t.id] = "skipped"
@@ -172,6 +172,15 @@ class LocalRunner:
         result.report = write_report(self.store, self.spec, self.run_name, self.local_dir / "report",
                                      result)
         return result
+
+    def _complete(self, task: Task) -> bool:
+        if why_incomplete(self.store, self.spec, task, self.by_id, verify=self.verify) is not None:
+            return False
+        if task.stage is Stage.prepare:
+            from jobs.stages.prepare import corpus_changed
+
+            return not corpus_changed(self.store, self.spec)
+        return True
 
     def _start_queued(self, queued: list[Task], running: dict[str, _Running]) -> None:
         while queued:

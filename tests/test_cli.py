@@ -95,6 +95,13 @@ def test_python_m_jobs_prepare_like_a_kubernetes_job(tmp_path: Path) -> None:
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert again.returncode == 0
     assert '"event": "skip"' in again.stderr and '"reason": "complete"' in again.stderr
+    # The corpus file edited, the spec unchanged: prepare is stale and redone.
+    with open(tmp_path / "c.txt", "a") as f:
+        f.write("\nFifth paragraph.\n")
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert third.returncode == 0 and '"reason": "corpus changed"' in third.stderr
+    m = json.loads((tmp_path / "store" / "job1" / "prepare" / "manifest.json").read_text())
+    assert m["counts"]["documents"] == 5
 
 
 def test_s3_endpoint_override_from_env(monkeypatch) -> None:

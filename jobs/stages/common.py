@@ -168,6 +168,10 @@ def run_task(stage_fn: StageFn, task: Task, spec: FusionRunSpec, run_name: str, 
         raise StageError(f"task {task.id} is not part of this run (known: {', '.join(sorted(by_id))})")
     task = by_id[task.id]  # with its dependencies
     reason = why_incomplete(store, spec, task, by_id)
+    if reason is None and task.stage is Stage.prepare:
+        from jobs.stages.prepare import corpus_changed
+
+        reason = "corpus changed" if corpus_changed(store, spec) else None
     if reason is None and not force:
         log_event("skip", task=task.id, reason="complete")
         return EXIT_OK

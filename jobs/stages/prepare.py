@@ -11,7 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from jobs.corpus import CorpusError, assign_shards, heldout_split, pack_texts, read_documents, split_to_fit
+from jobs.corpus import (
+    CorpusError,
+    assign_shards,
+    corpus_stamp,
+    heldout_split,
+    pack_texts,
+    read_documents,
+    split_to_fit,
+)
 from jobs.stages.common import StageContext, StageError, log_event, shard_key
 from jobs.store import StoreError, download_model
 
@@ -76,6 +84,7 @@ def write_docs(ctx: StageContext, key: str, texts: list[str], doc_index: np.ndar
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     spec = ctx.spec
+    stamp = corpus_stamp(spec.corpus)  # before reading: an edit during the read makes the next run redo
     try:
         docs = read_documents(corpus_path(ctx), spec.corpus)
     except CorpusError as err:
@@ -106,4 +115,14 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     counts = {"documents": len(docs), "train_documents": len(train_texts),
               "heldout_documents": len(held_texts), "train_bytes": int(sum(shard_bytes)),
               "heldout_bytes": held_bytes}
-    return counts, {"documents_cut": n_cut, "shards": spec.extraction.shards}
+    summary = {"documents_cut": n_cut, "shards": spec.extraction.shards, "corpus_stamp": stamp}
+    return counts, summary
+
+
+def corpus_changed(store: Any, spec: Any) -> bool:
+    """True when the local corpus files changed since the complete prepare task read them."""
+    from jobs.manifest import read_manifest
+
+    m = read_manifest(store, "prepare/manifest.json")
+    recorded = (m or {}).get("summary", {}).get("corpus_stamp")
+    return recorded is not None and recorded != corpus_stamp(spec.corpus)
