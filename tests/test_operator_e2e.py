@@ -6,8 +6,10 @@ trained model in the store. About 2 minutes on 2 cores (seven stage processes, e
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
+from kubernetes import client
 
 from jobs.plan import build_dag
 from jobs.spec import parse_spec
@@ -21,6 +23,12 @@ from tests.harness.k8s import k8s_fixture, k8s_namespace_fixture, kubelet_fixtur
 from tests.harness.s3 import s3_server  # noqa: F401
 
 pytestmark = [pytest.mark.k8s, pytest.mark.s3]
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 STAGES = ["prepare", "extract", "align", "fuse", "train", "evaluate"]
 STAGE_CONDITIONS = ["Prepared", "Extracted", "Aligned", "Fused", "Trained", "Evaluated"]
@@ -77,3 +85,35 @@ def test_tiny_run_goes_from_kubectl_apply_to_a_trained_model(fusionrun_env: RunE
     rows = [r.split() for r in env.k8s.kubectl("get", "fusionruns", namespace=env.ns).stdout.splitlines()]
     assert rows[0] == ["NAME", "STAGE", "PROGRESS", "PHASE", "AGE"]
     assert rows[1][0] == "tiny" and rows[1][-2] == "Succeeded", rows
+    assert env.operator.errors() == []
+
+
+def test_two_node_training_rendezvous_through_the_headless_service(fusionrun_env: RunEnv) -> None:
+    """training.nodes = 2: one Job per node rank behind a headless Service; rank 1 reaches rank 0 at its
+    cluster DNS name (the stand-in kubelet maps `<pod>.<svc>.<ns>.svc` to 127.0.0.1), and DeepSpeed
+    trains with world size 2 across the two pods."""
+    env = fusionrun_env
+    env.operator.stop()  # the rendezvous port must be free on this machine: pick one
+    env.operator.env["FUSIONRUN_MASTER_PORT"] = str(free_port())
+    env.operator.start()
+    spec = env.spec(training={"nodes": 2, "zeroStage": 2}, evaluation={"enabled": False})
+    env.apply("mn", spec)
+    st = env.wait_phase("mn", "Succeeded", 420)
+
+    train = next(t for t in st["tasks"] if t["id"] == "train")
+    assert (train["state"], train["attempts"], train["failures"]) == ("Succeeded", 1, 0)
+    assert {n: o for n, o in env.outcomes("mn").items() if "train" in n} == {
+        "mn-train-1-r0": "Complete", "mn-train-1-r1": "Complete"}
+    svc = client.CoreV1Api(env.k8s.api()).read_namespaced_service("mn-train", env.ns)
+    assert svc.spec.cluster_ip == "None"  # headless: DNS names for the pods, no virtual IP
+    ranks = sorted((r for r in env.kubelet.runs.values() if r.labels.get("fusionrun.dev/task") == "train"),
+                   key=lambda r: r.env["NODE_RANK"])
+    assert [(r.env["NODE_RANK"], r.env["WORLD_SIZE"], r.env["MASTER_ADDR"], r.exit_code) for r in ranks] == [
+        ("0", "2", "127.0.0.1", 0), ("1", "2", "127.0.0.1", 0)]
+    core = client.CoreV1Api(env.k8s.api())
+    pods = core.list_namespaced_pod(env.ns, label_selector="fusionrun.dev/task=train")
+    assert sorted((p.spec.hostname, p.spec.subdomain) for p in pods.items) == [
+        ("mn-train-0", "mn-train"), ("mn-train-1", "mn-train")]
+    assert '"world_size": 2' in env.kubelet.log_of(ranks[0].name)
+    assert "runs/mn/train/fused/model/config.json" in env.keys("runs/mn/train/fused/model/")
+    assert env.operator.errors() == []
