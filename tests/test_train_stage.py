@@ -159,6 +159,15 @@ def test_stage_launches_two_ranks_exports_and_writes_the_manifest_last(fused_run
     again = run_stage(fused_run["spec"], "--variant", "clm", work=tmp_path / "work")
     assert again.returncode == 0 and '"reason": "complete"' in again.stderr and '"step"' not in again.stdout
 
+    # --force retrains from step 0 (the complete run's checkpoints are not resumed) and rewrites the manifest
+    forced = run_stage(fused_run["spec"], "--variant", "clm", "--force", work=tmp_path / "work")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert '"event": "resumed"' not in forced.stdout
+    redo = [json.loads(line) for line in forced.stdout.splitlines() if '"event": "step"' in line]
+    assert [s["loss"] for s in redo] == [s["loss"] for s in steps]  # same seed, same data: same run
+    assert json.loads((store / "train" / "clm" / "manifest.json").read_text())["finished_at"] > manifest[
+        "finished_at"]
+
 
 def test_clm_variant_needs_the_baseline_switch(tmp_path: Path):
     spec = tmp_path / "run.yaml"

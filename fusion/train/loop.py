@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -138,12 +139,13 @@ def _log(record: dict[str, Any]) -> None:
 
 
 def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokenizer: Any = None,
-          export: bool = True, trace_blocks: bool = False,
+          export: bool = True, trace_blocks: bool = False, fresh: bool = False,
           log: Callable[[dict[str, Any]], None] = _log) -> TrainResult:
     """Train `model` on `blocks` with DeepSpeed, resuming from the newest complete checkpoint if any.
 
     Every rank calls this. Returns on completion (after export) or after a SIGTERM-triggered checkpoint
-    (preempted=True: exit with EXIT_PREEMPTED). trace_blocks adds each rank's block ids to its step log
+    (preempted=True: exit with EXIT_PREEMPTED). fresh: delete every checkpoint first and start from step
+    0 (a forced rerun). trace_blocks adds each rank's block ids to its step log
     (tests use it to check that a resumed run sees every block exactly once)."""
     import deepspeed
     import torch
@@ -192,6 +194,14 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
         # ---- resume
         state, step, resumed_from = DataState(), 0, None
         choice = [None]
+        decided = [fresh]  # rank 0's view decides: the others may have read the store at another moment
+        dist.broadcast_object_list(decided, src=0)
+        if decided[0]:
+            if rank == 0 and io.store is not None:
+                io.store.delete_prefix(f"{io.store_checkpoints}/")
+            if node_leader:
+                shutil.rmtree(io.local_checkpoints, ignore_errors=True)
+            dist.barrier()
         if io.fingerprint is not None:  # checkpoints of another configuration are stale: clear them first
             if rank == 0 and io.store is not None:
                 ckpt.drop_foreign_store(io.store, io.store_checkpoints, io.fingerprint)

@@ -203,7 +203,8 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
     fp = fingerprint(spec, task) + ":" + ",".join(f"{k}={v}" for k, v in sorted(inputs.items()))
     io = TrainIO(work, store, prefix=f"train/{variant}", fingerprint=hashlib.sha256(fp.encode()).hexdigest())
     log_event("start", task=task.id, rank=rank, reason=reason or "forced", blocks=blocks.n_blocks)
-    result = train(cfg, model, blocks, io, tokenizer=tok)
+    # --force on a complete task retrains from scratch (its checkpoints would otherwise resume at the end)
+    result = train(cfg, model, blocks, io, tokenizer=tok, fresh=force and reason is None)
     if result.preempted or rank != 0:
         return exit_code(result)
 
