@@ -273,6 +273,14 @@ def load_model_tokenizer(ctx: StageContext, name: str) -> tuple[Any, Any]:
                          f"{name} in the spec") from None
 
 
+def adds_bos(ctx: StageContext, name: str, tok: Any) -> bool:
+    """Whether documents start with BOS for model `name`: its addBos, else its tokenizer's own default."""
+    from fusion.tokens import adds_bos_by_default
+
+    flag = ctx.spec.model(name).add_bos
+    return adds_bos_by_default(tok) if flag is None else flag
+
+
 def load_spec_model(ctx: StageContext, name: str, vocab_size: int, eos_id: int) -> Any:
     """The spec model `name` (weights or randomInit) on the configured device and dtype."""
     from fusion.models import load_model

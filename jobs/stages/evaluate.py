@@ -16,6 +16,7 @@ from jobs.corpus import unpack_texts
 from jobs.stages.common import (
     StageContext,
     StageError,
+    adds_bos,
     load_model_tokenizer,
     load_spec_model,
     log_event,
@@ -64,7 +65,7 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     tgt = ctx.spec.target.name
     tok, view = load_model_tokenizer(ctx, tgt)
-    docs = encode_documents(tok, texts)
+    docs = encode_documents(tok, texts, add_bos=adds_bos(ctx, tgt, tok))
     models: dict[str, dict[str, Any]] = {}
 
     def add(label: str, model: Any, v: Any, d: list[np.ndarray]) -> None:
@@ -87,7 +88,7 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
         for m in ctx.spec.sources:
             stok, sview = load_model_tokenizer(ctx, m.name)
             add(f"source:{m.name}", load_spec_model(ctx, m.name, sview.vocab_size, sview.eos_id), sview,
-                encode_documents(stok, texts))
+                encode_documents(stok, texts, add_bos=adds_bos(ctx, m.name, stok)))
     metrics = {"heldout": {"documents": len(texts), "bytes": n_bytes}, "models": models}
     ctx.put_json(METRICS_KEY, metrics)
     summary = {k: round(v["bits_per_byte"], 5) for k, v in models.items()

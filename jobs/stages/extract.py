@@ -12,6 +12,7 @@ from jobs.stages.common import (
     Progress,
     StageContext,
     StageError,
+    adds_bos,
     load_model_tokenizer,
     load_spec_model,
     set_threads,
@@ -30,7 +31,7 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     raw = ctx.input_shard(ctx.task_of("prepare"), shard_key("prepare", s), "raw")
     texts = unpack_texts(raw["text"], raw["doc_offsets"])
     tok, view = load_model_tokenizer(ctx, name)
-    docs = encode_documents(tok, texts)
+    docs = encode_documents(tok, texts, add_bos=adds_bos(ctx, name, tok))
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     max_len = ctx.spec.extraction.max_length
     if lengths.size and lengths.max() > max_len:

@@ -91,7 +91,12 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
         raise StageError(str(err)) from None
     train_ids, held_ids = heldout_split(len(docs), spec.corpus.heldout_fraction, spec.corpus.seed)
     toks = load_tokenizers(ctx)
-    max_len = spec.extraction.max_length
+    # A model whose documents start with BOS (addBos, or its tokenizer's default) needs one more token.
+    from fusion.tokens import adds_bos_by_default
+
+    bos = [m.add_bos if m.add_bos is not None else adds_bos_by_default(t)
+           for m, t in zip(spec.models, toks, strict=True)]
+    max_len = spec.extraction.max_length - int(any(bos))
 
     train_pieces = split_to_fit([docs[i] for i in train_ids], toks, max_len)
     held_pieces = split_to_fit([docs[i] for i in held_ids], toks, max_len)
