@@ -3,7 +3,8 @@
 # kube-controller-manager v1.20.2 on loopback, no kubelet, no scheduler (tests run pods with the
 # stand-in kubelet in tests/harness/kubelet.py).
 #
-#   scripts/k8s-control-plane.sh build            build the two binaries once (cached), install etcd
+#   scripts/k8s-control-plane.sh build            build the two binaries once (cached), install etcd;
+#                                                 also kubectl when the machine has none
 #   scripts/k8s-control-plane.sh start STATE_DIR  start all three; writes STATE_DIR/kubeconfig, ports.env
 #   scripts/k8s-control-plane.sh stop STATE_DIR   stop what `start` started there (by pid files)
 #   scripts/k8s-control-plane.sh bin-dir          print where the binaries are (or will be)
@@ -59,8 +60,17 @@ enable_deb_src() {
   apt-get update -qq
 }
 
+have_kubectl() { command -v kubectl >/dev/null || [[ -x $BIN_DIR/kubectl ]]; }
+
+# What is missing: the two control plane binaries, and kubectl when the machine has none (the tests drive
+# the API server with it; a kubectl built from the same source matches the server's version).
+missing_targets() {
+  have_binaries || echo "cmd/kube-apiserver cmd/kube-controller-manager"
+  have_kubectl || echo "cmd/kubectl"
+}
+
 cmd_build() {
-  if have_binaries && command -v etcd >/dev/null; then
+  if [[ -z $(missing_targets) ]] && command -v etcd >/dev/null; then
     echo "k8s-control-plane: v$K8S_VERSION ready in $BIN_DIR"; return 0
   fi
   # One build at a time (parallel test sessions, make targets): the others wait, then find the cache.
@@ -68,12 +78,13 @@ cmd_build() {
   exec 9>"$BIN_DIR.lock"
   flock 9
   install_deps
-  if have_binaries; then echo "k8s-control-plane: v$K8S_VERSION ready in $BIN_DIR"; return 0; fi
+  local targets; targets=$(missing_targets | tr '\n' ' ')
+  if [[ -z ${targets// /} ]]; then echo "k8s-control-plane: v$K8S_VERSION ready in $BIN_DIR"; return 0; fi
   enable_deb_src
   local work; work=$(mktemp -d)
   # shellcheck disable=SC2064  # expand now: $work is local
   trap "rm -rf '$work'" EXIT
-  echo "k8s-control-plane: building kube-apiserver + kube-controller-manager v$K8S_VERSION (~6 min, once)"
+  echo "k8s-control-plane: building $targets(v$K8S_VERSION, ~6 min for all, once)"
   (cd "$work" && apt-get source --download-only -qq kubernetes >/dev/null 2>&1) \
     || (cd "$work" && apt-get source --download-only kubernetes)
   [[ -f $work/$ORIG_TARBALL ]] || die "Debian's kubernetes source is not $ORIG_TARBALL: found $(ls "$work")"
@@ -96,13 +107,14 @@ cmd_build() {
   mkdir -p "$src/.gopath/src/k8s.io"
   ln -sfn "$src" "$src/.gopath/src/k8s.io/kubernetes"
   if ! (cd "$src" && GOPATH=$src/.gopath CGO_ENABLED=0 GOPROXY=off GOFLAGS= \
-        make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$work/build.log" 2>&1); then
+        make WHAT="${targets% }" >"$work/build.log" 2>&1); then
     tail -40 "$work/build.log" >&2; die "build failed (log above)"
   fi
   mkdir -p "$BIN_DIR"
   # Copy then rename: an interrupted copy never looks like a finished cache.
-  local b
-  for b in kube-apiserver kube-controller-manager; do
+  local t b
+  for t in $targets; do
+    b=${t#cmd/}
     cp "$src/_output/bin/$b" "$BIN_DIR/.$b.tmp" && mv -f "$BIN_DIR/.$b.tmp" "$BIN_DIR/$b"
   done
   echo "k8s-control-plane: built into $BIN_DIR"

@@ -20,6 +20,7 @@ tests skipped, with the build's error as the reason.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -36,8 +37,18 @@ from kubernetes.client.rest import ApiException
 from tests.harness.kubelet import REPO_ROOT, StandInKubelet
 
 SCRIPT = REPO_ROOT / "scripts" / "k8s-control-plane.sh"
-KUBECTL = os.environ.get("KUBECTL", "kubectl")
 T = TypeVar("T")
+
+
+def kubectl_binary() -> str:
+    """$KUBECTL, else kubectl on PATH, else the one `k8s-control-plane.sh build` made (machines without)."""
+    if os.environ.get("KUBECTL"):
+        return os.environ["KUBECTL"]
+    found = shutil.which("kubectl")
+    if found:
+        return found
+    bin_dir = subprocess.run(["bash", str(SCRIPT), "bin-dir"], capture_output=True, text=True).stdout.strip()
+    return str(Path(bin_dir) / "kubectl")
 
 
 class KubectlError(RuntimeError):
@@ -53,6 +64,7 @@ class ControlPlane:
     state_dir: Path
     kubeconfig: Path
     api_port: int
+    kubectl_bin: str = field(default_factory=kubectl_binary)
     _api: client.ApiClient | None = field(default=None, repr=False)
 
     @property
@@ -63,7 +75,7 @@ class ControlPlane:
     def kubectl(self, *args: str, namespace: str | None = None, input: str | None = None,
                 check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         argv = [*(["-n", namespace] if namespace else []), *args]
-        proc = subprocess.run([KUBECTL, *argv], input=input, capture_output=True, text=True,
+        proc = subprocess.run([self.kubectl_bin, *argv], input=input, capture_output=True, text=True,
                               env=self.env, timeout=timeout)
         if check and proc.returncode != 0:
             raise KubectlError(argv, proc)
