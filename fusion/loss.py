@@ -23,39 +23,58 @@ class LossParts(NamedTuple):
     fusion: torch.Tensor
 
 
-class _LogSumExpFP32(torch.autograd.Function):
-    """logsumexp over the last dim in fp32, in row chunks, saving only the logits (any dtype) and the result.
+def _row_chunks(n_rows: int, vocab: int) -> range:
+    return range(0, n_rows, max(1, _LSE_CHUNK_ELEMENTS // max(1, vocab)))
 
-    torch.logsumexp(logits.float()) on bf16 logits would keep a full fp32 copy alive for backward; here the
-    fp32 working set is one chunk at a time in both directions."""
+
+def _lse_fp32(flat: torch.Tensor) -> torch.Tensor:
+    """fp32 logsumexp of [N, V] rows; chunked for 16-bit logits (no full fp32 copy), whole for fp32."""
+    if flat.dtype == torch.float32:
+        return torch.logsumexp(flat, dim=-1)
+    lse = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    rows = _row_chunks(flat.shape[0], flat.shape[1]).step
+    for start in range(0, flat.shape[0], rows):
+        lse[start : start + rows] = torch.logsumexp(flat[start : start + rows].float(), dim=-1)
+    return lse
+
+
+class _SparseFusionLoss(torch.autograd.Function):
+    """Both loss terms in one pass over the logits, with a hand-written backward.
+
+    Forward: one logsumexp over the vocabulary and two gathers (gold id, K target ids).
+    Backward: d/dlogits of  a_i * (lse_i - x_i,gold)  +  b_i * sum_k q_ik (lse_i - x_i,id_ik)  is
+    softmax_i * (a_i + b_i * sum_k q_ik)  minus a_i at the gold id and b_i q_ik at each target id: ONE
+    [N, V] tensor written once, as torch's own cross-entropy does. Letting autograd differentiate
+    logsumexp and both gathers separately costs three [N, V] passes (1.4-1.6x a CLM step on CPU)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        flat = logits.reshape(-1, logits.shape[-1])
-        rows = max(1, _LSE_CHUNK_ELEMENTS // max(1, flat.shape[1]))
-        lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-        for start in range(0, flat.shape[0], rows):
-            lse[start : start + rows] = torch.logsumexp(flat[start : start + rows].float(), dim=-1)
-        ctx.save_for_backward(logits, lse)
-        return lse.reshape(logits.shape[:-1])
+    def forward(ctx, flat, gold, real_w, ids, q, use_w):  # type: ignore[override]
+        lse = _lse_fp32(flat)
+        gold_logit = flat.gather(1, gold[:, None]).squeeze(1).float()
+        clm = ((lse - gold_logit) * real_w).sum()
+        tgt_logit = flat.gather(1, ids).float()
+        fus = ((q * (lse[:, None] - tgt_logit)).sum(1) * use_w).sum()
+        ctx.save_for_backward(flat, lse, gold, real_w, ids, q, use_w)
+        return clm, fus
 
     @staticmethod
-    def backward(ctx, grad_lse: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits, lse = ctx.saved_tensors
-        flat = logits.reshape(-1, logits.shape[-1])
-        g = grad_lse.reshape(-1).float()
-        out = torch.empty_like(flat)
-        rows = max(1, _LSE_CHUNK_ELEMENTS // max(1, flat.shape[1]))
-        for start in range(0, flat.shape[0], rows):
-            sl = slice(start, start + rows)
-            # d lse / d logit = softmax(logits)
-            out[sl] = (torch.exp(flat[sl].float() - lse[sl, None]) * g[sl, None]).to(out.dtype)
-        return out.reshape(logits.shape)
+    def backward(ctx, g_clm, g_fus):  # type: ignore[override]
+        flat, lse, gold, real_w, ids, q, use_w = ctx.saved_tensors
+        a = g_clm.float() * real_w  # [N]: weight of each row's CLM term
+        bq = (g_fus.float() * use_w)[:, None] * q  # [N, K]: weight of each target id
+        coeff = a + bq.sum(1)
+        grad = torch.empty_like(flat)
+        for start in _row_chunks(flat.shape[0], flat.shape[1]):
+            sl = slice(start, start + _row_chunks(flat.shape[0], flat.shape[1]).step)
+            grad[sl] = (torch.exp(flat[sl].float() - lse[sl, None]) * coeff[sl, None]).to(grad.dtype)
+        grad.scatter_add_(1, gold[:, None], (-a[:, None]).to(grad.dtype))
+        grad.scatter_add_(1, ids, (-bq).to(grad.dtype))
+        return grad, None, None, None, None, None
 
 
 def logsumexp_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """fp32 logsumexp over the vocabulary (last dim) of logits of any float dtype; differentiable."""
-    return _LogSumExpFP32.apply(logits)
+    """fp32 logsumexp over the vocabulary (last dim) of logits of any float dtype."""
+    return _lse_fp32(logits.reshape(-1, logits.shape[-1])).reshape(logits.shape[:-1])
 
 
 def fusion_loss(
@@ -90,24 +109,26 @@ def fusion_loss(
             f"must both be [B, T, K] with [B, T] = {(b, t)}"
         )
 
-    lse = logsumexp_fp32(logits)  # [B,T] fp32, shared by both terms
-
     real = labels != IGNORE_INDEX
-    gold = labels.clamp(min=0).unsqueeze(-1)
-    gold_logp = logits.gather(-1, gold).squeeze(-1).float() - lse
-    n_real = real.sum()
-    clm = -(gold_logp * real).sum() / n_real.clamp(min=1)
-
     ids = target_ids.long()
     present = ids >= 0
     q = torch.where(present, target_probs.float(), 0.0)
-    logp = logits.gather(-1, ids.clamp(min=0)).float() - lse.unsqueeze(-1)  # [B,T,K]
-    ce_pos = -(q * torch.where(present, logp, 0.0)).sum(-1)
-    if kind == "kl":
-        q_log_q = torch.where(q > 0, q * torch.log(q.clamp(min=torch.finfo(torch.float32).tiny)), 0.0)
-        ce_pos = ce_pos + q_log_q.sum(-1)
     use = fusion_mask.bool() & present.any(-1)
-    fusion = (ce_pos * use).sum() / use.sum().clamp(min=1)
+    # Per-row weights carry the averaging, so the fused autograd function returns the two means directly.
+    real_w = real.float() / real.sum().clamp(min=1)
+    use_w = use.float() / use.sum().clamp(min=1)
+    v = logits.shape[-1]
+    clm, fusion = _SparseFusionLoss.apply(
+        logits.reshape(-1, v),
+        labels.clamp(min=0).reshape(-1),
+        real_w.reshape(-1),
+        ids.clamp(min=0).reshape(-1, ids.shape[-1]),
+        q.reshape(-1, q.shape[-1]),
+        use_w.reshape(-1),
+    )
+    if kind == "kl":  # KL = CE - H(q); H(q) does not depend on the model
+        q_log_q = torch.where(q > 0, q * torch.log(q.clamp(min=torch.finfo(torch.float32).tiny)), 0.0)
+        fusion = fusion + (q_log_q.sum(-1) * use_w).sum()
 
     if lam == 1.0:  # exactly the CLM loss (no 0 * fusion term that could carry a NaN)
         total = clm
