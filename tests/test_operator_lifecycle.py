@@ -27,6 +27,12 @@ pytestmark = [pytest.mark.k8s, pytest.mark.s3]
 EXTRACTS = ("extract-target-00000", "extract-qwen-00000")
 
 
+def succeeded(env: RunEnv, run: str, task_id: str) -> dict | None:
+    """The task's status once it is Succeeded (else None): for wait_until."""
+    t = env.task(run, task_id)
+    return t if t.get("state") == "Succeeded" else None
+
+
 def is_extract(pod: dict) -> bool:
     return pod_task(pod).startswith("extract-")
 
@@ -37,8 +43,8 @@ def test_failed_pod_is_retried_then_succeeds(fusionrun_env: RunEnv) -> None:
     env.kubelet.hold(is_extract)  # the run goes no further than prepare
     with StatusRecorder(env.k8s, env.ns, "retry") as rec:
         assert env.apply("retry", env.spec()) == "fusionrun.fusionrun.dev/retry created"
-        prepare = wait_until(lambda: (t := env.task("retry", "prepare")).get("state") == "Succeeded" and t,
-                             120, "prepare to succeed after one retry")
+        prepare = wait_until(lambda: succeeded(env, "retry", "prepare"), 120,
+                             "prepare to succeed after one retry")
     assert (prepare["attempts"], prepare["failures"]) == (2, 1)
     assert fault.hits == 1
     # Exact transitions (Pending may pass unseen: the first pass already starts prepare).
@@ -58,9 +64,12 @@ def test_permanent_failure_fails_fast_with_the_reason(fusionrun_env: RunEnv) -> 
     # Exit code 2 is how stage jobs report bad input: retrying cannot help.
     env.kubelet.fail(task_selector("prepare"), exit_code=2, times=None, message="bad corpus")
     started = time.monotonic()
-    env.apply("broken", env.spec())
-    st = env.wait_phase("broken", "Failed", 60)
+    with StatusRecorder(env.k8s, env.ns, "broken") as rec:
+        env.apply("broken", env.spec())
+        st = env.wait_phase("broken", "Failed", 60)
     elapsed = time.monotonic() - started
+    assert rec.tasks["prepare"] in (["Running", "Failed"], ["Pending", "Running", "Failed"])
+    assert rec.phases in (["Running", "Failed"], ["Pending", "Running", "Failed"])
 
     failed = condition(st, "Failed")
     assert failed is not None and failed["status"] == "True"
@@ -109,35 +118,38 @@ def test_operator_killed_mid_run_creates_no_duplicate_jobs(fusionrun_env: RunEnv
 def test_suspend_deletes_running_jobs_and_resume_reruns_them(fusionrun_env: RunEnv) -> None:
     env = fusionrun_env
     hold = env.kubelet.hold(is_extract)
-    env.apply("pause", env.spec())
-    wait_until(lambda: len(hold.held) == 2, 120, "both extract pods to be running")
-    # prepare's Job completes a moment after its outputs land in the store (which starts extract).
-    wait_until(lambda: env.outcomes("pause").get("pause-prepare-1") == "Complete", 30, "prepare's Job")
+    with StatusRecorder(env.k8s, env.ns, "pause") as rec:
+        env.apply("pause", env.spec())
+        wait_until(lambda: len(hold.held) == 2, 120, "both extract pods to be running")
+        # prepare's Job completes a moment after its outputs land in the store (which starts extract).
+        wait_until(lambda: env.outcomes("pause").get("pause-prepare-1") == "Complete", 30, "prepare's Job")
 
-    env.k8s.kubectl("patch", "fusionrun", "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}',
-                    namespace=env.ns)
-    st = env.wait_phase("pause", "Suspended", 30)
-    assert condition(st, "Suspended")["status"] == "True"
-    # The extract Jobs are deleted (and with them their pods and processes); prepare's finished Job stays.
-    wait_until(lambda: set(env.jobs("pause")) == {"pause-prepare-1"}, 30, "extract Jobs to be deleted")
-    wait_until(lambda: all(r.killed for r in env.kubelet.runs_matching(is_extract)), 30,
-               "the held extract pods to be gone")
-    time.sleep(3)  # suspended: nothing new is created however often it reconciles
-    assert set(env.jobs("pause")) == {"pause-prepare-1"}
-    for task_id in EXTRACTS:
-        assert env.task("pause", task_id)["state"] == "Pending"
+        env.k8s.kubectl("patch", "fusionrun", "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}',
+                        namespace=env.ns)
+        st = env.wait_phase("pause", "Suspended", 30)
+        assert condition(st, "Suspended")["status"] == "True"
+        # The extract Jobs are deleted (and with them their pods and processes); prepare's finished Job stays.
+        wait_until(lambda: set(env.jobs("pause")) == {"pause-prepare-1"}, 30, "extract Jobs to be deleted")
+        wait_until(lambda: all(r.killed for r in env.kubelet.runs_matching(is_extract)), 30,
+                   "the held extract pods to be gone")
+        time.sleep(3)  # suspended: nothing new is created however often it reconciles
+        assert set(env.jobs("pause")) == {"pause-prepare-1"}
+        for task_id in EXTRACTS:
+            assert env.task("pause", task_id)["state"] == "Pending"
 
-    hold.release()
-    env.kubelet.hold(lambda pod: pod_task(pod).startswith("align-"))
-    env.k8s.kubectl("patch", "fusionrun", "pause", "--type=merge", "-p", '{"spec":{"suspend":false}}',
-                    namespace=env.ns)
-    # Resumed: the interrupted tasks rerun as a new attempt that does not count as a failure.
-    for task_id in EXTRACTS:
-        t = wait_until(lambda tid=task_id: (t := env.task("pause", tid)).get("state") == "Succeeded" and t,
-                       120, f"{task_id} to succeed after resume")
-        assert (t["attempts"], t["failures"]) == (2, 0)
-    st = env.status("pause")
-    assert st["phase"] == "Running" and condition(st, "Suspended")["status"] == "False"
+        hold.release()
+        env.kubelet.hold(lambda pod: pod_task(pod).startswith("align-"))
+        env.k8s.kubectl("patch", "fusionrun", "pause", "--type=merge", "-p", '{"spec":{"suspend":false}}',
+                        namespace=env.ns)
+        # Resumed: the interrupted tasks rerun as a new attempt that does not count as a failure.
+        for task_id in EXTRACTS:
+            t = wait_until(lambda tid=task_id: succeeded(env, "pause", tid), 120,
+                           f"{task_id} to succeed after resume")
+            assert (t["attempts"], t["failures"]) == (2, 0)
+        st = env.status("pause")
+        assert st["phase"] == "Running" and condition(st, "Suspended")["status"] == "False"
+    assert rec.phases[-3:] == ["Running", "Suspended", "Running"]
+    assert rec.tasks["extract-qwen-00000"][-4:] == ["Running", "Pending", "Running", "Succeeded"]
     expected = {"pause-prepare-1": "Complete", "pause-extract-target-00000-2": "Complete",
                 "pause-extract-qwen-00000-2": "Complete"}
     wait_until(lambda: {n: env.outcomes("pause").get(n) for n in expected} == expected, 30,
