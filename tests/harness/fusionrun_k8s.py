@@ -305,7 +305,11 @@ class RunEnv:
             return wait_until(reached, timeout, f"FusionRun {name} to reach phase {phase}")
         except AssertionError as err:
             seen = {k: last.get(k) for k in ("phase", "stage", "progress", "message")}
-            raise AssertionError(f"{err}\nlast status: {seen}") from None
+            pods = {r.name: "running" if r.finished is None else f"exit {r.exit_code}"
+                    for r in self.kubelet.runs.values()}
+            warnings = [ln for ln in self.operator.log().splitlines() if "WARNING" in ln][-5:]
+            raise AssertionError(f"{err}\nlast status: {seen}\npods: {pods}\noperator warnings: {warnings}"
+                                 ) from None
 
     def keys(self, prefix: str) -> list[str]:
         return s3_keys(self.s3.client(), self.bucket, prefix)
