@@ -19,7 +19,7 @@ from tests.harness.fusionrun_k8s import (  # noqa: F401  (fixtures)
     condition,
     fusionrun_env_fixture,
 )
-from tests.harness.k8s import k8s_fixture, k8s_namespace_fixture, kubelet_fixture  # noqa: F401
+from tests.harness.k8s import k8s_fixture, k8s_namespace_fixture, kubelet_fixture, wait_until  # noqa: F401
 from tests.harness.s3 import s3_server  # noqa: F401
 
 pytestmark = [pytest.mark.k8s, pytest.mark.s3]
@@ -63,8 +63,9 @@ def test_tiny_run_goes_from_kubectl_apply_to_a_trained_model(fusionrun_env: RunE
         assert condition(st, type_)["status"] == "True", type_
 
     # Exactly one Job per task (attempt 1), all complete: nothing duplicated, nothing left running.
-    outcomes = env.outcomes("tiny")
-    assert outcomes == {f"tiny-{t}-1": "Complete" for t in task_ids}
+    # (A task is done once its outputs are in the store; its Job's Complete condition follows a moment later.)
+    expected = {f"tiny-{t}-1": "Complete" for t in task_ids}
+    wait_until(lambda: env.outcomes("tiny") == expected, 30, f"exactly the Jobs {expected}")
     assert sorted(r.exit_code for r in env.kubelet.runs.values()) == [0] * len(task_ids)
 
     # The trained model is in the store, in Hugging Face format, shaped as the spec says.
@@ -102,8 +103,9 @@ def test_two_node_training_rendezvous_through_the_headless_service(fusionrun_env
 
     train = next(t for t in st["tasks"] if t["id"] == "train")
     assert (train["state"], train["attempts"], train["failures"]) == ("Succeeded", 1, 0)
-    assert {n: o for n, o in env.outcomes("mn").items() if "train" in n} == {
-        "mn-train-1-r0": "Complete", "mn-train-1-r1": "Complete"}
+    expected = {"mn-train-1-r0": "Complete", "mn-train-1-r1": "Complete"}
+    wait_until(lambda: {n: o for n, o in env.outcomes("mn").items() if "train" in n} == expected, 30,
+               f"exactly the training Jobs {expected}")
     svc = client.CoreV1Api(env.k8s.api()).read_namespaced_service("mn-train", env.ns)
     assert svc.spec.cluster_ip == "None"  # headless: DNS names for the pods, no virtual IP
     ranks = sorted((r for r in env.kubelet.runs.values() if r.labels.get("fusionrun.dev/task") == "train"),
