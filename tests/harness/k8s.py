@@ -149,16 +149,26 @@ def stop_control_plane(cp: ControlPlane) -> None:
     subprocess.run(["bash", str(SCRIPT), "stop", str(cp.state_dir)], capture_output=True, timeout=120)
 
 
+# pytest gives every test module that imports a session fixture its own instance; one control plane per
+# process is enough, so the modules' instances share this one and the last to finish stops it.
+_shared: dict[str, Any] = {"cp": None, "users": 0}
+
+
 @pytest.fixture(scope="session", name="k8s")
 def k8s_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    ok, reason = binaries_ready()
-    if not ok:
-        pytest.skip(reason)
-    cp = start_control_plane(tmp_path_factory.mktemp("k8s-control-plane"))
+    if _shared["cp"] is None:
+        ok, reason = binaries_ready()
+        if not ok:
+            pytest.skip(reason)
+        _shared["cp"] = start_control_plane(tmp_path_factory.mktemp("k8s-control-plane"))
+    _shared["users"] += 1
     try:
-        yield cp
+        yield _shared["cp"]
     finally:
-        stop_control_plane(cp)
+        _shared["users"] -= 1
+        if _shared["users"] == 0:
+            stop_control_plane(_shared["cp"])
+            _shared["cp"] = None
 
 
 @pytest.fixture(name="k8s_namespace")
