@@ -117,14 +117,14 @@ def fusion_loss(
     # Per-row weights carry the averaging, so the fused autograd function returns the two means directly.
     real_w = real.float() / real.sum().clamp(min=1)
     use_w = use.float() / use.sum().clamp(min=1)
-    v = logits.shape[-1]
+    n, v, k = b * t, logits.shape[-1], ids.shape[-1]  # explicit sizes: K may be 0 (CLM-only data)
     clm, fusion = _SparseFusionLoss.apply(
-        logits.reshape(-1, v),
-        labels.clamp(min=0).reshape(-1),
-        real_w.reshape(-1),
-        ids.clamp(min=0).reshape(-1, ids.shape[-1]),
-        q.reshape(-1, q.shape[-1]),
-        use_w.reshape(-1),
+        logits.reshape(n, v),
+        labels.clamp(min=0).reshape(n),
+        real_w.reshape(n),
+        ids.clamp(min=0).reshape(n, k),
+        q.reshape(n, k),
+        use_w.reshape(n),
     )
     if kind == "kl":  # KL = CE - H(q); H(q) does not depend on the model
         q_log_q = torch.where(q > 0, q * torch.log(q.clamp(min=torch.finfo(torch.float32).tiny)), 0.0)

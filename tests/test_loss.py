@@ -151,3 +151,19 @@ def test_bad_shapes_and_kind_are_named() -> None:
         fusion_loss(logits, labels[:, :-1], ids, probs, mask)
     with pytest.raises(ValueError, match="target_ids"):
         fusion_loss(logits, labels, ids[..., :2], probs, mask)
+
+
+def test_no_fused_targets_at_all_gives_the_clm_loss_and_its_gradient() -> None:
+    # The CLM-only baseline trains on blocks with K = 0 target columns: same loss and gradient as torch's CE.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 11, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[1, 4] = -100
+    empty_ids = torch.zeros(2, 5, 0, dtype=torch.long)
+    parts = fusion_loss(logits, labels, empty_ids, torch.zeros(2, 5, 0), torch.zeros(2, 5, dtype=torch.bool),
+                        lam=1.0)
+    ref = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100)
+    assert torch.allclose(parts.total, ref, atol=1e-6) and float(parts.fusion) == 0.0
+    (g_ours,) = torch.autograd.grad(parts.total, logits)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    assert torch.allclose(g_ours, g_ref, atol=1e-6)
