@@ -1,3 +1,3 @@
-"""FuseLLM algorithms: token/vocabulary alignment, extraction, fusion, loss, training. No Kubernetes, no S3."""
+"""FuseLLM algorithms: token/vocabulary alignment, extraction, fusion, loss, training. No Kubernetes."""
 
 __version__ = "0.1.0"

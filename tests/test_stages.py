@@ -28,7 +28,7 @@ from jobs.stages import align, extract, fuse, prepare
 from jobs.stages.common import StageError, run_task
 from jobs.store import open_store
 from tests.conftest import MISTRAL_URI, SMOLLM2_GGUF, SMOLLM2_URI
-from tests.harness.s3 import ENDPOINT, s3_bucket, s3_server  # noqa: F401
+from tests.harness.s3 import ENDPOINT
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -288,7 +288,7 @@ def test_report_pieces() -> None:
 
 
 @pytest.mark.s3
-def test_prepare_reads_a_corpus_from_s3(s3_server, s3_bucket, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+def test_prepare_reads_a_corpus_from_s3(s3_server, s3_bucket, tmp_path: Path, monkeypatch) -> None:
     """Corpus and store on the same S3 server (the store's endpoint and credentials read the corpus)."""
     from fusion.format import read_shard
 

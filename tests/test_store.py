@@ -23,7 +23,7 @@ from jobs.plan import Stage, Task, build_dag
 from jobs.spec import Store as StoreSpec
 from jobs.spec import parse_spec
 from jobs.store import LocalStore, S3Store, StoreError, download_model, open_store
-from tests.harness.s3 import ENDPOINT, s3_bucket, s3_server  # noqa: F401
+from tests.harness.s3 import ENDPOINT
 
 SPEC = {
     "target": {"name": "tgt", "tokenizer": "/tok", "randomInit": {}},
@@ -84,14 +84,14 @@ def test_local_store_relative_uri_is_rejected() -> None:
 
 
 @pytest.mark.s3
-def test_s3_store_contract(s3_server, s3_bucket) -> None:  # noqa: F811
+def test_s3_store_contract(s3_server, s3_bucket) -> None:
     store = open_store(_s3_spec(s3_bucket), "run1", check=True)
     assert isinstance(store, S3Store) and store.base_uri == f"s3://{s3_bucket}/runs/run1"
     _exercise(store)
 
 
 @pytest.mark.s3
-def test_s3_multipart_upload_and_download(s3_server, s3_bucket, tmp_path: Path) -> None:  # noqa: F811
+def test_s3_multipart_upload_and_download(s3_server, s3_bucket, tmp_path: Path) -> None:
     from boto3.s3.transfer import TransferConfig
 
     store = open_store(_s3_spec(s3_bucket), "run1")
@@ -107,7 +107,7 @@ def test_s3_multipart_upload_and_download(s3_server, s3_bucket, tmp_path: Path) 
 
 
 @pytest.mark.s3
-def test_s3_errors_name_endpoint_bucket_and_fix(s3_server, monkeypatch) -> None:  # noqa: F811
+def test_s3_errors_name_endpoint_bucket_and_fix(s3_server, monkeypatch) -> None:
     monkeypatch.setenv("FUSIONRUN_S3_MAX_ATTEMPTS", "2")
     with pytest.raises(StoreError, match=r"bucket 'no-such-bucket'.*does not exist; create it"):
         open_store(_s3_spec("no-such-bucket"), "r", check=True)
@@ -123,7 +123,7 @@ def test_s3_errors_name_endpoint_bucket_and_fix(s3_server, monkeypatch) -> None:
 
 
 @pytest.mark.s3
-def test_s3_rides_out_a_server_restart(s3_server, s3_bucket, tmp_path: Path) -> None:  # noqa: F811
+def test_s3_rides_out_a_server_restart(s3_server, s3_bucket, tmp_path: Path) -> None:
     """The server goes away and comes back while the store keeps writing: bounded retries ride it out."""
     s3_server.require_owned()
     store = open_store(_s3_spec(s3_bucket), "run1")
@@ -144,7 +144,7 @@ def test_s3_rides_out_a_server_restart(s3_server, s3_bucket, tmp_path: Path) -> 
 
 
 @pytest.mark.s3
-def test_download_model_caches_an_s3_folder(s3_server, s3_bucket, tmp_path, monkeypatch) -> None:  # noqa: F811
+def test_download_model_caches_an_s3_folder(s3_server, s3_bucket, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("FUSIONRUN_CACHE", str(tmp_path / "cache"))
     c = s3_server.client()
     c.put_object(Bucket=s3_bucket, Key="models/m1/config.json", Body=b"{}")

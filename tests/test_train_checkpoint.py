@@ -11,7 +11,7 @@ import pytest
 from fusion.train import checkpoint as ck
 from jobs.spec import Store as StoreSpec
 from jobs.store import open_store
-from tests.harness.s3 import ENDPOINT, s3_bucket, s3_server  # noqa: F401
+from tests.harness.s3 import ENDPOINT
 
 PREFIX = "train/fused/checkpoints"
 
@@ -117,6 +117,6 @@ def test_upload_download_prune_on_a_file_store(tmp_path: Path):
 
 
 @pytest.mark.s3
-def test_upload_download_prune_on_s3(s3_server, s3_bucket, tmp_path: Path):  # noqa: F811
+def test_upload_download_prune_on_s3(s3_server, s3_bucket, tmp_path: Path):
     spec = StoreSpec(uri=f"s3://{s3_bucket}/runs", endpoint=ENDPOINT, insecure=True)
     roundtrip(open_store(spec, "run", check=True), tmp_path)

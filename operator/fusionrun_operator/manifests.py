@@ -162,7 +162,7 @@ def _env(run: RunRef, spec: FusionRunSpec, task: Task, attempt: int) -> list[dic
         {"name": "FUSIONRUN_TASK", "value": task.id},
         {"name": "FUSIONRUN_ATTEMPT", "value": str(attempt)},
         {"name": "FUSIONRUN_CACHE", "value": "/scratch/cache"},
-        {"name": "TMPDIR", "value": "/scratch/tmp"},
+        {"name": "TMPDIR", "value": "/scratch"},  # the emptyDir itself (a subfolder would not exist)
         {"name": "HOME", "value": "/scratch"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
