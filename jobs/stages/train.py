@@ -181,8 +181,10 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
     if rank == 0 and reason != "no manifest":
         invalidate(store, task)  # a stale manifest must not vouch for a model being rewritten
     started = time.time()
+    # Keyed by the store too: runs of the same name in other namespaces or stores must not share scratch.
+    where = hashlib.sha256(store.base_uri.encode()).hexdigest()[:12]
     work = Path(os.environ.get("FUSIONRUN_WORK_DIR")
-                or Path(tempfile.gettempdir()) / f"fusionrun-{run_name}-{task.id}")
+                or Path(tempfile.gettempdir()) / f"fusionrun-{run_name}-{task.id}-{where}")
     ctx = StageContext(spec, run_name, store, task, dag, work / "scratch")
 
     shards = []
