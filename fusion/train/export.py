@@ -23,6 +23,23 @@ def full_state_dict(engine: Any) -> dict | None:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
+def plain_for_saving(module: Any) -> Any:
+    """The module itself, or for a GGUF-loaded model (whose quantizer makes save_pretrained refuse, though
+    its weights were dequantised at load) an unquantised skeleton of the same config on the meta device:
+    save_pretrained then writes the given state dict without a second copy of the weights in memory."""
+    quantized = getattr(module.config, "quantization_config", None) is not None
+    if not quantized and not getattr(module, "hf_quantizer", None):
+        return module
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = module.config.__class__.from_dict(module.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path) -> Path | None:
     """Write model (safetensors + config) and tokenizer to out_dir on rank 0; returns the folder there,
     None elsewhere. Must be called on every rank (ZeRO-3 gathers collectively)."""
@@ -32,7 +49,7 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path) -> Path | None:
     out = Path(out_dir)
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        module = engine.module
+        module = plain_for_saving(engine.module)
         module.config.use_cache = True  # training turned it off for gradient checkpointing
         module.save_pretrained(out, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
