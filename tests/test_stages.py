@@ -92,17 +92,35 @@ def test_read_documents_formats_and_limits(tmp_path: Path) -> None:
         read_documents(empty, Corpus(uri=str(empty)))
 
 
-def test_parquet_without_pyarrow_is_a_clear_error(tmp_path: Path) -> None:
-    try:
-        import pyarrow  # noqa: F401
+def test_parquet_corpus_file_and_folder(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        pytest.skip("pyarrow is installed here")
-    except ImportError:
-        pass
-    p = tmp_path / "c.parquet"
-    p.write_bytes(b"PAR1")
-    with pytest.raises(CorpusError, match="reading parquet needs pyarrow"):
-        read_documents(p, Corpus(uri=str(p)))
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "body": ["first doc", "second doc"]}), folder / "a.parquet")
+    pq.write_table(pa.table({"id": [3], "body": ["third doc"]}), folder / "b.parquet")
+    body = Corpus(uri="x", textField="body")
+    assert read_documents(folder / "a.parquet", body) == ["first doc", "second doc"]
+    assert read_documents(folder, body) == ["first doc", "second doc", "third doc"]
+    with pytest.raises(CorpusError, match=r"no column 'text' \(has \['id', 'body'\]\); set corpus.textField"):
+        read_documents(folder, Corpus(uri="x"))
+
+
+def test_saved_hugging_face_dataset_corpus(tmp_path: Path) -> None:
+    import datasets
+
+    plain = tmp_path / "ds"
+    datasets.Dataset.from_dict({"text": ["alpha", "beta"], "n": [1, 2]}).save_to_disk(str(plain))
+    assert read_documents(plain, Corpus(uri="x")) == ["alpha", "beta"]  # format auto-detected: hf-disk
+    splits = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["gamma"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["held"]})}).save_to_disk(str(splits))
+    assert read_documents(splits, Corpus(uri="x")) == ["gamma"]  # the train split of a DatasetDict
+    no_train = tmp_path / "nt"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(no_train))
+    with pytest.raises(CorpusError, match="without a 'train' split"):
+        read_documents(no_train, Corpus(uri="x"))
 
 
 def test_split_to_fit_every_tokenizer(smollm2_tokenizer, mistral_tokenizer, qwen_tokenizer) -> None:
