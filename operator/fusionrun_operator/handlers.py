@@ -279,13 +279,34 @@ def apply(fr: dict[str, Any], obs: Observed, plan: Plan, store: Any, logger: log
 
 
 def _event(fr: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    """Post a Kubernetes event, best effort. kopf.event() needs kopf's posting queue in the context; a
-    pass in a thread whose copied context lacks it (LookupError) must still write status, else the run
-    stalls on its last status (seen in the integration tests: a resync pass ate a Job event's pass)."""
+    """Post a Kubernetes event for the run. kopf.event() needs kopf's posting queue in the context, which a
+    pass in the resync thread does not have (LookupError): there the event goes straight to the Events API
+    (same `events: create` permission), so every transition is visible in `kubectl describe`. Best effort:
+    a failed post must never stop the pass from writing status."""
     try:
         kopf.event(fr, type=type_, reason=reason, message=message)
+        return
     except LookupError:
-        log.debug(f"event {reason} not posted (no kopf event queue in this thread): {message}")
+        pass
+    try:
+        body = _event_body(fr, type_, reason, message)
+        _api("core").create_namespaced_event(fr["metadata"]["namespace"], body)
+    except Exception as err:  # the API may be briefly unreachable; status is what matters
+        log.warning(f"event {reason} not posted: {type(err).__name__}")
+
+
+def _event_body(fr: dict[str, Any], type_: str, reason: str, message: str) -> dict[str, Any]:
+    """A core/v1 Event about the FusionRun, shaped like kopf's own (same source component)."""
+    meta = fr["metadata"]
+    now = datetime.now(timezone.utc).isoformat()
+    return {
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "FusionRun",
+                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+        "reason": reason, "message": message[:1024], "type": type_,
+        "source": {"component": "kopf"}, "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        "reportingComponent": "kopf", "reportingInstance": "dev",
+    }
 
 
 def _api_message(err: Exception) -> str:
