@@ -61,15 +61,27 @@ def loss_curve(obj: Any) -> list[tuple[int, float]]:
 def loss_curve_from_log(text: str) -> list[tuple[int, float]]:
     """(step, loss) from JSON log lines (the train stage's structured progress lines). The local runner
     appends each attempt to the same log: a later attempt's figure for a step replaces an earlier one, so a
-    resumed run keeps the steps done before the interruption, a redone run replaces the steps it logs."""
-    rows = []
+    resumed run keeps the steps done before the interruption, a redone run replaces the steps it logs. An
+    attempt that starts with another length (total_steps changed in the spec) is another training: the
+    curve restarts there instead of mixing two runs' steps."""
+    rows: list[dict[str, Any]] = []
+    total = None
     for line in text.splitlines():
         line = line.strip()
-        if line.startswith("{") and '"loss"' in line:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
+        if not line.startswith("{"):
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        if obj.get("event") == "start" and "total_steps" in obj:
+            if total is not None and obj["total_steps"] != total:
+                rows.clear()
+            total = obj["total_steps"]
+        elif "loss" in obj:
+            rows.append(obj)
     return sorted(dict(loss_curve(rows)).items())
 
 

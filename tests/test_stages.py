@@ -293,6 +293,14 @@ def test_report_pieces() -> None:
            '"loss": 4.0}\nnot json\n=== resumed\n{"event": "resumed", "step": 1}\n'
            '{"event": "step", "step": 2, "loss": 3.5}\n{"event": "step", "step": 3, "loss": 3.0}\n')
     assert loss_curve_from_log(log) == [(1, 5.0), (2, 3.5), (3, 3.0)]
+    # a later attempt of another length (maxSteps edited) is a new training: its curve alone
+    relaunched = ('{"event": "start", "total_steps": 36}\n{"event": "step", "step": 1, "loss": 5.0}\n'
+                  '{"event": "step", "step": 36, "loss": 2.0}\n{"event": "start", "total_steps": 20}\n'
+                  '{"event": "step", "step": 1, "loss": 4.5}\n{"event": "step", "step": 20, "loss": 2.5}\n')
+    assert loss_curve_from_log(relaunched) == [(1, 4.5), (20, 2.5)]
+    resumed = ('{"event": "start", "total_steps": 20}\n{"event": "step", "step": 1, "loss": 4.5}\n'
+               '{"event": "start", "total_steps": 20}\n{"event": "step", "step": 2, "loss": 4.0}\n')
+    assert loss_curve_from_log(resumed) == [(1, 4.5), (2, 4.0)]  # same length: a resume keeps earlier steps
     metrics = {"heldout": {"documents": 2, "bytes": 100},
                "models": {"source:b": {"bits_per_byte": 4.0, "perplexity": 9.0, "tokens": 5},
                           "fused": {"bits_per_byte": 2.0, "perplexity": 3.0, "tokens": 4},
