@@ -543,6 +543,7 @@ CLIENT_METHOD_RBAC = {
     "delete_namespaced_job": ("batch", "jobs", "delete"),
     "list_namespaced_pod": ("", "pods", "list"),
     "create_namespaced_service": ("", "services", "create"),
+    "create_namespaced_event": ("", "events", "create"),
 }
 
 
