@@ -32,7 +32,7 @@ from jobs.manifest import (
     write_manifest,
 )
 from jobs.plan import Stage, Task, build_dag
-from jobs.spec import FusionRunSpec, SpecError, load_fusionrun, parse_fusionrun, parse_spec
+from jobs.spec import FusionRunSpec, SpecError, load_fusionrun, parse_spec
 from jobs.store import Store, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -57,8 +57,7 @@ def load_spec_and_name(spec_file: str | None, run_name: str | None) -> tuple[Fus
         except yaml.YAMLError as err:
             raise SpecError(f"--spec {path}: not valid YAML/JSON: {err}") from None
         if isinstance(doc, dict) and "spec" in doc and "metadata" in doc:
-            parse_fusionrun(doc)  # validation errors name the field
-            run = load_fusionrun(path)  # resolves ./relative paths against the file's folder
+            run = load_fusionrun(path)  # validates (errors name the field), resolves ./relative paths
             return run.spec, name or run.metadata.name
         if not isinstance(doc, dict):
             raise SpecError(f"--spec {path}: expected a FusionRun document or a spec mapping")
