@@ -62,17 +62,24 @@ class Candidate:
     doc_nll: np.ndarray  # float64 [D]
     doc_pred_nbytes: np.ndarray  # int64 [D]
     doc_n_pred: np.ndarray  # int64 [D]
+    top_k: int | None = None  # keep only the k most likely entries of each row (None: all stored)
 
     @property
     def width(self) -> int:
-        return int(self.shard.rows("topk_ids", 0, 0).shape[1])
+        stored = int(self.shard.rows("topk_ids", 0, 0).shape[1])
+        return stored if self.top_k is None else min(stored, self.top_k)
 
     def block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows [start, stop): ids int32 (-1 empty) and log-probs float32 (-inf empty)."""
+        """Rows [start, stop): ids int32 (-1 empty) and log-probs float32 (-inf empty), at most top_k
+        entries a row, most likely first when truncated (ties: the stored order)."""
         ids = np.asarray(self.shard.rows("topk_ids", start, stop)).astype(np.int32)
         logprobs = np.asarray(self.shard.rows("topk_logprobs", start, stop)).astype(np.float32)
         ids[self.empty_rows[start:stop]] = -1
         logprobs[ids < 0] = -np.inf
+        if self.top_k is not None and self.top_k < ids.shape[1]:
+            keep = np.argsort(-logprobs, axis=1, kind="stable")[:, : self.top_k]
+            ids = np.take_along_axis(ids, keep, axis=1)
+            logprobs = np.take_along_axis(logprobs, keep, axis=1)
         return ids, logprobs
 
 
@@ -215,10 +222,15 @@ def fuse_shard(
     ce_unit: str = "byte",
     temperature: float = 1.0,
     include_target: bool = True,
+    top_k: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The arrays of a FUSED shard (fusion.format) from the target's extract shard and the sources'
     aligned shards. `choice` holds MinCE's candidate index per document (sequence) or per position
-    (token), counted over the candidates used (the target is 0 when included); -1 for AvgCE."""
+    (token), counted over the candidates used (the target is 0 when included); -1 for AvgCE.
+
+    top_k: each candidate's distribution keeps only its k most likely stored entries (renormalised by
+    the softmax), so k can be ablated below extraction's top-k without extracting again. MinCE's and
+    AvgCE's decisions do not depend on it: they use the full-softmax gold log-probabilities."""
     if strategy not in STRATEGIES:
         raise FusionError(f"fusion strategy {strategy!r} unknown; expected one of {STRATEGIES}")
     if level not in LEVELS:
@@ -227,10 +239,14 @@ def fuse_shard(
         raise FusionError(f"fusion ceUnit {ce_unit!r} unknown; expected one of {CE_UNITS}")
     if not temperature > 0:
         raise FusionError(f"fusion temperature must be positive, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise FusionError(f"fusion topK must be at least 1, got {top_k}")
     if not include_target and not aligned:
         raise FusionError("nothing to fuse: includeTarget is false and there are no aligned sources")
     _check_same_documents([target, *aligned])
     cands = ([target_candidate(target)] if include_target else []) + [aligned_candidate(s) for s in aligned]
+    for c in cands:
+        c.top_k = top_k
     if len(cands) > 127:
         raise FusionError(f"{len(cands)} candidates: choice is stored as int8, at most 127 are supported")
 

@@ -155,6 +155,12 @@ class Fusion(Spec):
     )
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     include_target: bool = Field(True, description="The target's own distribution is a fusion candidate.")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description="Entries of each candidate's distribution used (its most likely; at most "
+        "extraction.topK; default all extracted): ablate k without extracting again.",
+    )
 
 
 class Training(Spec):
@@ -305,6 +311,11 @@ class FusionRunSpec(Spec):
                 f"training.seqLen ({self.training.seq_len}) exceeds extraction.maxLength "
                 f"({self.extraction.max_length}): raise extraction.maxLength or lower training.seqLen"
             )
+        if self.fusion.top_k is not None and self.fusion.top_k > self.extraction.top_k:
+            raise ValueError(
+                f"fusion.topK ({self.fusion.top_k}) exceeds extraction.topK ({self.extraction.top_k}): only "
+                "the extracted entries exist; lower fusion.topK or raise extraction.topK (re-extracts)"
+            )
         return self
 
     @property
@@ -431,7 +442,8 @@ def spec_fingerprint_fields(spec: FusionRunSpec, stage: str) -> dict[str, Any]:
         "prepare": prepare,
         "extract": {"models": models, "topK": d["extraction"]["topK"]},
         "align": {"alignment": d["alignment"]},
-        "fuse": {"fusion": d["fusion"]},
+        # A field added after 0.1 counts only when set, so that outputs made before it stay valid.
+        "fuse": {"fusion": {k: v for k, v in d["fusion"].items() if not (k == "topK" and v is None)}},
         "train": {"training": {k: v for k, v in d["training"].items() if k not in ("checkpointInterval",)}},
         "evaluate": {"evaluation": d["evaluation"]},
     }

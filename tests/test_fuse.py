@@ -189,6 +189,27 @@ def test_token_level_choices_per_position(case) -> None:
     )
 
 
+def test_top_k_keeps_each_candidates_best_entries_and_the_same_decisions(case) -> None:
+    target, source = case
+    # k = 1: each candidate keeps its most likely entry, renormalised to 1; MinCE's choice comes from the
+    # gold log-probs, so it does not change (per token: the target).
+    one = fuse_shard(target, [source], "minCE", "sequence", "token", top_k=1)
+    assert one["choice"].tolist() == [0]
+    assert one["target_ids"].tolist() == [[11], [12], [-1]]
+    np.testing.assert_allclose(one["target_probs"].astype(float), [[1], [1], [0]])
+    # AvgCE, same weights as without k: row 0 = target's 11 (W_T) + the source's first of its tied pair,
+    # 20 (W_S); row 1 = 12 from both, merged to 1.
+    avg = fuse_shard(target, [source], "avgCE", "sequence", "byte", top_k=1)
+    assert avg["target_ids"].tolist() == [[20, 11], [12, -1], [-1, -1]]
+    np.testing.assert_allclose(avg["target_probs"].astype(float), [[W_S, W_T], [1, 0], [0, 0]], atol=1e-3)
+    # k at or above what is stored changes nothing
+    full = fuse_shard(target, [source], "avgCE", "sequence", "byte")
+    same = fuse_shard(target, [source], "avgCE", "sequence", "byte", top_k=10)
+    np.testing.assert_array_equal(same["target_ids"], full["target_ids"])
+    with pytest.raises(FusionError, match="topK must be at least 1"):
+        fuse_shard(target, [source], top_k=0)
+
+
 def test_without_the_target_and_ties(case, tmp_path) -> None:
     target, source = case
     out = fuse_shard(target, [source], "minCE", include_target=False)

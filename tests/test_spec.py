@@ -57,6 +57,8 @@ def test_examples_validate_and_resolve_relative_paths(name: str) -> None:
         ("extraction.topK", 0, "spec.extraction.topK: Input should be greater than or equal to 1 (got 0)"),
         ("sources.0.name", "Bad_Name", "spec.sources.0.name: String should match pattern"),
         ("training.seqLen", 4096, "training.seqLen (4096) exceeds extraction.maxLength (256)"),
+        ("fusion.topK", 11, "fusion.topK (11) exceeds extraction.topK (10): only the extracted entries exist"),
+        ("fusion.topK", 0, "spec.fusion.topK: Input should be greater than or equal to 1 (got 0)"),
         ("fusion.strategy", "maxCE",
          "spec.fusion.strategy: Input should be 'minCE' or 'avgCE' (got 'maxCE')"),
         ("training.lambda", 1.5, "spec.training.lambda: Input should be less than or equal to 1"),
@@ -104,3 +106,8 @@ def test_fingerprint_fields_follow_what_decides_each_stage() -> None:
     assert spec_fingerprint_fields(a, "train") != spec_fingerprint_fields(b, "train")
     assert spec_fingerprint_fields(a, "extract") != spec_fingerprint_fields(c, "extract")
     assert spec_fingerprint_fields(a, "prepare") == spec_fingerprint_fields(c, "prepare")
+    # fusion.topK (added later) counts only when set: fused shards made before it stay valid
+    assert "topK" not in spec_fingerprint_fields(a, "fuse")["fusion"]
+    k3 = parse_spec(_with("fusion.topK", 3))
+    assert spec_fingerprint_fields(k3, "fuse")["fusion"]["topK"] == 3
+    assert spec_fingerprint_fields(a, "train") == spec_fingerprint_fields(k3, "train")

@@ -38,7 +38,7 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
                                "aligned") for m in ctx.spec.sources]
     try:
         arrays = fuse_shard(target, aligned, fz.strategy, fz.level, fz.ce_unit, fz.temperature,
-                            fz.include_target)
+                            fz.include_target, fz.top_k)
     except ValueError as err:
         raise StageError(f"fusing shard {s}: {err}") from None
     key = shard_key("fuse", s)
