@@ -57,7 +57,7 @@ def test_examples_validate_and_resolve_relative_paths(name: str) -> None:
         ("extraction.topK", 0, "spec.extraction.topK: Input should be greater than or equal to 1 (got 0)"),
         ("sources.0.name", "Bad_Name", "spec.sources.0.name: String should match pattern"),
         ("training.seqLen", 4096, "training.seqLen (4096) exceeds extraction.maxLength (256)"),
-        ("fusion.topK", 11, "fusion.topK (11) exceeds extraction.topK (10): only the extracted entries exist"),
+        ("fusion.topK", 11, "fusion.topK (11) exceeds extraction.topK (10): only the extracted entries"),
         ("fusion.topK", 0, "spec.fusion.topK: Input should be greater than or equal to 1 (got 0)"),
         ("fusion.strategy", "maxCE",
          "spec.fusion.strategy: Input should be 'minCE' or 'avgCE' (got 'maxCE')"),
