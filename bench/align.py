@@ -4,8 +4,9 @@
 
 Real text (Python standard library sources, read from this interpreter's stdlib folder), real tokenizers
 (SmolLM2 byte-level BPE as the source, Mistral v1 SentencePiece as the target). The plain-Python versions
-implement the SAME algorithms (same costs, same tie-breaks), so the outputs are asserted identical on a
-subset before the ratio is printed. The plain versions run on a subset and are extrapolated per item.
+(`bench.reference`, which the tests also use as their oracle) implement the SAME algorithms (same costs,
+same tie-breaks), so the outputs are asserted identical on a subset before the ratio is printed. The plain
+versions run on a subset and are extrapolated per item.
 """
 
 from __future__ import annotations
@@ -19,60 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import reference
+
 STDLIB_MODULES = ("json/decoder.py", "textwrap.py", "difflib.py", "argparse.py", "csv.py", "shlex.py")
-
-
-# ------------------------------------------------------------------------------------------------
-# The plain-Python baselines (what the reference does, in spirit: loops over cells and vocabularies)
-
-
-def py_levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
-def py_nearest(query: str, texts: list[str], candidates: list[int], exact: dict[str, int]) -> int:
-    """MinED for one source token: exact match, else the first candidate at minimum distance."""
-    if query in exact:
-        return exact[query]
-    best, best_id = None, -1
-    for c in candidates:
-        d = py_levenshtein(query, texts[c])
-        if best is None or d < best:
-            best, best_id = d, c
-    return best_id
-
-
-def py_dtw(src: list[str], tgt: list[str]) -> list[tuple[int, int]]:
-    n, m = len(src), len(tgt)
-    inf = float("inf")
-    d = [[0] * m for _ in range(n)]
-    for i in range(n):
-        for j in range(m):
-            prev = 0 if i == j == 0 else min(d[i - 1][j] if i else inf, d[i][j - 1] if j else inf,
-                                             d[i - 1][j - 1] if i and j else inf)
-            d[i][j] = py_levenshtein(src[i], tgt[j]) + prev
-    i, j, path = n - 1, m - 1, [(n - 1, m - 1)]
-    while i or j:
-        diag = d[i - 1][j - 1] if i and j else inf
-        up = d[i - 1][j] if i else inf
-        left = d[i][j - 1] if j else inf
-        if diag <= up and diag <= left:
-            i, j = i - 1, j - 1
-        elif up <= left:
-            i -= 1
-        else:
-            j -= 1
-        path.append((i, j))
-    return path[::-1]
-
-
-# ------------------------------------------------------------------------------------------------
 
 
 def stdlib_documents(max_docs: int, chars: int = 1600) -> list[str]:
@@ -145,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     exact = exact_index(tgt, target_candidates(tgt))
     subset = non_exact[:args.plain_map_queries]
     t0 = time.perf_counter()
-    plain = [py_nearest(src.token_text[i], tgt.token_text, cands, exact) for i in subset]
+    plain = [reference.nearest(src.token_text[i], tgt.token_text, cands, exact) for i in subset]
     t_plain_q = (time.perf_counter() - t0) / max(1, len(subset))
     assert plain == vmap.ids[subset].tolist(), "plain MinED disagrees with fusion.vocab"
     # The plain map spends its time on non-exact ids (exact ones are a dict hit): extrapolate over those.
@@ -166,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     for i in sub:
         a, b = pairs[i]
-        plain_path = py_dtw([x.decode("latin-1") for x in a], [x.decode("latin-1") for x in b])
+        _, plain_path = reference.dtw([x.decode("latin-1") for x in a], [x.decode("latin-1") for x in b])
         sp, tp = paths[i]
         assert plain_path == list(zip(sp.tolist(), tp.tolist(), strict=True)), "plain DTW disagrees"
     t_plain_cells = sum(len(pairs[i][0]) * len(pairs[i][1]) for i in sub)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench import reference
 from fusion.align import (
     AlignmentError,
     align_shard,
@@ -21,7 +22,6 @@ from fusion.align import (
 from fusion.format import read_shard, write_shard
 from fusion.tokens import TokenizerView, encode_documents
 from fusion.vocab import build_vocab_map
-from tests.test_vocab import levenshtein
 
 NEG = -np.inf
 
@@ -60,26 +60,6 @@ def test_backtrack_prefers_diagonal_then_source_step():
     assert [a.tolist() for a in dtw_backtrack(acc)] == [[0, 1], [0, 1]]
 
 
-def _plain_dtw(src: list[bytes], tgt: list[bytes]) -> tuple[list[list[int]], list[tuple[int, int]]]:
-    """The same algorithm, cell by cell in plain Python."""
-    n, m = len(src), len(tgt)
-    inf = float("inf")
-    d = [[0] * m for _ in range(n)]
-    for i in range(n):
-        for j in range(m):
-            prev = 0 if i == j == 0 else min(d[i - 1][j] if i else inf, d[i][j - 1] if j else inf,
-                                             d[i - 1][j - 1] if i and j else inf)
-            d[i][j] = levenshtein(src[i], tgt[j]) + prev
-    i, j, path = n - 1, m - 1, [(n - 1, m - 1)]
-    while i or j:
-        options = [(d[i - 1][j - 1] if i and j else inf, 0), (d[i - 1][j] if i else inf, 1),
-                   (d[i][j - 1] if j else inf, 2)]
-        move = min(options)[1]
-        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
-        path.append((i, j))
-    return d, path[::-1]
-
-
 def test_vectorised_dtw_equals_plain_dp_on_random_inputs():
     rng = np.random.default_rng(7)
     alphabet = b"ab \n\xc3"
@@ -87,7 +67,7 @@ def test_vectorised_dtw_equals_plain_dp_on_random_inputs():
         n, m = (int(x) for x in rng.integers(1, 14, 2))
         src = [bytes(rng.choice(list(alphabet), rng.integers(0, 5))) for _ in range(n)]
         tgt = [bytes(rng.choice(list(alphabet), rng.integers(0, 5))) for _ in range(m)]
-        d, path = _plain_dtw(src, tgt)
+        d, path = reference.dtw(src, tgt)
         cost = token_costs([s.decode("latin-1") for s in src], [t.decode("latin-1") for t in tgt])
         assert dtw_matrix(cost).tolist() == d
         sp, tp = dtw_align(src, tgt)

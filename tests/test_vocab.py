@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.reference import levenshtein
 from fusion.tokens import TokenizerView, build_view
 from fusion.vocab import (
     StaleVocabMapError,
@@ -27,17 +28,6 @@ TGT = TokenizerView.from_token_bytes(
 MINED_IDS = [1, 5, 7, 9, 11, -1, 2, 4, 11]
 MINED_DIST = [0, 0, 1, 1, 0, -1, 0, 1, 1]
 EM_IDS = [1, 5, -1, -1, 11, -1, 2, -1, -1]
-
-
-def levenshtein(a: bytes, b: bytes) -> int:
-    """Plain dynamic programme, the independent oracle."""
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def test_candidate_order_puts_emitted_tokens_before_byte_fallback():
