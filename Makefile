@@ -3,7 +3,7 @@ PY := .venv/bin/python
 EXAMPLE ?= examples/tiny-local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all lint fmt crds bench k8s clean
+.PHONY: setup demo test test-slow test-all lint fmt crds bench ablation k8s clean
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,12 @@ crds: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+## The fusion ablation on real models (docs/results.md): the base evidence run, then its variants (hours on CPU).
+ablation: setup
+	bash scripts/fetch-real-models.sh
+	$(PY) -m jobs.cli run examples/real-smollm2-gemma.yaml
+	$(PY) -m bench.ablation $(VARIANTS)
 
 k8s:
 	bash scripts/k8s-control-plane.sh build

@@ -1,0 +1,192 @@
+"""The fusion ablation table (docs/results.md): variants of the real-model evidence run, each a real
+`fusionrun run` of its own FusionRun, on the same data, steps and schedule.
+
+    bash scripts/fetch-real-models.sh
+    .venv/bin/python -m jobs.cli run examples/real-smollm2-gemma.yaml     # the base run (~40 min)
+    .venv/bin/python -m bench.ablation                                   # every variant below
+    .venv/bin/python -m bench.ablation lambda-0p5 avgce                  # a selection
+    .venv/bin/python -m bench.ablation --table                           # print the table only
+
+A variant is the base FusionRun with a few fields changed (VARIANTS), run under the name
+`<base>-<variant>` in the same store. Its store starts with hard links to the base run's prepare, extract,
+align and fuse outputs: the pipeline's own manifests then decide what is reused (same fingerprint and
+inputs: skipped) and what is redone (a changed fusion setting redoes fuse; training always differs). The
+writers replace files atomically, so a redone output never touches the base run's linked copy.
+
+Each variant trains the FuseLLM model only, unless it sets training.clmBaseline (the seed replicates and
+the longer schedule train their own CLM-only baseline with the same settings). Sources are scored once, by
+the base run. Training checkpoints of finished variants are deleted (about 4 GB each); the exported model,
+the manifests, metrics and logs stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_SPEC = ROOT / "examples" / "real-smollm2-gemma.yaml"
+REUSED = ("prepare", "extract", "align", "fuse")
+
+# name -> (what it tests, overrides of the base spec, camelCase as in the YAML)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lambda-0p5": ("lambda 0.5 (the fusion loss weighs as much as CLM)", {"training": {"lambda": 0.5}}),
+    "avgce": ("AvgCE instead of MinCE", {"fusion": {"strategy": "avgCE"}}),
+    "token-level": ("MinCE per position instead of per document", {"fusion": {"level": "token"}}),
+    "ce-per-token": ("MinCE on per-token CE (the reference's unit)", {"fusion": {"ceUnit": "token"}}),
+    "no-target": ("Gemma alone as the fusion candidate (target not a candidate)",
+                  {"fusion": {"includeTarget": False}}),
+    "topk-3": ("k = 3 entries per candidate", {"fusion": {"topK": 3}}),
+    "seed-1": ("seed 1 (data order), with its own CLM-only baseline",
+               {"training": {"seed": 1, "clmBaseline": True}}),
+    "seed-2": ("seed 2 (data order), with its own CLM-only baseline",
+               {"training": {"seed": 2, "clmBaseline": True}}),
+    "long": ("2 epochs (70 steps) at lr 3e-4, with its own CLM-only baseline",
+             {"training": {"maxSteps": 70, "learningRate": 0.0003, "clmBaseline": True}}),
+}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def variant_document(base_doc: dict[str, Any], variant: str) -> dict[str, Any]:
+    """The variant's FusionRun document: the base one (paths resolved) with the variant's overrides, its
+    own name, one checkpoint at the end (disk) and no re-scoring of the sources (the base run did that)."""
+    _, over = VARIANTS[variant]
+    common = {"training": {"clmBaseline": False, "checkpointInterval": 1000},
+              "evaluation": {"evaluateSources": False}}
+    spec = deep_merge(deep_merge(base_doc["spec"], common), over)
+    return {"apiVersion": base_doc["apiVersion"], "kind": "FusionRun",
+            "metadata": {"name": f"{base_doc['metadata']['name']}-{variant}"}, "spec": spec}
+
+
+def link_reused(base_dir: Path, run_dir: Path) -> None:
+    """Hard-link the base run's reusable stage outputs into a new run's folder (only where absent)."""
+    for stage in REUSED:
+        src, dst = base_dir / stage, run_dir / stage
+        if src.is_dir() and not dst.exists():
+            shutil.copytree(src, dst, copy_function=os.link)
+
+
+def run_variant(base_doc: dict[str, Any], store_root: Path, variant: str, out_dir: Path) -> int:
+    from jobs.spec import SpecError, parse_fusionrun
+
+    doc = variant_document(base_doc, variant)
+    try:
+        parse_fusionrun(doc)  # a bad override fails here, naming the field
+    except SpecError as err:
+        print(f"=== {variant}: {err}", file=sys.stderr, flush=True)
+        return 1
+    name = doc["metadata"]["name"]
+    link_reused(store_root / base_doc["metadata"]["name"], store_root / name)
+    path = out_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    print(f"\n=== {variant}: {VARIANTS[variant][0]}\n    {sys.executable} -m jobs.cli run {path}", flush=True)
+    rc = subprocess.call([sys.executable, "-m", "jobs.cli", "run", str(path)], cwd=ROOT)
+    if rc == 0:
+        for ckpt in (store_root / name / "train").glob("*/checkpoints"):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return rc
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def row(store_root: Path, name: str, label: str) -> dict[str, Any] | None:
+    metrics = _json(store_root / name / "evaluate" / "metrics.json").get("models", {})
+    if not metrics:
+        return None
+    picks: dict[str, int] = {}
+    for m in sorted((store_root / name / "fuse").glob("shard-*.manifest.json")):
+        for k, v in _json(m).get("summary", {}).get("choice_counts", {}).items():
+            picks[k] = picks.get(k, 0) + v
+    total = sum(picks.values())
+    bpb = {k: v["bits_per_byte"] for k, v in metrics.items()}
+    return {"variant": label, "fused": bpb.get("fused"), "clm": bpb.get("clm"),
+            "target_before": bpb.get("target-before"),
+            "picks": ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in picks.items()) if total else "-"}
+
+
+def table(store_root: Path, base_name: str, variants: list[str]) -> list[dict[str, Any]]:
+    rows = [r for r in [row(store_root, base_name, "base (lambda 0.9, MinCE, sequence, per-byte, k 10)")]
+            if r]
+    base_clm = rows[0]["clm"] if rows else None
+    for v in variants:
+        r = row(store_root, f"{base_name}-{v}", v)
+        if r:
+            r["clm_is_own"] = r["clm"] is not None
+            r["clm"] = r["clm"] if r["clm"] is not None else base_clm
+            rows.append(r)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("\n| variant | FuseLLM bpb | CLM-only bpb | FuseLLM - CLM | MinCE picks |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        diff = (r["fused"] - r["clm"]) if r["fused"] is not None and r["clm"] is not None else None
+        clm = f"{r['clm']:.4f}" + ("" if r.get("clm_is_own", True) else " (base)")
+        print(f"| {r['variant']} | {r['fused']:.4f} | {clm} | {diff:+.4f} | {r['picks']} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.spec import load_fusionrun
+
+    ap = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="*", help=f"a selection of {list(VARIANTS)} (default: all)")
+    ap.add_argument("--base", default=str(BASE_SPEC), help="the base FusionRun (already run)")
+    ap.add_argument("--table", action="store_true", help="only print the table of what has run")
+    ap.add_argument("--json", help="also write the table as JSON here")
+    args = ap.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    variants = args.variants or list(VARIANTS)
+    run = load_fusionrun(args.base)
+    base_doc = {"apiVersion": run.api_version, "metadata": {"name": run.metadata.name},
+                "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
+    if not run.spec.store.uri.startswith("file://"):
+        ap.error("the ablation links the base run's local outputs: use a file:// store")
+    store_root = Path(run.spec.store.uri[len("file://"):])
+    base_name = run.metadata.name
+    if not (store_root / base_name / "evaluate" / "metrics.json").is_file():
+        ap.error(f"run the base first: {sys.executable} -m jobs.cli run {args.base}")
+    failed = []
+    if not args.table:
+        out_dir = store_root / "ablation-specs"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for v in variants:
+            t = time.time()
+            rc = run_variant(base_doc, store_root, v, out_dir)
+            print(f"=== {v}: exit {rc} after {time.time() - t:.0f} s", flush=True)
+            if rc:
+                failed.append(v)
+    rows = table(store_root, base_name, variants)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    if failed:
+        print(f"failed: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The ablation driver (bench/ablation.py): every variant is a valid FusionRun that reuses the base run's
+extraction and alignment (same fingerprints), and changes exactly what it says."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import ablation
+from jobs.manifest import fingerprint
+from jobs.plan import Stage, build_dag
+from jobs.spec import load_fusionrun, parse_fusionrun
+
+
+@pytest.fixture(scope="module")
+def base():
+    run = load_fusionrun(ablation.BASE_SPEC)
+    doc = {"apiVersion": run.api_version, "metadata": {"name": run.metadata.name},
+           "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
+    return run, doc
+
+
+@pytest.mark.parametrize("variant", list(ablation.VARIANTS))
+def test_variant_is_valid_and_reuses_extraction_and_alignment(base, variant: str) -> None:
+    run, doc = base
+    v = parse_fusionrun(ablation.variant_document(doc, variant))
+    assert v.metadata.name == f"real-smollm2-gemma-{variant}"
+    assert not v.spec.evaluation.evaluate_sources  # scored once, by the base run
+    by_id = {t.id: t for t in build_dag(run.spec)}
+    for t in build_dag(v.spec):
+        if t.stage in (Stage.prepare, Stage.extract, Stage.align):
+            assert fingerprint(v.spec, t) == fingerprint(run.spec, by_id[t.id]), t.id
+
+
+def test_overrides_change_only_their_fields(base) -> None:
+    _, doc = base
+    lam = parse_fusionrun(ablation.variant_document(doc, "lambda-0p5")).spec
+    assert lam.training.lambda_ == 0.5 and not lam.training.clm_baseline
+    assert lam.fusion.strategy == "minCE" and lam.training.max_steps == 20
+    seed = parse_fusionrun(ablation.variant_document(doc, "seed-1")).spec
+    assert seed.training.seed == 1 and seed.training.clm_baseline and seed.training.lambda_ == 0.9
+    k3 = parse_fusionrun(ablation.variant_document(doc, "topk-3")).spec
+    assert k3.fusion.top_k == 3 and k3.extraction.top_k == 10
+
+
+def test_link_reused_hard_links_only_absent_stage_folders(tmp_path) -> None:
+    base, new = tmp_path / "base", tmp_path / "new"
+    (base / "extract" / "m").mkdir(parents=True)
+    (base / "extract" / "m" / "shard-00000.safetensors").write_bytes(b"x")
+    (base / "train").mkdir()
+    (new / "align").mkdir(parents=True)
+    ablation.link_reused(base, new)
+    linked = new / "extract" / "m" / "shard-00000.safetensors"
+    assert linked.read_bytes() == b"x" and linked.stat().st_ino == (base / "extract/m/shard-00000.safetensors"
+                                                                    ).stat().st_ino
+    assert not (new / "train").exists()
