@@ -186,6 +186,11 @@ def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) 
             lines.append(f"| {name} | {m.get('bits_per_byte', float('nan')):.4f} | "
                          f"{m.get('perplexity', float('nan')):.2f} | {m.get('tokens', '?')} |")
         lines.append("")
+        diff = metrics.get("fused_minus_clm")
+        if diff:
+            lines += [f"FuseLLM minus CLM-only: {diff['bits_per_byte']:+.4f} bits per byte (95% paired "
+                      f"bootstrap interval over the held-out documents: {diff['ci95_low']:+.4f} to "
+                      f"{diff['ci95_high']:+.4f}; negative favours FuseLLM).", ""]
     else:
         lines += ["## Held-out evaluation", "", "No metrics (evaluation disabled or not run).", ""]
     for key, title in (("bpb", "bits per byte"), ("loss", "training loss"), ("choices", "MinCE choices")):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.evaluate import DocScores, bits_per_byte, perplexity, score_documents
+from fusion.evaluate import DocScores, bits_per_byte, paired_bpb_difference, perplexity, score_documents
 from fusion.extract import ExtractionError, extract_documents
 from fusion.models import random_init_model
 from fusion.tokens import encode_documents
@@ -38,6 +38,30 @@ def test_metrics_by_hand() -> None:
     assert perplexity(s) == pytest.approx(8.0)
     empty = DocScores(nll=np.zeros(1), n_pred=np.zeros(1, np.int64), pred_nbytes=np.zeros(1, np.int64))
     assert math.isnan(bits_per_byte(empty)) and math.isnan(perplexity(empty))
+
+
+def test_paired_difference_and_its_bootstrap_interval() -> None:
+    # A - B is 1 bit per byte in every document: every resample says 1, so the interval is [1, 1].
+    same = paired_bpb_difference(np.array([2.0, 4.0]), np.array([1.0, 2.0]), np.array([1, 2]))
+    assert same == (1.0, 1.0, 1.0)
+    # Two documents, A better by 1 bit in one and worse by 1 bit in the other (1 byte each): the difference
+    # is 0; resamples give -1 (both draws the first, p 1/4), 0 (p 1/2) or +1 (p 1/4): 95% interval [-1, 1].
+    delta, lo, hi = paired_bpb_difference(np.array([1.0, 3.0]), np.array([2.0, 2.0]), np.array([1, 1]))
+    assert (delta, lo, hi) == (0.0, -1.0, 1.0)
+    # Differences weigh by bytes: (10 - 12) / (10 + 30) = -0.05
+    assert paired_bpb_difference(np.array([5.0, 5.0]), np.array([6.0, 6.0]), np.array([10, 30]))[0] == -0.05
+    with pytest.raises(ValueError, match="same documents"):
+        paired_bpb_difference(np.array([1.0]), np.array([1.0, 2.0]), np.array([1, 1]))
+
+
+def test_fused_vs_clm_needs_both_models() -> None:
+    from jobs.stages.evaluate import fused_vs_clm
+
+    one = {"doc_bits": [4.0, 8.0], "doc_bytes": [4, 4]}
+    two = {"doc_bits": [4.0, 4.0], "doc_bytes": [4, 4]}
+    assert fused_vs_clm({"fused": one}) is None
+    out = fused_vs_clm({"fused": two, "clm": one})
+    assert out is not None and out["bits_per_byte"] == -0.5 and out["ci95_low"] <= -0.5 <= out["ci95_high"]
 
 
 @pytest.mark.parametrize(("arch", "tok_name"), [("gpt_neox", "mistral"), ("gemma3", "smollm2")])

@@ -206,6 +206,15 @@ def test_tiny_local_example_end_to_end(tmp_path: Path) -> None:
                                       "source:qwen2-qwen"}
     # Training helps on held-out text even at this size (random init -> a few dozen steps).
     assert metrics["models"]["fused"]["bits_per_byte"] < metrics["models"]["target-before"]["bits_per_byte"]
+    # Per-document bits add up to the totals; the paired comparison is their difference, inside its interval.
+    for m in metrics["models"].values():
+        assert len(m["doc_bits"]) == len(m["doc_bytes"]) == metrics["heldout"]["documents"]
+        assert sum(m["doc_bits"]) / sum(m["doc_bytes"]) == pytest.approx(m["bits_per_byte"], abs=1e-4)
+    diff = metrics["fused_minus_clm"]
+    expected = metrics["models"]["fused"]["bits_per_byte"] - metrics["models"]["clm"]["bits_per_byte"]
+    assert diff["bits_per_byte"] == pytest.approx(expected, abs=1e-4)
+    assert diff["ci95_low"] <= diff["bits_per_byte"] <= diff["ci95_high"]
+    assert "FuseLLM minus CLM-only:" in report.read_text()
     again = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(path)], env=env, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0 and " 0 ran, 16 skipped" in again.stdout

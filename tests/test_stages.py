@@ -304,13 +304,16 @@ def test_report_pieces() -> None:
     metrics = {"heldout": {"documents": 2, "bytes": 100},
                "models": {"source:b": {"bits_per_byte": 4.0, "perplexity": 9.0, "tokens": 5},
                           "fused": {"bits_per_byte": 2.0, "perplexity": 3.0, "tokens": 4},
-                          "target-before": {"bits_per_byte": 3.0, "perplexity": 7.0, "tokens": 4}}}
+                          "target-before": {"bits_per_byte": 3.0, "perplexity": 7.0, "tokens": 4}},
+               "fused_minus_clm": {"bits_per_byte": -0.0123, "ci95_low": -0.02, "ci95_high": -0.004}}
     assert [name for name, _ in ordered_models(metrics)] == ["target (before)", "FuseLLM", "b (source)"]
     data = {"metrics": metrics, "mince_choices": {"t": 3, "b": 1},
             "tasks": {"prepare": {"state": "complete", "seconds": 1.5}}}
     md = render_markdown("r", data, {"bpb": "bpb.png"})
     assert "| FuseLLM | 2.0000 | 3.00 | 4 |" in md and "| t | 3 | 75.0% |" in md
     assert "![bits per byte](bpb.png)" in md
+    assert "FuseLLM minus CLM-only: -0.0123 bits per byte (95% paired bootstrap interval over the held-out " \
+           "documents: -0.0200 to -0.0040; negative favours FuseLLM)." in md
 
 
 @pytest.mark.s3
