@@ -24,6 +24,7 @@ from typing import Any
 from jobs.manifest import invalidate, why_incomplete
 from jobs.plan import STAGE_ORDER, Stage, Task, TaskState, build_dag, downstream, ready_tasks
 from jobs.spec import FusionRunSpec
+from jobs.stages.common import verify_outputs
 from jobs.store import LocalStore, Store, open_store
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +85,9 @@ class LocalRunner:
         self.extra_env = extra_env or {}
         self.dag = build_dag(spec)
         self.by_id = {t.id: t for t in self.dag}
-        # Local files are cheap to hash: verify outputs' checksums, so a corrupted shard is redone.
-        self.verify = isinstance(self.store, LocalStore)
+        # Local files are cheap to hash: verify outputs' checksums, so a corrupted shard is redone (the
+        # task itself verifies the same way, so it does not skip what the runner found corrupt).
+        self.verify = verify_outputs(self.store)
 
     def env(self, threads: int) -> dict[str, str]:
         env = dict(os.environ)

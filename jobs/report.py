@@ -173,6 +173,14 @@ def _plot_choices(choice: dict[str, int], path: Path) -> bool:
     return True
 
 
+def _difference_line(diff: dict[str, float] | None) -> list[str]:
+    if not diff:
+        return []
+    return [f"FuseLLM minus CLM-only: {diff['bits_per_byte']:+.4f} bits per byte (95% paired bootstrap "
+            f"interval over the held-out documents: {diff['ci95_low']:+.4f} to {diff['ci95_high']:+.4f}; "
+            "negative favours FuseLLM).", ""]
+
+
 def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) -> str:
     lines = [f"# FusionRun {run_name}", ""]
     metrics = data.get("metrics") or {}
@@ -186,13 +194,17 @@ def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) 
             lines.append(f"| {name} | {m.get('bits_per_byte', float('nan')):.4f} | "
                          f"{m.get('perplexity', float('nan')):.2f} | {m.get('tokens', '?')} |")
         lines.append("")
-        diff = metrics.get("fused_minus_clm")
-        if diff:
-            lines += [f"FuseLLM minus CLM-only: {diff['bits_per_byte']:+.4f} bits per byte (95% paired "
-                      f"bootstrap interval over the held-out documents: {diff['ci95_low']:+.4f} to "
-                      f"{diff['ci95_high']:+.4f}; negative favours FuseLLM).", ""]
+        lines += _difference_line(metrics.get("fused_minus_clm"))
     else:
         lines += ["## Held-out evaluation", "", "No metrics (evaluation disabled or not run).", ""]
+    for name, block in (metrics.get("corpora") or {}).items():
+        lines += [f"## Held-out text: {name}", "",
+                  f"{block.get('documents', '?')} documents, {block.get('bytes', '?')} bytes "
+                  "(evaluation.corpora).", "", "| model | bits per byte |", "|---|---|"]
+        lines += [f"| {label} | {m.get('bits_per_byte', float('nan')):.4f} |"
+                  for label, m in ordered_models(block)]
+        lines.append("")
+        lines += _difference_line(block.get("fused_minus_clm"))
     for key, title in (("bpb", "bits per byte"), ("loss", "training loss"), ("choices", "MinCE choices")):
         if key in plots:
             lines += [f"![{title}]({plots[key]})", ""]

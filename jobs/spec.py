@@ -111,13 +111,18 @@ class CorpusFormat(str, Enum):
     hf_disk = "hf-disk"
 
 
-class Corpus(Spec):
+class TextSource(Spec):
+    """Where documents are read from: the training corpus and the extra evaluation texts alike."""
+
     uri: str = Field(..., description="File or folder of documents: local path, file:// or s3:// URI.")
     format: CorpusFormat = CorpusFormat.auto
     text_field: str = Field("text", description="Field holding the text (jsonl, parquet, hf-disk).")
     glob: str | None = Field(None, description="For folders: which files to read, e.g. '**/*.py'.")
     max_documents: int | None = Field(None, ge=1)
     max_bytes: int | None = Field(None, ge=1, description="Stop reading after this many bytes of text.")
+
+
+class Corpus(TextSource):
     heldout_fraction: float = Field(
         0.05, ge=0.0, lt=1.0, description="Share of documents kept out of training for evaluation."
     )
@@ -203,10 +208,31 @@ class Training(Spec):
         return v
 
 
+class EvalCorpus(TextSource):
+    """A further held-out text, read whole (no split), e.g. another domain than the training corpus."""
+
+    name: str = Field(..., pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$",
+                      description="Label of its results in evaluate/metrics.json and the report.")
+
+
 class Evaluation(Spec):
     enabled: bool = True
     max_documents: int | None = Field(None, ge=1)
     evaluate_sources: bool = Field(True, description="Also score each source on its own tokenization.")
+    corpora: list[EvalCorpus] = Field(
+        default_factory=list, max_length=16,
+        description="More held-out texts scored like the corpus's held-out split, each read whole: e.g. "
+        "another domain, to see what training on the corpus costs or gains elsewhere.",
+    )
+
+    @field_validator("corpora")
+    @classmethod
+    def _unique_corpus_names(cls, v: list[EvalCorpus]) -> list[EvalCorpus]:
+        names = [c.name for c in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"evaluation corpus names must be unique; repeated: {dupes}")
+        return v
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,6 +445,8 @@ def resolve_relative_paths(spec: FusionRunSpec, base: Path) -> FusionRunSpec:
         m["uri"] = fix(m["uri"])
         m["tokenizer"] = fix(m["tokenizer"])
     data["corpus"]["uri"] = fix(data["corpus"]["uri"])
+    for c in data["evaluation"]["corpora"]:
+        c["uri"] = fix(c["uri"])
     data["store"]["uri"] = fix(data["store"]["uri"])
     return FusionRunSpec.model_validate(data)
 
@@ -445,6 +473,8 @@ def spec_fingerprint_fields(spec: FusionRunSpec, stage: str) -> dict[str, Any]:
         # A field added after 0.1 counts only when set, so that outputs made before it stay valid.
         "fuse": {"fusion": {k: v for k, v in d["fusion"].items() if not (k == "topK" and v is None)}},
         "train": {"training": {k: v for k, v in d["training"].items() if k not in ("checkpointInterval",)}},
-        "evaluate": {"evaluation": d["evaluation"]},
+        # corpora (added after 0.1) counts only when set, so that earlier evaluations stay valid
+        "evaluate": {"evaluation": {k: v for k, v in d["evaluation"].items()
+                                    if not (k == "corpora" and not v)}},
     }
     return by_stage[stage]

@@ -108,6 +108,27 @@ def test_local_run_end_to_end_then_rerun_skips_all(tmp_path: Path) -> None:
     ran = {k for k, v in third.outcomes.items() if v == "ran"}
     # The redone shard has the same bytes as before, so align-mis-00001, which read it, stays valid.
     assert ran == {"extract-mis-00001", "fuse-00000", "fuse-00001", "train", "evaluate"}
+    assert shard.read_bytes() != bytes(data)  # really rewritten (the task verifies too, not only the runner)
+
+    # Another held-out text (evaluation.corpora) redoes only evaluate; every model is scored on it too.
+    code = tmp_path / "code.txt"
+    code.write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n\nimport os\nprint(os.sep)\n")
+    with_code = {**spec_dict, "fusion": {"strategy": "avgCE"},
+                 "evaluation": {"corpora": [{"name": "code", "uri": str(code)}]}}
+    fourth = LocalRunner(parse_spec(with_code), "e2e").run()
+    assert {k for k, v in fourth.outcomes.items() if v == "ran"} == {"evaluate"}
+    metrics = json.loads(store.get_bytes("evaluate/metrics.json"))
+    block = metrics["corpora"]["code"]
+    assert block["documents"] == 3 and block["bytes"] == len(code.read_text().strip()) - 4  # 2 blank lines
+    assert set(block["models"]) == set(metrics["models"]) == {"target-before", "fused", "source:mis"}
+    assert block["models"]["fused"]["bits_per_byte"] != metrics["models"]["fused"]["bits_per_byte"]
+    assert "## Held-out text: code" in (tmp_path / "store" / "e2e" / "report" / "report.md").read_text()
+    missing = {**with_code, "evaluation": {"corpora": [{"name": "code", "uri": str(tmp_path / "nope.txt")}]}}
+    with pytest.raises(RunFailed) as err:
+        LocalRunner(parse_spec(missing), "e2e").run()
+    assert err.value.task_id == "evaluate"
+    log = (tmp_path / "store" / "e2e" / "logs" / "evaluate.log").read_text()
+    assert "evaluation.corpora.0.uri: " in log and "nope.txt does not exist" in log
 
 
 def test_failure_stops_the_run_and_names_the_log(tmp_path: Path) -> None:

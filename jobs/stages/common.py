@@ -166,7 +166,9 @@ def run_task(stage_fn: StageFn, task: Task, spec: FusionRunSpec, run_name: str, 
     if task.id not in by_id:
         raise StageError(f"task {task.id} is not part of this run (known: {', '.join(sorted(by_id))})")
     task = by_id[task.id]  # with its dependencies
-    reason = why_incomplete(store, spec, task, by_id)
+    # Local outputs are cheap to hash: verify them as the local runner does, so that a shard it found
+    # corrupted is redone here rather than skipped on its (unchanged) size.
+    reason = why_incomplete(store, spec, task, by_id, verify=verify_outputs(store))
     if reason is None and task.stage is Stage.prepare:
         from jobs.stages.prepare import corpus_changed
 
@@ -188,6 +190,13 @@ def run_task(stage_fn: StageFn, task: Task, spec: FusionRunSpec, run_name: str, 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return EXIT_OK
+
+
+def verify_outputs(store: Store) -> bool:
+    """Whether completeness checks should re-hash outputs: for local stores (cheap), not S3 (a download)."""
+    from jobs.store import LocalStore
+
+    return isinstance(store, LocalStore)
 
 
 def log_event(event: str, **fields: Any) -> None:

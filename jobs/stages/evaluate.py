@@ -1,5 +1,6 @@
 """evaluate: held-out bits per byte and perplexity of the target before training, the FuseLLM model, the
-CLM-only baseline (when trained) and each source on its own tokenization -> evaluate/metrics.json.
+CLM-only baseline (when trained) and each source on its own tokenization -> evaluate/metrics.json; the
+same for each text of evaluation.corpora (e.g. another domain), under "corpora".
 
 Bits per byte compares models with different tokenizers fairly (the same text, whatever the token count);
 perplexity is per token of each model's own tokenizer, so it is comparable only between the target variants.
@@ -66,6 +67,20 @@ def fused_vs_clm(models: dict[str, dict[str, Any]]) -> dict[str, float] | None:
     return {"bits_per_byte": round(delta, 5), "ci95_low": round(lo, 5), "ci95_high": round(hi, 5)}
 
 
+def eval_corpus_texts(ctx: StageContext, i: int) -> list[str]:
+    """The documents of evaluation.corpora[i], read like the training corpus (local or s3://)."""
+    from jobs.corpus import CorpusError, read_documents
+    from jobs.stages.prepare import corpus_path
+
+    c = ctx.spec.evaluation.corpora[i]
+    field = f"evaluation.corpora.{i}"
+    try:
+        return read_documents(corpus_path(ctx, c.uri, field), c)
+    except CorpusError as err:
+        # The reader names the training corpus's fields; here they are this evaluation corpus's.
+        raise StageError(str(err).replace("corpus.", f"{field}.")) from None
+
+
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from fusion.models import load_model
     from fusion.tokens import encode_documents
@@ -78,15 +93,21 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     if not texts:
         raise StageError("no held-out documents to evaluate on: raise corpus.heldoutFraction above 0 or set "
                          "evaluation.enabled: false")
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    # Text sets scored by every model: the held-out split first, then evaluation.corpora in spec order.
+    sets = {"heldout": texts}
+    for i, c in enumerate(ctx.spec.evaluation.corpora):
+        sets[c.name] = eval_corpus_texts(ctx, i)
+    results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in sets}
     tgt = ctx.spec.target.name
     tok, view = load_model_tokenizer(ctx, tgt)
-    docs = encode_documents(tok, texts, add_bos=adds_bos(ctx, tgt, tok))
-    models: dict[str, dict[str, Any]] = {}
+    tgt_bos = adds_bos(ctx, tgt, tok)
+    docs = {name: encode_documents(tok, t, add_bos=tgt_bos) for name, t in sets.items()}
 
-    def add(label: str, model: Any, v: Any, d: list[np.ndarray]) -> None:
-        models[label] = score(model, v, d, ctx.spec.extraction.batch_tokens)
-        log_event("scored", task=ctx.task.id, model=label, **models[label])
+    def add(label: str, model: Any, v: Any, encoded: dict[str, list[np.ndarray]]) -> None:
+        for name, d in encoded.items():
+            results[name][label] = score(model, v, d, ctx.spec.extraction.batch_tokens)
+            figures = {k: x for k, x in results[name][label].items() if not k.startswith("doc_")}
+            log_event("scored", task=ctx.task.id, model=label, text=name, **figures)
 
     add("target-before", load_spec_model(ctx, tgt, view.vocab_size, view.eos_id), view, docs)
     variants = ["fused", *(["clm"] if ctx.spec.training.clm_baseline else [])]
@@ -103,15 +124,34 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     if ctx.spec.evaluation.evaluate_sources:
         for m in ctx.spec.sources:
             stok, sview = load_model_tokenizer(ctx, m.name)
+            bos = adds_bos(ctx, m.name, stok)
             add(f"source:{m.name}", load_spec_model(ctx, m.name, sview.vocab_size, sview.eos_id), sview,
-                encode_documents(stok, texts, add_bos=adds_bos(ctx, m.name, stok)))
-    metrics: dict[str, Any] = {"heldout": {"documents": len(texts), "bytes": n_bytes}, "models": models}
-    comparison = fused_vs_clm(models)
-    if comparison is not None:
-        metrics["fused_minus_clm"] = comparison
+                {name: encode_documents(stok, t, add_bos=bos) for name, t in sets.items()})
+
+    def block(name: str) -> dict[str, Any]:
+        n_bytes = sum(len(t.encode("utf-8")) for t in sets[name])
+        out: dict[str, Any] = {"documents": len(sets[name]), "bytes": n_bytes, "models": results[name]}
+        comparison = fused_vs_clm(results[name])
+        if comparison is not None:
+            out["fused_minus_clm"] = comparison
+        return out
+
+    held_block = block("heldout")
+    metrics: dict[str, Any] = {
+        "heldout": {"documents": held_block["documents"], "bytes": held_block["bytes"]},
+        **{k: v for k, v in held_block.items() if k in ("models", "fused_minus_clm")},
+    }
+    if ctx.spec.evaluation.corpora:
+        metrics["corpora"] = {c.name: block(c.name) for c in ctx.spec.evaluation.corpora}
     ctx.put_json(METRICS_KEY, metrics)
-    summary = {k: round(v["bits_per_byte"], 5) for k, v in models.items()
-               if math.isfinite(v["bits_per_byte"])}
-    extra = {"fused_minus_clm": comparison} if comparison is not None else {}
-    counts = {"documents": len(texts), "bytes": n_bytes}
-    return counts, {"bits_per_byte": summary, "threads": threads, **extra}
+
+    def bpb(models: dict[str, dict[str, Any]]) -> dict[str, float]:
+        return {k: round(v["bits_per_byte"], 5) for k, v in models.items()
+                if math.isfinite(v["bits_per_byte"])}
+
+    summary: dict[str, Any] = {"bits_per_byte": bpb(results["heldout"]), "threads": threads}
+    if "fused_minus_clm" in metrics:
+        summary["fused_minus_clm"] = metrics["fused_minus_clm"]
+    for c in ctx.spec.evaluation.corpora:
+        summary[f"bits_per_byte:{c.name}"] = bpb(results[c.name])
+    return metrics["heldout"], summary

@@ -26,16 +26,17 @@ from jobs.store import StoreError, download_model
 HELDOUT_KEY = "prepare/heldout.safetensors"
 
 
-def corpus_path(ctx: StageContext) -> Path:
-    """A local path of the corpus: s3:// corpora are downloaded (cached) first."""
-    uri = ctx.spec.corpus.uri
+def corpus_path(ctx: StageContext, uri: str | None = None, field: str = "corpus") -> Path:
+    """A local path of the corpus (or of another text at `uri`, named `field` in errors): s3:// texts are
+    downloaded (cached) first."""
+    uri = uri or ctx.spec.corpus.uri
     if uri.startswith("s3://"):
         try:
             if _is_object(ctx, uri):  # one file
                 return _download_object(ctx, uri)
             return Path(download_model(ctx.store, uri))  # a folder (prefix), cached
         except StoreError as err:
-            raise StageError(f"corpus.uri {uri}: {err}") from None
+            raise StageError(f"{field}.uri {uri}: {err}") from None
     return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
 
 

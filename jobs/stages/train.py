@@ -165,7 +165,14 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
         write_manifest,
     )
     from jobs.plan import Stage, Task, build_dag
-    from jobs.stages.common import StageContext, StageError, load_model_tokenizer, log_event, shard_key
+    from jobs.stages.common import (
+        StageContext,
+        StageError,
+        load_model_tokenizer,
+        log_event,
+        shard_key,
+        verify_outputs,
+    )
     from jobs.store import open_store
 
     rank = int(os.environ["RANK"])
@@ -173,7 +180,7 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
     dag = build_dag(spec)
     by_id = {t.id: t for t in dag}
     task = by_id[Task(Stage.train, variant=variant).id]
-    reason = why_incomplete(store, spec, task, by_id)
+    reason = why_incomplete(store, spec, task, by_id, verify=verify_outputs(store))
     if reason is None and not force:
         log_event("skip", task=task.id, reason="complete")
         return 0
