@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,41 +110,75 @@ def _json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def row(store_root: Path, name: str, label: str) -> dict[str, Any] | None:
-    metrics = _json(store_root / name / "evaluate" / "metrics.json").get("models", {})
-    if not metrics:
+def _models(metrics: dict[str, Any], text: str) -> dict[str, Any]:
+    if text == "heldout":
+        return metrics.get("models", {})
+    return metrics.get("corpora", {}).get(text, {}).get("models", {})
+
+
+def _difference(fused: dict[str, Any] | None, clm: dict[str, Any] | None
+                ) -> tuple[float, float, float] | None:
+    """FuseLLM minus CLM-only in bits per byte, with its 95% paired bootstrap interval over documents."""
+    from fusion.evaluate import paired_bpb_difference
+
+    if not fused or not clm or "doc_bits" not in fused or "doc_bits" not in clm:
+        return None
+    return paired_bpb_difference(np.array(fused["doc_bits"]), np.array(clm["doc_bits"]),
+                                 np.array(fused["doc_bytes"]))
+
+
+def row(store_root: Path, name: str, label: str, base_clm: dict[str, Any] | None = None,
+        texts: tuple[str, ...] = ("heldout",)) -> dict[str, Any] | None:
+    """One line of the table: FuseLLM and CLM-only (the run's own, else the base run's) on each text."""
+    metrics = _json(store_root / name / "evaluate" / "metrics.json")
+    if not metrics.get("models"):
         return None
     picks: dict[str, int] = {}
     for m in sorted((store_root / name / "fuse").glob("shard-*.manifest.json")):
         for k, v in _json(m).get("summary", {}).get("choice_counts", {}).items():
             picks[k] = picks.get(k, 0) + v
     total = sum(picks.values())
-    bpb = {k: v["bits_per_byte"] for k, v in metrics.items()}
-    return {"variant": label, "fused": bpb.get("fused"), "clm": bpb.get("clm"),
-            "target_before": bpb.get("target-before"),
-            "picks": ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in picks.items()) if total else "-"}
+    out: dict[str, Any] = {"variant": label, "clm_is_own": "clm" in metrics["models"],
+                           "picks": ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in picks.items())
+                           if total else "-"}
+    for text in texts:
+        models = _models(metrics, text)
+        clm = models.get("clm") or (base_clm or {}).get(text)
+        fused = models.get("fused")
+        out[text] = {"fused": fused and fused["bits_per_byte"], "clm": clm and clm["bits_per_byte"],
+                     "difference": _difference(fused, clm)}
+    return out
 
 
 def table(store_root: Path, base_name: str, variants: list[str]) -> list[dict[str, Any]]:
-    rows = [r for r in [row(store_root, base_name, "base (lambda 0.9, MinCE, sequence, per-byte, k 10)")]
-            if r]
-    base_clm = rows[0]["clm"] if rows else None
-    for v in variants:
-        r = row(store_root, f"{base_name}-{v}", v)
-        if r:
-            r["clm_is_own"] = r["clm"] is not None
-            r["clm"] = r["clm"] if r["clm"] is not None else base_clm
-            rows.append(r)
-    return rows
+    base = _json(store_root / base_name / "evaluate" / "metrics.json")
+    texts = ("heldout", *base.get("corpora", {}))
+    base_clm = {t: _models(base, t).get("clm") for t in texts}
+    rows = [row(store_root, base_name, "base: lambda 0.9, MinCE, sequence, per-byte, k 10", None, texts)]
+    rows += [row(store_root, f"{base_name}-{v}", v, base_clm, texts) for v in variants]
+    return [r for r in rows if r]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print("\n| variant | FuseLLM bpb | CLM-only bpb | FuseLLM - CLM | MinCE picks |")
-    print("|---|---|---|---|---|")
+    if not rows:
+        print("nothing has run yet")
+        return
+    texts = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    head = "| variant | " + " | ".join(f"{t}: FuseLLM | {t}: CLM-only | {t}: FuseLLM - CLM [95% CI]"
+                                         for t in texts) + " | MinCE picks |"
+    print("\n" + head + "\n|" + "---|" * (2 + 3 * len(texts)))
     for r in rows:
-        diff = (r["fused"] - r["clm"]) if r["fused"] is not None and r["clm"] is not None else None
-        clm = f"{r['clm']:.4f}" + ("" if r.get("clm_is_own", True) else " (base)")
-        print(f"| {r['variant']} | {r['fused']:.4f} | {clm} | {diff:+.4f} | {r['picks']} |")
+        cells = []
+        for t in texts:
+            c = r.get(t) or {}
+            d = c.get("difference")
+            cells += [_fmt(c.get("fused")), _fmt(c.get("clm")) + ("" if r["clm_is_own"] else " (base)"),
+                      f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]" if d else "-"]
+        print(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['picks']} |")
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,3 +53,25 @@ def test_link_reused_hard_links_only_absent_stage_folders(tmp_path) -> None:
     assert linked.read_bytes() == b"x" and linked.stat().st_ino == (base / "extract/m/shard-00000.safetensors"
                                                                     ).stat().st_ino
     assert not (new / "train").exists()
+
+
+def test_table_compares_each_variant_with_its_own_or_the_base_baseline(tmp_path) -> None:
+    import json
+
+    def metrics(run: str, models: dict, code: dict) -> None:
+        (tmp_path / run / "evaluate").mkdir(parents=True)
+        doc = {"models": models, "corpora": {"code": {"models": code}}}
+        (tmp_path / run / "evaluate" / "metrics.json").write_text(json.dumps(doc))
+
+    def m(bits: list[float]) -> dict:  # two documents of 10 bytes each
+        return {"bits_per_byte": sum(bits) / 20, "doc_bits": bits, "doc_bytes": [10, 10]}
+
+    metrics("b", {"fused": m([10, 10]), "clm": m([9, 9])}, {"fused": m([8, 8]), "clm": m([9, 9])})
+    metrics("b-v", {"fused": m([8, 10])}, {"fused": m([9, 9])})  # no CLM of its own: the base's is used
+    rows = ablation.table(tmp_path, "b", ["v", "missing"])
+    assert [r["variant"] for r in rows] == ["base: lambda 0.9, MinCE, sequence, per-byte, k 10", "v"]
+    assert rows[0]["heldout"]["difference"] == (0.1, 0.1, 0.1)  # 20 - 18 bits over 20 bytes, every resample
+    assert rows[0]["code"]["difference"] == (-0.1, -0.1, -0.1)  # 16 - 18 bits
+    v = rows[1]
+    assert not v["clm_is_own"] and v["heldout"]["clm"] == 0.9 and v["heldout"]["fused"] == 0.9
+    assert v["heldout"]["difference"][0] == 0.0 and v["code"]["difference"] == (0.0, 0.0, 0.0)
