@@ -277,7 +277,11 @@ class Toleration(Spec):
 class StageResources(Spec):
     cpu: str | None = Field(None, pattern=r"^\d+(\.\d+)?m?$")
     memory: str | None = Field(None, pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
-    gpus: int = Field(0, ge=0, le=64)
+    gpus: int | None = Field(
+        None, ge=0, le=64,
+        description="GPUs per pod. Unset: the operator's stage default, else none. 0: none, whatever the "
+        "default.",
+    )
     gpu_resource: str = "nvidia.com/gpu"
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)

@@ -338,6 +338,11 @@ def test_operator_stage_defaults_fill_only_what_the_spec_leaves_empty() -> None:
         "requests": {"cpu": "8", "nvidia.com/gpu": "1"},
         "limits": {"nvidia.com/gpu": "1"},
     }
+    # An explicit gpus: 0 asks for no GPU although the default has one (unset takes the default).
+    no_gpu = make_spec(resources={"extract": {"gpus": 0}})
+    assert m.stage_resources(no_gpu, "extract", cfg).gpus == 0
+    (job,) = m.task_manifests(RUN, no_gpu, Task(Stage.extract, model="smol", shard=0), 1, cfg)
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {"requests": {"cpu": "4"}}
     with pytest.raises(cfgmod.ConfigError, match="FUSIONRUN_STAGE_DEFAULTS: not valid JSON"):
         cfgmod.from_env({"FUSIONRUN_STAGE_DEFAULTS": "{extract"})
     with pytest.raises(cfgmod.ConfigError, match=r"FUSIONRUN_STAGE_DEFAULTS\.extrct"):

@@ -135,9 +135,9 @@ def _resources(res: StageResources) -> dict[str, Any]:
 
 
 def stage_resources(spec: FusionRunSpec, stage: str, config: OperatorConfig) -> StageResources:
-    """The run's spec.resources.<stage>, with every field it leaves empty (cpu/memory unset, gpus 0, the
-    default gpuResource, no nodeSelector, no tolerations) taken from the operator's stage defaults. Empty,
-    not unset: the API server fills the CRD's defaults (gpus: 0) into every stored stage object."""
+    """The run's spec.resources.<stage>, with every field it leaves empty (cpu/memory/gpus unset, the
+    default gpuResource, no nodeSelector, no tolerations) taken from the operator's stage defaults. gpus has
+    no CRD default, so an explicit `gpus: 0` (no GPU, whatever the default) differs from leaving it out."""
     own: StageResources = getattr(spec.resources, stage)
     default = config.stage_defaults.get(stage)
     if default is None:
