@@ -281,6 +281,14 @@ def test_suspend_deletes_active_jobs_and_resume_starts_a_new_attempt() -> None:
     assert resumed.status.task("prepare").failures == 0
 
 
+def test_suspend_leaves_a_job_whose_outputs_are_complete() -> None:
+    st = run().status
+    # prepare's manifest is written, its Job has not exited yet: suspending must not delete it
+    p = run(st, [job("prepare", 1)], completed={"prepare"}, suspend=True)
+    assert p.delete_jobs == [] and created(p) == []
+    assert states(p)["prepare"] == "Succeeded" and p.status.phase == "Suspended"
+
+
 def test_restart_from_reruns_that_stage_and_later_only() -> None:
     done = set(ALL)
     finished = run(completed=done)

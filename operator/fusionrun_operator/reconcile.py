@@ -504,7 +504,9 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Plan:
         else None
     )
     if stop_reason and not all_done:
-        active = [j for j in obs.jobs if j.state == "Active" and not j.deleting]
+        # A Job whose task's outputs are already complete is left to exit on its own: nothing to stop.
+        active = [j for j in obs.jobs if j.state == "Active" and not j.deleting
+                  and tasks[j.task_id].state != "Succeeded"]
         ctx.delete += [j.name for j in active]
         for j in active:
             rec = tasks[j.task_id]
