@@ -177,6 +177,36 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['picks']} |")
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """FuseLLM minus CLM-only per variant and held-out text, with the 95% intervals (below 0: FuseLLM
+    better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    texts = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    for j, text in enumerate(texts):
+        ys, xs, lo, hi = [], [], [], []
+        for i, r in enumerate(rows):
+            d = (r.get(text) or {}).get("difference")
+            if d:
+                ys.append(i + (j - (len(texts) - 1) / 2) * 0.25)
+                xs.append(d[0])
+                lo.append(d[0] - d[1])
+                hi.append(d[2] - d[0])
+        ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", capsize=3, label=text)
+    ax.axvline(0.0, color="grey", lw=1)
+    ax.set_yticks(range(len(rows)), [r["variant"].split(":")[0] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("FuseLLM minus CLM-only, bits per byte (left of 0: FuseLLM better); 95% interval")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
@@ -190,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default=str(BASE_SPEC), help="the base FusionRun (already run)")
     ap.add_argument("--table", action="store_true", help="only print the table of what has run")
     ap.add_argument("--json", help="also write the table as JSON here")
+    ap.add_argument("--plot", help="also plot the differences and their intervals (PNG) here")
     args = ap.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -218,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    if args.plot and rows:
+        plot(rows, Path(args.plot))
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
     return 1 if failed else 0
