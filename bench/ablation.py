@@ -51,6 +51,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                {"training": {"seed": 1, "clmBaseline": True}}),
     "seed-2": ("seed 2 (data order), with its own CLM-only baseline",
                {"training": {"seed": 2, "clmBaseline": True}}),
+    "paper-lr": ("lr 1e-5 (the paper's), with its own CLM-only baseline: the model moves less from where "
+                 "the fusion targets are", {"training": {"learningRate": 0.00001, "clmBaseline": True}}),
     "long": ("2 epochs (70 steps) at lr 3e-4, with its own CLM-only baseline",
              {"training": {"maxSteps": 70, "learningRate": 0.0003, "clmBaseline": True}}),
 }
