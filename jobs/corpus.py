@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from jobs.spec import Corpus
+from jobs.spec import Store as StoreSpec
 
 
 class CorpusError(ValueError):
@@ -115,14 +116,19 @@ def _hf_docs(path: Path, field: str) -> Iterator[str]:
     yield from (t for t in ds[field] if isinstance(t, str))
 
 
-def corpus_stamp(corpus: Corpus) -> str | None:
-    """A cheap fingerprint of a LOCAL corpus's files (paths, sizes, modification times): an edited corpus
-    makes the prepare task stale although the spec is unchanged. None for s3:// corpora (not checked)."""
+def corpus_stamp(corpus: Corpus, store: StoreSpec | None) -> str | None:
+    """A cheap fingerprint of the corpus's files: an edited corpus makes the prepare task stale although the
+    spec is unchanged. None when nothing is at corpus.uri.
+
+    Local: the paths, sizes and modification times of the files (those matching corpus.glob in a folder).
+    s3://: a sha256 over the sorted (key relative to the URI, size, ETag) of the objects read: the object
+    the URI names, else those under it (as a folder) matching corpus.glob; listed with `store`'s endpoint
+    and credentials (the run store's; None: AWS's default chain). An S3 failure raises StoreError."""
     import hashlib
 
     uri = corpus.uri
     if uri.startswith("s3://"):
-        return None
+        return _s3_stamp(corpus, store)
     path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
     if path.is_file():
         files = [path]
@@ -135,6 +141,45 @@ def corpus_stamp(corpus: Corpus) -> str | None:
         st = f.stat()
         h.update(f"{f.relative_to(path) if f != path else f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def _s3_stamp(corpus: Corpus, store: StoreSpec | None) -> str | None:
+    from jobs.store import S3Store, StoreError, objects_digest, parse_s3_uri
+
+    try:
+        bucket, key = parse_s3_uri(corpus.uri)
+        src = S3Store(store or StoreSpec(uri="s3://placeholder"), bucket, "")
+        if key and (st := src.stat(key)) is not None:  # one object (as prepare reads it)
+            return objects_digest([(key.rsplit("/", 1)[-1], *st)])
+        cut = len(key) + 1 if key else 0
+        pattern = corpus.glob or "**/*"
+        objects = [(k[cut:], size, etag) for k, size, etag in src.list_stats(f"{key}/" if key else "")
+                   if not k.endswith("/") and glob_match(k[cut:], pattern)]  # 'x/': a folder marker
+    except StoreError as err:
+        raise StoreError(f"corpus.uri {corpus.uri}: {err}") from None
+    return objects_digest(objects) if objects else None
+
+
+def glob_match(relpath: str, pattern: str) -> bool:
+    """Whether a '/'-separated relative path matches a pathlib glob pattern as `Path.glob` finds files:
+    '**' spans any number of folders (none included), other parts match one name (fnmatch, case-sensitive,
+    leading dots included)."""
+    import fnmatch
+    import sys
+
+    parts = relpath.split("/")
+    pats = [p for p in pattern.split("/") if p not in ("", ".")]
+    if pats and pats[-1] == "**" and sys.version_info < (3, 13):
+        return False  # a trailing '**' finds folders only before Python 3.13
+
+    def match(i: int, j: int) -> bool:
+        if j == len(pats):
+            return i == len(parts)
+        if pats[j] == "**":
+            return any(match(k, j + 1) for k in range(i, len(parts) + 1))
+        return i < len(parts) and fnmatch.fnmatchcase(parts[i], pats[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
 
 
 def read_documents(path: Path, corpus: Corpus) -> list[str]:

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -262,10 +263,16 @@ class S3Store(Store):
             raise self._err(err, "checking the bucket") from None
 
     def size(self, key: str) -> int | None:
+        st = self.stat(key)
+        return None if st is None else st[0]
+
+    def stat(self, key: str) -> tuple[int, str] | None:
+        """(size in bytes, ETag) of one object, or None when it does not exist."""
         from botocore.exceptions import ClientError
 
         try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=self._k(key))["ContentLength"])
+            head = self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            return int(head["ContentLength"]), _etag(head)
         except ClientError as err:
             if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -308,21 +315,29 @@ class S3Store(Store):
             raise self._err(err, f"downloading {self.uri_for(key)}") from None
         return dst
 
-    def _iter_keys(self, full_prefix: str) -> list[str]:
-        out = []
+    def _iter_objects(self, full_prefix: str) -> list[dict[str, Any]]:
+        """list_objects_v2's Contents entries (Key, Size, ETag...) under a full key prefix."""
+        out: list[dict[str, Any]] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                               Prefix=full_prefix):
-                out += [o["Key"] for o in page.get("Contents", [])]
+                out += page.get("Contents", [])
         except Exception as err:
             raise self._err(err, f"listing s3://{self.bucket}/{full_prefix}") from None
         return out
 
+    def _iter_keys(self, full_prefix: str) -> list[str]:
+        return [o["Key"] for o in self._iter_objects(full_prefix)]
+
     def list(self, prefix: str = "") -> list[str]:
+        return [k for k, _, _ in self.list_stats(prefix)]
+
+    def list_stats(self, prefix: str = "") -> list[tuple[str, int, str]]:
+        """(key, size, ETag) of the objects under `prefix` (keys relative to the run), sorted by key."""
         p = prefix.lstrip("/")  # a string prefix of keys: "a/" lists a folder, "a" also matches "ab/..."
         full = f"{self.prefix}/{p}" if self.prefix else p
         cut = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(k[cut:] for k in self._iter_keys(full))
+        return sorted((o["Key"][cut:], int(o.get("Size", 0)), _etag(o)) for o in self._iter_objects(full))
 
     def delete(self, key: str) -> None:
         try:
@@ -339,6 +354,18 @@ class S3Store(Store):
             except Exception as err:
                 raise self._err(err, f"deleting under {self.uri_for(prefix)}") from None
         return len(keys)
+
+
+def _etag(obj: dict[str, Any]) -> str:
+    return str(obj.get("ETag", "")).strip('"')
+
+
+def objects_digest(objects: Iterable[tuple[str, int, str]]) -> str:
+    """sha256 over sorted (key, size, ETag) triples: changes when an object is added, removed or rewritten."""
+    h = hashlib.sha256()
+    for key, size, etag in sorted(objects):
+        h.update(f"{key}|{size}|{etag}\n".encode())
+    return h.hexdigest()
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -379,23 +406,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FUSIONRUN_CACHE", Path.home() / ".cache" / "fusionrun"))
 
 
-def download_model(store: Store | StoreSpec, uri: str) -> str:
+def download_model(store: Store | StoreSpec, uri: str, fresh: bool = False) -> str:
     """A local path for a model URI: s3:// folders are downloaded once into the cache; others pass through.
 
-    Uses the run store's endpoint and credentials (a model may live in another bucket of the same S3)."""
+    Uses the run store's endpoint and credentials (a model may live in another bucket of the same S3).
+    fresh: make sure the cached copy is current (for corpora, which are edited in place; a model's folder
+    is not expected to change): the objects are listed every time and the cache entry is keyed by their
+    (key, size, ETag), so a folder whose objects changed is downloaded again, into a new entry (older
+    entries stay until the cache, FUSIONRUN_CACHE, is cleared: another process may still be reading one)."""
     if not uri.startswith("s3://"):
         return uri
     spec = store.spec if isinstance(store, S3Store) else store if isinstance(store, StoreSpec) else None
     if spec is None:
         spec = StoreSpec(uri="s3://placeholder")  # local run store, model in AWS S3: default chain
     bucket, prefix = parse_s3_uri(uri)
-    dest = cache_dir() / "models" / hashlib.sha256(f"{spec.endpoint}|{uri}".encode()).hexdigest()[:16]
+    name = hashlib.sha256(f"{spec.endpoint}|{uri}".encode()).hexdigest()[:16]
+    src, objects = None, None
+    if fresh:
+        src = S3Store(spec, bucket, prefix)
+        objects = src.list_stats("")
+        dest = cache_dir() / "corpora" / f"{name}-{objects_digest(objects)[:16]}"
+    else:
+        dest = cache_dir() / "models" / name
     done = dest.parent / f"{dest.name}.complete"  # beside, not inside: the folder holds only the model
     if done.is_file():
         return str(dest)
-    src = S3Store(spec, bucket, prefix)
-    keys = src.list("")
+    src = src or S3Store(spec, bucket, prefix)
+    # A key ending in '/' is a folder marker (S3 consoles make them): no file to download.
+    keys = [k for k, _, _ in (objects if objects is not None else src.list_stats("")) if not k.endswith("/")]
     if not keys:
+        if fresh:
+            raise StoreError(f"{uri}: no objects under that prefix at {src.endpoint}; upload the files there "
+                             "or fix the uri")
         raise StoreError(f"model {uri}: no objects under that prefix at {src.endpoint}; upload the model "
                          "folder there or fix the model's uri")
     for k in keys:

@@ -13,6 +13,7 @@ import pytest
 from jobs.corpus import (
     CorpusError,
     assign_shards,
+    corpus_stamp,
     cut_points,
     heldout_split,
     pack_texts,
@@ -336,3 +337,109 @@ def test_prepare_reads_a_corpus_from_s3(s3_server, s3_bucket, tmp_path: Path, mo
         assert m["counts"]["documents"] == n_docs and m["counts"]["heldout_documents"] == 0
     raw = read_shard(st.download("prepare/shard-00000.safetensors", tmp_path / "s.safetensors"), "raw")
     assert unpack_texts(raw["text"], raw["doc_offsets"]) == ["file one", "file two"]
+
+
+@pytest.mark.s3
+def test_an_s3_corpus_edited_in_place_makes_prepare_stale(s3_server, s3_bucket, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """The stamp of an s3:// corpus (keys, sizes, ETags of the objects read) is recorded; an object rewritten
+    (even to the same size) or a file added to the folder makes prepare stale, and its rerun reads the new
+    objects, not a stale cached copy. Objects the folder's glob leaves out change nothing."""
+    from fusion.format import read_shard
+
+    monkeypatch.setenv("FUSIONRUN_CACHE", str(tmp_path / "cache"))
+    c = s3_server.client()
+    store = {"uri": f"s3://{s3_bucket}/runs", "endpoint": ENDPOINT, "insecure": True}
+
+    def prepared(st, run: str) -> tuple[dict, list[str]]:
+        m = read_manifest(st, "prepare/manifest.json")
+        local = st.download("prepare/shard-00000.safetensors", tmp_path / run / "s.safetensors")
+        raw = read_shard(local, "raw")
+        return m, unpack_texts(raw["text"], raw["doc_offsets"])
+
+    def run_and_check(spec, st, run: str, n_docs: int, texts: list[str]) -> str:
+        assert run_task(prepare.run, _t("prepare"), spec, run) == 0
+        m, got = prepared(st, run)
+        assert m["counts"]["documents"] == n_docs and m["counts"]["train_documents"] == n_docs
+        assert got == texts
+        stamp = m["summary"]["corpus_stamp"]
+        assert stamp == corpus_stamp(spec.corpus, spec.store) and len(stamp) == 64
+        assert not prepare.corpus_changed(st, spec)
+        started = m["started_at"]
+        assert run_task(prepare.run, _t("prepare"), spec, run) == 0  # unchanged: skipped
+        assert read_manifest(st, "prepare/manifest.json")["started_at"] == started
+        return stamp
+
+    # One object.
+    c.put_object(Bucket=s3_bucket, Key="data/corpus.txt", Body=b"alpha\n\nbravo")
+    spec = _spec(tmp_path, corpus={"uri": f"s3://{s3_bucket}/data/corpus.txt", "heldoutFraction": 0.0},
+                 store=store)
+    st = open_store(spec.store, "one")
+    first = run_and_check(spec, st, "one", 2, ["alpha", "bravo"])
+    c.put_object(Bucket=s3_bucket, Key="data/corpus.txt", Body=b"ALPHA\n\nBRAVO")  # same size, new ETag
+    assert prepare.corpus_changed(st, spec)
+    second = run_and_check(spec, st, "one", 2, ["ALPHA", "BRAVO"])
+    c.put_object(Bucket=s3_bucket, Key="data/corpus.txt", Body=b"alpha\n\nbravo\n\ncharlie")
+    assert prepare.corpus_changed(st, spec)
+    third = run_and_check(spec, st, "one", 3, ["alpha", "bravo", "charlie"])
+    assert len({first, second, third}) == 3
+
+    # A folder (prefix), read through the cache, with a glob.
+    c.put_object(Bucket=s3_bucket, Key="data/folder/a.txt", Body=b"file one")
+    c.put_object(Bucket=s3_bucket, Key="data/folder/b.txt", Body=b"file two")
+    c.put_object(Bucket=s3_bucket, Key="data/folder/notes.md", Body=b"not read")
+    c.put_object(Bucket=s3_bucket, Key="data/folder2/x.txt", Body=b"another prefix")  # not under folder/
+    spec = _spec(tmp_path, corpus={"uri": f"s3://{s3_bucket}/data/folder", "glob": "**/*.txt",
+                                   "heldoutFraction": 0.0}, store=store)
+    st = open_store(spec.store, "dir")
+    first = run_and_check(spec, st, "dir", 2, ["file one", "file two"])
+    c.put_object(Bucket=s3_bucket, Key="data/folder/notes.md", Body=b"edited, still not read")
+    c.put_object(Bucket=s3_bucket, Key="data/folder2/x.txt", Body=b"edited elsewhere")
+    assert not prepare.corpus_changed(st, spec)
+    assert corpus_stamp(spec.corpus, spec.store) == first
+    c.put_object(Bucket=s3_bucket, Key="data/folder/sub/c.txt", Body=b"file three")  # a file added
+    assert prepare.corpus_changed(st, spec)
+    second = run_and_check(spec, st, "dir", 3, ["file one", "file two", "file three"])
+    c.put_object(Bucket=s3_bucket, Key="data/folder/a.txt", Body=b"file ONE")  # same keys and sizes
+    assert prepare.corpus_changed(st, spec)
+    third = run_and_check(spec, st, "dir", 3, ["file ONE", "file two", "file three"])
+    c.delete_object(Bucket=s3_bucket, Key="data/folder/b.txt")  # a file removed
+    assert prepare.corpus_changed(st, spec)
+    fourth = run_and_check(spec, st, "dir", 2, ["file ONE", "file three"])
+    assert len({first, second, third, fourth}) == 4
+    # Each version of the folder has its own cache entry: a changed folder is never served from an old one.
+    assert len(list((tmp_path / "cache" / "corpora").glob("*.complete"))) == 4
+
+
+def test_an_unreachable_s3_corpus_is_a_clear_store_error(tmp_path: Path, monkeypatch) -> None:
+    from jobs.spec import Store as StoreSpec
+    from jobs.store import StoreError
+
+    monkeypatch.setenv("FUSIONRUN_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("FUSIONRUN_S3_CONNECT_TIMEOUT", "1")
+    down = StoreSpec(uri=str(tmp_path / "store"), endpoint="http://127.0.0.1:9", insecure=True)
+    corpus = Corpus(uri="s3://corpora/data/folder")
+    with pytest.raises(StoreError, match=r"^corpus.uri s3://corpora/data/folder: cannot reach S3 endpoint "
+                                         r"http://127.0.0.1:9.*store.endpoint"):
+        corpus_stamp(corpus, down)
+    spec = _spec(tmp_path, corpus={"uri": "s3://corpora/data/folder"},
+                 store={"uri": str(tmp_path / "store"), "endpoint": "http://127.0.0.1:9", "insecure": True})
+    with pytest.raises(StoreError, match="cannot reach S3 endpoint"):
+        run_task(prepare.run, _t("prepare"), spec, "r")  # the stamp, before anything is read
+    # A local corpus never touches S3: the stamp of the same file, whatever the store says.
+    f = tmp_path / "corpus.txt"
+    assert corpus_stamp(Corpus(uri=str(f)), down) == corpus_stamp(Corpus(uri=f"file://{f}"), None)
+
+
+def test_s3_corpus_glob_matches_what_path_glob_finds(tmp_path: Path) -> None:
+    """An s3:// folder's objects are filtered by corpus.glob as a local folder's files are."""
+    from jobs.corpus import glob_match
+
+    names = ["a.txt", "b.md", ".hidden.txt", "sub/c.txt", "sub/deep/d.txt", "sub/deep/e.py", "Sub2/F.TXT"]
+    for n in names:
+        (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / n).write_text("x")
+    for pattern in ("**/*", "*.txt", "**/*.txt", "sub/*", "sub/**/*.py", "**/deep/*", ".*", "*/*.TXT",
+                    "**/*.[tp][xy]*", "**", "sub/**"):
+        local = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob(pattern) if p.is_file())
+        assert sorted(n for n in names if glob_match(n, pattern)) == local, pattern

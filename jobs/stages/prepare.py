@@ -20,6 +20,7 @@ from jobs.corpus import (
     read_documents,
     split_to_fit,
 )
+from jobs.spec import Store as StoreSpec
 from jobs.stages.common import StageContext, StageError, log_event, shard_key
 from jobs.store import StoreError, download_model
 
@@ -28,32 +29,40 @@ HELDOUT_KEY = "prepare/heldout.safetensors"
 
 def corpus_path(ctx: StageContext, uri: str | None = None, field: str = "corpus") -> Path:
     """A local path of the corpus (or of another text at `uri`, named `field` in errors): s3:// texts are
-    downloaded (cached) first."""
+    downloaded first (a folder into the cache, keyed by its objects' ETags: a changed folder is fetched
+    again)."""
     uri = uri or ctx.spec.corpus.uri
     if uri.startswith("s3://"):
         try:
             if _is_object(ctx, uri):  # one file
                 return _download_object(ctx, uri)
-            return Path(download_model(ctx.store, uri))  # a folder (prefix), cached
+            return Path(download_model(s3_spec(ctx.store, ctx.spec), uri, fresh=True))  # a folder (prefix)
         except StoreError as err:
             raise StageError(f"{field}.uri {uri}: {err}") from None
     return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+
+
+def s3_spec(store: Any, spec: Any) -> StoreSpec:
+    """The endpoint and credentials that read s3:// texts: the run store's (a corpus may be in another
+    bucket of the same S3)."""
+    from jobs.store import S3Store
+
+    return store.spec if isinstance(store, S3Store) else spec.store
 
 
 def _is_object(ctx: StageContext, uri: str) -> bool:
     from jobs.store import S3Store, parse_s3_uri
 
     bucket, key = parse_s3_uri(uri)
-    spec = ctx.store.spec if isinstance(ctx.store, S3Store) else ctx.spec.store
-    return S3Store(spec, bucket, "").size(key) is not None
+    return S3Store(s3_spec(ctx.store, ctx.spec), bucket, "").size(key) is not None
 
 
 def _download_object(ctx: StageContext, uri: str) -> Path:
     from jobs.store import S3Store, parse_s3_uri
 
     bucket, key = parse_s3_uri(uri)
-    spec = ctx.store.spec if isinstance(ctx.store, S3Store) else ctx.spec.store
-    return S3Store(spec, bucket, "").download(key, ctx.scratch / "corpus" / Path(key).name)
+    src = S3Store(s3_spec(ctx.store, ctx.spec), bucket, "")
+    return src.download(key, ctx.scratch / "corpus" / Path(key).name)
 
 
 def load_tokenizers(ctx: StageContext) -> list[Any]:
@@ -85,7 +94,8 @@ def write_docs(ctx: StageContext, key: str, texts: list[str], doc_index: np.ndar
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     spec = ctx.spec
-    stamp = corpus_stamp(spec.corpus)  # before reading: an edit during the read makes the next run redo
+    # Before reading: an edit during the read makes the next run redo. An S3 failure: a clear StoreError.
+    stamp = corpus_stamp(spec.corpus, s3_spec(ctx.store, spec))
     try:
         docs = read_documents(corpus_path(ctx), spec.corpus)
     except CorpusError as err:
@@ -126,9 +136,10 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def corpus_changed(store: Any, spec: Any) -> bool:
-    """True when the local corpus files changed since the complete prepare task read them."""
+    """True when the corpus (local files or s3:// objects) changed since the complete prepare task read it.
+    Raises StoreError when the corpus's S3 cannot be listed."""
     from jobs.manifest import read_manifest
 
     m = read_manifest(store, "prepare/manifest.json")
     recorded = (m or {}).get("summary", {}).get("corpus_stamp")
-    return recorded is not None and recorded != corpus_stamp(spec.corpus)
+    return recorded is not None and recorded != corpus_stamp(spec.corpus, s3_spec(store, spec))
