@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from jobs.spec import Corpus
 from jobs.spec import Store as StoreSpec
+from jobs.spec import TextSource
 
 
 class CorpusError(ValueError):
@@ -116,7 +116,7 @@ def _hf_docs(path: Path, field: str) -> Iterator[str]:
     yield from (t for t in ds[field] if isinstance(t, str))
 
 
-def corpus_stamp(corpus: Corpus, store: StoreSpec | None) -> str | None:
+def corpus_stamp(corpus: TextSource, store: StoreSpec | None) -> str | None:
     """A cheap fingerprint of the corpus's files: an edited corpus makes the prepare task stale although the
     spec is unchanged. None when nothing is at corpus.uri.
 
@@ -143,7 +143,7 @@ def corpus_stamp(corpus: Corpus, store: StoreSpec | None) -> str | None:
     return h.hexdigest()
 
 
-def _s3_stamp(corpus: Corpus, store: StoreSpec | None) -> str | None:
+def _s3_stamp(corpus: TextSource, store: StoreSpec | None) -> str | None:
     from jobs.store import S3Store, StoreError, objects_digest, parse_s3_uri
 
     try:
@@ -182,7 +182,7 @@ def glob_match(relpath: str, pattern: str) -> bool:
     return match(0, 0)
 
 
-def read_documents(path: Path, corpus: Corpus) -> list[str]:
+def read_documents(path: Path, corpus: TextSource) -> list[str]:
     """Documents of the corpus at local `path`, after corpus.maxDocuments / maxBytes (in reading order)."""
     if not path.exists():
         raise CorpusError(f"corpus.uri: {path} does not exist; point corpus.uri at a file or folder of text")

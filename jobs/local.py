@@ -178,11 +178,9 @@ class LocalRunner:
     def _complete(self, task: Task) -> bool:
         if why_incomplete(self.store, self.spec, task, self.by_id, verify=self.verify) is not None:
             return False
-        if task.stage is Stage.prepare:
-            from jobs.stages.prepare import corpus_changed
+        from jobs.stages.prepare import texts_changed
 
-            return not corpus_changed(self.store, self.spec)
-        return True
+        return texts_changed(self.store, self.spec, task) is None
 
     def _start_queued(self, queued: list[Task], running: dict[str, _Running]) -> None:
         while queued:

@@ -123,6 +123,11 @@ def test_local_run_end_to_end_then_rerun_skips_all(tmp_path: Path) -> None:
     assert set(block["models"]) == set(metrics["models"]) == {"target-before", "fused", "source:mis"}
     assert block["models"]["fused"]["bits_per_byte"] != metrics["models"]["fused"]["bits_per_byte"]
     assert "## Held-out text: code" in (tmp_path / "store" / "e2e" / "report" / "report.md").read_text()
+    code.write_text(code.read_text() + "\nx = 1\n")  # edited in place, spec unchanged: evaluate is redone
+    fifth = LocalRunner(parse_spec(with_code), "e2e").run()
+    assert {k for k, v in fifth.outcomes.items() if v == "ran"} == {"evaluate"}
+    assert json.loads(store.get_bytes("evaluate/metrics.json"))["corpora"]["code"]["documents"] == 4
+    assert LocalRunner(parse_spec(with_code), "e2e").run().ran == 0
     missing = {**with_code, "evaluation": {"corpora": [{"name": "code", "uri": str(tmp_path / "nope.txt")}]}}
     with pytest.raises(RunFailed) as err:
         LocalRunner(parse_spec(missing), "e2e").run()

@@ -169,10 +169,10 @@ def run_task(stage_fn: StageFn, task: Task, spec: FusionRunSpec, run_name: str, 
     # Local outputs are cheap to hash: verify them as the local runner does, so that a shard it found
     # corrupted is redone here rather than skipped on its (unchanged) size.
     reason = why_incomplete(store, spec, task, by_id, verify=verify_outputs(store))
-    if reason is None and task.stage is Stage.prepare:
-        from jobs.stages.prepare import corpus_changed
+    if reason is None:
+        from jobs.stages.prepare import texts_changed
 
-        reason = "corpus changed" if corpus_changed(store, spec) else None
+        reason = texts_changed(store, spec, task)
     if reason is None and not force:
         log_event("skip", task=task.id, reason="complete")
         return EXIT_OK

@@ -93,6 +93,9 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     if not texts:
         raise StageError("no held-out documents to evaluate on: raise corpus.heldoutFraction above 0 or set "
                          "evaluation.enabled: false")
+    from jobs.stages.prepare import eval_corpora_stamps
+
+    stamps = eval_corpora_stamps(ctx.store, ctx.spec)  # before reading: an edit meanwhile redoes evaluate
     # Text sets scored by every model: the held-out split first, then evaluation.corpora in spec order.
     sets = {"heldout": texts}
     for i, c in enumerate(ctx.spec.evaluation.corpora):
@@ -154,4 +157,6 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
         summary["fused_minus_clm"] = metrics["fused_minus_clm"]
     for c in ctx.spec.evaluation.corpora:
         summary[f"bits_per_byte:{c.name}"] = bpb(results[c.name])
+    if stamps:
+        summary["corpora_stamps"] = stamps
     return metrics["heldout"], summary

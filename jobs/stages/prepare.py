@@ -135,6 +135,28 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     return counts, summary
 
 
+def texts_changed(store: Any, spec: Any, task: Any) -> str | None:
+    """Why a task complete by its manifest must still be redone: the text it read changed although the spec
+    did not (prepare: the corpus; evaluate: evaluation.corpora). None when nothing changed."""
+    from jobs.plan import Stage
+
+    if task.stage is Stage.prepare:
+        return "corpus changed" if corpus_changed(store, spec) else None
+    if task.stage is Stage.evaluate and spec.evaluation.corpora:
+        from jobs.manifest import read_manifest
+
+        m = read_manifest(store, "evaluate/manifest.json")
+        recorded = (m or {}).get("summary", {}).get("corpora_stamps")
+        if recorded is not None and recorded != eval_corpora_stamps(store, spec):
+            return "evaluation corpus changed"
+    return None
+
+
+def eval_corpora_stamps(store: Any, spec: Any) -> dict[str, str | None]:
+    """The stamp of each evaluation.corpora text (corpus_stamp), by name."""
+    return {c.name: corpus_stamp(c, s3_spec(store, spec)) for c in spec.evaluation.corpora}
+
+
 def corpus_changed(store: Any, spec: Any) -> bool:
     """True when the corpus (local files or s3:// objects) changed since the complete prepare task read it.
     Raises StoreError when the corpus's S3 cannot be listed."""
