@@ -15,6 +15,7 @@ demo: setup
 ## The default test run (CI runs exactly this): lint + everything not marked slow.
 test: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	bash scripts/k8s-control-plane.sh build
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
@@ -24,9 +25,10 @@ test-slow: setup
 
 test-all: test test-slow
 
-## The lint CI enforces (ruff check). `make fmt` also applies ruff's formatter.
+## The lint CI enforces (ruff check and ruff's formatter). `make fmt` applies both.
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 fmt: setup
 	$(PY) -m ruff format .

@@ -44,17 +44,28 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "avgce": ("AvgCE instead of MinCE", {"fusion": {"strategy": "avgCE"}}),
     "token-level": ("MinCE per position instead of per document", {"fusion": {"level": "token"}}),
     "ce-per-token": ("MinCE on per-token CE (the reference's unit)", {"fusion": {"ceUnit": "token"}}),
-    "no-target": ("Gemma alone as the fusion candidate (target not a candidate)",
-                  {"fusion": {"includeTarget": False}}),
+    "no-target": (
+        "Gemma alone as the fusion candidate (target not a candidate)",
+        {"fusion": {"includeTarget": False}},
+    ),
     "topk-3": ("k = 3 entries per candidate", {"fusion": {"topK": 3}}),
-    "seed-1": ("seed 1 (data order), with its own CLM-only baseline",
-               {"training": {"seed": 1, "clmBaseline": True}}),
-    "seed-2": ("seed 2 (data order), with its own CLM-only baseline",
-               {"training": {"seed": 2, "clmBaseline": True}}),
-    "paper-lr": ("lr 1e-5 (the paper's), with its own CLM-only baseline: the model moves less from where "
-                 "the fusion targets are", {"training": {"learningRate": 0.00001, "clmBaseline": True}}),
-    "long": ("2 epochs (70 steps) at lr 3e-4, with its own CLM-only baseline",
-             {"training": {"maxSteps": 70, "learningRate": 0.0003, "clmBaseline": True}}),
+    "seed-1": (
+        "seed 1 (data order), with its own CLM-only baseline",
+        {"training": {"seed": 1, "clmBaseline": True}},
+    ),
+    "seed-2": (
+        "seed 2 (data order), with its own CLM-only baseline",
+        {"training": {"seed": 2, "clmBaseline": True}},
+    ),
+    "paper-lr": (
+        "lr 1e-5 (the paper's), with its own CLM-only baseline: the model moves less from where "
+        "the fusion targets are",
+        {"training": {"learningRate": 0.00001, "clmBaseline": True}},
+    ),
+    "long": (
+        "2 epochs (70 steps) at lr 3e-4, with its own CLM-only baseline",
+        {"training": {"maxSteps": 70, "learningRate": 0.0003, "clmBaseline": True}},
+    ),
 }
 
 
@@ -69,11 +80,17 @@ def variant_document(base_doc: dict[str, Any], variant: str) -> dict[str, Any]:
     """The variant's FusionRun document: the base one (paths resolved) with the variant's overrides, its
     own name, one checkpoint at the end (disk) and no re-scoring of the sources (the base run did that)."""
     _, over = VARIANTS[variant]
-    common = {"training": {"clmBaseline": False, "checkpointInterval": 1000},
-              "evaluation": {"evaluateSources": False}}
+    common = {
+        "training": {"clmBaseline": False, "checkpointInterval": 1000},
+        "evaluation": {"evaluateSources": False},
+    }
     spec = deep_merge(deep_merge(base_doc["spec"], common), over)
-    return {"apiVersion": base_doc["apiVersion"], "kind": "FusionRun",
-            "metadata": {"name": f"{base_doc['metadata']['name']}-{variant}"}, "spec": spec}
+    return {
+        "apiVersion": base_doc["apiVersion"],
+        "kind": "FusionRun",
+        "metadata": {"name": f"{base_doc['metadata']['name']}-{variant}"},
+        "spec": spec,
+    }
 
 
 def link_reused(base_dir: Path, run_dir: Path) -> None:
@@ -118,19 +135,26 @@ def _models(metrics: dict[str, Any], text: str) -> dict[str, Any]:
     return metrics.get("corpora", {}).get(text, {}).get("models", {})
 
 
-def _difference(fused: dict[str, Any] | None, clm: dict[str, Any] | None
-                ) -> tuple[float, float, float] | None:
+def _difference(
+    fused: dict[str, Any] | None, clm: dict[str, Any] | None
+) -> tuple[float, float, float] | None:
     """FuseLLM minus CLM-only in bits per byte, with its 95% paired bootstrap interval over documents."""
     from fusion.evaluate import paired_bpb_difference
 
     if not fused or not clm or "doc_bits" not in fused or "doc_bits" not in clm:
         return None
-    return paired_bpb_difference(np.array(fused["doc_bits"]), np.array(clm["doc_bits"]),
-                                 np.array(fused["doc_bytes"]))
+    return paired_bpb_difference(
+        np.array(fused["doc_bits"]), np.array(clm["doc_bits"]), np.array(fused["doc_bytes"])
+    )
 
 
-def row(store_root: Path, name: str, label: str, base_clm: dict[str, Any] | None = None,
-        texts: tuple[str, ...] = ("heldout",)) -> dict[str, Any] | None:
+def row(
+    store_root: Path,
+    name: str,
+    label: str,
+    base_clm: dict[str, Any] | None = None,
+    texts: tuple[str, ...] = ("heldout",),
+) -> dict[str, Any] | None:
     """One line of the table: FuseLLM and CLM-only (the run's own, else the base run's) on each text."""
     metrics = _json(store_root / name / "evaluate" / "metrics.json")
     if not metrics.get("models"):
@@ -140,15 +164,20 @@ def row(store_root: Path, name: str, label: str, base_clm: dict[str, Any] | None
         for k, v in _json(m).get("summary", {}).get("choice_counts", {}).items():
             picks[k] = picks.get(k, 0) + v
     total = sum(picks.values())
-    out: dict[str, Any] = {"variant": label, "clm_is_own": "clm" in metrics["models"],
-                           "picks": ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in picks.items())
-                           if total else "-"}
+    out: dict[str, Any] = {
+        "variant": label,
+        "clm_is_own": "clm" in metrics["models"],
+        "picks": ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in picks.items()) if total else "-",
+    }
     for text in texts:
         models = _models(metrics, text)
         clm = models.get("clm") or (base_clm or {}).get(text)
         fused = models.get("fused")
-        out[text] = {"fused": fused and fused["bits_per_byte"], "clm": clm and clm["bits_per_byte"],
-                     "difference": _difference(fused, clm)}
+        out[text] = {
+            "fused": fused and fused["bits_per_byte"],
+            "clm": clm and clm["bits_per_byte"],
+            "difference": _difference(fused, clm),
+        }
     return out
 
 
@@ -166,16 +195,22 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("nothing has run yet")
         return
     texts = [k for k in rows[0] if isinstance(rows[0][k], dict)]
-    head = "| variant | " + " | ".join(f"{t}: FuseLLM | {t}: CLM-only | {t}: FuseLLM - CLM [95% CI]"
-                                         for t in texts) + " | MinCE picks |"
+    head = (
+        "| variant | "
+        + " | ".join(f"{t}: FuseLLM | {t}: CLM-only | {t}: FuseLLM - CLM [95% CI]" for t in texts)
+        + " | MinCE picks |"
+    )
     print("\n" + head + "\n|" + "---|" * (2 + 3 * len(texts)))
     for r in rows:
         cells = []
         for t in texts:
             c = r.get(t) or {}
             d = c.get("difference")
-            cells += [_fmt(c.get("fused")), _fmt(c.get("clm")) + ("" if r["clm_is_own"] else " (base)"),
-                      f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]" if d else "-"]
+            cells += [
+                _fmt(c.get("fused")),
+                _fmt(c.get("clm")) + ("" if r["clm_is_own"] else " (base)"),
+                f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]" if d else "-",
+            ]
         print(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['picks']} |")
 
 
@@ -216,8 +251,11 @@ def _fmt(x: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     from jobs.spec import load_fusionrun
 
-    ap = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.ablation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("variants", nargs="*", help=f"a selection of {list(VARIANTS)} (default: all)")
     ap.add_argument("--base", default=str(BASE_SPEC), help="the base FusionRun (already run)")
     ap.add_argument("--table", action="store_true", help="only print the table of what has run")
@@ -229,11 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     variants = args.variants or list(VARIANTS)
     run = load_fusionrun(args.base)
-    base_doc = {"apiVersion": run.api_version, "metadata": {"name": run.metadata.name},
-                "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
+    base_doc = {
+        "apiVersion": run.api_version,
+        "metadata": {"name": run.metadata.name},
+        "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
     if not run.spec.store.uri.startswith("file://"):
         ap.error("the ablation links the base run's local outputs: use a file:// store")
-    store_root = Path(run.spec.store.uri[len("file://"):])
+    store_root = Path(run.spec.store.uri[len("file://") :])
     base_name = run.metadata.name
     if not (store_root / base_name / "evaluate" / "metrics.json").is_file():
         ap.error(f"run the base first: {sys.executable} -m jobs.cli run {args.base}")

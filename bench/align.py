@@ -30,7 +30,7 @@ def stdlib_documents(max_docs: int, chars: int = 1600) -> list[str]:
     docs = []
     for name in STDLIB_MODULES:
         text = (root / name).read_text(encoding="utf-8")
-        docs += [text[i:i + chars] for i in range(0, len(text) - chars // 2, chars)]
+        docs += [text[i : i + chars] for i in range(0, len(text) - chars // 2, chars)]
     return [d for d in docs if d.strip()][:max_docs]
 
 
@@ -46,13 +46,22 @@ def synthetic_extract(path: Path, docs: list[np.ndarray], view, pool: np.ndarray
     topk = np.concatenate([nxt[:, None], rng.choice(pool, (n, k - 1))], axis=1)
     lp = np.sort(-rng.exponential(2.0, (n, k)), axis=1)[:, ::-1]
     dt = id_dtype(view.vocab_size)
-    write_shard(path, "extract", {
-        "doc_index": np.arange(len(docs), dtype=np.int64), "doc_offsets": offsets,
-        "input_ids": ids.astype(dt), "token_nbytes": view.nbytes[ids],
-        "topk_ids": topk.astype(dt), "topk_logprobs": lp.astype(np.float16),
-        "gold_logprob": lp[:, 0].astype(np.float16), "doc_nll": np.ones(len(docs), dtype=np.float32),
-        "doc_pred_nbytes": np.ones(len(docs), dtype=np.int64),
-        "doc_n_pred": np.array([len(d) - 1 for d in docs], dtype=np.int32)})
+    write_shard(
+        path,
+        "extract",
+        {
+            "doc_index": np.arange(len(docs), dtype=np.int64),
+            "doc_offsets": offsets,
+            "input_ids": ids.astype(dt),
+            "token_nbytes": view.nbytes[ids],
+            "topk_ids": topk.astype(dt),
+            "topk_logprobs": lp.astype(np.float16),
+            "gold_logprob": lp[:, 0].astype(np.float16),
+            "doc_nll": np.ones(len(docs), dtype=np.float32),
+            "doc_pred_nbytes": np.ones(len(docs), dtype=np.int64),
+            "doc_n_pred": np.array([len(d) - 1 for d in docs], dtype=np.int32),
+        },
+    )
     return read_shard(path, "extract")
 
 
@@ -63,8 +72,9 @@ def timed(fn, *args):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--docs", type=int, default=24, help="stdlib text chunks of 1600 characters")
     parser.add_argument("--plain-map-queries", type=int, default=6, help="non-exact ids the plain map runs")
     parser.add_argument("--plain-dtw-docs", type=int, default=2, help="documents the plain DTW runs")
@@ -82,9 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     texts = stdlib_documents(args.docs)
     src_docs, tgt_docs = encode_documents(src_tok, texts), encode_documents(tgt_tok, texts)
     n_src_tok, n_tgt_tok = sum(map(len, src_docs)), sum(map(len, tgt_docs))
-    print(f"text: {len(texts)} stdlib chunks, {sum(map(len, texts))} chars; "
-          f"source SmolLM2 {n_src_tok} tokens, target Mistral {n_tgt_tok} tokens; "
-          f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}")
+    print(
+        f"text: {len(texts)} stdlib chunks, {sum(map(len, texts))} chars; "
+        f"source SmolLM2 {n_src_tok} tokens, target Mistral {n_tgt_tok} tokens; "
+        f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}"
+    )
 
     # --- MinED map, lazy over the source ids that occur ---------------------------------------------
     occurring = np.unique(np.concatenate(src_docs))
@@ -93,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     non_exact = [i for i in occurring.tolist() if not vmap.exact[i] and i not in special]
     cands = target_candidates(tgt).tolist()
     exact = exact_index(tgt, target_candidates(tgt))
-    subset = non_exact[:args.plain_map_queries]
+    subset = non_exact[: args.plain_map_queries]
     t0 = time.perf_counter()
     plain = [reference.nearest(src.token_text[i], tgt.token_text, cands, exact) for i in subset]
     t_plain_q = (time.perf_counter() - t0) / max(1, len(subset))
@@ -102,8 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     t_plain = t_plain_q * len(non_exact)
     print(f"\nMinED map (lazy, {len(occurring)} occurring ids, {len(non_exact)} without exact match):")
     print(f"  ours  {t_ours:8.3f} s")
-    print(f"  plain {t_plain:8.1f} s  (extrapolated: {t_plain_q:.2f} s per non-exact id, checked on "
-          f"{len(subset)} ids: identical)")
+    print(
+        f"  plain {t_plain:8.1f} s  (extrapolated: {t_plain_q:.2f} s per non-exact id, checked on "
+        f"{len(subset)} ids: identical)"
+    )
     print(f"  ratio {t_plain / t_ours:8.0f}x")
 
     # --- DTW ---------------------------------------------------------------------------------------
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = [dtw_align(a, b) for a, b in pairs]
     t_dtw = time.perf_counter() - t0
     cells = sum(len(a) * len(b) for a, b in pairs)
-    sub = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) * len(pairs[i][1]))[:args.plain_dtw_docs]
+    sub = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) * len(pairs[i][1]))[: args.plain_dtw_docs]
     t0 = time.perf_counter()
     for i in sub:
         a, b = pairs[i]
@@ -132,18 +146,25 @@ def main(argv: list[str] | None = None) -> None:
         tgt_shard = synthetic_extract(Path(tmp) / "tgt.safetensors", tgt_docs, tgt, np.unique(tgt_docs[0]))
         needed = needed_source_ids(src_shard)
         shard_map, t_map = timed(build_vocab_map, src, tgt, "mined", needed)
-        (_, stats), t_align = timed(align_shard_with_stats, src_shard, tgt_shard, src, tgt, shard_map,
-                                    "mined")
-    print(f"\nalign_shard (MinED, k=10, top-k ids drawn from the ids that occur): {t_align:.3f} s "
-          f"({n_tgt_tok / t_align:,.0f} target positions/s); its lazy map {t_map:.3f} s")
-    print(f"  aligned {stats.aligned_fraction:.1%} of positions, exact {stats.exact_fraction:.1%}, "
-          f"1:1 {stats.one_to_one / stats.positions:.1%}, "
-          f"top-k entries kept {stats.kept_entry_fraction:.1%}")
+        (_, stats), t_align = timed(
+            align_shard_with_stats, src_shard, tgt_shard, src, tgt, shard_map, "mined"
+        )
+    print(
+        f"\nalign_shard (MinED, k=10, top-k ids drawn from the ids that occur): {t_align:.3f} s "
+        f"({n_tgt_tok / t_align:,.0f} target positions/s); its lazy map {t_map:.3f} s"
+    )
+    print(
+        f"  aligned {stats.aligned_fraction:.1%} of positions, exact {stats.exact_fraction:.1%}, "
+        f"1:1 {stats.one_to_one / stats.positions:.1%}, "
+        f"top-k entries kept {stats.kept_entry_fraction:.1%}"
+    )
 
     if not args.no_full_map:
         full, t_full = timed(build_vocab_map, src, tgt, "mined")
-        print(f"\nfull MinED map SmolLM2 -> Mistral ({src.vocab_size} x {tgt.vocab_size}): {t_full:.1f} s "
-              f"(reference: ~830 s); exact {full.exact.mean():.1%}")
+        print(
+            f"\nfull MinED map SmolLM2 -> Mistral ({src.vocab_size} x {tgt.vocab_size}): {t_full:.1f} s "
+            f"(reference: ~830 s); exact {full.exact.mean():.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,13 @@ def load(model_name: str):  # -> (model, tokenizer)
         gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
         tok = load_tokenizer(str(folder / gguf))
         return load_model(str(folder), gguf_file=gguf, device="auto", dtype="auto"), tok
-    tok = load_tokenizer(str(Path(importlib.util.find_spec("mistral_common").origin).parent  # type: ignore[arg-type]
-                             / "data" / "tokenizer.model.v1"))
+    tok = load_tokenizer(
+        str(
+            Path(importlib.util.find_spec("mistral_common").origin).parent  # type: ignore[arg-type]
+            / "data"
+            / "tokenizer.model.v1"
+        )
+    )
     model = random_init_model("llama", len(tok), hidden_size=256, num_layers=4, num_heads=4)
     return model.eval(), tok
 
@@ -100,13 +105,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         extract_documents(model, view, docs, np.arange(len(docs)), top_k=10, batch_tokens=args.batch_tokens)
         best_ext = min(best_ext, time.perf_counter() - t)
     ratio = best_ext / best_bare
-    print(f"\nExtraction vs bare forward ({args.model}, {len(docs)} docs, {n_tokens} tokens, "
-          f"vocab {view.vocab_size}, device {next(model.parameters()).device}, best of {args.rounds})")
+    print(
+        f"\nExtraction vs bare forward ({args.model}, {len(docs)} docs, {n_tokens} tokens, "
+        f"vocab {view.vocab_size}, device {next(model.parameters()).device}, best of {args.rounds})"
+    )
     print(f"{'':28}{'bare forward':>14}{'extract (k=10)':>16}{'ratio':>8}")
     print(f"{'tokens/s':28}{n_tokens / best_bare:>14.0f}{n_tokens / best_ext:>16.0f}{ratio:>8.3f}")
     print(f"overhead: {100 * (ratio - 1):+.1f}%  (goal <= +10%)  {'OK' if ratio <= 1.10 else 'ABOVE GOAL'}")
-    return {"bare_tokens_per_s": n_tokens / best_bare, "extract_tokens_per_s": n_tokens / best_ext,
-            "ratio": ratio}
+    return {
+        "bare_tokens_per_s": n_tokens / best_bare,
+        "extract_tokens_per_s": n_tokens / best_ext,
+        "ratio": ratio,
+    }
 
 
 if __name__ == "__main__":

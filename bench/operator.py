@@ -51,7 +51,8 @@ def jobs_by_run(cp: ControlPlane, ns: str) -> dict[str, list[str]]:
 
 def phases(cp: ControlPlane, ns: str) -> dict[str, str | None]:
     items = client.CustomObjectsApi(cp.api()).list_namespaced_custom_object(
-        API_GROUP, API_VERSION, ns, PLURAL)["items"]
+        API_GROUP, API_VERSION, ns, PLURAL
+    )["items"]
     return {fr["metadata"]["name"]: (fr.get("status") or {}).get("phase") for fr in items}
 
 
@@ -72,8 +73,9 @@ def measure_latency(cp: ControlPlane, ns: str, spec: dict[str, Any], samples: in
     return out
 
 
-def measure_burst(cp: ControlPlane, ns: str, spec: dict[str, Any], runs: int, tmp: Path,
-                  timeout: float) -> dict[str, Any]:
+def measure_burst(
+    cp: ControlPlane, ns: str, spec: dict[str, Any], runs: int, tmp: Path, timeout: float
+) -> dict[str, Any]:
     names = [f"burst-{i:03d}" for i in range(runs)]
     path = tmp / "burst.yaml"
     path.write_text("---\n".join(fusionrun_yaml(n, spec) for n in names))
@@ -96,9 +98,15 @@ def measure_burst(cp: ControlPlane, ns: str, spec: dict[str, Any], runs: int, tm
     duplicates = sorted(n for n in names if sorted(jobs.get(n, [])) not in ([], [f"{n}-prepare-1"]))
     failed = sorted(n for n in names if ph.get(n) == "Failed")
     missing = sorted(n for n in names if n not in reconciled)
-    return {"runs": runs, "apply_s": applied, "first_job_s": sorted(first_job.values()),
-            "reconciled_s": sorted(reconciled.values()), "duplicates": duplicates, "failed": failed,
-            "missing": missing}
+    return {
+        "runs": runs,
+        "apply_s": applied,
+        "first_job_s": sorted(first_job.values()),
+        "reconciled_s": sorted(reconciled.values()),
+        "duplicates": duplicates,
+        "failed": failed,
+        "missing": missing,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,10 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         ("apply -> first Job, min / max (s)", f"{min(latency):.2f} / {max(latency):.2f}"),
         (f"burst: kubectl apply of {args.runs} runs (s)", f"{burst['apply_s']:.2f}"),
         ("burst: runs reconciled", f"{len(rec)} / {args.runs}"),
-        ("burst: first / median / last reconciled (s)",
-         f"{rec[0]:.2f} / {statistics.median(rec):.2f} / {rec[-1]:.2f}" if rec else "-"),
-        ("burst: last reconciled after kubectl returned (s)",
-         f"{rec[-1] - burst['apply_s']:.2f}" if rec else "-"),
+        (
+            "burst: first / median / last reconciled (s)",
+            f"{rec[0]:.2f} / {statistics.median(rec):.2f} / {rec[-1]:.2f}" if rec else "-",
+        ),
+        (
+            "burst: last reconciled after kubectl returned (s)",
+            f"{rec[-1] - burst['apply_s']:.2f}" if rec else "-",
+        ),
         ("burst: runs with duplicate or extra Jobs", str(len(burst["duplicates"]))),
         ("burst: runs Failed", str(len(burst["failed"]))),
         ("operator log: ERROR lines / tracebacks", str(len(log_errors))),
@@ -160,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     if args.json:
-        args.json.write_text(json.dumps({"latency_s": latency, **burst, "log_errors": log_errors,
-                                         "errors": errors}, indent=1))
+        args.json.write_text(
+            json.dumps({"latency_s": latency, **burst, "log_errors": log_errors, "errors": errors}, indent=1)
+        )
     return 1 if errors or not alive else 0
 
 

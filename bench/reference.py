@@ -53,14 +53,22 @@ def dtw(src: Sequence[Text], tgt: Sequence[Text]) -> tuple[list[list[int]], list
     d = [[0] * m for _ in range(n)]
     for i in range(n):
         for j in range(m):
-            prev = 0 if i == j == 0 else min(d[i - 1][j] if i else inf, d[i][j - 1] if j else inf,
-                                             d[i - 1][j - 1] if i and j else inf)
+            prev = (
+                0
+                if i == j == 0
+                else min(
+                    d[i - 1][j] if i else inf, d[i][j - 1] if j else inf, d[i - 1][j - 1] if i and j else inf
+                )
+            )
             d[i][j] = levenshtein(src[i], tgt[j]) + prev
     i, j, path = n - 1, m - 1, [(n - 1, m - 1)]
     while i or j:
         # (value, rank): min() picks the smallest value, ties by rank: diagonal 0, up 1, left 2.
-        options = [(d[i - 1][j - 1] if i and j else inf, 0), (d[i - 1][j] if i else inf, 1),
-                   (d[i][j - 1] if j else inf, 2)]
+        options = [
+            (d[i - 1][j - 1] if i and j else inf, 0),
+            (d[i - 1][j] if i else inf, 1),
+            (d[i][j - 1] if j else inf, 2),
+        ]
         move = min(options)[1]
         i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
         path.append((i, j))

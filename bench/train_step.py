@@ -34,8 +34,18 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = random_init_model("llama", vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                              num_heads=args.heads, seed=0).to(device=device, dtype=dtype).train()
+    model = (
+        random_init_model(
+            "llama",
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            seed=0,
+        )
+        .to(device=device, dtype=dtype)
+        .train()
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     b, t, k, v = args.batch, args.seq, args.k, args.vocab
@@ -43,8 +53,13 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     target_ids = torch.randint(0, v, (b, t, k), generator=g)
     target_ids[..., 0] = input_ids[:, 1:]  # the gold token among the K, as real fused targets mostly have
     target_probs = torch.softmax(torch.randn(b, t, k, generator=g) * 2, dim=-1).half()
-    batch = {"input_ids": input_ids[:, :-1], "labels": input_ids[:, 1:], "target_ids": target_ids,
-             "target_probs": target_probs, "fusion_mask": torch.ones(b, t, dtype=torch.bool)}
+    batch = {
+        "input_ids": input_ids[:, :-1],
+        "labels": input_ids[:, 1:],
+        "target_ids": target_ids,
+        "target_probs": target_probs,
+        "fusion_mask": torch.ones(b, t, dtype=torch.bool),
+    }
     return model, opt, {k_: x.to(device) for k_, x in batch.items()}
 
 
@@ -55,12 +70,14 @@ def step(model: Any, opt: Any, batch: dict[str, Any], loss_name: str) -> float:
 
     logits = model(input_ids=batch["input_ids"]).logits
     if loss_name == "clm":
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                 batch["labels"].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1)
+        )
     else:
         lam = 1.0 if loss_name == "clm-ours" else 0.9
-        loss = fusion_loss(logits, batch["labels"], batch["target_ids"], batch["target_probs"],
-                           batch["fusion_mask"], lam).total
+        loss = fusion_loss(
+            logits, batch["labels"], batch["target_ids"], batch["target_probs"], batch["fusion_mask"], lam
+        ).total
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -140,21 +157,44 @@ def main(argv: list[str] | None = None) -> int:
     times = time_steps(args)
     med = {n: statistics.median(v) for n, v in times.items()}
     child = [sys.executable, "-m", "bench.train_step", *(argv if argv is not None else sys.argv[1:])]
-    mem = {n: int(subprocess.run([*child, "--memory-child", n], capture_output=True, text=True, check=True
-                                 ).stdout.split()[-1]) for n in LOSSES}
+    mem = {
+        n: int(
+            subprocess.run(
+                [*child, "--memory-child", n], capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
+        for n in LOSSES
+    }
     on_gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"train step, tiny Llama (hidden {args.hidden}, {args.layers} layers), vocab {args.vocab}, "
-          f"batch {args.batch} x {args.seq} tokens, K = {args.k}, {device}")
+    print(
+        f"train step, tiny Llama (hidden {args.hidden}, {args.layers} layers), vocab {args.vocab}, "
+        f"batch {args.batch} x {args.seq} tokens, K = {args.k}, {device}"
+    )
     print(f"{'loss':<10} {'median step':>12} {'min':>9} {'peak mem of a step':>20}")
     for n in LOSSES:
         print(f"{n:<10} {med[n] * 1e3:>10.1f} ms {min(times[n]) * 1e3:>6.1f} ms {mem[n] / 2**20:>16.1f} MiB")
     ratio = med["fused"] / med["clm"]
-    print(f"fused / clm step time: {ratio:.3f}x (goal <= 1.15x); fused / clm-ours: "
-          f"{med['fused'] / med['clm-ours']:.3f}x; "
-          f"peak memory fused / clm: {mem['fused'] / max(mem['clm'], 1):.3f}x")
-    print(json.dumps({"bench": "train_step", "device": device, "vocab": args.vocab, "batch": args.batch,
-                      "seq": args.seq, "k": args.k, "median_s": med, "peak_bytes": mem, "ratio": ratio}))
+    print(
+        f"fused / clm step time: {ratio:.3f}x (goal <= 1.15x); fused / clm-ours: "
+        f"{med['fused'] / med['clm-ours']:.3f}x; "
+        f"peak memory fused / clm: {mem['fused'] / max(mem['clm'], 1):.3f}x"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "train_step",
+                "device": device,
+                "vocab": args.vocab,
+                "batch": args.batch,
+                "seq": args.seq,
+                "k": args.k,
+                "median_s": med,
+                "peak_bytes": mem,
+                "ratio": ratio,
+            }
+        )
+    )
     return 0
 
 

@@ -148,8 +148,12 @@ class AlignStats:
         return self.entries / self.source_entries if self.source_entries else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "aligned_fraction": self.aligned_fraction,
-                "exact_fraction": self.exact_fraction, "kept_entry_fraction": self.kept_entry_fraction}
+        return {
+            **asdict(self),
+            "aligned_fraction": self.aligned_fraction,
+            "exact_fraction": self.exact_fraction,
+            "kept_entry_fraction": self.kept_entry_fraction,
+        }
 
 
 def needed_source_ids(src: Shard) -> np.ndarray:
@@ -177,14 +181,16 @@ def _document_order(src: Shard, tgt: Shard) -> np.ndarray:
     return order[pos]
 
 
-def align_shard(src: Shard, tgt: Shard, src_view: TokenizerView, tgt_view: TokenizerView,
-                vocab_map: VocabMap, method: str) -> dict[str, np.ndarray]:
+def align_shard(
+    src: Shard, tgt: Shard, src_view: TokenizerView, tgt_view: TokenizerView, vocab_map: VocabMap, method: str
+) -> dict[str, np.ndarray]:
     """The arrays of an aligned shard (see fusion.format) for one source against the target."""
     return align_shard_with_stats(src, tgt, src_view, tgt_view, vocab_map, method)[0]
 
 
-def align_shard_with_stats(src: Shard, tgt: Shard, src_view: TokenizerView, tgt_view: TokenizerView,
-                           vocab_map: VocabMap, method: str) -> tuple[dict[str, np.ndarray], AlignStats]:
+def align_shard_with_stats(
+    src: Shard, tgt: Shard, src_view: TokenizerView, tgt_view: TokenizerView, vocab_map: VocabMap, method: str
+) -> tuple[dict[str, np.ndarray], AlignStats]:
     if method not in METHODS:
         raise AlignmentError(f"alignment method {method!r}: expected one of {METHODS}")
     if method == "mined" and vocab_map.method != "mined":
@@ -193,16 +199,23 @@ def align_shard_with_stats(src: Shard, tgt: Shard, src_view: TokenizerView, tgt_
     src_topk = np.asarray(src["topk_ids"]).astype(np.int64)
     src_input = np.asarray(src["input_ids"]).astype(np.int64)
     tgt_input = np.asarray(tgt["input_ids"]).astype(np.int64)
-    for name, ids, view in (("source", src_input, src_view), ("source top-k", src_topk, src_view),
-                            ("target", tgt_input, tgt_view)):
+    for name, ids, view in (
+        ("source", src_input, src_view),
+        ("source top-k", src_topk, src_view),
+        ("target", tgt_input, tgt_view),
+    ):
         if ids.size and ids.max() >= view.vocab_size:
-            raise AlignmentError(f"{name} ids reach {int(ids.max())}, beyond {view.name}'s {view.vocab_size} "
-                                 "tokens: the shard was extracted with another tokenizer")
+            raise AlignmentError(
+                f"{name} ids reach {int(ids.max())}, beyond {view.name}'s {view.vocab_size} "
+                "tokens: the shard was extracted with another tokenizer"
+            )
     needed = needed_source_ids(src)
     not_computed = vocab_map.missing(needed)
     if not_computed.size:
-        raise AlignmentError(f"vocabulary map lacks {not_computed.size} source ids of {src.path} (e.g. "
-                             f"{not_computed[:5].tolist()}); build it with src_ids=needed_source_ids(shard)")
+        raise AlignmentError(
+            f"vocabulary map lacks {not_computed.size} source ids of {src.path} (e.g. "
+            f"{not_computed[:5].tolist()}); build it with src_ids=needed_source_ids(shard)"
+        )
 
     order = _document_order(src, tgt)
     src_off = np.asarray(src["doc_offsets"])
@@ -215,8 +228,10 @@ def align_shard_with_stats(src: Shard, tgt: Shard, src_view: TokenizerView, tgt_
         t0, t1 = int(tgt_off[d]), int(tgt_off[d + 1])
         if s1 == s0 or t1 == t0:
             raise AlignmentError(f"document {int(tgt['doc_index'][d])} has no tokens in one of the shards")
-        sp, tp = dtw_path_from_text(list(map(src_text.__getitem__, src_input[s0:s1].tolist())),
-                                    list(map(tgt_text.__getitem__, tgt_input[t0:t1].tolist())))
+        sp, tp = dtw_path_from_text(
+            list(map(src_text.__getitem__, src_input[s0:s1].tolist())),
+            list(map(tgt_text.__getitem__, tgt_input[t0:t1].tolist())),
+        )
         local = one_to_one(sp, tp, s1 - s0, t1 - t0)
         pair[t0:t1] = np.where(local >= 0, local + s0, -1)
 
@@ -227,8 +242,11 @@ def align_shard_with_stats(src: Shard, tgt: Shard, src_view: TokenizerView, tgt_
     rows = np.flatnonzero((pair >= 0) & ~is_last)
     rows = rows[~src_last[pair[rows]]]  # a source row that predicts nothing has nothing to give
     s_rows = pair[rows]
-    same = np.fromiter(map(eq, src_view.bytes_of(src_input[s_rows]), tgt_view.bytes_of(tgt_input[rows])),
-                       dtype=bool, count=len(rows))
+    same = np.fromiter(
+        map(eq, src_view.bytes_of(src_input[s_rows]), tgt_view.bytes_of(tgt_input[rows])),
+        dtype=bool,
+        count=len(rows),
+    )
     accept = same if method == "em" else same | (vocab_map.lookup(src_input[s_rows]) == tgt_input[rows])
     one_to_one_rows = len(rows)
     rows, s_rows, same = rows[accept], s_rows[accept], same[accept]
@@ -240,9 +258,10 @@ def align_shard_with_stats(src: Shard, tgt: Shard, src_view: TokenizerView, tgt_
     mapped_ids = np.empty((len(s_rows), k), dtype=np.int32)
     mapped_lp = np.empty((len(s_rows), k), dtype=np.float32)
     for lo in range(0, len(s_rows), _ROWS_PER_BLOCK):  # bounds the [rows, k, k] duplicate masks
-        block = s_rows[lo:lo + _ROWS_PER_BLOCK]
-        mapped_ids[lo:lo + len(block)], mapped_lp[lo:lo + len(block)] = map_topk(
-            src_topk[block], src_lp[block], vocab_map, exact_only=(method == "em"))
+        block = s_rows[lo : lo + _ROWS_PER_BLOCK]
+        mapped_ids[lo : lo + len(block)], mapped_lp[lo : lo + len(block)] = map_topk(
+            src_topk[block], src_lp[block], vocab_map, exact_only=(method == "em")
+        )
     # An accepted row none of whose entries survive mapping (EM, rare) carries nothing: it falls back.
     kept = mapped_ids[:, 0] >= 0
     rows, s_rows, same = rows[kept], s_rows[kept], same[kept]
@@ -272,14 +291,21 @@ def align_shard_with_stats(src: Shard, tgt: Shard, src_view: TokenizerView, tgt_
         "doc_pred_nbytes": np.asarray(src["doc_pred_nbytes"])[order].astype(np.int64),
         "doc_n_pred": np.asarray(src["doc_n_pred"])[order].astype(np.int32),
     }
-    stats = AlignStats(documents=len(order), positions=int(n_tgt - len(order)), one_to_one=one_to_one_rows,
-                       aligned=len(rows), exact=int(same.sum()), entries=int((mapped_ids >= 0).sum()),
-                       source_entries=int((src_topk[s_rows] >= 0).sum()))
+    stats = AlignStats(
+        documents=len(order),
+        positions=int(n_tgt - len(order)),
+        one_to_one=one_to_one_rows,
+        aligned=len(rows),
+        exact=int(same.sum()),
+        entries=int((mapped_ids >= 0).sum()),
+        source_entries=int((src_topk[s_rows] >= 0).sum()),
+    )
     return arrays, stats
 
 
-def map_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_map: VocabMap,
-             exact_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def map_topk(
+    ids: np.ndarray, logprobs: np.ndarray, vocab_map: VocabMap, exact_only: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Map [R, k] source top-k rows into the target vocabulary, vectorised over rows.
 
     Unmapped entries are dropped; entries that land on the same target id are merged keeping the highest
@@ -299,5 +325,4 @@ def map_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_map: VocabMap,
     mapped = np.where(empty, -1, mapped)
     lp = np.where(empty, -np.inf, lp)
     order = np.argsort(empty, axis=1, kind="stable")  # keep the best-first order, empties last
-    return (np.take_along_axis(mapped, order, axis=1).astype(np.int32),
-            np.take_along_axis(lp, order, axis=1))
+    return (np.take_along_axis(mapped, order, axis=1).astype(np.int32), np.take_along_axis(lp, order, axis=1))

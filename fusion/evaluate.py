@@ -60,7 +60,11 @@ def perplexity(scores: DocScores) -> float:
 
 
 def paired_bpb_difference(
-    bits_a: np.ndarray, bits_b: np.ndarray, nbytes: np.ndarray, samples: int = 10_000, seed: int = 0,
+    bits_a: np.ndarray,
+    bits_b: np.ndarray,
+    nbytes: np.ndarray,
+    samples: int = 10_000,
+    seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float, float]:
     """Bits per byte of model A minus model B on the same documents, with a paired bootstrap interval.

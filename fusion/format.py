@@ -161,8 +161,9 @@ def validate_arrays(kind: str, arrays: dict[str, Any], where: str) -> None:
         raise ShardError(f"{where}: top-k arrays disagree on width: {sorted(widths)}")
 
 
-def write_shard(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray],
-                meta: dict[str, Any] | None = None) -> ShardInfo:
+def write_shard(
+    path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None
+) -> ShardInfo:
     """Validate and write one shard atomically; return its checksum and size for the stage manifest."""
     from safetensors.numpy import save_file
 
@@ -317,6 +318,18 @@ class _LazyShape:
         return self._h.get_tensor(self._name)
 
 
-_ST_DTYPES = {"U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "I32": "int32", "U32": "uint32",
-              "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
-              "F64": "float64", "BOOL": "bool"}
+_ST_DTYPES = {
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "BOOL": "bool",
+}

@@ -49,7 +49,7 @@ class TokenizerLoadError(ValueError):
 def hub_id(uri: str) -> str | None:
     """The Hugging Face id a URI stands for, or None when it is a local/package location."""
     if uri.startswith("hf://"):
-        return uri[len("hf://"):]
+        return uri[len("hf://") :]
     if "://" in uri or uri.startswith(("/", "./", "../")):
         return None
     if HF_ID.match(uri) and not Path(uri).exists():
@@ -67,9 +67,9 @@ def resolve_path(uri: str) -> Path:
     if uri.startswith("hf://"):
         raise ValueError(f"{uri}: a Hugging Face id has no local path; pass it to load_tokenizer as is")
     if uri.startswith("file://"):
-        return Path(uri[len("file://"):])
+        return Path(uri[len("file://") :])
     if uri.startswith("pkg://"):
-        package, _, sub = uri[len("pkg://"):].partition("/")
+        package, _, sub = uri[len("pkg://") :].partition("/")
         if not package:
             raise ValueError(f"{uri}: expected pkg://<python package>/<sub path>")
         try:
@@ -121,7 +121,7 @@ def load_tokenizer(uri: str, gguf_file: str | None = None) -> PreTrainedTokenize
         if tok.eos_token is None or tok.eos_token_id is None:
             raise TokenizerLoadError(
                 f"tokenizer {uri}: has no EOS token, which every document ends with; use a tokenizer whose "
-                "config sets eos_token (e.g. add \"eos_token\" to its tokenizer_config.json)"
+                'config sets eos_token (e.g. add "eos_token" to its tokenizer_config.json)'
             )
         _CACHE[key] = tok
         return tok
@@ -132,8 +132,11 @@ def _load_uncached(uri: str, gguf_file: str | None) -> PreTrainedTokenizerBase:
 
     hf = hub_id(uri)
     if hf is not None:
-        return AutoTokenizer.from_pretrained(hf, gguf_file=gguf_file) if gguf_file else \
-            AutoTokenizer.from_pretrained(hf)
+        return (
+            AutoTokenizer.from_pretrained(hf, gguf_file=gguf_file)
+            if gguf_file
+            else AutoTokenizer.from_pretrained(hf)
+        )
     path = resolve_path(uri)
     if not path.exists():
         raise TokenizerLoadError(f"tokenizer {uri}: {path} does not exist; check the URI (and the package)")
@@ -215,8 +218,9 @@ def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return [(left, right) for _, _, _, left, right in merges]
 
 
-def tiktoken_tokenizer(path: Path, pattern: str = QWEN_PATTERN,
-                       specials: tuple[str, ...] = TIKTOKEN_SPECIALS) -> PreTrainedTokenizerBase:
+def tiktoken_tokenizer(
+    path: Path, pattern: str = QWEN_PATTERN, specials: tuple[str, ...] = TIKTOKEN_SPECIALS
+) -> PreTrainedTokenizerBase:
     """A byte-level BPE fast tokenizer equivalent to tiktoken's encoding of the ranks file."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -233,10 +237,12 @@ def tiktoken_tokenizer(path: Path, pattern: str = QWEN_PATTERN,
     merges = [(spell(a), spell(b)) for a, b in tiktoken_merges(ranks)]
     model = models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True)
     backend = Tokenizer(model)
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=specials[0])

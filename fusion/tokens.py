@@ -31,8 +31,11 @@ if TYPE_CHECKING:
 
 def _gpt2_byte_alphabet() -> list[str]:
     """GPT-2's printable stand-in character for each byte value (index = byte)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -83,9 +86,15 @@ class TokenizerView:
             return view
 
     @classmethod
-    def from_token_bytes(cls, name: str, token_bytes: list[bytes], eos_id: int,
-                         special_ids: list[int] | None = None, kind: str = "byte_level",
-                         byte_fallback: list[int] | None = None) -> TokenizerView:
+    def from_token_bytes(
+        cls,
+        name: str,
+        token_bytes: list[bytes],
+        eos_id: int,
+        special_ids: list[int] | None = None,
+        kind: str = "byte_level",
+        byte_fallback: list[int] | None = None,
+    ) -> TokenizerView:
         """A view of a hand-made vocabulary given as bytes (tests, small examples). eos_id is special."""
         size = len(token_bytes)
         special = sorted({eos_id, *(special_ids or [])})
@@ -93,10 +102,18 @@ class TokenizerView:
         fallback = np.zeros(size, dtype=bool)
         fallback[list(byte_fallback or [])] = True
         marker = {"byte_level": BPE_MARKER, "sentencepiece": SPM_MARKER}.get(kind)
-        return cls(name=name, vocab_size=size, kind=kind, marker=marker, token_bytes=tb,
-                   nbytes=np.fromiter(map(len, tb), dtype=np.uint16, count=size), eos_id=eos_id,
-                   special_ids=np.array(special, dtype=np.int64), byte_fallback=fallback,
-                   pieces=[b.decode("latin-1") for b in token_bytes])
+        return cls(
+            name=name,
+            vocab_size=size,
+            kind=kind,
+            marker=marker,
+            token_bytes=tb,
+            nbytes=np.fromiter(map(len, tb), dtype=np.uint16, count=size),
+            eos_id=eos_id,
+            special_ids=np.array(special, dtype=np.int64),
+            byte_fallback=fallback,
+            pieces=[b.decode("latin-1") for b in token_bytes],
+        )
 
     @cached_property
     def token_text(self) -> list[str]:
@@ -207,8 +224,10 @@ def byte_level_bytes(pieces: list[str]) -> list[bytes]:
     joined = "".join(pieces)
     if not set(joined) <= _ALPHABET:
         # Pieces outside the alphabet (rare: hand-added tokens) stand for their own UTF-8 text.
-        return [p.translate(_UNICODE_TO_LATIN1).encode("latin-1") if set(p) <= _ALPHABET else p.encode()
-                for p in pieces]
+        return [
+            p.translate(_UNICODE_TO_LATIN1).encode("latin-1") if set(p) <= _ALPHABET else p.encode()
+            for p in pieces
+        ]
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     return _split_blob(joined.translate(_UNICODE_TO_LATIN1).encode("latin-1"), lengths)
 
@@ -253,9 +272,18 @@ def build_view(tok: PreTrainedTokenizerBase) -> TokenizerView:
     if kind == "sentencepiece":
         piece_to_id = dict(zip(pieces, range(size), strict=True))
         fallback[[piece_to_id[p] for p in _BYTE_FALLBACK if p in piece_to_id]] = True
-    return TokenizerView(name=name, vocab_size=size, kind=kind, marker=marker, token_bytes=token_bytes,
-                         nbytes=nbytes.astype(np.uint16), eos_id=int(tok.eos_token_id), special_ids=special,
-                         byte_fallback=fallback, pieces=pieces)
+    return TokenizerView(
+        name=name,
+        vocab_size=size,
+        kind=kind,
+        marker=marker,
+        token_bytes=token_bytes,
+        nbytes=nbytes.astype(np.uint16),
+        eos_id=int(tok.eos_token_id),
+        special_ids=special,
+        byte_fallback=fallback,
+        pieces=pieces,
+    )
 
 
 def _holes(pieces: list[str | None]) -> set[int]:

@@ -91,9 +91,16 @@ class VocabMap:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, ids=self.ids, exact=self.exact, computed=self.computed, distance=self.distance,
-                         method=np.array(self.method), src_fingerprint=np.array(self.src_fingerprint),
-                         tgt_fingerprint=np.array(self.tgt_fingerprint))
+                np.savez(
+                    f,
+                    ids=self.ids,
+                    exact=self.exact,
+                    computed=self.computed,
+                    distance=self.distance,
+                    method=np.array(self.method),
+                    src_fingerprint=np.array(self.src_fingerprint),
+                    tgt_fingerprint=np.array(self.tgt_fingerprint),
+                )
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -102,21 +109,28 @@ class VocabMap:
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike, src: TokenizerView | None = None,
-             tgt: TokenizerView | None = None) -> VocabMap:
+    def load(
+        cls, path: str | os.PathLike, src: TokenizerView | None = None, tgt: TokenizerView | None = None
+    ) -> VocabMap:
         """Read a saved map; with both views given, check it was built for them (StaleVocabMapError)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: vocabulary map is missing; build it with build_vocab_map")
         try:
             with np.load(path, allow_pickle=False) as z:
-                vmap = cls(ids=z["ids"].astype(np.int32), exact=z["exact"].astype(bool),
-                           computed=z["computed"].astype(bool), distance=z["distance"].astype(np.int32),
-                           method=str(z["method"]), src_fingerprint=str(z["src_fingerprint"]),
-                           tgt_fingerprint=str(z["tgt_fingerprint"]))
+                vmap = cls(
+                    ids=z["ids"].astype(np.int32),
+                    exact=z["exact"].astype(bool),
+                    computed=z["computed"].astype(bool),
+                    distance=z["distance"].astype(np.int32),
+                    method=str(z["method"]),
+                    src_fingerprint=str(z["src_fingerprint"]),
+                    tgt_fingerprint=str(z["tgt_fingerprint"]),
+                )
         except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-            raise StaleVocabMapError(f"{path}: not a readable vocabulary map ({err}); delete it to rebuild") \
-                from None
+            raise StaleVocabMapError(
+                f"{path}: not a readable vocabulary map ({err}); delete it to rebuild"
+            ) from None
         if src is not None and tgt is not None:
             vmap.check(src, tgt, str(path))
         return vmap
@@ -145,8 +159,13 @@ def exact_index(tgt: TokenizerView, candidates: np.ndarray) -> dict[str, int]:
     return dict(zip(map(texts.__getitem__, rev), rev, strict=True))
 
 
-def build_vocab_map(src: TokenizerView, tgt: TokenizerView, method: str = "mined",
-                    src_ids: np.ndarray | None = None, workers: int = -1) -> VocabMap:
+def build_vocab_map(
+    src: TokenizerView,
+    tgt: TokenizerView,
+    method: str = "mined",
+    src_ids: np.ndarray | None = None,
+    workers: int = -1,
+) -> VocabMap:
     """Map source ids onto the target vocabulary; all ids, or only `src_ids` (lazy; others -1)."""
     if method not in METHODS:
         raise ValueError(f"alignment method {method!r}: expected one of {METHODS}")
@@ -161,12 +180,20 @@ def build_vocab_map(src: TokenizerView, tgt: TokenizerView, method: str = "mined
     return vmap
 
 
-def extend_vocab_map(vmap: VocabMap, src: TokenizerView, tgt: TokenizerView, src_ids: np.ndarray,
-                     workers: int = -1) -> VocabMap:
+def extend_vocab_map(
+    vmap: VocabMap, src: TokenizerView, tgt: TokenizerView, src_ids: np.ndarray, workers: int = -1
+) -> VocabMap:
     """A copy of a lazy map that also covers `src_ids` (only the missing ones are computed)."""
     vmap.check(src, tgt)
-    out = VocabMap(vmap.ids.copy(), vmap.exact.copy(), vmap.computed.copy(), vmap.distance.copy(),
-                   vmap.method, vmap.src_fingerprint, vmap.tgt_fingerprint)
+    out = VocabMap(
+        vmap.ids.copy(),
+        vmap.exact.copy(),
+        vmap.computed.copy(),
+        vmap.distance.copy(),
+        vmap.method,
+        vmap.src_fingerprint,
+        vmap.tgt_fingerprint,
+    )
     _fill(out, src, tgt, vmap.missing(src_ids), workers)
     return out
 
@@ -188,14 +215,18 @@ def _fill(vmap: VocabMap, src: TokenizerView, tgt: TokenizerView, todo: np.ndarr
     vmap.distance[text_ids[found]] = 0
     if vmap.method == "mined" and (~found).any():
         rest = text_ids[~found]
-        best, dist = nearest_targets(list(map(queries.__getitem__, np.flatnonzero(~found).tolist())),
-                                     list(map(tgt.token_text.__getitem__, candidates.tolist())), workers)
+        best, dist = nearest_targets(
+            list(map(queries.__getitem__, np.flatnonzero(~found).tolist())),
+            list(map(tgt.token_text.__getitem__, candidates.tolist())),
+            workers,
+        )
         vmap.ids[rest] = candidates[best]
         vmap.distance[rest] = dist
 
 
-def nearest_targets(queries: list[str], choices: list[str],
-                    workers: int = -1) -> tuple[np.ndarray, np.ndarray]:
+def nearest_targets(
+    queries: list[str], choices: list[str], workers: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
     """For each query the index of the choice at minimum Levenshtein distance (first = lowest on ties)."""
     from rapidfuzz import process
     from rapidfuzz.distance import Levenshtein
@@ -204,11 +235,12 @@ def nearest_targets(queries: list[str], choices: list[str],
     dist = np.empty(len(queries), dtype=np.int32)
     step = max(1, _CHUNK_CELLS // max(1, len(choices)))
     for lo in range(0, len(queries), step):
-        block = process.cdist(queries[lo:lo + step], choices, scorer=Levenshtein.distance, dtype=np.int32,
-                              workers=workers)
+        block = process.cdist(
+            queries[lo : lo + step], choices, scorer=Levenshtein.distance, dtype=np.int32, workers=workers
+        )
         arg = block.argmin(axis=1)  # numpy returns the first minimum: the first candidate wins ties
-        best[lo:lo + step] = arg
-        dist[lo:lo + step] = block[np.arange(len(arg)), arg]
+        best[lo : lo + step] = arg
+        dist[lo : lo + step] = block[np.arange(len(arg)), arg]
     return best, dist
 
 

@@ -1,9 +1,9 @@
 """The `fusionrun` command.
 
-  fusionrun run FILE.yaml [--force-stage S] [--workers N]   the whole run on this machine (jobs.local)
-  fusionrun validate FILE.yaml                              check a FusionRun; errors name the field
-  fusionrun stage <stage> [--model M] [--shard N] ...       one task (= python -m jobs ...)
-  fusionrun crd [...]                                       the CRD generated from the spec (jobs.crd)
+fusionrun run FILE.yaml [--force-stage S] [--workers N]   the whole run on this machine (jobs.local)
+fusionrun validate FILE.yaml                              check a FusionRun; errors name the field
+fusionrun stage <stage> [--model M] [--shard N] ...       one task (= python -m jobs ...)
+fusionrun crd [...]                                       the CRD generated from the spec (jobs.crd)
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ def stage_main(argv: list[str] | None = None) -> int:
         from jobs.plan import Stage, Task
 
         if args.model and args.model not in {m.name for m in spec.models}:
-            raise StageError(f"--model {args.model}: no such model in the spec; known: "
-                             f"{[m.name for m in spec.models]}")
+            raise StageError(
+                f"--model {args.model}: no such model in the spec; known: {[m.name for m in spec.models]}"
+            )
         if args.stage == "align" and args.model == spec.target.name:
             raise StageError(f"--model {args.model} is the target; align takes a source model")
         if args.shard is not None and not 0 <= args.shard < spec.extraction.shards:
@@ -95,8 +96,10 @@ def cmd_validate(path: str) -> int:
         print(f"{path}: {err}", file=sys.stderr)
         return 1
     dag = build_dag(run.spec)
-    print(f"{path}: valid FusionRun {run.metadata.name!r}: {len(run.spec.models)} models, "
-          f"{run.spec.extraction.shards} shard(s), {len(dag)} tasks")
+    print(
+        f"{path}: valid FusionRun {run.metadata.name!r}: {len(run.spec.models)} models, "
+        f"{run.spec.extraction.shards} shard(s), {len(dag)} tasks"
+    )
     return 0
 
 
@@ -124,8 +127,9 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
     except StoreError as err:
         print(f"run {run.metadata.name}: {err}", file=sys.stderr)
         return 1
-    print(f"run {run.metadata.name} done in {time.time() - t0:.1f}s: {result.ran} ran, {result.skipped} "
-          f"skipped")
+    print(
+        f"run {run.metadata.name} done in {time.time() - t0:.1f}s: {result.ran} ran, {result.skipped} skipped"
+    )
     if result.report:
         print(f"report: {result.report}")
     return 0
@@ -136,8 +140,9 @@ def apply_env_overrides(spec: FusionRunSpec) -> FusionRunSpec:
     endpoint = os.environ.get("FUSIONRUN_S3_ENDPOINT")
     if not endpoint or not spec.store.is_s3:
         return spec
-    store = spec.store.model_copy(update={"endpoint": endpoint,
-                                          "insecure": spec.store.insecure or endpoint.startswith("http://")})
+    store = spec.store.model_copy(
+        update={"endpoint": endpoint, "insecure": spec.store.insecure or endpoint.startswith("http://")}
+    )
     return spec.model_copy(update={"store": store})
 
 
@@ -147,8 +152,9 @@ def _print_task(task_id: str, outcome: str, seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="fusionrun", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="fusionrun", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a whole FusionRun on this machine")
     r.add_argument("file")

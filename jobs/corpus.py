@@ -31,8 +31,11 @@ def detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() \
-                or (path / "state.json").is_file():
+        if (
+            (path / "dataset_info.json").is_file()
+            or (path / "dataset_dict.json").is_file()
+            or (path / "state.json").is_file()
+        ):
             return "hf-disk"
         if any(path.glob("*.parquet")):
             return "parquet"
@@ -75,11 +78,14 @@ def _jsonl_docs(path: Path, field: str, glob: str | None) -> Iterator[str]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise CorpusError(f"{f}:{lineno}: not valid JSON ({err.msg}); fix the line or drop it") \
-                        from None
+                    raise CorpusError(
+                        f"{f}:{lineno}: not valid JSON ({err.msg}); fix the line or drop it"
+                    ) from None
                 if not isinstance(obj, dict) or field not in obj:
-                    raise CorpusError(f"{f}:{lineno}: no field {field!r}; set corpus.textField to the field "
-                                      "that holds the text")
+                    raise CorpusError(
+                        f"{f}:{lineno}: no field {field!r}; set corpus.textField to the field "
+                        "that holds the text"
+                    )
                 if not isinstance(obj[field], str):
                     kind = type(obj[field]).__name__
                     raise CorpusError(f"{f}:{lineno}: field {field!r} is {kind}, not text")
@@ -90,8 +96,10 @@ def _parquet_docs(path: Path, field: str, glob: str | None) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise CorpusError(f"{path}: reading parquet needs pyarrow, which is not installed; "
-                          "`pip install pyarrow`, or convert the corpus to jsonl") from None
+        raise CorpusError(
+            f"{path}: reading parquet needs pyarrow, which is not installed; "
+            "`pip install pyarrow`, or convert the corpus to jsonl"
+        ) from None
     files = [path] if path.is_file() else sorted(path.glob(glob or "**/*.parquet"))
     for f in files:
         table = pq.read_table(f)
@@ -104,8 +112,10 @@ def _hf_docs(path: Path, field: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise CorpusError(f"{path}: reading a saved Hugging Face dataset needs `datasets`, which is not "
-                          "installed; `pip install datasets`, or export the corpus to jsonl") from None
+        raise CorpusError(
+            f"{path}: reading a saved Hugging Face dataset needs `datasets`, which is not "
+            "installed; `pip install datasets`, or export the corpus to jsonl"
+        ) from None
     ds: Any = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
@@ -153,8 +163,11 @@ def _s3_stamp(corpus: TextSource, store: StoreSpec | None) -> str | None:
             return objects_digest([(key.rsplit("/", 1)[-1], *st)])
         cut = len(key) + 1 if key else 0
         pattern = corpus.glob or "**/*"
-        objects = [(k[cut:], size, etag) for k, size, etag in src.list_stats(f"{key}/" if key else "")
-                   if not k.endswith("/") and glob_match(k[cut:], pattern)]  # 'x/': a folder marker
+        objects = [
+            (k[cut:], size, etag)
+            for k, size, etag in src.list_stats(f"{key}/" if key else "")
+            if not k.endswith("/") and glob_match(k[cut:], pattern)
+        ]  # 'x/': a folder marker
     except StoreError as err:
         raise StoreError(f"corpus.uri {corpus.uri}: {err}") from None
     return objects_digest(objects) if objects else None
@@ -211,8 +224,10 @@ def read_documents(path: Path, corpus: TextSource) -> list[str]:
         if corpus.max_documents is not None and len(docs) >= corpus.max_documents:
             break
     if not docs:
-        raise CorpusError(f"corpus.uri: {path} holds no documents (format {fmt}, glob {corpus.glob!r}); "
-                          "check corpus.uri, corpus.glob and corpus.format")
+        raise CorpusError(
+            f"corpus.uri: {path} holds no documents (format {fmt}, glob {corpus.glob!r}); "
+            "check corpus.uri, corpus.glob and corpus.format"
+        )
     return docs
 
 
@@ -236,8 +251,9 @@ def cut_points(offsets: Sequence[tuple[int, int]], n_tokens: int, max_tokens: in
     return [offsets[i][0] for i in range(max_tokens, n_tokens, max_tokens) if offsets[i][0] > 0]
 
 
-def split_to_fit(texts: list[str], tokenizers: list[Any], max_length: int,
-                 max_rounds: int = 8) -> list[list[str]]:
+def split_to_fit(
+    texts: list[str], tokenizers: list[Any], max_length: int, max_rounds: int = 8
+) -> list[list[str]]:
     """For each text, the pieces it must be cut into so that every piece is at most `max_length` tokens
     (EOS included) under EVERY tokenizer. A text too long under some tokenizer is cut at token boundaries
     of the tokenizer that makes it longest; pieces are re-measured under all tokenizers and cut again if
@@ -260,8 +276,12 @@ def split_to_fit(texts: list[str], tokenizers: list[Any], max_length: int,
         replaced: dict[tuple[int, int], list[str]] = {}
         for tok_i in np.unique(worst[too_long]):
             sel = [int(i) for i in too_long if worst[i] == tok_i]
-            enc = tokenizers[tok_i]([pieces[i] for i in sel], add_special_tokens=False,
-                                    split_special_tokens=True, return_offsets_mapping=True)
+            enc = tokenizers[tok_i](
+                [pieces[i] for i in sel],
+                add_special_tokens=False,
+                split_special_tokens=True,
+                return_offsets_mapping=True,
+            )
             for i, offs in zip(sel, enc["offset_mapping"], strict=True):
                 text = pieces[i]
                 cuts = [0, *cut_points(offs, len(offs), budget), len(text)]
@@ -279,8 +299,10 @@ def split_to_fit(texts: list[str], tokenizers: list[Any], max_length: int,
                     out.append(p)
             result[d] = out
         pending = sorted(still)
-    raise CorpusError(f"could not cut documents {pending[:5]} to extraction.maxLength={max_length} tokens "
-                      "in every tokenizer; raise extraction.maxLength")
+    raise CorpusError(
+        f"could not cut documents {pending[:5]} to extraction.maxLength={max_length} tokens "
+        "in every tokenizer; raise extraction.maxLength"
+    )
 
 
 def _lengths(tok: Any, texts: list[str]) -> np.ndarray:

@@ -70,9 +70,16 @@ class _Running:
 
 
 class LocalRunner:
-    def __init__(self, spec: FusionRunSpec, run_name: str, workers: int | None = None,
-                 local_dir: Path | None = None, python: str = sys.executable, store: Store | None = None,
-                 extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        spec: FusionRunSpec,
+        run_name: str,
+        workers: int | None = None,
+        local_dir: Path | None = None,
+        python: str = sys.executable,
+        store: Store | None = None,
+        extra_env: dict[str, str] | None = None,
+    ):
         self.spec, self.run_name, self.python = spec, run_name, python
         self.store = store or open_store(spec.store, run_name, check=spec.store.is_s3)
         self.cpus = cpu_count()
@@ -104,14 +111,25 @@ class LocalRunner:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{task.id}.log"
         with open(log, "ab") as fh:
-            fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m jobs {' '.join(task.args())} "
-                     f"(threads {threads})\n".encode())
-            proc = subprocess.Popen([self.python, "-m", "jobs", *task.args()], env=self.env(threads),
-                                    stdout=fh, stderr=subprocess.STDOUT, cwd=str(PROJECT_ROOT))
+            fh.write(
+                f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m jobs {' '.join(task.args())} "
+                f"(threads {threads})\n".encode()
+            )
+            proc = subprocess.Popen(
+                [self.python, "-m", "jobs", *task.args()],
+                env=self.env(threads),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=str(PROJECT_ROOT),
+            )
         return _Running(task, proc, log, time.time())
 
-    def run(self, force_stage: str | None = None,
-            on_task: Callable[[str, str, float], None] | None = None, until: str | None = None) -> RunResult:
+    def run(
+        self,
+        force_stage: str | None = None,
+        on_task: Callable[[str, str, float], None] | None = None,
+        until: str | None = None,
+    ) -> RunResult:
         """Run every task not complete (force_stage: redo that stage and later ones; until: stop after
         that stage's tasks). Raises RunFailed on the first failed task."""
         if until:
@@ -144,8 +162,9 @@ class LocalRunner:
                             states[t.id] = TaskState.running  # claimed: not offered again
                 self._start_queued(queued, running)
                 if not running and not queued:
-                    if any(s is not TaskState.succeeded for s in states.values()) or \
-                            len(states) < len(self.dag):
+                    if any(s is not TaskState.succeeded for s in states.values()) or len(states) < len(
+                        self.dag
+                    ):
                         missing = [t.id for t in self.dag if states.get(t.id) is not TaskState.succeeded]
                         raise RuntimeError(f"run stalled with tasks not done: {missing}")  # a DAG bug
                     break
@@ -171,8 +190,7 @@ class LocalRunner:
                 signal.signal(signal.SIGTERM, previous)
         from jobs.report import write_report
 
-        result.report = write_report(self.store, self.spec, self.run_name, self.local_dir / "report",
-                                     result)
+        result.report = write_report(self.store, self.spec, self.run_name, self.local_dir / "report", result)
         return result
 
     def _complete(self, task: Task) -> bool:

@@ -97,15 +97,23 @@ def input_digests(store: Store, dag_by_id: dict[str, Task], task: Task) -> dict[
         key = manifest_key(dag_by_id[dep_id])
         m = read_manifest(store, key)
         if m is None:
-            raise ManifestError(f"task {task.id} needs {dep_id}, which has no manifest at "
-                                f"{store.uri_for(key)}: run {dep_id} first")
+            raise ManifestError(
+                f"task {task.id} needs {dep_id}, which has no manifest at "
+                f"{store.uri_for(key)}: run {dep_id} first"
+            )
         out[key] = digest(m)
     return out
 
 
-def build_manifest(spec: FusionRunSpec, task: Task, outputs: dict[str, Output], inputs: dict[str, str],
-                   started_at: float, counts: dict[str, Any] | None = None,
-                   summary: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_manifest(
+    spec: FusionRunSpec,
+    task: Task,
+    outputs: dict[str, Output],
+    inputs: dict[str, str],
+    started_at: float,
+    counts: dict[str, Any] | None = None,
+    summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "version": MANIFEST_VERSION,
         "task": task.id,
@@ -125,8 +133,9 @@ def write_manifest(store: Store, task: Task, manifest: dict[str, Any]) -> None:
     store.put_bytes(manifest_key(task), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
-def why_incomplete(store: Store, spec: FusionRunSpec, task: Task, dag_by_id: dict[str, Task],
-                   verify: bool = False) -> str | None:
+def why_incomplete(
+    store: Store, spec: FusionRunSpec, task: Task, dag_by_id: dict[str, Task], verify: bool = False
+) -> str | None:
     """None when the task is complete, else a short reason (for logs and tests).
 
     verify: also recompute the sha256 of every output (reads them: cheap for local stores)."""
@@ -152,8 +161,9 @@ def why_incomplete(store: Store, spec: FusionRunSpec, task: Task, dag_by_id: dic
     return None
 
 
-def task_complete(store: Store, spec: FusionRunSpec, task: Task, dag: Iterable[Task] | None = None,
-                  verify: bool = False) -> bool:
+def task_complete(
+    store: Store, spec: FusionRunSpec, task: Task, dag: Iterable[Task] | None = None, verify: bool = False
+) -> bool:
     from jobs.plan import build_dag
 
     by_id = {t.id: t for t in (dag if dag is not None else build_dag(spec))}

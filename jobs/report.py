@@ -94,8 +94,11 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
         if m is None:
             tasks[t.id] = {"state": "missing"}
             continue
-        tasks[t.id] = {"state": "complete", "seconds": round(m["finished_at"] - m["started_at"], 2),
-                       "counts": m.get("counts", {})}
+        tasks[t.id] = {
+            "state": "complete",
+            "seconds": round(m["finished_at"] - m["started_at"], 2),
+            "counts": m.get("counts", {}),
+        }
         if t.stage is Stage.fuse:
             for name, n in (m.get("summary", {}).get("choice_counts") or {}).items():
                 choice[name] = choice.get(name, 0) + int(n)
@@ -108,13 +111,21 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
             if log.is_file():
                 pts = loss_curve_from_log(log.read_text(errors="replace"))
         curves[v] = pts
-    return {"tasks": tasks, "metrics": _json(store, METRICS_KEY), "loss_curves": curves,
-            "mince_choices": choice, "fusion": spec.fusion.model_dump(by_alias=True)}
+    return {
+        "tasks": tasks,
+        "metrics": _json(store, METRICS_KEY),
+        "loss_curves": curves,
+        "mince_choices": choice,
+        "fusion": spec.fusion.model_dump(by_alias=True),
+    }
 
 
 def _plot_bpb(metrics: dict[str, Any], path: Path) -> bool:
-    rows = [(name, m["bits_per_byte"]) for name, m in ordered_models(metrics)
-            if m.get("bits_per_byte") is not None]
+    rows = [
+        (name, m["bits_per_byte"])
+        for name, m in ordered_models(metrics)
+        if m.get("bits_per_byte") is not None
+    ]
     if not rows:
         return False
     import matplotlib
@@ -176,9 +187,12 @@ def _plot_choices(choice: dict[str, int], path: Path) -> bool:
 def _difference_line(diff: dict[str, float] | None) -> list[str]:
     if not diff:
         return []
-    return [f"FuseLLM minus CLM-only: {diff['bits_per_byte']:+.4f} bits per byte (95% paired bootstrap "
-            f"interval over the held-out documents: {diff['ci95_low']:+.4f} to {diff['ci95_high']:+.4f}; "
-            "negative favours FuseLLM).", ""]
+    return [
+        f"FuseLLM minus CLM-only: {diff['bits_per_byte']:+.4f} bits per byte (95% paired bootstrap "
+        f"interval over the held-out documents: {diff['ci95_low']:+.4f} to {diff['ci95_high']:+.4f}; "
+        "negative favours FuseLLM).",
+        "",
+    ]
 
 
 def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) -> str:
@@ -186,23 +200,36 @@ def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) 
     metrics = data.get("metrics") or {}
     models = ordered_models(metrics)
     if models:
-        lines += ["## Held-out evaluation", "",
-                  f"{metrics.get('heldout', {}).get('documents', '?')} held-out documents, "
-                  f"{metrics.get('heldout', {}).get('bytes', '?')} bytes.", "",
-                  "| model | bits per byte | perplexity (own tokens) | tokens |", "|---|---|---|---|"]
+        lines += [
+            "## Held-out evaluation",
+            "",
+            f"{metrics.get('heldout', {}).get('documents', '?')} held-out documents, "
+            f"{metrics.get('heldout', {}).get('bytes', '?')} bytes.",
+            "",
+            "| model | bits per byte | perplexity (own tokens) | tokens |",
+            "|---|---|---|---|",
+        ]
         for name, m in models:
-            lines.append(f"| {name} | {m.get('bits_per_byte', float('nan')):.4f} | "
-                         f"{m.get('perplexity', float('nan')):.2f} | {m.get('tokens', '?')} |")
+            lines.append(
+                f"| {name} | {m.get('bits_per_byte', float('nan')):.4f} | "
+                f"{m.get('perplexity', float('nan')):.2f} | {m.get('tokens', '?')} |"
+            )
         lines.append("")
         lines += _difference_line(metrics.get("fused_minus_clm"))
     else:
         lines += ["## Held-out evaluation", "", "No metrics (evaluation disabled or not run).", ""]
     for name, block in (metrics.get("corpora") or {}).items():
-        lines += [f"## Held-out text: {name}", "",
-                  f"{block.get('documents', '?')} documents, {block.get('bytes', '?')} bytes "
-                  "(evaluation.corpora).", "", "| model | bits per byte |", "|---|---|"]
-        lines += [f"| {label} | {m.get('bits_per_byte', float('nan')):.4f} |"
-                  for label, m in ordered_models(block)]
+        lines += [
+            f"## Held-out text: {name}",
+            "",
+            f"{block.get('documents', '?')} documents, {block.get('bytes', '?')} bytes (evaluation.corpora).",
+            "",
+            "| model | bits per byte |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {label} | {m.get('bits_per_byte', float('nan')):.4f} |" for label, m in ordered_models(block)
+        ]
         lines.append("")
         lines += _difference_line(block.get("fused_minus_clm"))
     for key, title in (("bpb", "bits per byte"), ("loss", "training loss"), ("choices", "MinCE choices")):
@@ -210,8 +237,12 @@ def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) 
             lines += [f"![{title}]({plots[key]})", ""]
     if data.get("mince_choices"):
         total = sum(data["mince_choices"].values())
-        lines += ["## Fusion: candidate picked by MinCE", "", "| candidate | picked | share |",
-                  "|---|---|---|"]
+        lines += [
+            "## Fusion: candidate picked by MinCE",
+            "",
+            "| candidate | picked | share |",
+            "|---|---|---|",
+        ]
         for name, n in data["mince_choices"].items():
             lines.append(f"| {name} | {n} | {n / total:.1%} |")
         lines.append("")
@@ -226,11 +257,16 @@ def write_report(store: Store, spec: FusionRunSpec, run_name: str, out_dir: Path
     out_dir.mkdir(parents=True, exist_ok=True)
     data = collect(store, spec, out_dir.parent / "logs")
     if result is not None:
-        data["this_invocation"] = {"outcomes": result.outcomes,
-                                   "seconds": {k: round(v, 2) for k, v in result.seconds.items()}}
+        data["this_invocation"] = {
+            "outcomes": result.outcomes,
+            "seconds": {k: round(v, 2) for k, v in result.seconds.items()},
+        }
     plots = {}
-    for key, fn, arg in (("bpb", _plot_bpb, data["metrics"]), ("loss", _plot_loss, data["loss_curves"]),
-                         ("choices", _plot_choices, data["mince_choices"])):
+    for key, fn, arg in (
+        ("bpb", _plot_bpb, data["metrics"]),
+        ("loss", _plot_loss, data["loss_curves"]),
+        ("choices", _plot_choices, data["mince_choices"]),
+    ):
         if fn(arg, out_dir / f"{key}.png"):
             plots[key] = f"{key}.png"
     (out_dir / "report.json").write_text(json.dumps(data, indent=1, sort_keys=True, default=str))

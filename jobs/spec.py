@@ -211,8 +211,11 @@ class Training(Spec):
 class EvalCorpus(TextSource):
     """A further held-out text, read whole (no split), e.g. another domain than the training corpus."""
 
-    name: str = Field(..., pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$",
-                      description="Label of its results in evaluate/metrics.json and the report.")
+    name: str = Field(
+        ...,
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$",
+        description="Label of its results in evaluate/metrics.json and the report.",
+    )
 
 
 class Evaluation(Spec):
@@ -220,7 +223,8 @@ class Evaluation(Spec):
     max_documents: int | None = Field(None, ge=1)
     evaluate_sources: bool = Field(True, description="Also score each source on its own tokenization.")
     corpora: list[EvalCorpus] = Field(
-        default_factory=list, max_length=16,
+        default_factory=list,
+        max_length=16,
         description="More held-out texts scored like the corpus's held-out split, each read whole: e.g. "
         "another domain, to see what training on the corpus costs or gains elsewhere.",
     )
@@ -278,7 +282,9 @@ class StageResources(Spec):
     cpu: str | None = Field(None, pattern=r"^\d+(\.\d+)?m?$")
     memory: str | None = Field(None, pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
     gpus: int | None = Field(
-        None, ge=0, le=64,
+        None,
+        ge=0,
+        le=64,
         description="GPUs per pod. Unset: the operator's stage default, else none. 0: none, whatever the "
         "default.",
     )
@@ -478,7 +484,8 @@ def spec_fingerprint_fields(spec: FusionRunSpec, stage: str) -> dict[str, Any]:
         "fuse": {"fusion": {k: v for k, v in d["fusion"].items() if not (k == "topK" and v is None)}},
         "train": {"training": {k: v for k, v in d["training"].items() if k not in ("checkpointInterval",)}},
         # corpora (added after 0.1) counts only when set, so that earlier evaluations stay valid
-        "evaluate": {"evaluation": {k: v for k, v in d["evaluation"].items()
-                                    if not (k == "corpora" and not v)}},
+        "evaluate": {
+            "evaluation": {k: v for k, v in d["evaluation"].items() if not (k == "corpora" and not v)}
+        },
     }
     return by_stage[stage]

@@ -192,21 +192,36 @@ def _s3_error(err: Exception, endpoint: str, bucket: str, what: str) -> StoreErr
 
     where = f"S3 endpoint {endpoint}, bucket {bucket!r}"
     if isinstance(err, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
-        return StoreError(f"cannot reach {where} while {what} (retried): {err}; check store.endpoint "
-                          "and that the server is up and reachable from here")
+        return StoreError(
+            f"cannot reach {where} while {what} (retried): {err}; check store.endpoint "
+            "and that the server is up and reachable from here"
+        )
     if isinstance(err, NoCredentialsError):
-        return StoreError(f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                          "(or store.credentialsSecret on Kubernetes), or give the pod a cloud identity")
+        return StoreError(
+            f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or store.credentialsSecret on Kubernetes), or give the pod a cloud identity"
+        )
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchBucket",):
-            return StoreError(f"{where}: the bucket does not exist; create it "
-                              f"(e.g. `aws s3 mb s3://{bucket}`) or fix store.uri")
-        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
-                    "InvalidToken", "ExpiredToken"):
-            return StoreError(f"{where}: access denied ({code}) while {what}; check the S3 credentials "
-                              "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or store.credentialsSecret) "
-                              "and the bucket policy")
+            return StoreError(
+                f"{where}: the bucket does not exist; create it "
+                f"(e.g. `aws s3 mb s3://{bucket}`) or fix store.uri"
+            )
+        if code in (
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "403",
+            "Forbidden",
+            "InvalidToken",
+            "ExpiredToken",
+        ):
+            return StoreError(
+                f"{where}: access denied ({code}) while {what}; check the S3 credentials "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or store.credentialsSecret) "
+                "and the bucket policy"
+            )
         if code in ("NoSuchKey", "404", "NotFound"):
             return StoreError(f"{where}: no such object while {what}; rerun the stage that writes it")
         return StoreError(f"{where}: S3 error {code} while {what}: {err}")
@@ -224,11 +239,14 @@ def make_s3_client(spec: StoreSpec, max_attempts: int | None = None) -> Any:
         connect_timeout=float(os.environ.get("FUSIONRUN_S3_CONNECT_TIMEOUT", "5")),
         read_timeout=float(os.environ.get("FUSIONRUN_S3_READ_TIMEOUT", "60")),
         s3={"addressing_style": "path"} if spec.endpoint else {},
-        region_name=spec.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        region_name=spec.region
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
         or "us-east-1",
     )
-    return boto3.session.Session().client("s3", endpoint_url=spec.endpoint, config=cfg,
-                                          verify=None if not spec.insecure else False)
+    return boto3.session.Session().client(
+        "s3", endpoint_url=spec.endpoint, config=cfg, verify=None if not spec.insecure else False
+    )
 
 
 class S3Store(Store):
@@ -241,8 +259,9 @@ class S3Store(Store):
         self.base_uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.client = client or make_s3_client(spec)
         # Multipart above 16 MiB in 16 MiB parts, a few parts in flight: big shards and checkpoints.
-        self.transfer = TransferConfig(multipart_threshold=16 * _MiB, multipart_chunksize=16 * _MiB,
-                                       max_concurrency=4, use_threads=True)
+        self.transfer = TransferConfig(
+            multipart_threshold=16 * _MiB, multipart_chunksize=16 * _MiB, max_concurrency=4, use_threads=True
+        )
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{_clean_key(key)}" if self.prefix else _clean_key(key)
@@ -257,8 +276,10 @@ class S3Store(Store):
         except Exception as err:
             from botocore.exceptions import ClientError
 
-            if isinstance(err, ClientError) and str(err.response.get("Error", {}).get("Code")) in ("404",
-                                                                                                  "NoSuchBucket"):
+            if isinstance(err, ClientError) and str(err.response.get("Error", {}).get("Code")) in (
+                "404",
+                "NoSuchBucket",
+            ):
                 err.response["Error"]["Code"] = "NoSuchBucket"
             raise self._err(err, "checking the bucket") from None
 
@@ -299,8 +320,9 @@ class S3Store(Store):
         try:
             self.client.upload_file(str(local_path), self.bucket, self._k(key), Config=self.transfer)
         except Exception as err:
-            raise self._err(getattr(err, "last_exception", None) or err, f"uploading {self.uri_for(key)}") \
-                from None
+            raise self._err(
+                getattr(err, "last_exception", None) or err, f"uploading {self.uri_for(key)}"
+            ) from None
 
     def download(self, key: str, local_path: str | os.PathLike) -> Path:
         dst = Path(local_path)
@@ -319,8 +341,9 @@ class S3Store(Store):
         """list_objects_v2's Contents entries (Key, Size, ETag...) under a full key prefix."""
         out: list[dict[str, Any]] = []
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                              Prefix=full_prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full_prefix
+            ):
                 out += page.get("Contents", [])
         except Exception as err:
             raise self._err(err, f"listing s3://{self.bucket}/{full_prefix}") from None
@@ -393,8 +416,10 @@ def open_store(store_spec: StoreSpec, run_name: str, check: bool = False) -> Sto
         return store
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     if not os.path.isabs(path):
-        raise StoreError(f"store.uri {uri!r} is relative: load the spec with jobs.spec.load_fusionrun (which "
-                         "resolves it against the YAML file's folder) or give an absolute path")
+        raise StoreError(
+            f"store.uri {uri!r} is relative: load the spec with jobs.spec.load_fusionrun (which "
+            "resolves it against the YAML file's folder) or give an absolute path"
+        )
     return LocalStore(Path(path) / run_name)
 
 
@@ -436,10 +461,14 @@ def download_model(store: Store | StoreSpec, uri: str, fresh: bool = False) -> s
     keys = [k for k, _, _ in (objects if objects is not None else src.list_stats("")) if not k.endswith("/")]
     if not keys:
         if fresh:
-            raise StoreError(f"{uri}: no objects under that prefix at {src.endpoint}; upload the files there "
-                             "or fix the uri")
-        raise StoreError(f"model {uri}: no objects under that prefix at {src.endpoint}; upload the model "
-                         "folder there or fix the model's uri")
+            raise StoreError(
+                f"{uri}: no objects under that prefix at {src.endpoint}; upload the files there "
+                "or fix the uri"
+            )
+        raise StoreError(
+            f"model {uri}: no objects under that prefix at {src.endpoint}; upload the model "
+            "folder there or fix the model's uri"
+        )
     for k in keys:
         src.download(k, dest / k)
     done.write_text(uri)  # last: a half-finished download is redone, not used

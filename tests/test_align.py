@@ -90,16 +90,25 @@ def test_map_topk_drops_unmapped_merges_duplicates_and_pads():
     # EOS by role; z is one edit from x (0) and from y (2): lowest id; the special 'w' has no counterpart.
     assert vmap.ids.tolist() == [1, 0, 2, 0, -1]
     ids = np.array([[3, 2, 1, 4], [4, 1, 2, -1], [2, 3, 0, 1], [3, 2, 0, 4]])
-    lps = np.array([[-0.5, -0.7, -0.1, -0.2], [-0.1, -1.0, -2.0, NEG], [-1.0, -0.5, -3.0, np.nan],
-                    [-0.2, -0.4, -0.6, -0.8]])
+    lps = np.array(
+        [
+            [-0.5, -0.7, -0.1, -0.2],
+            [-0.1, -1.0, -2.0, NEG],
+            [-1.0, -0.5, -3.0, np.nan],
+            [-0.2, -0.4, -0.6, -0.8],
+        ]
+    )
     got_ids, got_lp = map_topk(ids, lps, vmap)
     # row 0: z->x at -0.5 loses to x itself at -0.1 (merged, highest kept); w dropped; best first.
     # row 1: w and the empty slot dropped. row 2: unsorted input; a NaN entry counts as empty.
     # row 3: z->x -0.2, y -0.4, EOS -> target EOS -0.6.
     assert got_ids.tolist() == [[0, 2, -1, -1], [0, 2, -1, -1], [0, 2, 1, -1], [0, 2, 1, -1]]
     assert got_ids.dtype == np.int32 and got_lp.dtype == np.float32
-    np.testing.assert_allclose(got_lp, [[-0.1, -0.7, NEG, NEG], [-1.0, -2.0, NEG, NEG],
-                                        [-0.5, -1.0, -3.0, NEG], [-0.2, -0.4, -0.6, NEG]], rtol=1e-6)
+    np.testing.assert_allclose(
+        got_lp,
+        [[-0.1, -0.7, NEG, NEG], [-1.0, -2.0, NEG, NEG], [-0.5, -1.0, -3.0, NEG], [-0.2, -0.4, -0.6, NEG]],
+        rtol=1e-6,
+    )
     em_ids, em_lp = map_topk(ids, lps, vmap, exact_only=True)
     # EM: z is not an exact match, so row 3 starts with y.
     assert em_ids.tolist()[3] == [2, 1, -1, -1]
@@ -117,8 +126,12 @@ TGT_IDS = [22557, 1526, 28723, 13, 12, 3371, 28723, 28715, 10575, 28732, 28744, 
 K = 4
 
 
-def _extract_arrays(docs: list[np.ndarray], view: TokenizerView, doc_index: list[int],
-                    topk: dict[int, tuple[list[int], list[float]]] | None = None) -> dict[str, np.ndarray]:
+def _extract_arrays(
+    docs: list[np.ndarray],
+    view: TokenizerView,
+    doc_index: list[int],
+    topk: dict[int, tuple[list[int], list[float]]] | None = None,
+) -> dict[str, np.ndarray]:
     """Extract-shard arrays for given token ids. Default top-k row at position p of a document:
     [next gold id, 0, 216, 30] with log-probs [-0.25, -2, -3, -4]; `topk` overrides rows by global index."""
     ids = np.concatenate(docs)
@@ -200,8 +213,11 @@ def test_align_shard_mined_on_a_known_string(known_pair, smollm2_view, mistral_v
     np.testing.assert_array_equal(out["gold_logprob"].astype(float), expected.astype(np.float16))
     assert out["gold_nbytes"].tolist() == [0, 1, 1, 1, 4, 1, 0, 0, 1, 1, 1, 0, 0]  # t=4: 'json'; t=11: EOS
     assert out["doc_index"].tolist() == [7] and out["doc_offsets"].tolist() == [0, 13]
-    assert (out["doc_nll"].tolist(), out["doc_pred_nbytes"].tolist(), out["doc_n_pred"].tolist()) == \
-        ([3.5], [24], [11])
+    assert (out["doc_nll"].tolist(), out["doc_pred_nbytes"].tolist(), out["doc_n_pred"].tolist()) == (
+        [3.5],
+        [24],
+        [11],
+    )
     assert (stats.positions, stats.one_to_one, stats.aligned, stats.exact) == (12, 10, 9, 8)
     assert stats.aligned_fraction == pytest.approx(9 / 12) and stats.exact_fraction == pytest.approx(8 / 12)
     assert stats.to_dict()["aligned"] == 9
@@ -230,8 +246,9 @@ def test_align_shard_em_rejects_the_non_exact_pair(known_pair, smollm2_view, mis
     assert out["topk_ids"][2].tolist() == [13, 28705, -1, -1]
 
 
-def test_documents_are_joined_on_doc_index(tmp_path, smollm2_tokenizer, smollm2_view, mistral_tokenizer,
-                                           mistral_view):
+def test_documents_are_joined_on_doc_index(
+    tmp_path, smollm2_tokenizer, smollm2_view, mistral_tokenizer, mistral_view
+):
     texts = ["Hello world.", "json.dumps(x)"]
     src_docs = encode_documents(smollm2_tokenizer, texts)
     tgt_docs = encode_documents(mistral_tokenizer, texts)
@@ -249,15 +266,18 @@ def test_documents_are_joined_on_doc_index(tmp_path, smollm2_tokenizer, smollm2_
     # Document 11 ' json','.','d','umps','(','x',')',</s> against 'json','.','dumps','(','x',')',<eos>:
     # ' json' rejected 1:1; '.' pairs with '.' and 'd' (1:many); 'umps' <- 'dumps' accepted; then exact.
     assert out["aligned"][n0:].tolist() == [0, 0, 0, 1, 1, 1, 1, 0]
-    assert out["topk_ids"][n0:n0 + 3, 0].tolist() == [28723, 28715, 10575]  # the next target tokens
+    assert out["topk_ids"][n0 : n0 + 3, 0].tolist() == [28723, 28715, 10575]  # the next target tokens
 
 
-def test_mismatched_documents_are_refused(tmp_path, smollm2_tokenizer, smollm2_view, mistral_tokenizer,
-                                          mistral_view):
-    src = _shard(tmp_path, "src", _extract_arrays(encode_documents(smollm2_tokenizer, [TEXT]), smollm2_view,
-                                                  [1]))
-    tgt = _shard(tmp_path, "tgt", _extract_arrays(encode_documents(mistral_tokenizer, [TEXT]), mistral_view,
-                                                  [2]))
+def test_mismatched_documents_are_refused(
+    tmp_path, smollm2_tokenizer, smollm2_view, mistral_tokenizer, mistral_view
+):
+    src = _shard(
+        tmp_path, "src", _extract_arrays(encode_documents(smollm2_tokenizer, [TEXT]), smollm2_view, [1])
+    )
+    tgt = _shard(
+        tmp_path, "tgt", _extract_arrays(encode_documents(mistral_tokenizer, [TEXT]), mistral_view, [2])
+    )
     vmap = build_vocab_map(smollm2_view, mistral_view, "mined", src_ids=needed_source_ids(src))
     with pytest.raises(AlignmentError, match=r"different documents \(doc_index differs, e.g. \[1, 2\]\)"):
         align_shard(src, tgt, smollm2_view, mistral_view, vmap, "mined")
@@ -278,6 +298,16 @@ def test_unusable_maps_and_methods_are_refused(known_pair, smollm2_view, mistral
         align_shard(src, tgt, smollm2_view, mistral_view, em_map, "dtw")
     # Shards extracted with another tokenizer than the view says.
     with pytest.raises(AlignmentError, match="target ids reach"):
-        align_shard(src, tgt, smollm2_view, TokenizerView.from_token_bytes("tiny", [b"</s>", b"a"], 0),
-                    build_vocab_map(smollm2_view, TokenizerView.from_token_bytes("tiny", [b"</s>", b"a"], 0),
-                                    "mined", src_ids=needed_source_ids(src)), "mined")
+        align_shard(
+            src,
+            tgt,
+            smollm2_view,
+            TokenizerView.from_token_bytes("tiny", [b"</s>", b"a"], 0),
+            build_vocab_map(
+                smollm2_view,
+                TokenizerView.from_token_bytes("tiny", [b"</s>", b"a"], 0),
+                "mined",
+                src_ids=needed_source_ids(src),
+            ),
+            "mined",
+        )

@@ -14,8 +14,11 @@ from jobs.spec import load_fusionrun, parse_fusionrun
 @pytest.fixture(scope="module")
 def base():
     run = load_fusionrun(ablation.BASE_SPEC)
-    doc = {"apiVersion": run.api_version, "metadata": {"name": run.metadata.name},
-           "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
+    doc = {
+        "apiVersion": run.api_version,
+        "metadata": {"name": run.metadata.name},
+        "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
     return run, doc
 
 
@@ -50,8 +53,10 @@ def test_link_reused_hard_links_only_absent_stage_folders(tmp_path) -> None:
     (new / "align").mkdir(parents=True)
     ablation.link_reused(base, new)
     linked = new / "extract" / "m" / "shard-00000.safetensors"
-    assert linked.read_bytes() == b"x" and linked.stat().st_ino == (base / "extract/m/shard-00000.safetensors"
-                                                                    ).stat().st_ino
+    assert (
+        linked.read_bytes() == b"x"
+        and linked.stat().st_ino == (base / "extract/m/shard-00000.safetensors").stat().st_ino
+    )
     assert not (new / "train").exists()
 
 

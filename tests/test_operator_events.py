@@ -24,11 +24,21 @@ def test_event_from_a_thread_without_kopf_context_is_posted(
     from fusionrun_operator import handlers
 
     api = k8s.api()  # the handlers' clients, pointed at this API server
-    monkeypatch.setattr(handlers, "_clients", {"core": client.CoreV1Api(api), "batch": client.BatchV1Api(api),
-                                               "custom": client.CustomObjectsApi(api)})
+    monkeypatch.setattr(
+        handlers,
+        "_clients",
+        {
+            "core": client.CoreV1Api(api),
+            "batch": client.BatchV1Api(api),
+            "custom": client.CustomObjectsApi(api),
+        },
+    )
     uid = "0a1b2c3d-0000-4000-8000-000000000001"
-    fr = {"apiVersion": "fusionrun.dev/v1alpha1", "kind": "FusionRun",
-          "metadata": {"name": "evrun", "namespace": k8s_namespace, "uid": uid}}
+    fr = {
+        "apiVersion": "fusionrun.dev/v1alpha1",
+        "kind": "FusionRun",
+        "metadata": {"name": "evrun", "namespace": k8s_namespace, "uid": uid},
+    }
     # A plain thread has no kopf event queue: kopf.event raises LookupError there.
     msg = "extract-a-00000: attempt 2"
     t = threading.Thread(target=handlers._event, args=(fr, "Normal", "TaskRetrying", msg))

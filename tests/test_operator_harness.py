@@ -30,16 +30,30 @@ from tests.harness.kubelet import (
 pytestmark = pytest.mark.k8s
 
 
-def job(name: str, script: str, *, env: list[dict[str, Any]] | None = None, backoff_limit: int = 0,
-        scratch: bool = False) -> dict[str, Any]:
-    container: dict[str, Any] = {"name": "main", "image": "fusionrun:test",
-                                 "command": ["python", "-c", script], "env": env or []}
+def job(
+    name: str,
+    script: str,
+    *,
+    env: list[dict[str, Any]] | None = None,
+    backoff_limit: int = 0,
+    scratch: bool = False,
+) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": "main",
+        "image": "fusionrun:test",
+        "command": ["python", "-c", script],
+        "env": env or [],
+    }
     pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
     if scratch:  # an emptyDir at /scratch, as the operator's stage pods have
         pod["volumes"] = [{"name": "scratch", "emptyDir": {}}]
         container["volumeMounts"] = [{"name": "scratch", "mountPath": "/scratch"}]
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
-            "spec": {"backoffLimit": backoff_limit, "template": {"spec": pod}}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {"backoffLimit": backoff_limit, "template": {"spec": pod}},
+    }
 
 
 def job_status(cp: ControlPlane, ns: str, name: str) -> dict[str, Any]:
@@ -54,7 +68,9 @@ def job_condition(cp: ControlPlane, ns: str, name: str) -> dict[str, Any] | None
 def test_pure_helpers() -> None:
     assert rewrite_cluster_dns("run1-train-0.run1-train.ns1.svc.cluster.local") == "127.0.0.1"
     assert rewrite_cluster_dns("run1-train-0.run1-train.ns1.svc") == "127.0.0.1"
-    assert rewrite_cluster_dns("http://s3.minio.svc.cluster.local:9000/bucket") == "http://127.0.0.1:9000/bucket"
+    assert (
+        rewrite_cluster_dns("http://s3.minio.svc.cluster.local:9000/bucket") == "http://127.0.0.1:9000/bucket"
+    )
     assert rewrite_cluster_dns("s3.amazonaws.com") == "s3.amazonaws.com"
     assert rewrite_cluster_dns("svc") == "svc"
     assert expand_var_refs("$(A)-$(B)-$$(A)", {"A": "x"}) == "x-$(B)-$(A)"
@@ -64,15 +80,31 @@ def test_pure_helpers() -> None:
     assert rewrite_mount_paths("/scratchy", mounts) == "/scratchy"
 
 
-def test_job_runs_with_pod_env_and_completes(k8s: ControlPlane, k8s_namespace: str, kubelet: StandInKubelet,
-                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_job_runs_with_pod_env_and_completes(
+    k8s: ControlPlane,
+    k8s_namespace: str,
+    kubelet: StandInKubelet,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     ns = k8s_namespace
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "host-secret")
     client.CoreV1Api(k8s.api()).create_namespaced_secret(
-        ns, {"metadata": {"name": "s3-keys"}, "stringData": {"AWS_ACCESS_KEY_ID": "key-123"}})
+        ns, {"metadata": {"name": "s3-keys"}, "stringData": {"AWS_ACCESS_KEY_ID": "key-123"}}
+    )
     out = tmp_path / "env.json"
-    names = ["PLAIN", "FROM_SECRET", "POD_NAME", "POD_NS", "MASTER_ADDR", "EXPANDED", "OMP_NUM_THREADS",
-             "HOME", "TMPDIR", "AWS_SECRET_ACCESS_KEY"]
+    names = [
+        "PLAIN",
+        "FROM_SECRET",
+        "POD_NAME",
+        "POD_NS",
+        "MASTER_ADDR",
+        "EXPANDED",
+        "OMP_NUM_THREADS",
+        "HOME",
+        "TMPDIR",
+        "AWS_SECRET_ACCESS_KEY",
+    ]
     script = textwrap.dedent(f"""
         import json, os, sys
         json.dump({{"env": {{k: os.environ.get(k) for k in {names!r}}}, "cwd": os.getcwd(),
@@ -80,8 +112,10 @@ def test_job_runs_with_pod_env_and_completes(k8s: ControlPlane, k8s_namespace: s
     """)
     env = [
         {"name": "PLAIN", "value": "plain-value"},
-        {"name": "FROM_SECRET",
-         "valueFrom": {"secretKeyRef": {"name": "s3-keys", "key": "AWS_ACCESS_KEY_ID"}}},
+        {
+            "name": "FROM_SECRET",
+            "valueFrom": {"secretKeyRef": {"name": "s3-keys", "key": "AWS_ACCESS_KEY_ID"}},
+        },
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "MASTER_ADDR", "value": f"r-train-0.r-train.{ns}.svc.cluster.local"},
@@ -97,11 +131,17 @@ def test_job_runs_with_pod_env_and_completes(k8s: ControlPlane, k8s_namespace: s
     got = json.loads(out.read_text())
     pod_dir = kubelet.log_dir.parent / "pods" / run.name
     assert got["env"] == {
-        "PLAIN": "plain-value", "FROM_SECRET": "key-123", "POD_NAME": run.name, "POD_NS": ns,
-        "MASTER_ADDR": "127.0.0.1", "EXPANDED": f"plain-value/{ns}", "OMP_NUM_THREADS": "1",
+        "PLAIN": "plain-value",
+        "FROM_SECRET": "key-123",
+        "POD_NAME": run.name,
+        "POD_NS": ns,
+        "MASTER_ADDR": "127.0.0.1",
+        "EXPANDED": f"plain-value/{ns}",
+        "OMP_NUM_THREADS": "1",
         # The emptyDir is a folder of the pod's own, and so is its /tmp; nothing from the test process's
         # environment that the pod did not ask for.
-        "HOME": str(pod_dir / "volumes" / "scratch"), "TMPDIR": str(pod_dir / "tmp"),
+        "HOME": str(pod_dir / "volumes" / "scratch"),
+        "TMPDIR": str(pod_dir / "tmp"),
         "AWS_SECRET_ACCESS_KEY": None,
     }
     assert got["cwd"] == str(Path(__file__).resolve().parents[1])
@@ -113,8 +153,9 @@ def test_job_runs_with_pod_env_and_completes(k8s: ControlPlane, k8s_namespace: s
     assert pod.status.container_statuses[0].state.terminated.exit_code == 0
 
 
-def test_injected_failure_is_retried_by_the_job_controller(k8s: ControlPlane, k8s_namespace: str,
-                                                           kubelet: StandInKubelet) -> None:
+def test_injected_failure_is_retried_by_the_job_controller(
+    k8s: ControlPlane, k8s_namespace: str, kubelet: StandInKubelet
+) -> None:
     ns = k8s_namespace
     fault = kubelet.fail(job_name_startswith("flaky"), exit_code=3, times=1)
     client.BatchV1Api(k8s.api()).create_namespaced_job(ns, job("flaky", "print('ok')", backoff_limit=2))
@@ -128,8 +169,9 @@ def test_injected_failure_is_retried_by_the_job_controller(k8s: ControlPlane, k8
     assert fault.hits == 1
 
 
-def test_permanent_failure_fails_the_job_with_the_exit_code(k8s: ControlPlane, k8s_namespace: str,
-                                                            kubelet: StandInKubelet) -> None:
+def test_permanent_failure_fails_the_job_with_the_exit_code(
+    k8s: ControlPlane, k8s_namespace: str, kubelet: StandInKubelet
+) -> None:
     ns = k8s_namespace
     client.BatchV1Api(k8s.api()).create_namespaced_job(ns, job("broken", "import sys; sys.exit(7)"))
 
@@ -142,8 +184,9 @@ def test_permanent_failure_fails_the_job_with_the_exit_code(k8s: ControlPlane, k
     assert pod.status.container_statuses[0].state.terminated.exit_code == 7
 
 
-def test_deleting_a_job_kills_its_running_process(k8s: ControlPlane, k8s_namespace: str,
-                                                  kubelet: StandInKubelet) -> None:
+def test_deleting_a_job_kills_its_running_process(
+    k8s: ControlPlane, k8s_namespace: str, kubelet: StandInKubelet
+) -> None:
     ns = k8s_namespace
     batch = client.BatchV1Api(k8s.api())
     batch.create_namespaced_job(ns, job("sleeper", "import time; time.sleep(120)"))
@@ -151,14 +194,18 @@ def test_deleting_a_job_kills_its_running_process(k8s: ControlPlane, k8s_namespa
     batch.delete_namespaced_job("sleeper", ns, propagation_policy="Background")
 
     # The garbage collector in kube-controller-manager deletes the pod; the stand-in kills the process.
-    [run] = wait_until(lambda: [r for r in kubelet.runs_matching({"job-name": "sleeper"}) if r.finished],
-                       60, "the sleeper's process to be killed")
+    [run] = wait_until(
+        lambda: [r for r in kubelet.runs_matching({"job-name": "sleeper"}) if r.finished],
+        60,
+        "the sleeper's process to be killed",
+    )
     assert run.killed and run.exit_code not in (0, None)
     assert client.CoreV1Api(k8s.api()).list_namespaced_pod(ns).items == []
 
 
-def test_missing_secret_keeps_the_pod_pending_until_it_exists(k8s: ControlPlane, k8s_namespace: str,
-                                                              kubelet: StandInKubelet) -> None:
+def test_missing_secret_keeps_the_pod_pending_until_it_exists(
+    k8s: ControlPlane, k8s_namespace: str, kubelet: StandInKubelet
+) -> None:
     ns = k8s_namespace
     core = client.CoreV1Api(k8s.api())
     env = [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "late", "key": "k"}}}]

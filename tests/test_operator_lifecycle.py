@@ -42,17 +42,23 @@ def test_failed_pod_is_retried_then_succeeds(fusionrun_env: RunEnv) -> None:
     env.kubelet.hold(is_extract)  # the run goes no further than prepare
     with StatusRecorder(env.k8s, env.ns, "retry") as rec:
         assert env.apply("retry", env.spec()) == "fusionrun.fusionrun.dev/retry created"
-        prepare = wait_until(lambda: succeeded(env, "retry", "prepare"), 120,
-                             "prepare to succeed after one retry")
+        prepare = wait_until(
+            lambda: succeeded(env, "retry", "prepare"), 120, "prepare to succeed after one retry"
+        )
     assert (prepare["attempts"], prepare["failures"]) == (2, 1)
     assert fault.hits == 1
     # Exact transitions (Pending may pass unseen: the first pass already starts prepare).
-    assert rec.tasks["prepare"] in (["Pending", "Running", "Retrying", "Running", "Succeeded"],
-                                    ["Running", "Retrying", "Running", "Succeeded"])
+    assert rec.tasks["prepare"] in (
+        ["Pending", "Running", "Retrying", "Running", "Succeeded"],
+        ["Running", "Retrying", "Running", "Succeeded"],
+    )
     # The task counts as done once its outputs are in the store; its Job completes right after.
     expected = {"retry-prepare-1": "Failed", "retry-prepare-2": "Complete"}
-    wait_until(lambda: {n: o for n, o in env.outcomes("retry").items() if "prepare" in n} == expected, 30,
-               f"the prepare Jobs to end as {expected}")
+    wait_until(
+        lambda: {n: o for n, o in env.outcomes("retry").items() if "prepare" in n} == expected,
+        30,
+        f"the prepare Jobs to end as {expected}",
+    )
     # Retrying one task does not fail the run, and prepare's outputs are in the store.
     assert env.status("retry")["phase"] == "Running"
     assert "runs/retry/prepare/manifest.json" in env.keys("runs/retry/prepare/")
@@ -90,15 +96,21 @@ def test_operator_killed_mid_run_creates_no_duplicate_jobs(fusionrun_env: RunEnv
     wait_until(lambda: len(hold.held) == 2, 120, "both extract pods to be running")
     wait_until(lambda: env.outcomes("crash").get("crash-prepare-1") == "Complete", 30, "prepare's Job")
     before = env.outcomes("crash")
-    assert before == {"crash-prepare-1": "Complete", "crash-extract-target-00000-1": "Active",
-                      "crash-extract-qwen-00000-1": "Active"}
+    assert before == {
+        "crash-prepare-1": "Complete",
+        "crash-extract-target-00000-1": "Active",
+        "crash-extract-qwen-00000-1": "Active",
+    }
 
     env.operator.kill()  # SIGKILL: no chance to tidy up
     env.operator.start()
     # A restarted operator resumes every run (kopf on.resume) and then re-reconciles it every second:
     # let it resume and make a few more passes, then check that it adopted the running Jobs.
-    wait_until(lambda: "Handler 'on_run_changed' succeeded" in env.operator.log().split("start #2")[-1],
-               30, "the restarted operator to resume the run")
+    wait_until(
+        lambda: "Handler 'on_run_changed' succeeded" in env.operator.log().split("start #2")[-1],
+        30,
+        "the restarted operator to resume the run",
+    )
     time.sleep(4)
     assert env.operator.alive()
     assert env.outcomes("crash") == before
@@ -109,8 +121,12 @@ def test_operator_killed_mid_run_creates_no_duplicate_jobs(fusionrun_env: RunEnv
     hold.release()
     wait_until(lambda: env.task("crash", "align-qwen-00000").get("attempts"), 120, "align to start")
     jobs = set(env.jobs("crash"))
-    assert jobs == {"crash-prepare-1", "crash-extract-target-00000-1", "crash-extract-qwen-00000-1",
-                    "crash-align-qwen-00000-1"}, jobs
+    assert jobs == {
+        "crash-prepare-1",
+        "crash-extract-target-00000-1",
+        "crash-extract-qwen-00000-1",
+        "crash-align-qwen-00000-1",
+    }, jobs
     assert len(env.kubelet.runs_matching(task_selector("prepare"))) == 1
 
 
@@ -123,14 +139,18 @@ def test_suspend_deletes_running_jobs_and_resume_reruns_them(fusionrun_env: RunE
         # prepare's Job completes a moment after its outputs land in the store (which starts extract).
         wait_until(lambda: env.outcomes("pause").get("pause-prepare-1") == "Complete", 30, "prepare's Job")
 
-        env.k8s.kubectl("patch", "fusionrun", "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}',
-                        namespace=env.ns)
+        env.k8s.kubectl(
+            "patch", "fusionrun", "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}', namespace=env.ns
+        )
         st = env.wait_phase("pause", "Suspended", 30)
         assert condition(st, "Suspended")["status"] == "True"
         # The extract Jobs are deleted (and with them their pods and processes); prepare's finished Job stays.
         wait_until(lambda: set(env.jobs("pause")) == {"pause-prepare-1"}, 30, "extract Jobs to be deleted")
-        wait_until(lambda: all(r.killed for r in env.kubelet.runs_matching(is_extract)), 30,
-                   "the held extract pods to be gone")
+        wait_until(
+            lambda: all(r.killed for r in env.kubelet.runs_matching(is_extract)),
+            30,
+            "the held extract pods to be gone",
+        )
         time.sleep(3)  # suspended: nothing new is created however often it reconciles
         assert set(env.jobs("pause")) == {"pause-prepare-1"}
         for task_id in EXTRACTS:
@@ -138,28 +158,43 @@ def test_suspend_deletes_running_jobs_and_resume_reruns_them(fusionrun_env: RunE
 
         hold.release()
         env.kubelet.hold(lambda pod: pod_task(pod).startswith("align-"))
-        env.k8s.kubectl("patch", "fusionrun", "pause", "--type=merge", "-p", '{"spec":{"suspend":false}}',
-                        namespace=env.ns)
+        env.k8s.kubectl(
+            "patch",
+            "fusionrun",
+            "pause",
+            "--type=merge",
+            "-p",
+            '{"spec":{"suspend":false}}',
+            namespace=env.ns,
+        )
         # Resumed: the interrupted tasks rerun as a new attempt that does not count as a failure.
         for task_id in EXTRACTS:
-            t = wait_until(lambda tid=task_id: succeeded(env, "pause", tid), 120,
-                           f"{task_id} to succeed after resume")
+            t = wait_until(
+                lambda tid=task_id: succeeded(env, "pause", tid), 120, f"{task_id} to succeed after resume"
+            )
             assert (t["attempts"], t["failures"]) == (2, 0)
         st = env.status("pause")
         assert st["phase"] == "Running" and condition(st, "Suspended")["status"] == "False"
     assert rec.phases[-3:] == ["Running", "Suspended", "Running"]
     assert rec.tasks["extract-qwen-00000"][-4:] == ["Running", "Pending", "Running", "Succeeded"]
-    expected = {"pause-prepare-1": "Complete", "pause-extract-target-00000-2": "Complete",
-                "pause-extract-qwen-00000-2": "Complete"}
-    wait_until(lambda: {n: env.outcomes("pause").get(n) for n in expected} == expected, 30,
-               f"the Jobs to end as {expected}")
+    expected = {
+        "pause-prepare-1": "Complete",
+        "pause-extract-target-00000-2": "Complete",
+        "pause-extract-qwen-00000-2": "Complete",
+    }
+    wait_until(
+        lambda: {n: env.outcomes("pause").get(n) for n in expected} == expected,
+        30,
+        f"the Jobs to end as {expected}",
+    )
     outcomes = env.outcomes("pause")
     assert not {"pause-extract-target-00000-1", "pause-extract-qwen-00000-1"} & set(outcomes)
 
 
 @pytest.mark.parametrize("delete_artifacts", [True, False], ids=["deleteArtifacts", "keepArtifacts"])
-def test_deleting_a_run_deletes_its_jobs_and_optionally_its_artifacts(fusionrun_env: RunEnv,
-                                                                       delete_artifacts: bool) -> None:
+def test_deleting_a_run_deletes_its_jobs_and_optionally_its_artifacts(
+    fusionrun_env: RunEnv, delete_artifacts: bool
+) -> None:
     env = fusionrun_env
     env.kubelet.hold(is_extract)
     env.apply("gone", env.spec(deleteArtifacts=delete_artifacts))
@@ -167,12 +202,16 @@ def test_deleting_a_run_deletes_its_jobs_and_optionally_its_artifacts(fusionrun_
     prefix = "runs/gone/"
     assert "runs/gone/prepare/manifest.json" in env.keys(prefix)
 
-    env.k8s.kubectl("delete", "fusionrun", "gone", "--wait=true", "--timeout=60s", namespace=env.ns,
-                    timeout=90)
+    env.k8s.kubectl(
+        "delete", "fusionrun", "gone", "--wait=true", "--timeout=60s", namespace=env.ns, timeout=90
+    )
     # ownerReferences: kube-controller-manager's garbage collector deletes the Jobs (and their pods).
     wait_until(lambda: not env.jobs("gone"), 60, "the run's Jobs to be garbage-collected")
-    wait_until(lambda: all(r.killed or r.finished for r in env.kubelet.runs.values()), 30,
-               "the run's pods to be gone")
+    wait_until(
+        lambda: all(r.killed or r.finished for r in env.kubelet.runs.values()),
+        30,
+        "the run's pods to be gone",
+    )
     keys = env.keys(prefix)
     if delete_artifacts:
         assert keys == []

@@ -59,18 +59,30 @@ def test_examples_validate_and_resolve_relative_paths(name: str) -> None:
         ("training.seqLen", 4096, "training.seqLen (4096) exceeds extraction.maxLength (256)"),
         ("fusion.topK", 11, "fusion.topK (11) exceeds extraction.topK (10): only the extracted entries"),
         ("fusion.topK", 0, "spec.fusion.topK: Input should be greater than or equal to 1 (got 0)"),
-        ("evaluation.corpora", [{"name": "a", "uri": "/x"}, {"name": "a", "uri": "/y"}],
-         "evaluation corpus names must be unique; repeated: ['a']"),
-        ("evaluation.corpora", [{"name": "Code", "uri": "/x"}],
-         "spec.evaluation.corpora.0.name: String should match pattern"),
-        ("fusion.strategy", "maxCE",
-         "spec.fusion.strategy: Input should be 'minCE' or 'avgCE' (got 'maxCE')"),
+        (
+            "evaluation.corpora",
+            [{"name": "a", "uri": "/x"}, {"name": "a", "uri": "/y"}],
+            "evaluation corpus names must be unique; repeated: ['a']",
+        ),
+        (
+            "evaluation.corpora",
+            [{"name": "Code", "uri": "/x"}],
+            "spec.evaluation.corpora.0.name: String should match pattern",
+        ),
+        (
+            "fusion.strategy",
+            "maxCE",
+            "spec.fusion.strategy: Input should be 'minCE' or 'avgCE' (got 'maxCE')",
+        ),
         ("training.lambda", 1.5, "spec.training.lambda: Input should be less than or equal to 1"),
         ("extraction.topk", 5, "spec.extraction.topk: Extra inputs are not permitted"),  # a typo fails loudly
         ("store.endpoint", "http://minio:9000", "endpoint is plain http://: set insecure: true"),
         ("sources.0.name", "tgt", "model names must be unique across target and sources; repeated: ['tgt']"),
-        ("target.randomInit", {"hiddenSize": 65, "numHeads": 4},
-         "hiddenSize (65) must be a multiple of numHeads"),
+        (
+            "target.randomInit",
+            {"hiddenSize": 65, "numHeads": 4},
+            "hiddenSize (65) must be a multiple of numHeads",
+        ),
     ],
 )
 def test_bad_spec_names_the_field(path: str, value, message: str) -> None:

@@ -115,8 +115,12 @@ def test_saved_hugging_face_dataset_corpus(tmp_path: Path) -> None:
     datasets.Dataset.from_dict({"text": ["alpha", "beta"], "n": [1, 2]}).save_to_disk(str(plain))
     assert read_documents(plain, Corpus(uri="x")) == ["alpha", "beta"]  # format auto-detected: hf-disk
     splits = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["gamma"]}),
-                          "test": datasets.Dataset.from_dict({"text": ["held"]})}).save_to_disk(str(splits))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["gamma"]}),
+            "test": datasets.Dataset.from_dict({"text": ["held"]}),
+        }
+    ).save_to_disk(str(splits))
     assert read_documents(splits, Corpus(uri="x")) == ["gamma"]  # the train split of a DatasetDict
     no_train = tmp_path / "nt"
     datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(no_train))
@@ -158,11 +162,25 @@ def _spec(tmp_path: Path, **overrides):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(TEXT))
     spec = {
-        "target": {"name": "tgt", "tokenizer": SMOLLM2_URI, "ggufFile": SMOLLM2_GGUF,
-                   "randomInit": {"architecture": "llama", "hiddenSize": 32, "numLayers": 1, "numHeads": 2}},
-        "sources": [{"name": "mis", "tokenizer": MISTRAL_URI,
-                     "randomInit": {"architecture": "gpt_neox", "hiddenSize": 32, "numLayers": 1,
-                                    "numHeads": 2, "seed": 5}}],
+        "target": {
+            "name": "tgt",
+            "tokenizer": SMOLLM2_URI,
+            "ggufFile": SMOLLM2_GGUF,
+            "randomInit": {"architecture": "llama", "hiddenSize": 32, "numLayers": 1, "numHeads": 2},
+        },
+        "sources": [
+            {
+                "name": "mis",
+                "tokenizer": MISTRAL_URI,
+                "randomInit": {
+                    "architecture": "gpt_neox",
+                    "hiddenSize": 32,
+                    "numLayers": 1,
+                    "numHeads": 2,
+                    "seed": 5,
+                },
+            }
+        ],
         "corpus": {"uri": str(corpus), "heldoutFraction": 0.2, "seed": 4},
         "extraction": {"maxLength": 32, "topK": 4, "device": "cpu", "dtype": "float32"},
         "training": {"seqLen": 16},
@@ -240,8 +258,12 @@ def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral
 
     # A rerun skips every complete task: the manifests are untouched.
     before = {k: store.get_bytes(k) for k in store.list("") if k.endswith(".json")}
-    for task, fn in ((_t("prepare"), prepare.run), (_t("extract", "tgt", 0), extract.run),
-                     (_t("align", "mis", 0), align.run), (_t("fuse", None, 0), fuse.run)):
+    for task, fn in (
+        (_t("prepare"), prepare.run),
+        (_t("extract", "tgt", 0), extract.run),
+        (_t("align", "mis", 0), align.run),
+        (_t("fuse", None, 0), fuse.run),
+    ):
         assert run_task(fn, task, spec, "r") == 0
     assert {k: store.get_bytes(k) for k in before} == before
 
@@ -271,16 +293,20 @@ def test_missing_input_and_unloadable_model(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="needs prepare, which has no manifest"):
         run_task(extract.run, _t("extract", "tgt", 0), spec, "r")
     assert run_task(prepare.run, _t("prepare"), spec, "r") == 0
-    bad = _spec(tmp_path, sources=[{"name": "mis", "uri": str(tmp_path / "no-such-model"),
-                                    "tokenizer": MISTRAL_URI}])
+    bad = _spec(
+        tmp_path, sources=[{"name": "mis", "uri": str(tmp_path / "no-such-model"), "tokenizer": MISTRAL_URI}]
+    )
     with pytest.raises(StageError) as err:
         run_task(extract.run, _t("extract", "mis", 0), bad, "r")
     msg = str(err.value)
     assert "model mis" in msg and "no-such-model" in msg and "Fix uri/ggufFile/randomInit of model mis" in msg
-    assert not (tmp_path / "store" / "r" / "extract" / "mis").exists() or \
-        read_manifest(open_store(bad.store, "r"), "extract/mis/shard-00000.manifest.json") is None
-    bad_tok = _spec(tmp_path, sources=[{"name": "mis", "tokenizer": str(tmp_path / "nothing.model"),
-                                        "randomInit": {}}])
+    assert (
+        not (tmp_path / "store" / "r" / "extract" / "mis").exists()
+        or read_manifest(open_store(bad.store, "r"), "extract/mis/shard-00000.manifest.json") is None
+    )
+    bad_tok = _spec(
+        tmp_path, sources=[{"name": "mis", "tokenizer": str(tmp_path / "nothing.model"), "randomInit": {}}]
+    )
     with pytest.raises(StageError, match=r"model mis: cannot load its tokenizer from .*fix tokenizer of"):
         run_task(extract.run, _t("extract", "mis", 0), bad_tok, "r")
 
@@ -290,31 +316,46 @@ def test_report_pieces() -> None:
 
     nested = {"progress": {"history": [{"step": 1, "loss": 2.5}, {"step": 2, "train_loss": 2}]}}
     assert loss_curve(nested) == [(1, 2.5), (2, 2.0)]
-    log = ('=== first attempt\n{"event": "step", "step": 1, "loss": 5.0}\n{"event": "step", "step": 2, '
-           '"loss": 4.0}\nnot json\n=== resumed\n{"event": "resumed", "step": 1}\n'
-           '{"event": "step", "step": 2, "loss": 3.5}\n{"event": "step", "step": 3, "loss": 3.0}\n')
+    log = (
+        '=== first attempt\n{"event": "step", "step": 1, "loss": 5.0}\n{"event": "step", "step": 2, '
+        '"loss": 4.0}\nnot json\n=== resumed\n{"event": "resumed", "step": 1}\n'
+        '{"event": "step", "step": 2, "loss": 3.5}\n{"event": "step", "step": 3, "loss": 3.0}\n'
+    )
     assert loss_curve_from_log(log) == [(1, 5.0), (2, 3.5), (3, 3.0)]
     # a later attempt of another length (maxSteps edited) is a new training: its curve alone
-    relaunched = ('{"event": "start", "total_steps": 36}\n{"event": "step", "step": 1, "loss": 5.0}\n'
-                  '{"event": "step", "step": 36, "loss": 2.0}\n{"event": "start", "total_steps": 20}\n'
-                  '{"event": "step", "step": 1, "loss": 4.5}\n{"event": "step", "step": 20, "loss": 2.5}\n')
+    relaunched = (
+        '{"event": "start", "total_steps": 36}\n{"event": "step", "step": 1, "loss": 5.0}\n'
+        '{"event": "step", "step": 36, "loss": 2.0}\n{"event": "start", "total_steps": 20}\n'
+        '{"event": "step", "step": 1, "loss": 4.5}\n{"event": "step", "step": 20, "loss": 2.5}\n'
+    )
     assert loss_curve_from_log(relaunched) == [(1, 4.5), (20, 2.5)]
-    resumed = ('{"event": "start", "total_steps": 20}\n{"event": "step", "step": 1, "loss": 4.5}\n'
-               '{"event": "start", "total_steps": 20}\n{"event": "step", "step": 2, "loss": 4.0}\n')
+    resumed = (
+        '{"event": "start", "total_steps": 20}\n{"event": "step", "step": 1, "loss": 4.5}\n'
+        '{"event": "start", "total_steps": 20}\n{"event": "step", "step": 2, "loss": 4.0}\n'
+    )
     assert loss_curve_from_log(resumed) == [(1, 4.5), (2, 4.0)]  # same length: a resume keeps earlier steps
-    metrics = {"heldout": {"documents": 2, "bytes": 100},
-               "models": {"source:b": {"bits_per_byte": 4.0, "perplexity": 9.0, "tokens": 5},
-                          "fused": {"bits_per_byte": 2.0, "perplexity": 3.0, "tokens": 4},
-                          "target-before": {"bits_per_byte": 3.0, "perplexity": 7.0, "tokens": 4}},
-               "fused_minus_clm": {"bits_per_byte": -0.0123, "ci95_low": -0.02, "ci95_high": -0.004}}
+    metrics = {
+        "heldout": {"documents": 2, "bytes": 100},
+        "models": {
+            "source:b": {"bits_per_byte": 4.0, "perplexity": 9.0, "tokens": 5},
+            "fused": {"bits_per_byte": 2.0, "perplexity": 3.0, "tokens": 4},
+            "target-before": {"bits_per_byte": 3.0, "perplexity": 7.0, "tokens": 4},
+        },
+        "fused_minus_clm": {"bits_per_byte": -0.0123, "ci95_low": -0.02, "ci95_high": -0.004},
+    }
     assert [name for name, _ in ordered_models(metrics)] == ["target (before)", "FuseLLM", "b (source)"]
-    data = {"metrics": metrics, "mince_choices": {"t": 3, "b": 1},
-            "tasks": {"prepare": {"state": "complete", "seconds": 1.5}}}
+    data = {
+        "metrics": metrics,
+        "mince_choices": {"t": 3, "b": 1},
+        "tasks": {"prepare": {"state": "complete", "seconds": 1.5}},
+    }
     md = render_markdown("r", data, {"bpb": "bpb.png"})
     assert "| FuseLLM | 2.0000 | 3.00 | 4 |" in md and "| t | 3 | 75.0% |" in md
     assert "![bits per byte](bpb.png)" in md
-    assert "FuseLLM minus CLM-only: -0.0123 bits per byte (95% paired bootstrap interval over the held-out " \
-           "documents: -0.0200 to -0.0040; negative favours FuseLLM)." in md
+    assert (
+        "FuseLLM minus CLM-only: -0.0123 bits per byte (95% paired bootstrap interval over the held-out "
+        "documents: -0.0200 to -0.0040; negative favours FuseLLM)." in md
+    )
 
 
 @pytest.mark.s3
@@ -340,8 +381,9 @@ def test_prepare_reads_a_corpus_from_s3(s3_server, s3_bucket, tmp_path: Path, mo
 
 
 @pytest.mark.s3
-def test_an_s3_corpus_edited_in_place_makes_prepare_stale(s3_server, s3_bucket, tmp_path: Path,
-                                                          monkeypatch) -> None:
+def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
+    s3_server, s3_bucket, tmp_path: Path, monkeypatch
+) -> None:
     """The stamp of an s3:// corpus (keys, sizes, ETags of the objects read) is recorded; an object rewritten
     (even to the same size) or a file added to the folder makes prepare stale, and its rerun reads the new
     objects, not a stale cached copy. Objects the folder's glob leaves out change nothing."""
@@ -372,8 +414,9 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(s3_server, s3_bucket, 
 
     # One object.
     c.put_object(Bucket=s3_bucket, Key="data/corpus.txt", Body=b"alpha\n\nbravo")
-    spec = _spec(tmp_path, corpus={"uri": f"s3://{s3_bucket}/data/corpus.txt", "heldoutFraction": 0.0},
-                 store=store)
+    spec = _spec(
+        tmp_path, corpus={"uri": f"s3://{s3_bucket}/data/corpus.txt", "heldoutFraction": 0.0}, store=store
+    )
     st = open_store(spec.store, "one")
     first = run_and_check(spec, st, "one", 2, ["alpha", "bravo"])
     c.put_object(Bucket=s3_bucket, Key="data/corpus.txt", Body=b"ALPHA\n\nBRAVO")  # same size, new ETag
@@ -389,8 +432,11 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(s3_server, s3_bucket, 
     c.put_object(Bucket=s3_bucket, Key="data/folder/b.txt", Body=b"file two")
     c.put_object(Bucket=s3_bucket, Key="data/folder/notes.md", Body=b"not read")
     c.put_object(Bucket=s3_bucket, Key="data/folder2/x.txt", Body=b"another prefix")  # not under folder/
-    spec = _spec(tmp_path, corpus={"uri": f"s3://{s3_bucket}/data/folder", "glob": "**/*.txt",
-                                   "heldoutFraction": 0.0}, store=store)
+    spec = _spec(
+        tmp_path,
+        corpus={"uri": f"s3://{s3_bucket}/data/folder", "glob": "**/*.txt", "heldoutFraction": 0.0},
+        store=store,
+    )
     st = open_store(spec.store, "dir")
     first = run_and_check(spec, st, "dir", 2, ["file one", "file two"])
     c.put_object(Bucket=s3_bucket, Key="data/folder/notes.md", Body=b"edited, still not read")
@@ -419,11 +465,17 @@ def test_an_unreachable_s3_corpus_is_a_clear_store_error(tmp_path: Path, monkeyp
     monkeypatch.setenv("FUSIONRUN_S3_CONNECT_TIMEOUT", "1")
     down = StoreSpec(uri=str(tmp_path / "store"), endpoint="http://127.0.0.1:9", insecure=True)
     corpus = Corpus(uri="s3://corpora/data/folder")
-    with pytest.raises(StoreError, match=r"^corpus.uri s3://corpora/data/folder: cannot reach S3 endpoint "
-                                         r"http://127.0.0.1:9.*store.endpoint"):
+    with pytest.raises(
+        StoreError,
+        match=r"^corpus.uri s3://corpora/data/folder: cannot reach S3 endpoint "
+        r"http://127.0.0.1:9.*store.endpoint",
+    ):
         corpus_stamp(corpus, down)
-    spec = _spec(tmp_path, corpus={"uri": "s3://corpora/data/folder"},
-                 store={"uri": str(tmp_path / "store"), "endpoint": "http://127.0.0.1:9", "insecure": True})
+    spec = _spec(
+        tmp_path,
+        corpus={"uri": "s3://corpora/data/folder"},
+        store={"uri": str(tmp_path / "store"), "endpoint": "http://127.0.0.1:9", "insecure": True},
+    )
     with pytest.raises(StoreError, match="cannot reach S3 endpoint"):
         run_task(prepare.run, _t("prepare"), spec, "r")  # the stamp, before anything is read
     # A local corpus never touches S3: the stamp of the same file, whatever the store says.
@@ -439,7 +491,18 @@ def test_s3_corpus_glob_matches_what_path_glob_finds(tmp_path: Path) -> None:
     for n in names:
         (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / n).write_text("x")
-    for pattern in ("**/*", "*.txt", "**/*.txt", "sub/*", "sub/**/*.py", "**/deep/*", ".*", "*/*.TXT",
-                    "**/*.[tp][xy]*", "**", "sub/**"):
+    for pattern in (
+        "**/*",
+        "*.txt",
+        "**/*.txt",
+        "sub/*",
+        "sub/**/*.py",
+        "**/deep/*",
+        ".*",
+        "*/*.TXT",
+        "**/*.[tp][xy]*",
+        "**",
+        "sub/**",
+    ):
         local = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob(pattern) if p.is_file())
         assert sorted(n for n in names if glob_match(n, pattern)) == local, pattern

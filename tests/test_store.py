@@ -190,8 +190,10 @@ def test_manifest_completeness_rules(tmp_path: Path) -> None:
     # A truncated output (size differs) makes the task incomplete; verify catches same-size corruption.
     store.put_bytes("extract/tgt/shard-00000.safetensors", b"LOGITS")
     assert why_incomplete(store, spec, ext, by_id) is None
-    assert why_incomplete(store, spec, ext, by_id, verify=True) == \
-        "output extract/tgt/shard-00000.safetensors checksum mismatch"
+    assert (
+        why_incomplete(store, spec, ext, by_id, verify=True)
+        == "output extract/tgt/shard-00000.safetensors checksum mismatch"
+    )
     store.put_bytes("extract/tgt/shard-00000.safetensors", b"logit")
     assert "has 5 bytes, manifest says 6" in why_incomplete(store, spec, ext, by_id)
     store.put_bytes("extract/tgt/shard-00000.safetensors", b"logits")

@@ -126,8 +126,9 @@ def test_add_bos_follows_each_tokenizers_own_default(mistral_tokenizer, smollm2_
     assert [d.tolist() for d in docs] == [[1, 22557, 1526, 2], [1, 264, 2]]
 
 
-def test_special_token_text_in_a_document_stays_text(qwen_tokenizer, qwen_view, mistral_tokenizer,
-                                                    mistral_view):
+def test_special_token_text_in_a_document_stays_text(
+    qwen_tokenizer, qwen_view, mistral_tokenizer, mistral_view
+):
     (ids,) = encode_documents(qwen_tokenizer, ["a<|endoftext|>b"])
     assert ids.tolist().count(151643) == 1 and ids[-1] == 151643  # only the EOS we append
     assert qwen_view.decode(ids) == b"a<|endoftext|>b"
@@ -156,9 +157,13 @@ def _word_level_tokenizer(eos: str | None):
 
 
 def test_tokenizer_without_markers_is_refused_clearly():
-    with pytest.raises(TokenizerSchemeError, match=(
+    with pytest.raises(
+        TokenizerSchemeError,
+        match=(
             r"tokenizer word-level-test: cannot tell how tokens map to text: no 'Ġ' byte-level alphabet "
-            r".* and no '▁' markers")):
+            r".* and no '▁' markers"
+        ),
+    ):
         build_view(_word_level_tokenizer("[EOS]"))
 
 

@@ -33,7 +33,9 @@ def test_marker_lists_every_file_with_size_and_sha(tmp_path: Path):
     assert m["step"] == 3 and m["fingerprint"] == "fp"
     assert m["files"]["mp_rank_00_model_states.pt"]["bytes"] == 20
     assert m["files"]["sub/zero_pp_rank_0_optim_states.pt"] == {
-        "bytes": 15, "sha256": "a4341d60cd370d69c5b411540103c3379aef51455f2378cafab01827eb18150b"}
+        "bytes": 15,
+        "sha256": "a4341d60cd370d69c5b411540103c3379aef51455f2378cafab01827eb18150b",
+    }
 
 
 def test_folders_without_marker_truncated_files_or_other_fingerprints_are_not_complete(tmp_path: Path):

@@ -41,8 +41,12 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 320):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus_docs(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
     fast.save_pretrained(out_dir)
@@ -62,15 +66,22 @@ def fused_arrays(docs_ids: list[list[int]], vocab: int, top_k: int = 4) -> dict[
     last = offsets[1:] - 1
     target_ids[last] = -1
     target_probs[last] = 0.0
-    return {"doc_index": np.arange(len(docs_ids), dtype=np.int64), "doc_offsets": offsets,
-            "input_ids": ids.astype(np.uint16), "target_ids": target_ids.astype(np.int32),
-            "target_probs": target_probs.astype(np.float16), "choice": np.zeros(len(docs_ids), np.int8)}
+    return {
+        "doc_index": np.arange(len(docs_ids), dtype=np.int64),
+        "doc_offsets": offsets,
+        "input_ids": ids.astype(np.uint16),
+        "target_ids": target_ids.astype(np.int32),
+        "target_probs": target_probs.astype(np.float16),
+        "choice": np.zeros(len(docs_ids), np.int8),
+    }
 
 
 def write_corpus_shards(tokenizer, out_dir: Path, n_shards: int = 2, max_tokens: int = 96) -> list[Path]:
     """The corpus tokenized (+ EOS, no BOS, as extraction does), split round-robin into fused shards."""
-    docs = [[*tokenizer(d, add_special_tokens=False)["input_ids"][: max_tokens - 1], tokenizer.eos_token_id]
-            for d in corpus_docs()]
+    docs = [
+        [*tokenizer(d, add_special_tokens=False)["input_ids"][: max_tokens - 1], tokenizer.eos_token_id]
+        for d in corpus_docs()
+    ]
     paths = []
     for s in range(n_shards):
         p = out_dir / f"shard-{s:05d}.safetensors"

@@ -40,10 +40,21 @@ def rank_main(config_path: str) -> int:
     c = json.loads(Path(config_path).read_text())
     cfg = TrainConfig(**c["cfg"])
     tok = AutoTokenizer.from_pretrained(c["tokenizer"])
-    model = random_init_model("llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4,
-                              seed=0, eos_token_id=tok.eos_token_id)
-    blocks = FusedBlocks([ShardSource(Path(p)) for p in c["shards"]], cfg.seq_len, cfg.seed,
-                         with_targets=cfg.variant == "fused")
+    model = random_init_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        seed=0,
+        eos_token_id=tok.eos_token_id,
+    )
+    blocks = FusedBlocks(
+        [ShardSource(Path(p)) for p in c["shards"]],
+        cfg.seq_len,
+        cfg.seed,
+        with_targets=cfg.variant == "fused",
+    )
     io = TrainIO(Path(c["work_dir"]), LocalStore(Path(c["store_root"])), prefix=f"train/{cfg.variant}")
     rank = int(os.environ["RANK"])
     kill = c.get("kill")  # {"signal": "TERM"|"KILL", "rank": r, "event": "step"|"checkpoint", "step": n}
@@ -79,9 +90,17 @@ def launch(tmp: Path, name: str, config: dict, world: int = 2, timeout: float = 
     port = free_port()
     procs = []
     for r in range(world):
-        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **os.environ,
+            "RANK": str(r),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(r),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         out = open(tmp / f"{name}.rank{r}.out", "w")  # noqa: SIM115
         err = open(tmp / f"{name}.rank{r}.err", "w")  # noqa: SIM115
         p = subprocess.Popen([PY, __file__, str(cfg_path)], env=env, stdout=out, stderr=err)
@@ -98,8 +117,11 @@ def launch(tmp: Path, name: str, config: dict, world: int = 2, timeout: float = 
             time.sleep(0.1)
         out.close()
         err.close()
-        recs = [json.loads(line) for line in (tmp / f"{name}.rank{r}.out").read_text().splitlines()
-                if line.startswith("{")]
+        recs = [
+            json.loads(line)
+            for line in (tmp / f"{name}.rank{r}.out").read_text().splitlines()
+            if line.startswith("{")
+        ]
         stderr = (tmp / f"{name}.rank{r}.err").read_text()
         results.append({"rc": p.returncode, "records": recs, "stderr": stderr})
     return results
@@ -127,12 +149,30 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def run_config(corpus: dict, tmp: Path, name: str, zero_stage: int, **extra) -> dict:
-    cfg = {"variant": "fused", "lam": 0.9, "learning_rate": BASE_LR, "schedule": "cosine",
-           "warmup_ratio": 0.25, "min_lr_ratio": 0.1, "max_steps": 8, "micro_batch_size": 2, "grad_accum": 2,
-           "seq_len": 32, "zero_stage": zero_stage, "checkpoint_interval": 4, "keep_checkpoints": 2,
-           "seed": 1, "progress_interval_s": 0.0}
-    return {**corpus, "cfg": cfg, "work_dir": str(tmp / name / "work"),
-            "store_root": str(tmp / name / "store"), **extra}
+    cfg = {
+        "variant": "fused",
+        "lam": 0.9,
+        "learning_rate": BASE_LR,
+        "schedule": "cosine",
+        "warmup_ratio": 0.25,
+        "min_lr_ratio": 0.1,
+        "max_steps": 8,
+        "micro_batch_size": 2,
+        "grad_accum": 2,
+        "seq_len": 32,
+        "zero_stage": zero_stage,
+        "checkpoint_interval": 4,
+        "keep_checkpoints": 2,
+        "seed": 1,
+        "progress_interval_s": 0.0,
+    }
+    return {
+        **corpus,
+        "cfg": cfg,
+        "work_dir": str(tmp / name / "work"),
+        "store_root": str(tmp / name / "store"),
+        **extra,
+    }
 
 
 def records(rank_result: dict, event: str) -> list[dict]:
@@ -159,11 +199,18 @@ def exported_weights(model_dir: Path) -> dict:
     return load_file(str(model_dir / "model.safetensors"))
 
 
-@pytest.mark.parametrize(("zero_stage", "stop_signal"), [
-    (2, "TERM"), (3, "KILL"),
-    pytest.param(2, "KILL", marks=pytest.mark.slow), pytest.param(3, "TERM", marks=pytest.mark.slow)])
-def test_two_ranks_train_agree_checkpoint_resume_and_export(corpus: dict, tmp_path: Path, zero_stage: int,
-                                                            stop_signal: str):
+@pytest.mark.parametrize(
+    ("zero_stage", "stop_signal"),
+    [
+        (2, "TERM"),
+        (3, "KILL"),
+        pytest.param(2, "KILL", marks=pytest.mark.slow),
+        pytest.param(3, "TERM", marks=pytest.mark.slow),
+    ],
+)
+def test_two_ranks_train_agree_checkpoint_resume_and_export(
+    corpus: dict, tmp_path: Path, zero_stage: int, stop_signal: str
+):
     import numpy as np
 
     # ---- an uninterrupted run of 8 steps
@@ -188,11 +235,17 @@ def test_two_ranks_train_agree_checkpoint_resume_and_export(corpus: dict, tmp_pa
 
     store = tmp_path / "full" / "store" / "train" / "fused"
     progress = json.loads((store / "progress.json").read_text())
-    assert progress["step"] == 8 and progress["total_steps"] == 8 and progress["lr"] == pytest.approx(
-        EXPECTED_LR[-1], rel=1e-6)
+    assert (
+        progress["step"] == 8
+        and progress["total_steps"] == 8
+        and progress["lr"] == pytest.approx(EXPECTED_LR[-1], rel=1e-6)
+    )
     assert set(progress) >= {"loss", "clm_loss", "fusion_loss", "tokens_per_s", "eta_seconds", "updated_at"}
-    assert {p.relative_to(store / "checkpoints").parts[0] for p in (store / "checkpoints").rglob("*")
-            if p.is_file()} == {"step-4", "step-8"}
+    assert {
+        p.relative_to(store / "checkpoints").parts[0]
+        for p in (store / "checkpoints").rglob("*")
+        if p.is_file()
+    } == {"step-4", "step-8"}
     for s in (4, 8):
         marker = json.loads((store / "checkpoints" / f"step-{s}" / "COMPLETE").read_text())
         assert marker["step"] == s and "fusionrun_state.json" in marker["files"]
@@ -251,7 +304,10 @@ def test_two_ranks_train_agree_checkpoint_resume_and_export(corpus: dict, tmp_pa
     kept = {f"step-{expect_resume}", "step-8"}
     for root in (work, store_ck):  # (the file store leaves emptied folders behind: look at files)
         assert {p.relative_to(root).parts[0] for p in root.rglob("*") if p.is_file()} - {
-            "latest", "zero_to_fp32.py", "zero_to_torch.py"} == kept
+            "latest",
+            "zero_to_fp32.py",
+            "zero_to_torch.py",
+        } == kept
 
     # every step trained on exactly the blocks of the uninterrupted run: none repeated, none skipped
     cut_blocks = {s: b for s, b in blocks_by_step(cut).items() if s <= expect_resume}

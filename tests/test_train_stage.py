@@ -24,17 +24,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def spec_doc(tok_dir: Path, store: Path, **training) -> dict:
     tiny = {"architecture": "llama", "hiddenSize": 32, "numLayers": 2, "numHeads": 4, "seed": 0}
-    return {"apiVersion": "fusionrun.dev/v1alpha1", "kind": "FusionRun", "metadata": {"name": "stage-test"},
-            "spec": {"target": {"name": "target", "tokenizer": str(tok_dir), "randomInit": tiny},
-                     "sources": [{"name": "src", "tokenizer": str(tok_dir),
-                                  "randomInit": {**tiny, "seed": 1}}],
-                     "corpus": {"uri": str(tok_dir)},
-                     "extraction": {"maxLength": 128, "shards": 2},
-                     "training": {"lambda": 0.9, "learningRate": 0.01, "warmupRatio": 0.0, "maxSteps": 4,
-                                  "microBatchSize": 2, "gradAccum": 1, "seqLen": 32, "zeroStage": 2,
-                                  "checkpointInterval": 2, "dtype": "float32", "clmBaseline": True,
-                                  **training},
-                     "store": {"uri": f"file://{store}"}}}
+    return {
+        "apiVersion": "fusionrun.dev/v1alpha1",
+        "kind": "FusionRun",
+        "metadata": {"name": "stage-test"},
+        "spec": {
+            "target": {"name": "target", "tokenizer": str(tok_dir), "randomInit": tiny},
+            "sources": [{"name": "src", "tokenizer": str(tok_dir), "randomInit": {**tiny, "seed": 1}}],
+            "corpus": {"uri": str(tok_dir)},
+            "extraction": {"maxLength": 128, "shards": 2},
+            "training": {
+                "lambda": 0.9,
+                "learningRate": 0.01,
+                "warmupRatio": 0.0,
+                "maxSteps": 4,
+                "microBatchSize": 2,
+                "gradAccum": 1,
+                "seqLen": 32,
+                "zeroStage": 2,
+                "checkpointInterval": 2,
+                "dtype": "float32",
+                "clmBaseline": True,
+                **training,
+            },
+            "store": {"uri": f"file://{store}"},
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,12 +70,23 @@ def test_rank_envs_single_local_process_gets_defaults():
     envs = rank_envs({}, procs_per_node=1, nodes=1, port=29511)
     assert envs is not None and len(envs) == 1
     assert {k: envs[0][k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == {
-        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29511",
+    }
 
 
 def test_rank_envs_node_launcher_numbers_ranks_by_node():
-    env = {"NODE_RANK": "1", "NNODES": "2", "NPROC_PER_NODE": "3", "MASTER_ADDR": "run-train-0.svc",
-           "MASTER_PORT": "29500", "WORLD_SIZE": "6"}
+    env = {
+        "NODE_RANK": "1",
+        "NNODES": "2",
+        "NPROC_PER_NODE": "3",
+        "MASTER_ADDR": "run-train-0.svc",
+        "MASTER_PORT": "29500",
+        "WORLD_SIZE": "6",
+    }
     envs = rank_envs(env, procs_per_node=1, nodes=1)
     assert [(e["RANK"], e["LOCAL_RANK"]) for e in envs] == [("3", "0"), ("4", "1"), ("5", "2")]
     assert {e["MASTER_ADDR"] for e in envs} == {"run-train-0.svc"}
@@ -70,8 +96,11 @@ def test_rank_envs_node_launcher_numbers_ranks_by_node():
 def test_rank_envs_leaves_an_existing_rank_alone_and_rejects_inconsistent_sizes():
     assert rank_envs({"RANK": "2"}, procs_per_node=4, nodes=1) is None
     with pytest.raises(ValueError, match=r"WORLD_SIZE=5 but nodes x procs_per_node = 2 x 2"):
-        rank_envs({"WORLD_SIZE": "5", "NNODES": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "a",
-                   "MASTER_PORT": "1"}, 1, 1)
+        rank_envs(
+            {"WORLD_SIZE": "5", "NNODES": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"},
+            1,
+            1,
+        )
     with pytest.raises(ValueError, match="MASTER_ADDR"):
         rank_envs({"NNODES": "2", "NODE_RANK": "1"}, 1, 2)
 
@@ -99,8 +128,9 @@ def fused_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("train-stage")
     tok = train_tokenizer(d / "tok")
     spec_file = d / "run.yaml"
-    spec_file.write_text(yaml.safe_dump(spec_doc(d / "tok", d / "store", procsPerNode=2,
-                                                 gradientCheckpointing=True)))
+    spec_file.write_text(
+        yaml.safe_dump(spec_doc(d / "tok", d / "store", procsPerNode=2, gradientCheckpointing=True))
+    )
     run = load_fusionrun(spec_file)
     store = open_store(run.spec.store, run.metadata.name)
     by_id = {t.id: t for t in build_dag(run.spec)}
@@ -117,12 +147,25 @@ def fused_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def run_stage(spec: Path, *args: str, work: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                          "MASTER_PORT", "NODE_RANK")}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FUSIONRUN_WORK_DIR": str(work),
-            "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "jobs", "train", "--spec", str(spec), *args], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
+    }
+    env |= {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "FUSIONRUN_WORK_DIR": str(work),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "jobs", "train", "--spec", str(spec), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 def test_stage_launches_two_ranks_exports_and_writes_the_manifest_last(fused_run: dict, tmp_path: Path):
@@ -140,8 +183,11 @@ def test_stage_launches_two_ranks_exports_and_writes_the_manifest_last(fused_run
     manifest = json.loads((store / "train" / "clm" / "manifest.json").read_text())
     assert manifest["task"] == "train-clm" and manifest["summary"]["steps"] == 4
     outputs = manifest["outputs"]
-    assert {"train/clm/model/model.safetensors", "train/clm/model/config.json",
-            "train/clm/model/tokenizer.json"} <= set(outputs)
+    assert {
+        "train/clm/model/model.safetensors",
+        "train/clm/model/config.json",
+        "train/clm/model/tokenizer.json",
+    } <= set(outputs)
     from fusion.format import sha256_file
 
     for key, o in outputs.items():
@@ -165,8 +211,10 @@ def test_stage_launches_two_ranks_exports_and_writes_the_manifest_last(fused_run
     assert '"event": "resumed"' not in forced.stdout
     redo = [json.loads(line) for line in forced.stdout.splitlines() if '"event": "step"' in line]
     assert [s["loss"] for s in redo] == [s["loss"] for s in steps]  # same seed, same data: same run
-    assert json.loads((store / "train" / "clm" / "manifest.json").read_text())["finished_at"] > manifest[
-        "finished_at"]
+    assert (
+        json.loads((store / "train" / "clm" / "manifest.json").read_text())["finished_at"]
+        > manifest["finished_at"]
+    )
 
 
 def test_clm_variant_needs_the_baseline_switch(tmp_path: Path):
@@ -190,8 +238,14 @@ def test_sigterm_to_the_launcher_checkpoints_exits_75_and_the_rerun_finishes(fus
     shutil.copytree(src, tmp_path / "store" / "stage-test" / "fuse")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FUSIONRUN_WORK_DIR": str(tmp_path / "work")}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs", "train", "--spec", str(spec)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs", "train", "--spec", str(spec)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)

@@ -17,12 +17,20 @@ from fusion.vocab import (
 
 # Source (byte-level): 0 EOS; 6 a special '<pad>'; 5 an empty, non-special token.
 SRC = TokenizerView.from_token_bytes(
-    "hand-src", [b"<eos>", b"cat", b" dog", b"xyz", b"a", b"", b"<pad>", b"\n\n", b"b"], eos_id=0,
-    special_ids=[6])
+    "hand-src",
+    [b"<eos>", b"cat", b" dog", b"xyz", b"a", b"", b"<pad>", b"\n\n", b"b"],
+    eos_id=0,
+    special_ids=[6],
+)
 # Target (SentencePiece-like): 3 and 4 are byte-fallback tokens; 'cat' twice; 'a' both as byte and token.
 TGT = TokenizerView.from_token_bytes(
-    "hand-tgt", [b"<unk>", b"</s>", b"<pad>", b"a", b"\n", b"cat", b"cat", b" do", b" dig", b"xy", b"yz",
-                 b"a", b"zzz"], eos_id=1, special_ids=[0, 2], kind="sentencepiece", byte_fallback=[3, 4])
+    "hand-tgt",
+    [b"<unk>", b"</s>", b"<pad>", b"a", b"\n", b"cat", b"cat", b" do", b" dig", b"xy", b"yz", b"a", b"zzz"],
+    eos_id=1,
+    special_ids=[0, 2],
+    kind="sentencepiece",
+    byte_fallback=[3, 4],
+)
 
 #                  eos  cat  ' dog'  xyz  a   ''  <pad>  \n\n  b
 MINED_IDS = [1, 5, 7, 9, 11, -1, 2, 4, 11]
@@ -103,8 +111,9 @@ def test_save_load_round_trip_is_atomic_and_checks_vocabularies(tmp_path, mistra
         VocabMap.load(tmp_path / "none.npz")
 
 
-def test_smollm2_to_mistral_maps_whitespace_and_bytes_to_the_right_text(smollm2_tokenizer, smollm2_view,
-                                                                       mistral_tokenizer, mistral_view):
+def test_smollm2_to_mistral_maps_whitespace_and_bytes_to_the_right_text(
+    smollm2_tokenizer, smollm2_view, mistral_tokenizer, mistral_view
+):
     """Defect 8: the reference maps 'Ċ' to '▁', 'ĉ' to an unrelated letter, 'Ã©' to '▁©'."""
     pieces = ["Ċ", "ĉ", "Ã©", "ĠÃ©", "Ġ", "Ġthe", "ĠĠĠ", "<|im_end|>"]
     src_ids = smollm2_tokenizer.convert_tokens_to_ids(pieces)
@@ -134,8 +143,12 @@ def test_real_map_is_reproducible_across_fresh_loads_and_matches_a_plain_oracle(
 
     text_ids = np.array([1879, 51950, 15885, 31926, 624, 59565, 88366, 12345, 100000, 151000])
     first = build_vocab_map(qwen_view, mistral_view, "mined", src_ids=text_ids)
-    again = build_vocab_map(build_view(_load_uncached(QWEN_URI, None)),
-                            build_view(_load_uncached(MISTRAL_URI, None)), "mined", src_ids=text_ids)
+    again = build_vocab_map(
+        build_view(_load_uncached(QWEN_URI, None)),
+        build_view(_load_uncached(MISTRAL_URI, None)),
+        "mined",
+        src_ids=text_ids,
+    )
     assert np.array_equal(first.ids, again.ids) and np.array_equal(first.distance, again.distance)
 
     # Oracle for the non-exact ones: the first candidate (emitted by ascending id, then byte tokens) at

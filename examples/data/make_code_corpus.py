@@ -14,9 +14,28 @@ from pathlib import Path
 DOCSTRING_MODULES = runpy.run_path(str(Path(__file__).with_name("make_corpus.py")))["MODULES"]
 
 MODULES = [
-    "sched.py", "selectors.py", "socketserver.py", "wave.py", "colorsys.py", "graphlib.py", "shlex.py",
-    "fnmatch.py", "glob.py", "netrc.py", "mailbox.py", "imaplib.py", "ftplib.py", "smtplib.py", "getopt.py",
-    "optparse.py", "gettext.py", "locale.py", "codecs.py", "tokenize.py", "trace.py", "timeit.py",
+    "sched.py",
+    "selectors.py",
+    "socketserver.py",
+    "wave.py",
+    "colorsys.py",
+    "graphlib.py",
+    "shlex.py",
+    "fnmatch.py",
+    "glob.py",
+    "netrc.py",
+    "mailbox.py",
+    "imaplib.py",
+    "ftplib.py",
+    "smtplib.py",
+    "getopt.py",
+    "optparse.py",
+    "gettext.py",
+    "locale.py",
+    "codecs.py",
+    "tokenize.py",
+    "trace.py",
+    "timeit.py",
 ]
 DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
@@ -27,8 +46,13 @@ def without_docstrings(source: str, node: ast.AST) -> str:
     drop: set[int] = set()
     for n in ast.walk(node):
         body = getattr(n, "body", None)
-        if isinstance(n, (*DEFS, ast.Module)) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+        if (
+            isinstance(n, (*DEFS, ast.Module))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             drop.update(range(body[0].lineno, body[0].end_lineno + 1))
     return "\n".join(line for i, line in enumerate(lines, node.lineno) if i not in drop and line.strip())
 

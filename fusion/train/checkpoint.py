@@ -79,8 +79,9 @@ def read_marker(data: bytes, where: str) -> dict[str, Any]:
             raise ValueError("no files/step")
         return m
     except ValueError as err:
-        raise CheckpointError(f"{where}: unreadable {MARKER} marker ({err}); delete that checkpoint folder"
-                              ) from None
+        raise CheckpointError(
+            f"{where}: unreadable {MARKER} marker ({err}); delete that checkpoint folder"
+        ) from None
 
 
 def local_complete(step_dir: Path, fingerprint: str | None = None) -> bool:
@@ -96,8 +97,10 @@ def local_complete(step_dir: Path, fingerprint: str | None = None) -> bool:
         return False
     if fingerprint is not None and m.get("fingerprint") != fingerprint:
         return False
-    return all((step_dir / rel).is_file() and (step_dir / rel).stat().st_size == f["bytes"]
-               for rel, f in m["files"].items())
+    return all(
+        (step_dir / rel).is_file() and (step_dir / rel).stat().st_size == f["bytes"]
+        for rel, f in m["files"].items()
+    )
 
 
 def local_steps(root: Path, fingerprint: str | None = None) -> list[int]:
@@ -114,7 +117,7 @@ def store_steps(store: ArtifactStore | None, prefix: str, fingerprint: str | Non
         return []
     out = set()
     for key in store.list(f"{prefix}/"):
-        rest = key[len(prefix) + 1:].split("/")
+        rest = key[len(prefix) + 1 :].split("/")
         if len(rest) == 2 and rest[1] == MARKER and (s := step_of(rest[0])) is not None:
             if fingerprint is not None:
                 try:
@@ -155,8 +158,10 @@ def download(store: ArtifactStore, prefix: str, step: int, root: Path) -> Path:
         store.download(f"{base}/{rel}", p)
         if sha256_file(p) != f["sha256"]:
             p.unlink()
-            raise CheckpointError(f"{base}/{rel}: checksum mismatch after download; delete {base}/ in the "
-                                  "store to fall back to the previous checkpoint")
+            raise CheckpointError(
+                f"{base}/{rel}: checksum mismatch after download; delete {base}/ in the "
+                "store to fall back to the previous checkpoint"
+            )
     write_local_marker(dest, json.dumps(mk, indent=1, sort_keys=True).encode())
     return dest
 
@@ -221,7 +226,7 @@ def prune_store(store: ArtifactStore, prefix: str, keep: int) -> list[int]:
     if not kept:
         return []
     newest = max(kept)
-    present = {step_of(k[len(prefix) + 1:].split("/")[0]) for k in store.list(f"{prefix}/")}
+    present = {step_of(k[len(prefix) + 1 :].split("/")[0]) for k in store.list(f"{prefix}/")}
     removed = []
     for s in sorted(x for x in present if x is not None and x < newest and x not in kept):
         base = f"{prefix}/{tag(s)}"

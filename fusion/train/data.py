@@ -62,9 +62,11 @@ class Batch:
     def torch(self, device) -> dict:
         import torch
 
-        out = {"input_ids": torch.from_numpy(self.input_ids).to(device),
-               "labels": torch.from_numpy(self.labels).to(device),
-               "fusion_mask": torch.from_numpy(self.fusion_mask).to(device)}
+        out = {
+            "input_ids": torch.from_numpy(self.input_ids).to(device),
+            "labels": torch.from_numpy(self.labels).to(device),
+            "fusion_mask": torch.from_numpy(self.fusion_mask).to(device),
+        }
         if self.target_ids is not None:
             out["target_ids"] = torch.from_numpy(self.target_ids).to(device)
             out["target_probs"] = torch.from_numpy(self.target_probs).to(device)
@@ -80,13 +82,16 @@ def epoch_order(block_counts: Sequence[int], seed: int, epoch: int) -> np.ndarra
     counts = np.asarray(block_counts, dtype=np.int64)
     bases = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     shard_perm = np.random.default_rng([seed, epoch]).permutation(len(counts))
-    parts = [bases[s] + np.random.default_rng([seed, epoch, int(s)]).permutation(int(counts[s]))
-             for s in shard_perm]
+    parts = [
+        bases[s] + np.random.default_rng([seed, epoch, int(s)]).permutation(int(counts[s]))
+        for s in shard_perm
+    ]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def rank_slots(state: DataState, n_blocks: int, world_size: int, rank: int, micro_batch: int
-               ) -> tuple[list[tuple[int, int]], DataState]:
+def rank_slots(
+    state: DataState, n_blocks: int, world_size: int, rank: int, micro_batch: int
+) -> tuple[list[tuple[int, int]], DataState]:
     """The (epoch, order index) of this rank's blocks in the next micro step, and the state after it."""
     group = world_size * micro_batch
     slots = []
@@ -102,8 +107,14 @@ def rank_slots(state: DataState, n_blocks: int, world_size: int, rank: int, micr
 class FusedBlocks:
     """Reads packed training blocks out of fused shards, one shard held open at a time."""
 
-    def __init__(self, shards: Sequence[ShardSource], seq_len: int, seed: int, with_targets: bool = True,
-                 pad_id: int = 0):
+    def __init__(
+        self,
+        shards: Sequence[ShardSource],
+        seq_len: int,
+        seed: int,
+        with_targets: bool = True,
+        pad_id: int = 0,
+    ):
         if not shards:
             raise ValueError("no fused shards to train on: the fuse stage produced none")
         self.shards, self.seq_len, self.seed = list(shards), seq_len, seed
@@ -165,14 +176,21 @@ class FusedBlocks:
             out["target_ids"], out["target_probs"] = tids, tprobs
         return out
 
-    def next_batch(self, state: DataState, world_size: int, rank: int, micro_batch: int
-                   ) -> tuple[Batch, DataState]:
+    def next_batch(
+        self, state: DataState, world_size: int, rank: int, micro_batch: int
+    ) -> tuple[Batch, DataState]:
         """This rank's micro-batch at `state`, and the state after the whole group (all ranks) is consumed."""
         slots, after = rank_slots(state, self.n_blocks, world_size, rank, micro_batch)
         gids = [int(self.order(e)[i]) for e, i in slots]
         blocks = [self.block(g) for g in gids]
         stack = {k: np.stack([b[k] for b in blocks]) for k in blocks[0] if k != "n_tokens"}
-        batch = Batch(stack["input_ids"], stack["labels"], stack["fusion_mask"], stack.get("target_ids"),
-                      stack.get("target_probs"), np.asarray(gids, dtype=np.int64),
-                      int(sum(b["n_tokens"] for b in blocks)))
+        batch = Batch(
+            stack["input_ids"],
+            stack["labels"],
+            stack["fusion_mask"],
+            stack.get("target_ids"),
+            stack.get("target_probs"),
+            np.asarray(gids, dtype=np.int64),
+            int(sum(b["n_tokens"] for b in blocks)),
+        )
         return batch, after

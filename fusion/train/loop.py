@@ -85,8 +85,10 @@ class _StopFlag:
 def check_dist_env(environ: dict[str, str] | os._Environ) -> None:
     missing = [k for k in REQUIRED_ENV if not environ.get(k)]
     if missing:
-        raise RuntimeError(f"distributed training needs {', '.join(missing)} in the environment "
-                           "(torchrun-style): start ranks with the launcher in jobs.stages.train")
+        raise RuntimeError(
+            f"distributed training needs {', '.join(missing)} in the environment "
+            "(torchrun-style): start ranks with the launcher in jobs.stages.train"
+        )
 
 
 def _disable_cpu_shm_comm() -> None:
@@ -138,9 +140,17 @@ def _log(record: dict[str, Any]) -> None:
     print(json.dumps(record, sort_keys=True), flush=True)
 
 
-def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokenizer: Any = None,
-          export: bool = True, trace_blocks: bool = False, fresh: bool = False,
-          log: Callable[[dict[str, Any]], None] = _log) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    model: Any,
+    blocks: FusedBlocks,
+    io: TrainIO,
+    tokenizer: Any = None,
+    export: bool = True,
+    trace_blocks: bool = False,
+    fresh: bool = False,
+    log: Callable[[dict[str, Any]], None] = _log,
+) -> TrainResult:
     """Train `model` on `blocks` with DeepSpeed, resuming from the newest complete checkpoint if any.
 
     Every rank calls this. Returns on completion (after export) or after a SIGTERM-triggered checkpoint
@@ -176,20 +186,34 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
         model.train()
 
         steps = total_steps(cfg, blocks.n_blocks, world)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                      betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay),
+            lr=cfg.learning_rate,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
+        )
         scheduler = make_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.schedule, cfg.min_lr_ratio)
         bf16 = use_bf16(cfg.dtype, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
         ds_config = deepspeed_config(cfg, world, bf16)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                          lr_scheduler=scheduler, config=ds_config)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
         device = engine.device
         if rank == 0:
-            log({"event": "start", "world_size": world, "zero_stage": cfg.zero_stage, "bf16": bf16,
-                 "total_steps": steps, "blocks": blocks.n_blocks, "variant": cfg.variant,
-                 "lambda": cfg.effective_lambda,
-                 "gradient_checkpointing": _checkpointing_on(engine.module),
-                 "device": str(device)})
+            log(
+                {
+                    "event": "start",
+                    "world_size": world,
+                    "zero_stage": cfg.zero_stage,
+                    "bf16": bf16,
+                    "total_steps": steps,
+                    "blocks": blocks.n_blocks,
+                    "variant": cfg.variant,
+                    "lambda": cfg.effective_lambda,
+                    "gradient_checkpointing": _checkpointing_on(engine.module),
+                    "device": str(device),
+                }
+            )
 
         # ---- resume
         state, step, resumed_from = DataState(), 0, None
@@ -209,8 +233,12 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
                 ckpt.drop_foreign_local(io.local_checkpoints, io.fingerprint)
             dist.barrier()
         if rank == 0:
-            choice = [ckpt.choose_resume(ckpt.local_steps(io.local_checkpoints, io.fingerprint),
-                                         ckpt.store_steps(io.store, io.store_checkpoints, io.fingerprint))]
+            choice = [
+                ckpt.choose_resume(
+                    ckpt.local_steps(io.local_checkpoints, io.fingerprint),
+                    ckpt.store_steps(io.store, io.store_checkpoints, io.fingerprint),
+                )
+            ]
         dist.broadcast_object_list(choice, src=0)
         if choice[0] is not None:
             resumed_from = choice[0][0]
@@ -222,8 +250,10 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
             dist.barrier()
             load_path, _ = engine.load_checkpoint(str(io.local_checkpoints), tag=ckpt.tag(resumed_from))
             if load_path is None:
-                raise ckpt.CheckpointError(f"{step_dir}: DeepSpeed could not load it; delete the folder "
-                                           "(and its copy in the store) to fall back to an older one")
+                raise ckpt.CheckpointError(
+                    f"{step_dir}: DeepSpeed could not load it; delete the folder "
+                    "(and its copy in the store) to fall back to an older one"
+                )
             saved = json.loads((step_dir / STATE_FILE).read_text())
             state, step = DataState.from_json(saved["data"]), int(saved["step"])
             rng_file = step_dir / f"rng-rank{rank}.pt"
@@ -239,9 +269,18 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
             step_dir = root / t
             torch.save(_rng_state(), step_dir / f"rng-rank{rank}.pt")
             if rank == 0:
-                (step_dir / STATE_FILE).write_text(json.dumps(
-                    {"step": step_now, "data": data_now.to_json(), "total_steps": steps, "world_size": world,
-                     "config": cfg.to_json()}, sort_keys=True))
+                (step_dir / STATE_FILE).write_text(
+                    json.dumps(
+                        {
+                            "step": step_now,
+                            "data": data_now.to_json(),
+                            "total_steps": steps,
+                            "world_size": world,
+                            "config": cfg.to_json(),
+                        },
+                        sort_keys=True,
+                    )
+                )
             dist.barrier()
             files = {}
             if node_leader:
@@ -253,8 +292,11 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
             merged: dict[str, Any] = {}
             for part in gathered:
                 merged.update(part or {})
-            marker = ckpt.marker_bytes(step_now, merged, {"world_size": world, "zero_stage": cfg.zero_stage,
-                                                          "fingerprint": io.fingerprint})
+            marker = ckpt.marker_bytes(
+                step_now,
+                merged,
+                {"world_size": world, "zero_stage": cfg.zero_stage, "fingerprint": io.fingerprint},
+            )
             if node_leader:
                 ckpt.write_local_marker(step_dir, marker)
             dist.barrier()
@@ -305,12 +347,20 @@ def train(cfg: TrainConfig, model: Any, blocks: FusedBlocks, io: TrainIO, tokeni
             dt = time.time() - t0
             elapsed = time.time() - t_start
             rate = (step - steps_at_start) / max(elapsed, 1e-9)
-            rec = {"event": "step", "step": step, "total_steps": steps, "loss": sums[0].item() / n_micro,
-                   "clm_loss": sums[1].item() / n_micro,
-                   "fusion_loss": sums[2].item() / n_micro if with_targets else None,
-                   "lr": lr_applied, "tokens": int(sums[3].item()), "tokens_per_s": sums[3].item() / dt,
-                   "step_s": dt, "eta_seconds": (steps - step) / rate if rate > 0 else None,
-                   "epoch": state.epoch}
+            rec = {
+                "event": "step",
+                "step": step,
+                "total_steps": steps,
+                "loss": sums[0].item() / n_micro,
+                "clm_loss": sums[1].item() / n_micro,
+                "fusion_loss": sums[2].item() / n_micro if with_targets else None,
+                "lr": lr_applied,
+                "tokens": int(sums[3].item()),
+                "tokens_per_s": sums[3].item() / dt,
+                "step_s": dt,
+                "eta_seconds": (steps - step) / rate if rate > 0 else None,
+                "epoch": state.epoch,
+            }
             history.append(rec)
             if trace_blocks:
                 log({**rec, "event": "step_rank", "rank": rank, "blocks": my_blocks})
@@ -361,4 +411,3 @@ def _write_progress(io: TrainIO, rec: dict[str, Any]) -> None:
 
 def exit_code(result: TrainResult) -> int:
     return EXIT_PREEMPTED if result.preempted else 0
-

@@ -26,8 +26,9 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return min(total_steps, math.ceil(warmup_ratio * total_steps))
 
 
-def lr_factor(step: int, total_steps: int, warmup_ratio: float, kind: ScheduleKind,
-              min_lr_ratio: float = 0.0) -> float:
+def lr_factor(
+    step: int, total_steps: int, warmup_ratio: float, kind: ScheduleKind, min_lr_ratio: float = 0.0
+) -> float:
     """Multiplier of the base learning rate for optimizer update `step` (0-based) of `total_steps`."""
     if kind not in ("cosine", "linear", "constant"):
         raise ValueError(f"unknown schedule {kind!r}; expected cosine, linear or constant")
@@ -42,23 +43,32 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float, kind: ScheduleKi
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
-def lr_at(step: int, base_lr: float, total_steps: int, warmup_ratio: float, kind: ScheduleKind,
-          min_lr_ratio: float = 0.0) -> float:
+def lr_at(
+    step: int,
+    base_lr: float,
+    total_steps: int,
+    warmup_ratio: float,
+    kind: ScheduleKind,
+    min_lr_ratio: float = 0.0,
+) -> float:
     return base_lr * lr_factor(step, total_steps, warmup_ratio, kind, min_lr_ratio)
 
 
-def make_scheduler(optimizer, total_steps: int, warmup_ratio: float, kind: ScheduleKind,
-                   min_lr_ratio: float = 0.0):
+def make_scheduler(
+    optimizer, total_steps: int, warmup_ratio: float, kind: ScheduleKind, min_lr_ratio: float = 0.0
+):
     """A torch LambdaLR following `lr_factor`; DeepSpeed steps it once per optimizer update."""
     import functools
 
     from torch.optim.lr_scheduler import LambdaLR
 
-    rule = functools.partial(_factor_of, total_steps=total_steps, warmup_ratio=warmup_ratio, kind=kind,
-                             min_lr_ratio=min_lr_ratio)
+    rule = functools.partial(
+        _factor_of, total_steps=total_steps, warmup_ratio=warmup_ratio, kind=kind, min_lr_ratio=min_lr_ratio
+    )
     return LambdaLR(optimizer, rule)
 
 
-def _factor_of(step: int, *, total_steps: int, warmup_ratio: float, kind: ScheduleKind,
-               min_lr_ratio: float) -> float:
+def _factor_of(
+    step: int, *, total_steps: int, warmup_ratio: float, kind: ScheduleKind, min_lr_ratio: float
+) -> float:
     return lr_factor(step, total_steps, warmup_ratio, kind, min_lr_ratio)

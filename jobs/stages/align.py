@@ -53,25 +53,33 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     src, s = ctx.task.model, ctx.task.shard
     assert src is not None and s is not None
     tgt = ctx.spec.target.name
-    src_shard = ctx.input_shard(ctx.task_of(f"extract-{src}-{s:05d}"), shard_key(f"extract/{src}", s),
-                                "extract")
-    tgt_shard = ctx.input_shard(ctx.task_of(f"extract-{tgt}-{s:05d}"), shard_key(f"extract/{tgt}", s),
-                                "extract")
+    src_shard = ctx.input_shard(
+        ctx.task_of(f"extract-{src}-{s:05d}"), shard_key(f"extract/{src}", s), "extract"
+    )
+    tgt_shard = ctx.input_shard(
+        ctx.task_of(f"extract-{tgt}-{s:05d}"), shard_key(f"extract/{tgt}", s), "extract"
+    )
     _, src_view = load_model_tokenizer(ctx, src)
     _, tgt_view = load_model_tokenizer(ctx, tgt)
     vmap, how = load_or_build_map(ctx, src_view, tgt_view, needed_source_ids(src_shard))
     try:
-        arrays, stats = align_shard_with_stats(src_shard, tgt_shard, src_view, tgt_view, vmap,
-                                               ctx.spec.alignment.method)
+        arrays, stats = align_shard_with_stats(
+            src_shard, tgt_shard, src_view, tgt_view, vmap, ctx.spec.alignment.method
+        )
     except ValueError as err:
         raise StageError(f"aligning {src} onto {tgt}, shard {s}: {err}") from None
     key = shard_key(f"align/{src}", s)
     path = ctx.output_path(key)
-    info = write_shard(path, "aligned", arrays, meta={"source": src, "target": tgt,
-                                                      "method": ctx.spec.alignment.method})
+    info = write_shard(
+        path, "aligned", arrays, meta={"source": src, "target": tgt, "method": ctx.spec.alignment.method}
+    )
     ctx.add_output(key, path, info.sha256)
     mapped = int((vmap.ids >= 0).sum())
-    summary = {"vocab_map": how, "vocab_map_entries": mapped, "vocab_map_sha256":
-               hashlib.sha256(vmap.ids.tobytes()).hexdigest(), **stats.to_dict()}
+    summary = {
+        "vocab_map": how,
+        "vocab_map_entries": mapped,
+        "vocab_map_sha256": hashlib.sha256(vmap.ids.tobytes()).hexdigest(),
+        **stats.to_dict(),
+    }
     counts = {"documents": int(tgt_shard.n_docs), "tokens": int(tgt_shard.n_tokens), "bytes": info.nbytes}
     return counts, summary

@@ -116,15 +116,18 @@ class StageContext:
 
         m = read_manifest(self.store, manifest_key(producer))
         if m is None or key not in m["outputs"]:
-            raise StageError(f"input {self.store.uri_for(key)} has no manifest entry: run task {producer.id} "
-                             "first")
+            raise StageError(
+                f"input {self.store.uri_for(key)} has no manifest entry: run task {producer.id} first"
+            )
         try:
             return read_shard(self.input_file(key), kind=kind, sha256=m["outputs"][key]["sha256"])
         except ShardError as err:
             invalidate(self.store, producer)
-            raise StageError(f"input {self.store.uri_for(key)} of task {self.task.id} is unusable: {err}. "
-                             f"Its producer {producer.id} is marked incomplete: rerun the run (or "
-                             f"`python -m jobs {' '.join(producer.args())}`) to redo it") from None
+            raise StageError(
+                f"input {self.store.uri_for(key)} of task {self.task.id} is unusable: {err}. "
+                f"Its producer {producer.id} is marked incomplete: rerun the run (or "
+                f"`python -m jobs {' '.join(producer.args())}`) to redo it"
+            ) from None
 
     # ---- outputs
     def output_path(self, key: str) -> Path:
@@ -157,8 +160,14 @@ class StageContext:
 StageFn = Callable[[StageContext], tuple[dict[str, Any], dict[str, Any]]]
 
 
-def run_task(stage_fn: StageFn, task: Task, spec: FusionRunSpec, run_name: str, force: bool = False,
-             store: Store | None = None) -> int:
+def run_task(
+    stage_fn: StageFn,
+    task: Task,
+    spec: FusionRunSpec,
+    run_name: str,
+    force: bool = False,
+    store: Store | None = None,
+) -> int:
     """Run one task unless complete; write its manifest last. Returns a process exit code."""
     store = store or open_store(spec.store, run_name, check=spec.store.is_s3)
     dag = build_dag(spec)
@@ -184,8 +193,9 @@ def run_task(stage_fn: StageFn, task: Task, spec: FusionRunSpec, run_name: str, 
         if reason != "no manifest":
             invalidate(store, task)  # a stale manifest must not vouch for outputs being rewritten
         counts, summary = stage_fn(ctx)
-        write_manifest(store, task, build_manifest(spec, task, ctx.outputs, inputs, ctx.started_at,
-                                                    counts, summary))
+        write_manifest(
+            store, task, build_manifest(spec, task, ctx.outputs, inputs, ctx.started_at, counts, summary)
+        )
         log_event("done", task=task.id, seconds=round(time.time() - ctx.started_at, 2), **counts)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -227,8 +237,15 @@ class Progress:
             return
         pct = 100.0 * self.done / self.total
         if pct >= self._next or self.done >= self.total:
-            log_event("progress", task=self.task, done=self.done, total=self.total, unit=self.unit,
-                      percent=round(pct, 1), seconds=round(time.time() - self._t0, 2))
+            log_event(
+                "progress",
+                task=self.task,
+                done=self.done,
+                total=self.total,
+                unit=self.unit,
+                percent=round(pct, 1),
+                seconds=round(time.time() - self._t0, 2),
+            )
             while self._next <= pct:
                 self._next += self.every
 
@@ -241,8 +258,9 @@ def shard_key(prefix: str, shard: int, suffix: str = ".safetensors") -> str:
     return f"{prefix}/shard-{shard:05d}{suffix}"
 
 
-def stage_task(stage: str, model: str | None = None, shard: int | None = None,
-               variant: str | None = None) -> Task:
+def stage_task(
+    stage: str, model: str | None = None, shard: int | None = None, variant: str | None = None
+) -> Task:
     return Task(Stage(stage), model=model, shard=shard, variant=variant)
 
 
@@ -277,8 +295,10 @@ def load_model_tokenizer(ctx: StageContext, name: str) -> tuple[Any, Any]:
         return tok, TokenizerView.from_tokenizer(tok)
     except Exception as err:
         field = "tokenizer" if m.tokenizer else "uri"
-        raise StageError(f"model {name}: cannot load its tokenizer from {uri} ({err}); fix {field} of model "
-                         f"{name} in the spec") from None
+        raise StageError(
+            f"model {name}: cannot load its tokenizer from {uri} ({err}); fix {field} of model "
+            f"{name} in the spec"
+        ) from None
 
 
 def adds_bos(ctx: StageContext, name: str, tok: Any) -> bool:
@@ -297,12 +317,20 @@ def load_spec_model(ctx: StageContext, name: str, vocab_size: int, eos_id: int) 
     ri = m.random_init.model_dump() if m.random_init is not None else None
     path = None if ri is not None else model_location(ctx, m.uri)
     try:
-        return load_model(path, m.gguf_file if ri is None else None, random_init=ri, vocab_size=vocab_size,
-                          device=ctx.spec.extraction.device, dtype=ctx.spec.extraction.dtype,
-                          eos_token_id=eos_id)
+        return load_model(
+            path,
+            m.gguf_file if ri is None else None,
+            random_init=ri,
+            vocab_size=vocab_size,
+            device=ctx.spec.extraction.device,
+            dtype=ctx.spec.extraction.dtype,
+            eos_token_id=eos_id,
+        )
     except Exception as err:
-        raise StageError(f"model {name} ({m.uri or 'randomInit'}) will not load: {err}. Fix uri/ggufFile/"
-                         f"randomInit of model {name} in the spec") from None
+        raise StageError(
+            f"model {name} ({m.uri or 'randomInit'}) will not load: {err}. Fix uri/ggufFile/"
+            f"randomInit of model {name} in the spec"
+        ) from None
 
 
 def set_threads() -> int:

@@ -35,11 +35,13 @@ def trained_model_dir(ctx: StageContext, variant: str) -> str:
         return str(local.parent)
     keys = ctx.store.list(prefix)
     if not keys:
-        raise StageError(f"no trained model at {ctx.store.uri_for(prefix)}: the train task ({variant}) wrote "
-                         "none; rerun train")
+        raise StageError(
+            f"no trained model at {ctx.store.uri_for(prefix)}: the train task ({variant}) wrote "
+            "none; rerun train"
+        )
     dest = ctx.scratch / "models" / variant
     for k in keys:
-        ctx.store.download(k, dest / k[len(prefix):])
+        ctx.store.download(k, dest / k[len(prefix) :])
     return str(dest)
 
 
@@ -48,10 +50,13 @@ def score(model: Any, view: Any, docs: list[np.ndarray], batch_tokens: int) -> d
 
     scores = score_documents(model, view, docs, batch_tokens=batch_tokens)
     # Per document too: paired comparisons between models (and their intervals) need them.
-    return {"bits_per_byte": float(bits_per_byte(scores)), "perplexity": float(perplexity(scores)),
-            "tokens": int(sum(len(d) for d in docs)),
-            "doc_bits": [round(float(x), 4) for x in scores.nll / math.log(2)],
-            "doc_bytes": [int(x) for x in scores.pred_nbytes]}
+    return {
+        "bits_per_byte": float(bits_per_byte(scores)),
+        "perplexity": float(perplexity(scores)),
+        "tokens": int(sum(len(d) for d in docs)),
+        "doc_bits": [round(float(x), 4) for x in scores.nll / math.log(2)],
+        "doc_bytes": [int(x) for x in scores.pred_nbytes],
+    }
 
 
 def fused_vs_clm(models: dict[str, dict[str, Any]]) -> dict[str, float] | None:
@@ -62,8 +67,9 @@ def fused_vs_clm(models: dict[str, dict[str, Any]]) -> dict[str, float] | None:
     f, c = models.get("fused"), models.get("clm")
     if not f or not c or "doc_bits" not in f or "doc_bits" not in c or not f["doc_bits"]:
         return None
-    delta, lo, hi = paired_bpb_difference(np.array(f["doc_bits"]), np.array(c["doc_bits"]),
-                                          np.array(f["doc_bytes"]))
+    delta, lo, hi = paired_bpb_difference(
+        np.array(f["doc_bits"]), np.array(c["doc_bits"]), np.array(f["doc_bytes"])
+    )
     return {"bits_per_byte": round(delta, 5), "ci95_low": round(lo, 5), "ci95_high": round(hi, 5)}
 
 
@@ -91,8 +97,10 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     limit = ctx.spec.evaluation.max_documents
     texts = texts[:limit] if limit else texts
     if not texts:
-        raise StageError("no held-out documents to evaluate on: raise corpus.heldoutFraction above 0 or set "
-                         "evaluation.enabled: false")
+        raise StageError(
+            "no held-out documents to evaluate on: raise corpus.heldoutFraction above 0 or set "
+            "evaluation.enabled: false"
+        )
     from jobs.stages.prepare import eval_corpora_stamps
 
     stamps = eval_corpora_stamps(ctx.store, ctx.spec)  # before reading: an edit meanwhile redoes evaluate
@@ -117,19 +125,28 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     for variant in variants:
         path = trained_model_dir(ctx, variant)
         try:
-            model = load_model(path, vocab_size=view.vocab_size, device=ctx.spec.extraction.device,
-                               dtype=ctx.spec.extraction.dtype)
+            model = load_model(
+                path,
+                vocab_size=view.vocab_size,
+                device=ctx.spec.extraction.device,
+                dtype=ctx.spec.extraction.dtype,
+            )
         except Exception as err:
             where = ctx.store.uri_for(f"train/{variant}/model/")
-            raise StageError(f"trained model {variant} at {where} will not load ({err}); "
-                             f"rerun train --variant {variant}") from None
+            raise StageError(
+                f"trained model {variant} at {where} will not load ({err}); rerun train --variant {variant}"
+            ) from None
         add("fused" if variant == "fused" else "clm", model, view, docs)
     if ctx.spec.evaluation.evaluate_sources:
         for m in ctx.spec.sources:
             stok, sview = load_model_tokenizer(ctx, m.name)
             bos = adds_bos(ctx, m.name, stok)
-            add(f"source:{m.name}", load_spec_model(ctx, m.name, sview.vocab_size, sview.eos_id), sview,
-                {name: encode_documents(stok, t, add_bos=bos) for name, t in sets.items()})
+            add(
+                f"source:{m.name}",
+                load_spec_model(ctx, m.name, sview.vocab_size, sview.eos_id),
+                sview,
+                {name: encode_documents(stok, t, add_bos=bos) for name, t in sets.items()},
+            )
 
     def block(name: str) -> dict[str, Any]:
         n_bytes = sum(len(t.encode("utf-8")) for t in sets[name])
@@ -149,8 +166,9 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     ctx.put_json(METRICS_KEY, metrics)
 
     def bpb(models: dict[str, dict[str, Any]]) -> dict[str, float]:
-        return {k: round(v["bits_per_byte"], 5) for k, v in models.items()
-                if math.isfinite(v["bits_per_byte"])}
+        return {
+            k: round(v["bits_per_byte"], 5) for k, v in models.items() if math.isfinite(v["bits_per_byte"])
+        }
 
     summary: dict[str, Any] = {"bits_per_byte": bpb(results["heldout"]), "threads": threads}
     if "fused_minus_clm" in metrics:

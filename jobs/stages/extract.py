@@ -37,18 +37,31 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     if lengths.size and lengths.max() > max_len:
         bad = int(np.argmax(lengths))
         where = ctx.store.uri_for(shard_key("prepare", s))
-        raise StageError(f"document {int(raw['doc_index'][bad])} of {where} has {int(lengths[bad])} tokens "
-                         f"under {name}'s tokenizer, over extraction.maxLength={max_len}: the prepare stage "
-                         "was run for other tokenizers; rerun prepare")
+        raise StageError(
+            f"document {int(raw['doc_index'][bad])} of {where} has {int(lengths[bad])} tokens "
+            f"under {name}'s tokenizer, over extraction.maxLength={max_len}: the prepare stage "
+            "was run for other tokenizers; rerun prepare"
+        )
     model = load_spec_model(ctx, name, view.vocab_size, view.eos_id)
     progress = Progress(int(lengths.sum()), ctx.task.id, unit="tokens")
-    arrays = extract_documents(model, view, docs, np.asarray(raw["doc_index"]), ctx.spec.extraction.top_k,
-                               ctx.spec.extraction.batch_tokens, progress)
+    arrays = extract_documents(
+        model,
+        view,
+        docs,
+        np.asarray(raw["doc_index"]),
+        ctx.spec.extraction.top_k,
+        ctx.spec.extraction.batch_tokens,
+        progress,
+    )
     progress.close()
     key = shard_key(f"extract/{name}", s)
     path = ctx.output_path(key)
-    info = write_shard(path, "extract", arrays, meta={"model": name, "tokenizer": view.fingerprint(),
-                                                      "top_k": ctx.spec.extraction.top_k})
+    info = write_shard(
+        path,
+        "extract",
+        arrays,
+        meta={"model": name, "tokenizer": view.fingerprint(), "top_k": ctx.spec.extraction.top_k},
+    )
     ctx.add_output(key, path, info.sha256)
     nll, nbytes = float(arrays["doc_nll"].sum()), int(arrays["doc_pred_nbytes"].sum())
     bpb = nll / math.log(2) / nbytes if nbytes else float("nan")

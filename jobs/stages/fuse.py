@@ -34,21 +34,29 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     fz = ctx.spec.fusion
     tgt = ctx.spec.target.name
     target = ctx.input_shard(ctx.task_of(f"extract-{tgt}-{s:05d}"), shard_key(f"extract/{tgt}", s), "extract")
-    aligned = [ctx.input_shard(ctx.task_of(f"align-{m.name}-{s:05d}"), shard_key(f"align/{m.name}", s),
-                               "aligned") for m in ctx.spec.sources]
+    aligned = [
+        ctx.input_shard(ctx.task_of(f"align-{m.name}-{s:05d}"), shard_key(f"align/{m.name}", s), "aligned")
+        for m in ctx.spec.sources
+    ]
     try:
-        arrays = fuse_shard(target, aligned, fz.strategy, fz.level, fz.ce_unit, fz.temperature,
-                            fz.include_target, fz.top_k)
+        arrays = fuse_shard(
+            target, aligned, fz.strategy, fz.level, fz.ce_unit, fz.temperature, fz.include_target, fz.top_k
+        )
     except ValueError as err:
         raise StageError(f"fusing shard {s}: {err}") from None
     key = shard_key("fuse", s)
     path = ctx.output_path(key)
     names = candidate_names(ctx)
-    info = write_shard(path, "fused", arrays, meta={"candidates": names, "strategy": fz.strategy,
-                                                    "level": fz.level})
+    info = write_shard(
+        path, "fused", arrays, meta={"candidates": names, "strategy": fz.strategy, "level": fz.level}
+    )
     ctx.add_output(key, path, info.sha256)
     width = int(arrays["target_ids"].shape[1])
     filled = float((arrays["target_ids"] >= 0).sum(axis=1).mean()) if len(arrays["target_ids"]) else 0.0
     counts = {"documents": int(target.n_docs), "tokens": int(target.n_tokens), "bytes": info.nbytes}
-    return counts, {"choice_counts": choice_counts(arrays["choice"], names), "candidates": names,
-                    "width": width, "mean_entries_per_row": round(filled, 3)}
+    return counts, {
+        "choice_counts": choice_counts(arrays["choice"], names),
+        "candidates": names,
+        "width": width,
+        "mean_entries_per_row": round(filled, 3),
+    }

@@ -75,8 +75,10 @@ def load_tokenizers(ctx: StageContext) -> list[Any]:
             toks.append(load_tokenizer(uri, m.gguf_file))
         except Exception as err:
             field = "tokenizer" if m.tokenizer else "uri"
-            raise StageError(f"model {m.name}: cannot load its tokenizer from {m.tokenizer_uri} ({err}); fix "
-                             f"{field} of model {m.name} in the spec") from None
+            raise StageError(
+                f"model {m.name}: cannot load its tokenizer from {m.tokenizer_uri} ({err}); fix "
+                f"{field} of model {m.name} in the spec"
+            ) from None
     return toks
 
 
@@ -85,9 +87,12 @@ def write_docs(ctx: StageContext, key: str, texts: list[str], doc_index: np.ndar
 
     text, offsets = pack_texts(texts)
     path = ctx.output_path(key)
-    info = write_shard(path, "raw", {"text": text, "doc_offsets": offsets,
-                                     "doc_index": doc_index.astype(np.int64)},
-                       meta={"split": split, "documents": len(texts)})
+    info = write_shard(
+        path,
+        "raw",
+        {"text": text, "doc_offsets": offsets, "doc_index": doc_index.astype(np.int64)},
+        meta={"split": split, "documents": len(texts)},
+    )
     ctx.add_output(key, path, info.sha256)
     return int(offsets[-1])
 
@@ -105,8 +110,10 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     # A model whose documents start with BOS (addBos, or its tokenizer's default) needs one more token.
     from fusion.tokens import adds_bos_by_default
 
-    bos = [m.add_bos if m.add_bos is not None else adds_bos_by_default(t)
-           for m, t in zip(spec.models, toks, strict=True)]
+    bos = [
+        m.add_bos if m.add_bos is not None else adds_bos_by_default(t)
+        for m, t in zip(spec.models, toks, strict=True)
+    ]
     max_len = spec.extraction.max_length - int(any(bos))
 
     train_pieces = split_to_fit([docs[i] for i in train_ids], toks, max_len)
@@ -114,23 +121,38 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     train_texts = [p for pieces in train_pieces for p in pieces]
     held_texts = [p for pieces in held_pieces for p in pieces]
     if not train_texts:
-        raise StageError("corpus: no training documents left after the held-out split; add documents or "
-                         "lower corpus.heldoutFraction")
+        raise StageError(
+            "corpus: no training documents left after the held-out split; add documents or "
+            "lower corpus.heldoutFraction"
+        )
     n_cut = sum(len(p) > 1 for p in train_pieces) + sum(len(p) > 1 for p in held_pieces)
-    log_event("prepared", task=ctx.task.id, documents=len(docs), train_pieces=len(train_texts),
-              heldout_pieces=len(held_texts), documents_cut=n_cut)
+    log_event(
+        "prepared",
+        task=ctx.task.id,
+        documents=len(docs),
+        train_pieces=len(train_texts),
+        heldout_pieces=len(held_texts),
+        documents_cut=n_cut,
+    )
 
     shard_bytes = []
     for s, ids in enumerate(assign_shards(len(train_texts), spec.extraction.shards)):
         if len(ids) == 0:
-            raise StageError(f"extraction.shards={spec.extraction.shards} exceeds the {len(train_texts)} "
-                             "training documents: lower extraction.shards")
-        shard_bytes.append(write_docs(ctx, shard_key("prepare", s), [train_texts[i] for i in ids], ids,
-                                      "train"))
+            raise StageError(
+                f"extraction.shards={spec.extraction.shards} exceeds the {len(train_texts)} "
+                "training documents: lower extraction.shards"
+            )
+        shard_bytes.append(
+            write_docs(ctx, shard_key("prepare", s), [train_texts[i] for i in ids], ids, "train")
+        )
     held_bytes = write_docs(ctx, HELDOUT_KEY, held_texts, np.arange(len(held_texts)), "heldout")
-    counts = {"documents": len(docs), "train_documents": len(train_texts),
-              "heldout_documents": len(held_texts), "train_bytes": int(sum(shard_bytes)),
-              "heldout_bytes": held_bytes}
+    counts = {
+        "documents": len(docs),
+        "train_documents": len(train_texts),
+        "heldout_documents": len(held_texts),
+        "train_bytes": int(sum(shard_bytes)),
+        "heldout_bytes": held_bytes,
+    }
     summary = {"documents_cut": n_cut, "shards": spec.extraction.shards, "corpus_stamp": stamp}
     return counts, summary
 

@@ -37,12 +37,27 @@ def train_config(spec: Any, variant: str) -> TrainConfig:
     """The typed training config of a FusionRun spec (`spec.training`) for one variant."""
     t = spec.training
     return TrainConfig(
-        variant=variant, lam=t.lambda_, loss_kind=t.loss, learning_rate=t.learning_rate, schedule=t.schedule,
-        warmup_ratio=t.warmup_ratio, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
-        betas=tuple(t.betas), grad_clip=t.grad_clip, max_steps=t.max_steps, epochs=t.epochs,
-        micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seq_len=t.seq_len,
-        zero_stage=t.zero_stage, gradient_checkpointing=t.gradient_checkpointing,
-        checkpoint_interval=t.checkpoint_interval, seed=t.seed, dtype=t.dtype)
+        variant=variant,
+        lam=t.lambda_,
+        loss_kind=t.loss,
+        learning_rate=t.learning_rate,
+        schedule=t.schedule,
+        warmup_ratio=t.warmup_ratio,
+        min_lr_ratio=t.min_lr_ratio,
+        weight_decay=t.weight_decay,
+        betas=tuple(t.betas),
+        grad_clip=t.grad_clip,
+        max_steps=t.max_steps,
+        epochs=t.epochs,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        seq_len=t.seq_len,
+        zero_stage=t.zero_stage,
+        gradient_checkpointing=t.gradient_checkpointing,
+        checkpoint_interval=t.checkpoint_interval,
+        seed=t.seed,
+        dtype=t.dtype,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,8 +70,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_envs(environ: dict[str, str], procs_per_node: int, nodes: int, port: int | None = None
-              ) -> list[dict[str, str]] | None:
+def rank_envs(
+    environ: dict[str, str], procs_per_node: int, nodes: int, port: int | None = None
+) -> list[dict[str, str]] | None:
     """None when this process already is a rank (RANK set); else the environment of each rank to start
     here: procs_per_node ranks of node NODE_RANK (a single local rank when nothing is set)."""
     if environ.get("RANK") is not None:
@@ -66,8 +82,10 @@ def rank_envs(environ: dict[str, str], procs_per_node: int, nodes: int, port: in
     node = int(environ.get("NODE_RANK") or 0)
     world = int(environ.get("WORLD_SIZE") or ppn * n_nodes)
     if world != ppn * n_nodes:
-        raise ValueError(f"WORLD_SIZE={world} but nodes x procs_per_node = {n_nodes} x {ppn}: fix the "
-                         "launcher's environment or training.nodes / training.procsPerNode")
+        raise ValueError(
+            f"WORLD_SIZE={world} but nodes x procs_per_node = {n_nodes} x {ppn}: fix the "
+            "launcher's environment or training.nodes / training.procsPerNode"
+        )
     if not 0 <= node < n_nodes:
         raise ValueError(f"NODE_RANK={node} is outside 0..{n_nodes - 1} (training.nodes = {n_nodes})")
     addr = environ.get("MASTER_ADDR")
@@ -80,8 +98,16 @@ def rank_envs(environ: dict[str, str], procs_per_node: int, nodes: int, port: in
         master_port = str(free_port())
     base = {"MASTER_ADDR": addr or "127.0.0.1", "MASTER_PORT": master_port, "WORLD_SIZE": str(world)}
     threads = environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // ppn))
-    return [{**base, "RANK": str(node * ppn + i), "LOCAL_RANK": str(i), "NODE_RANK": str(node),
-             "OMP_NUM_THREADS": threads} for i in range(ppn)]
+    return [
+        {
+            **base,
+            "RANK": str(node * ppn + i),
+            "LOCAL_RANK": str(i),
+            "NODE_RANK": str(node),
+            "OMP_NUM_THREADS": threads,
+        }
+        for i in range(ppn)
+    ]
 
 
 def group_exit_code(codes: list[int | None]) -> int:
@@ -96,8 +122,10 @@ def group_exit_code(codes: list[int | None]) -> int:
 def launch_ranks(argv: list[str], envs: list[dict[str, str]]) -> int:
     """Start one process per rank environment (this same command), forward SIGTERM, stop the group when a
     rank fails, and return the group's exit code."""
-    procs = [subprocess.Popen([sys.executable, "-m", "jobs", "train", *argv], env={**os.environ, **e})
-             for e in envs]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "jobs", "train", *argv], env={**os.environ, **e})
+        for e in envs
+    ]
 
     def forward(signum: int, frame: Any) -> None:
         for p in procs:
@@ -190,8 +218,10 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
     started = time.time()
     # Keyed by the store too: runs of the same name in other namespaces or stores must not share scratch.
     where = hashlib.sha256(store.base_uri.encode()).hexdigest()[:12]
-    work = Path(os.environ.get("FUSIONRUN_WORK_DIR")
-                or Path(tempfile.gettempdir()) / f"fusionrun-{run_name}-{task.id}-{where}")
+    work = Path(
+        os.environ.get("FUSIONRUN_WORK_DIR")
+        or Path(tempfile.gettempdir()) / f"fusionrun-{run_name}-{task.id}-{where}"
+    )
     ctx = StageContext(spec, run_name, store, task, dag, work / "scratch")
 
     shards = []
@@ -206,8 +236,9 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
     cfg = train_config(spec, variant)
     tok, _ = load_model_tokenizer(ctx, spec.target.name)
     model = _load_target(ctx, len(tok), tok.eos_token_id)
-    blocks = FusedBlocks(shards, cfg.seq_len, cfg.seed, with_targets=variant == "fused",
-                         pad_id=tok.eos_token_id or 0)
+    blocks = FusedBlocks(
+        shards, cfg.seq_len, cfg.seed, with_targets=variant == "fused", pad_id=tok.eos_token_id or 0
+    )
     # Checkpoints are only resumed by a run with the same training settings and the same inputs.
     fp = fingerprint(spec, task) + ":" + ",".join(f"{k}={v}" for k, v in sorted(inputs.items()))
     io = TrainIO(work, store, prefix=f"train/{variant}", fingerprint=hashlib.sha256(fp.encode()).hexdigest())
@@ -226,10 +257,15 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
             store.upload(f, key)
             outputs[key] = Output(sha256_file(f), f.stat().st_size)
     last = result.history[-1] if result.history else {}
-    summary = {"steps": result.steps_done, "total_steps": result.total_steps,
-               "resumed_from": result.resumed_from,
-               "final_loss": last.get("loss"), "final_clm_loss": last.get("clm_loss"),
-               "final_fusion_loss": last.get("fusion_loss"), "weights_sha256": result.weights_digest}
+    summary = {
+        "steps": result.steps_done,
+        "total_steps": result.total_steps,
+        "resumed_from": result.resumed_from,
+        "final_loss": last.get("loss"),
+        "final_clm_loss": last.get("clm_loss"),
+        "final_fusion_loss": last.get("fusion_loss"),
+        "weights_sha256": result.weights_digest,
+    }
     counts = {"steps": result.steps_done, "blocks": blocks.n_blocks}
     write_manifest(store, task, build_manifest(spec, task, outputs, inputs, started, counts, summary))
     log_event("done", task=task.id, seconds=round(time.time() - started, 2), **counts)
@@ -250,8 +286,17 @@ def _load_target(ctx: Any, vocab_size: int, eos_id: int | None) -> Any:
     ri = m.random_init.model_dump() if m.random_init is not None else None
     path = None if ri is not None else model_location(ctx, m.uri)
     try:
-        return load_model(path, m.gguf_file if ri is None else None, random_init=ri, vocab_size=vocab_size,
-                          device="cpu", dtype="bfloat16" if bf16 else "float32", eos_token_id=eos_id)
+        return load_model(
+            path,
+            m.gguf_file if ri is None else None,
+            random_init=ri,
+            vocab_size=vocab_size,
+            device="cpu",
+            dtype="bfloat16" if bf16 else "float32",
+            eos_token_id=eos_id,
+        )
     except Exception as err:
-        raise StageError(f"target {m.name} ({m.uri or 'randomInit'}) will not load: {err}. Fix uri/ggufFile/"
-                         f"randomInit of the target in the spec") from None
+        raise StageError(
+            f"target {m.name} ({m.uri or 'randomInit'}) will not load: {err}. Fix uri/ggufFile/"
+            f"randomInit of the target in the spec"
+        ) from None

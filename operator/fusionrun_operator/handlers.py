@@ -301,11 +301,22 @@ def _event_body(fr: dict[str, Any], type_: str, reason: str, message: str) -> di
     now = datetime.now(timezone.utc).isoformat()
     return {
         "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-        "involvedObject": {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "FusionRun",
-                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
-        "reason": reason, "message": message[:1024], "type": type_,
-        "source": {"component": "kopf"}, "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-        "reportingComponent": "kopf", "reportingInstance": "dev",
+        "involvedObject": {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": "FusionRun",
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "reason": reason,
+        "message": message[:1024],
+        "type": type_,
+        "source": {"component": "kopf"},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "reportingComponent": "kopf",
+        "reportingInstance": "dev",
     }
 
 

@@ -505,8 +505,11 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Plan:
     )
     if stop_reason and not all_done:
         # A Job whose task's outputs are already complete is left to exit on its own: nothing to stop.
-        active = [j for j in obs.jobs if j.state == "Active" and not j.deleting
-                  and tasks[j.task_id].state != "Succeeded"]
+        active = [
+            j
+            for j in obs.jobs
+            if j.state == "Active" and not j.deleting and tasks[j.task_id].state != "Succeeded"
+        ]
         ctx.delete += [j.name for j in active]
         for j in active:
             rec = tasks[j.task_id]

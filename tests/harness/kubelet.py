@@ -59,8 +59,10 @@ Pod = dict[str, Any]
 Selector = Callable[[Pod], bool] | Mapping[str, str]
 
 # <pod>.<service>.<namespace>.svc[.cluster.local] (optionally in a URL, with a port): cluster DNS names.
-_SVC_HOST = re.compile(r"^(?P<pre>[a-z][a-z0-9+.-]*://)?(?P<host>[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.svc"
-                       r"(\.cluster\.local)?)(?P<post>(:\d+)?(/.*)?)$")
+_SVC_HOST = re.compile(
+    r"^(?P<pre>[a-z][a-z0-9+.-]*://)?(?P<host>[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.svc"
+    r"(\.cluster\.local)?)(?P<post>(:\d+)?(/.*)?)$"
+)
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
 _PYTHONS = re.compile(r"^(.*/)?python(3(\.\d+)?)?$")
 # Host environment a pod process inherits: enough to run, nothing that would hide a missing pod env var.
@@ -96,7 +98,7 @@ def rewrite_mount_paths(value: str, mounts: Mapping[str, str]) -> str:
     folder that stands in for that volume."""
     for mount, local in mounts.items():
         if value == mount or value.startswith(mount + "/"):
-            return local + value[len(mount):]
+            return local + value[len(mount) :]
     return value
 
 
@@ -194,8 +196,13 @@ class StandInKubelet:
         self.python = python
         self.cwd = cwd
         # Defaults a pod can override: one BLAS thread per process (2 shared cores), no hub access.
-        self.extra_env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                          "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
+        self.extra_env = {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **(extra_env or {}),
+        }
         self.max_running = max_running
         self.poll_seconds = poll_seconds
         self.pod_timeout_seconds = pod_timeout_seconds
@@ -214,8 +221,9 @@ class StandInKubelet:
     # ---------------------------------------------------------------------------------------------
     # test controls
 
-    def fail(self, selector: Selector, exit_code: int = 1, times: int | None = 1,
-             message: str = "injected failure") -> Fault:
+    def fail(
+        self, selector: Selector, exit_code: int = 1, times: int | None = 1, message: str = "injected failure"
+    ) -> Fault:
         """Fail the next `times` matching pods (None: all of them) with `exit_code`, without running them."""
         fault = Fault(selector, exit_code, times, message)
         with self._lock:
@@ -299,12 +307,16 @@ class StandInKubelet:
             for uid, run in self.runs.items():  # held pods have no process yet
                 if uid not in live and run.finished is None:
                     run.killed = True
-            running = sum(1 for uid in self._claimed
-                          if self.runs.get(uid) is None or self.runs[uid].finished is None)
+            running = sum(
+                1 for uid in self._claimed if self.runs.get(uid) is None or self.runs[uid].finished is None
+            )
         for pod in sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"]):
             uid = pod["metadata"]["uid"]
-            if (uid in self._claimed or pod["metadata"].get("deletionTimestamp")
-                    or (pod.get("status") or {}).get("phase", "Pending") != "Pending"):
+            if (
+                uid in self._claimed
+                or pod["metadata"].get("deletionTimestamp")
+                or (pod.get("status") or {}).get("phase", "Pending") != "Pending"
+            ):
                 continue
             if running >= self.max_running:
                 break
@@ -315,8 +327,9 @@ class StandInKubelet:
                 continue
             self._claimed.add(uid)
             running += 1
-            t = threading.Thread(target=self._run_pod, args=(pod, cmd, env), daemon=True,
-                                 name=f"pod-{pod['metadata']['name']}")
+            t = threading.Thread(
+                target=self._run_pod, args=(pod, cmd, env), daemon=True, name=f"pod-{pod['metadata']['name']}"
+            )
             self._threads.append(t)
             t.start()
 
@@ -327,8 +340,13 @@ class StandInKubelet:
         meta = pod["metadata"]
         uid, name = meta["uid"], meta["name"]
         container = pod["spec"]["containers"][0]
-        run = PodRun(name=name, labels=dict(meta.get("labels") or {}), command=cmd, env=env,
-                     log_path=self.log_dir / f"{name}.log")
+        run = PodRun(
+            name=name,
+            labels=dict(meta.get("labels") or {}),
+            command=cmd,
+            env=env,
+            log_path=self.log_dir / f"{name}.log",
+        )
         with self._lock:
             self.runs[uid] = run
             fault = next((f for f in self._faults if f.take(pod)), None)
@@ -354,8 +372,15 @@ class StandInKubelet:
         deadline = pod["spec"].get("activeDeadlineSeconds") or self.pod_timeout_seconds
         with open(run.log_path, "ab") as out:
             try:
-                proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=self.cwd,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             except OSError as err:  # like a container whose entrypoint is missing
                 out.write(f"stand-in kubelet: cannot start {cmd[0]!r}: {err}\n".encode())
                 self._finish(run, container, started_at, 127, f"cannot start {cmd[0]!r}: {err}")
@@ -378,8 +403,9 @@ class StandInKubelet:
             return  # the pod is gone (or the test is over): nothing to report to
         self._finish(run, container, started_at, code, message)
 
-    def _finish(self, run: PodRun, container: dict[str, Any], started_at: str, code: int,
-                message: str) -> None:
+    def _finish(
+        self, run: PodRun, container: dict[str, Any], started_at: str, code: int, message: str
+    ) -> None:
         run.exit_code = code
         run.finished = time.monotonic()
         self._patch_status(run.name, _terminated_status(container, started_at, code, message))
@@ -401,9 +427,22 @@ class StandInKubelet:
             return
         self._waiting_reason[uid] = str(err)
         container = pod["spec"]["containers"][0]
-        self._patch_status(name, {"phase": "Pending", "containerStatuses": [{
-            "name": container["name"], "image": container.get("image", ""), "imageID": "", "ready": False,
-            "restartCount": 0, "state": {"waiting": {"reason": err.reason, "message": str(err)}}}]})
+        self._patch_status(
+            name,
+            {
+                "phase": "Pending",
+                "containerStatuses": [
+                    {
+                        "name": container["name"],
+                        "image": container.get("image", ""),
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"waiting": {"reason": err.reason, "message": str(err)}},
+                    }
+                ],
+            },
+        )
 
     # ---------------------------------------------------------------------------------------------
     # command and environment from the pod spec
@@ -421,8 +460,9 @@ class StandInKubelet:
             if "secretRef" in src:
                 data = self._secret_data(src["secretRef"]["name"], src["secretRef"].get("optional", False))
             else:
-                data = self._configmap_data(src["configMapRef"]["name"],
-                                            src["configMapRef"].get("optional", False))
+                data = self._configmap_data(
+                    src["configMapRef"]["name"], src["configMapRef"].get("optional", False)
+                )
             env.update({prefix + k: v for k, v in (data or {}).items()})
         for var in c.get("env") or []:
             value = self._env_value(pod, var, env)
@@ -435,9 +475,11 @@ class StandInKubelet:
             Path(env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
         words = [*(c.get("command") or []), *(c.get("args") or [])]
         if not c.get("command"):
-            raise PodConfigError("CreateContainerError",
-                                 f"container {c['name']!r} has no command: the stand-in kubelet knows "
-                                 "no image entrypoints, so Job manifests must set command")
+            raise PodConfigError(
+                "CreateContainerError",
+                f"container {c['name']!r} has no command: the stand-in kubelet knows "
+                "no image entrypoints, so Job manifests must set command",
+            )
         words = [rewrite_mount_paths(expand_var_refs(w, env), mounts) for w in words]
         return [resolve_executable(words[0], self.python), *words[1:]], env
 
@@ -485,8 +527,10 @@ class StandInKubelet:
         if ref["key"] not in data:
             if ref.get("optional"):
                 return None
-            raise PodConfigError("CreateContainerConfigError",
-                                 f"couldn't find key {ref['key']} in {kind} {ref['name']} (env {var})")
+            raise PodConfigError(
+                "CreateContainerConfigError",
+                f"couldn't find key {ref['key']} in {kind} {ref['name']} (env {var})",
+            )
         return data[ref["key"]]
 
     def _secret_data(self, name: str, optional: bool) -> dict[str, str] | None:
@@ -515,10 +559,15 @@ class StandInKubelet:
 def field_ref(pod: Pod, path: str) -> str:
     """The downward API: the values a kubelet would put in env for a fieldRef."""
     meta = pod["metadata"]
-    simple = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
-              "metadata.uid": meta["uid"], "spec.nodeName": NODE_NAME,
-              "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
-              "status.podIP": POD_IP, "status.hostIP": POD_IP}
+    simple = {
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "metadata.uid": meta["uid"],
+        "spec.nodeName": NODE_NAME,
+        "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
+        "status.podIP": POD_IP,
+        "status.hostIP": POD_IP,
+    }
     if path in simple:
         return simple[path]
     m = re.match(r"^metadata\.(labels|annotations)\['([^']+)'\]$", path)
@@ -529,29 +578,56 @@ def field_ref(pod: Pod, path: str) -> str:
 
 def _running_status(container: dict[str, Any], started_at: str) -> dict[str, Any]:
     return {
-        "phase": "Running", "startTime": started_at, "hostIP": POD_IP, "podIP": POD_IP,
+        "phase": "Running",
+        "startTime": started_at,
+        "hostIP": POD_IP,
+        "podIP": POD_IP,
         "podIPs": [{"ip": POD_IP}],
-        "conditions": [{"type": t, "status": "True", "lastTransitionTime": started_at}
-                       for t in ("Initialized", "Ready", "ContainersReady", "PodScheduled")],
-        "containerStatuses": [{
-            "name": container["name"], "image": container.get("image", ""), "imageID": "", "ready": True,
-            "started": True, "restartCount": 0, "state": {"running": {"startedAt": started_at}}}],
+        "conditions": [
+            {"type": t, "status": "True", "lastTransitionTime": started_at}
+            for t in ("Initialized", "Ready", "ContainersReady", "PodScheduled")
+        ],
+        "containerStatuses": [
+            {
+                "name": container["name"],
+                "image": container.get("image", ""),
+                "imageID": "",
+                "ready": True,
+                "started": True,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": started_at}},
+            }
+        ],
     }
 
 
 def _terminated_status(container: dict[str, Any], started_at: str, code: int, message: str) -> dict[str, Any]:
     finished = now_rfc3339()
-    terminated: dict[str, Any] = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                                  "startedAt": started_at, "finishedAt": finished}
+    terminated: dict[str, Any] = {
+        "exitCode": code,
+        "reason": "Completed" if code == 0 else "Error",
+        "startedAt": started_at,
+        "finishedAt": finished,
+    }
     if message:
         terminated["message"] = message
     return {
         "phase": "Succeeded" if code == 0 else "Failed",
-        "conditions": [{"type": t, "status": "False", "reason": "PodCompleted",
-                        "lastTransitionTime": finished} for t in ("Ready", "ContainersReady")],
-        "containerStatuses": [{
-            "name": container["name"], "image": container.get("image", ""), "imageID": "", "ready": False,
-            "started": False, "restartCount": 0, "state": {"terminated": terminated}}],
+        "conditions": [
+            {"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": finished}
+            for t in ("Ready", "ContainersReady")
+        ],
+        "containerStatuses": [
+            {
+                "name": container["name"],
+                "image": container.get("image", ""),
+                "imageID": "",
+                "ready": False,
+                "started": False,
+                "restartCount": 0,
+                "state": {"terminated": terminated},
+            }
+        ],
     }
 
 

@@ -55,10 +55,16 @@ class S3Server:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
-                            config=Config(s3={"addressing_style": "path"},
-                                          retries={"max_attempts": max_attempts, "mode": "standard"}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+            config=Config(
+                s3={"addressing_style": "path"}, retries={"max_attempts": max_attempts, "mode": "standard"}
+            ),
+        )
 
     def attach(self) -> bool:
         """Reuse a SeaweedFS already serving on the fixed ports with our test credentials (another test
@@ -74,15 +80,27 @@ class S3Server:
 
     def start(self, timeout: float = 60.0) -> None:
         if _port_open(HOST, PORT):
-            raise RuntimeError(f"port {PORT} is already in use: another S3 server (or test session) runs; "
-                               "stop it first (weed mini uses fixed ports, one instance per machine)")
+            raise RuntimeError(
+                f"port {PORT} is already in use: another S3 server (or test session) runs; "
+                "stop it first (weed mini uses fixed ports, one instance per machine)"
+            )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         log = open(self.log_path, "ab")  # noqa: SIM115 - the server writes here for its whole life
         self.proc = subprocess.Popen(
-            [self.binary, "mini", f"-dir={self.data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-             "-admin.ui=false"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                self.binary,
+                "mini",
+                f"-dir={self.data_dir}",
+                f"-ip={HOST}",
+                f"-ip.bind={HOST}",
+                "-admin.ui=false",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
