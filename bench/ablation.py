@@ -66,7 +66,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "2 epochs (70 steps) at lr 3e-4, with its own CLM-only baseline",
         {"training": {"maxSteps": 70, "learningRate": 0.0003, "clmBaseline": True}},
     ),
+    "long-seed-1": (
+        "the long schedule with seed 1, with its own CLM-only baseline",
+        {"training": {"maxSteps": 70, "learningRate": 0.0003, "seed": 1, "clmBaseline": True}},
+    ),
+    "long-lambda-0p5": (
+        "the long schedule with lambda 0.5 (compared with the long CLM-only baseline)",
+        {"training": {"maxSteps": 70, "learningRate": 0.0003, "lambda": 0.5}},
+    ),
 }
+# A variant without a CLM-only baseline of its own is compared with the base run's, or with this one's
+# (same training schedule and seed).
+CLM_FROM: dict[str, str] = {"long-lambda-0p5": "long"}
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +197,12 @@ def table(store_root: Path, base_name: str, variants: list[str]) -> list[dict[st
     texts = ("heldout", *base.get("corpora", {}))
     base_clm = {t: _models(base, t).get("clm") for t in texts}
     rows = [row(store_root, base_name, "base: lambda 0.9, MinCE, sequence, per-byte, k 10", None, texts)]
-    rows += [row(store_root, f"{base_name}-{v}", v, base_clm, texts) for v in variants]
+    for v in variants:
+        ref = base_clm
+        if v in CLM_FROM:
+            other = _json(store_root / f"{base_name}-{CLM_FROM[v]}" / "evaluate" / "metrics.json")
+            ref = {t: _models(other, t).get("clm") for t in texts}
+        rows.append(row(store_root, f"{base_name}-{v}", v, ref, texts))
     return [r for r in rows if r]
 
 
@@ -212,6 +228,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]" if d else "-",
             ]
         print(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['picks']} |")
+    print(
+        "\n(base): no CLM-only run of its own; compared with the base run's (long-lambda-0p5: with "
+        "the long one's)"
+    )
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -80,3 +80,22 @@ def test_table_compares_each_variant_with_its_own_or_the_base_baseline(tmp_path)
     v = rows[1]
     assert not v["clm_is_own"] and v["heldout"]["clm"] == 0.9 and v["heldout"]["fused"] == 0.9
     assert v["heldout"]["difference"][0] == 0.0 and v["code"]["difference"] == (0.0, 0.0, 0.0)
+
+
+def test_a_variant_without_its_own_baseline_can_borrow_a_sibling_s(tmp_path) -> None:
+    import json
+
+    def write(run: str, models: dict) -> None:
+        (tmp_path / run / "evaluate").mkdir(parents=True)
+        (tmp_path / run / "evaluate" / "metrics.json").write_text(json.dumps({"models": models}))
+
+    def m(bpb: float) -> dict:
+        return {"bits_per_byte": bpb, "doc_bits": [10 * bpb], "doc_bytes": [10]}
+
+    write("b", {"fused": m(0.95), "clm": m(0.94)})
+    write("b-long", {"fused": m(0.87), "clm": m(0.88)})
+    write("b-long-lambda-0p5", {"fused": m(0.86)})
+    rows = {r["variant"]: r for r in ablation.table(tmp_path, "b", ["long", "long-lambda-0p5"])}
+    assert ablation.CLM_FROM["long-lambda-0p5"] == "long"
+    assert rows["long-lambda-0p5"]["heldout"]["clm"] == 0.88  # the long schedule's CLM, not the base's 0.94
+    assert rows["long-lambda-0p5"]["heldout"]["difference"][0] == pytest.approx(-0.02)
