@@ -58,7 +58,7 @@ def loss_curve(obj: Any) -> list[tuple[int, float]]:
     return []
 
 
-def loss_curve_from_log(text: str) -> list[tuple[int, float]]:
+def loss_curve_from_log(text: str, key: str = "loss") -> list[tuple[int, float]]:
     """(step, loss) from JSON log lines (the train stage's structured progress lines). The local runner
     appends each attempt to the same log: a later attempt's figure for a step replaces an earlier one, so a
     resumed run keeps the steps done before the interruption, a redone run replaces the steps it logs. An
@@ -80,8 +80,8 @@ def loss_curve_from_log(text: str) -> list[tuple[int, float]]:
             if total is not None and obj["total_steps"] != total:
                 rows.clear()
             total = obj["total_steps"]
-        elif "loss" in obj:
-            rows.append(obj)
+        elif isinstance(obj.get(key), int | float):
+            rows.append({"step": obj.get("step"), "loss": obj[key]})
     return sorted(dict(loss_curve(rows)).items())
 
 
@@ -109,7 +109,10 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
         if not pts and log_dir is not None:
             log = log_dir / f"train{'-clm' if v == 'clm' else ''}.log"
             if log.is_file():
-                pts = loss_curve_from_log(log.read_text(errors="replace"))
+                text = log.read_text(errors="replace")
+                pts = loss_curve_from_log(text)
+                if v == "fused":  # its CLM term alone: the like-for-like comparison with CLM-only
+                    curves["fused-clm"] = loss_curve_from_log(text, "clm_loss")
         curves[v] = pts
     return {
         "tasks": tasks,
@@ -154,10 +157,15 @@ def _plot_loss(curves: dict[str, list[tuple[int, float]]], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
+    styles = {
+        "fused": ("FuseLLM (total loss)", "-"),
+        "fused-clm": ("FuseLLM, its CLM term", ":"),
+        "clm": ("CLM only", "-"),
+    }
     for name, pts in curves.items():
         if pts:
-            label = "FuseLLM" if name == "fused" else "CLM only"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+            label, style = styles.get(name, (name, "-"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.legend()

@@ -334,6 +334,8 @@ def test_report_pieces() -> None:
         '{"event": "start", "total_steps": 20}\n{"event": "step", "step": 2, "loss": 4.0}\n'
     )
     assert loss_curve_from_log(resumed) == [(1, 4.5), (2, 4.0)]  # same length: a resume keeps earlier steps
+    fused_log = '{"event": "step", "step": 1, "loss": 2.9, "clm_loss": 3.0, "fusion_loss": 2.0}\n'
+    assert loss_curve_from_log(fused_log, "clm_loss") == [(1, 3.0)]  # FuseLLM's CLM term alone
     metrics = {
         "heldout": {"documents": 2, "bytes": 100},
         "models": {
