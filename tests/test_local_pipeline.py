@@ -4,11 +4,13 @@ store on a real S3 server (SeaweedFS)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,6 +111,9 @@ def test_local_run_end_to_end_then_rerun_skips_all(tmp_path: Path) -> None:
     assert result.report == tmp_path / "store" / "e2e" / "report" / "report.md"
     assert store.exists("report/report.json")
     assert (tmp_path / "store" / "e2e" / "logs" / "train.log").is_file()
+    # training's default scratch folder (checkpoints, export) is gone once the model is in the store
+    where = hashlib.sha256(store.base_uri.encode()).hexdigest()[:12]
+    assert not (Path(tempfile.gettempdir()) / f"fusionrun-e2e-train-{where}").exists()
     manifests = {k: store.get_bytes(k) for k in store.list("") if k.endswith("manifest.json")}
 
     again = LocalRunner(spec, "e2e").run()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -269,6 +270,10 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
     counts = {"steps": result.steps_done, "blocks": blocks.n_blocks}
     write_manifest(store, task, build_manifest(spec, task, outputs, inputs, started, counts, summary))
     log_event("done", task=task.id, seconds=round(time.time() - started, 2), **counts)
+    if "FUSIONRUN_WORK_DIR" not in os.environ:
+        # Our own scratch (local checkpoints, the export: hundreds of MB to GB) is now all in the store.
+        # A folder the caller named is theirs to keep.
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
