@@ -43,12 +43,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fusion.atomic import atomic_path
 
 FORMAT_VERSION = "1"
 _HEADER_KEY = "fusionrun"  # safetensors metadata key holding {"kind", "format_version", "meta"} as JSON
@@ -174,48 +175,10 @@ def write_shard(
     # process, so several keys would make identical shards differ in bytes (and in sha256).
     doc = {"kind": kind, "format_version": FORMAT_VERSION, "meta": meta or {}}
     header = {_HEADER_KEY: json.dumps(doc, sort_keys=True, separators=(",", ":"))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(arrays, tmp, metadata=header)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp makes 0600 files: give the shard the mode any new file gets, so that other users of a
-        # shared volume (another uid in another pod) can read it.
-        os.chmod(tmp, 0o666 & ~_umask())
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a crash only once the folder is synced
     return ShardInfo(path, digest, path.stat().st_size, _counts(arrays))
-
-
-def _umask() -> int:
-    """The process umask, read without setting it (os.umask would briefly change it for every thread)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Shard:

@@ -24,13 +24,13 @@ source ids that occur (lazy mode: `src_ids`) need computing (defect 6). The whol
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fusion.atomic import write_atomic
 from fusion.tokens import TokenizerView
 
 METHODS = ("mined", "em")
@@ -86,27 +86,19 @@ class VocabMap:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an .npz atomically (temporary file in the same folder, fsync, rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    ids=self.ids,
-                    exact=self.exact,
-                    computed=self.computed,
-                    distance=self.distance,
-                    method=np.array(self.method),
-                    src_fingerprint=np.array(self.src_fingerprint),
-                    tgt_fingerprint=np.array(self.tgt_fingerprint),
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(
+            path,
+            lambda f: np.savez(
+                f,
+                ids=self.ids,
+                exact=self.exact,
+                computed=self.computed,
+                distance=self.distance,
+                method=np.array(self.method),
+                src_fingerprint=np.array(self.src_fingerprint),
+                tgt_fingerprint=np.array(self.tgt_fingerprint),
+            ),
+        )
 
     @classmethod
     def load(

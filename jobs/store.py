@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fusion.atomic import PARTIAL_SUFFIX, atomic_path, copy_atomic, write_atomic
 from jobs.spec import Store as StoreSpec
 
 
@@ -81,18 +80,6 @@ def _clean_key(key: str) -> str:
     return key
 
 
-def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class LocalStore(Store):
     def __init__(self, root: Path):
         self.root = root
@@ -116,31 +103,20 @@ class LocalStore(Store):
             raise StoreError(f"{self.uri_for(key)}: no such object; rerun the stage that writes it") from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        dst = self._p(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self._p(key), data)
 
     def upload(self, local_path: str | os.PathLike, key: str) -> None:
         src, dst = Path(local_path), self._p(key)
         if src.resolve() == dst.resolve():
             return
-        _atomic_copy(src, dst)
+        copy_atomic(src, dst)
 
     def download(self, key: str, local_path: str | os.PathLike) -> Path:
         src, dst = self._p(key), Path(local_path)
         if not src.is_file():
             raise StoreError(f"{self.uri_for(key)}: no such object; rerun the stage that writes it")
         if src.resolve() != dst.resolve():
-            _atomic_copy(src, dst)
+            copy_atomic(src, dst)
         return dst
 
     def list(self, prefix: str = "") -> list[str]:
@@ -158,7 +134,7 @@ class LocalStore(Store):
         out: list[str] = []
         for c in cands:
             files = [c] if c.is_file() else [p for p in c.rglob("*") if p.is_file()]
-            out += [str(p.relative_to(self.root)) for p in files if not p.name.endswith(".partial")]
+            out += [str(p.relative_to(self.root)) for p in files if not p.name.endswith(PARTIAL_SUFFIX)]
         return sorted(out)
 
     def delete_prefix(self, prefix: str) -> int:
@@ -326,14 +302,10 @@ class S3Store(Store):
 
     def download(self, key: str, local_path: str | os.PathLike) -> Path:
         dst = Path(local_path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-        os.close(fd)
         try:
-            self.client.download_file(self.bucket, self._k(key), tmp, Config=self.transfer)
-            os.replace(tmp, dst)
+            with atomic_path(dst) as tmp:
+                self.client.download_file(self.bucket, self._k(key), str(tmp), Config=self.transfer)
         except Exception as err:
-            Path(tmp).unlink(missing_ok=True)
             raise self._err(err, f"downloading {self.uri_for(key)}") from None
         return dst
 

@@ -15,11 +15,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from fusion.atomic import write_atomic
 from fusion.format import sha256_file
 
 MARKER = "COMPLETE"
@@ -64,12 +64,7 @@ def marker_bytes(step: int, files: dict[str, dict[str, Any]], meta: dict[str, An
 
 
 def write_local_marker(step_dir: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{MARKER}.", suffix=".partial", dir=step_dir)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, step_dir / MARKER)
+    write_atomic(step_dir / MARKER, data)
 
 
 def read_marker(data: bytes, where: str) -> dict[str, Any]:

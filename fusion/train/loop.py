@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from fusion.atomic import write_atomic
 from fusion.train import checkpoint as ckpt
 from fusion.train.config import TrainConfig, deepspeed_config, total_steps, use_bf16
 from fusion.train.data import DataState, FusedBlocks
@@ -403,10 +404,7 @@ def _write_progress(io: TrainIO, rec: dict[str, Any]) -> None:
     if io.store is not None:
         io.store.put_bytes(f"{io.prefix}/progress.json", data)
     else:
-        io.work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = io.work_dir / ".progress.json.partial"
-        tmp.write_bytes(data)
-        os.replace(tmp, io.work_dir / "progress.json")
+        write_atomic(io.work_dir / "progress.json", data)
 
 
 def exit_code(result: TrainResult) -> int:
