@@ -16,6 +16,7 @@ demo: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	.venv/bin/lint-imports
 	bash scripts/k8s-control-plane.sh build
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
@@ -25,10 +26,11 @@ test-slow: setup
 
 test-all: test test-slow
 
-## The lint CI enforces (ruff check and ruff's formatter). `make fmt` applies both.
+## The lint CI enforces: ruff check, ruff's formatter, the import layering (import-linter, pyproject.toml).
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	.venv/bin/lint-imports
 
 fmt: setup
 	$(PY) -m ruff format .

@@ -17,7 +17,6 @@ Tokenizer sources (`load_tokenizer`), told apart by content, not by file name:
 from __future__ import annotations
 
 import base64
-import importlib.util
 import os
 import re
 import tempfile
@@ -25,10 +24,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusion.paths import HF_ID, hub_id, resolve_path  # noqa: F401  (part of this module's API)
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Qwen(-1/2)'s pre-tokenizer split: like GPT-4's cl100k but digits one at a time (\p{N}, not \p{N}{1,3}).
 QWEN_PATTERN = (
@@ -44,47 +44,6 @@ _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", 
 
 class TokenizerLoadError(ValueError):
     """A tokenizer that cannot be located or used; the message names the URI and the fix."""
-
-
-def hub_id(uri: str) -> str | None:
-    """The Hugging Face id a URI stands for, or None when it is a local/package location."""
-    if uri.startswith("hf://"):
-        return uri[len("hf://") :]
-    if "://" in uri or uri.startswith(("/", "./", "../")):
-        return None
-    if HF_ID.match(uri) and not Path(uri).exists():
-        return uri
-    return None
-
-
-def resolve_path(uri: str) -> Path:
-    """A local path for a local, file:// or pkg:// URI (existence is not checked; callers name the file)."""
-    if uri.startswith("s3://"):
-        raise ValueError(
-            f"{uri}: s3:// URIs are not read by fusion.hub; download the object to a local folder first "
-            "(the jobs store does) and pass that path"
-        )
-    if uri.startswith("hf://"):
-        raise ValueError(f"{uri}: a Hugging Face id has no local path; pass it to load_tokenizer as is")
-    if uri.startswith("file://"):
-        return Path(uri[len("file://") :])
-    if uri.startswith("pkg://"):
-        package, _, sub = uri[len("pkg://") :].partition("/")
-        if not package:
-            raise ValueError(f"{uri}: expected pkg://<python package>/<sub path>")
-        try:
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(
-                f"{uri}: Python package {package!r} is not installed (or is not a package folder); "
-                f"install it into this environment (e.g. pip install {package.replace('_', '-')})"
-            )
-        return Path(next(iter(spec.submodule_search_locations))) / sub
-    if "://" in uri:
-        raise ValueError(f"{uri}: unknown URI scheme; use a local path, file://, pkg:// or a Hugging Face id")
-    return Path(uri)
 
 
 def sniff_tokenizer_file(path: Path) -> str:

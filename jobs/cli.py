@@ -3,6 +3,8 @@
 fusionrun run FILE.yaml [--force-stage S] [--workers N]   the whole run on this machine (jobs.local)
 fusionrun validate FILE.yaml                              check a FusionRun; errors name the field
 fusionrun stage <stage> [--model M] [--shard N] ...       one task (= python -m jobs ...)
+fusionrun status FILE.yaml | NAME --store URI             a run's status, from its store (either backend)
+fusionrun report FILE.yaml | NAME --store URI             a run's report, from its store
 fusionrun crd [...]                                       the CRD generated from the spec (jobs.crd)
 """
 
@@ -10,17 +12,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from jobs.plan import STAGE_ORDER
+from jobs.registry import STAGE_NAMES, Variant
 
 if TYPE_CHECKING:
     from jobs.spec import FusionRunSpec
 
-STAGES = [s.value for s in STAGE_ORDER]
+STAGES = list(STAGE_NAMES)
 
 
 def stage_parser(prog: str = "python -m jobs") -> argparse.ArgumentParser:
@@ -28,7 +32,11 @@ def stage_parser(prog: str = "python -m jobs") -> argparse.ArgumentParser:
     ap.add_argument("stage", choices=STAGES)
     ap.add_argument("--model", help="extract: any model; align: a source model")
     ap.add_argument("--shard", type=int, help="shard number (extract, align, fuse)")
-    ap.add_argument("--variant", choices=["fused", "clm"], help="train: fused (FuseLLM) or clm (baseline)")
+    ap.add_argument(
+        "--variant",
+        choices=[v.value for v in Variant],
+        help="train and fuse: fused (FuseLLM, the default) or a baseline: clm, self, sources",
+    )
     ap.add_argument("--spec", help="FusionRun YAML/JSON file (default: env FUSIONRUN_SPEC, JSON of the spec)")
     ap.add_argument("--run", help="run name (default: env FUSIONRUN_NAME or the file's metadata.name)")
     ap.add_argument("--force", action="store_true", help="rerun even when the task is complete")
@@ -46,15 +54,25 @@ def _check_task_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> N
         ap.error(f"{args.stage} takes no --model")
     if not need_shard and args.shard is not None:
         ap.error(f"{args.stage} takes no --shard")
-    if args.variant and args.stage != "train":
-        ap.error("--variant is for train only")
+    if args.variant and args.stage not in ("train", "fuse"):
+        ap.error("--variant is for train and fuse only")
+    if args.stage == "fuse" and args.variant == "clm":
+        ap.error("fuse --variant clm: CLM-only training reads the fused variant's shards; fuse has no clm")
 
 
 def stage_main(argv: list[str] | None = None) -> int:
-    """Entry of `python -m jobs`: run one task; exit 0 done/skipped, 1 failed (message on stderr), 2 usage."""
-    from jobs.manifest import ManifestError
+    """Entry of `python -m jobs`: run one task; exit codes as jobs.retry says (0 done or skipped, 1 failed,
+    2 bad input: no retry can help), the message on stderr."""
+    from jobs.complete import ManifestError
     from jobs.spec import SpecError
-    from jobs.stages.common import EXIT_FAILED, StageError, load_spec_and_name, log_event, run_task
+    from jobs.stages.common import (
+        InputError,
+        StageError,
+        exit_code_for,
+        load_spec_and_name,
+        log_event,
+        run_task,
+    )
     from jobs.store import StoreError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -67,23 +85,23 @@ def stage_main(argv: list[str] | None = None) -> int:
         return int(train.main(argv[1:]) or 0)
     try:
         spec, name = load_spec_and_name(args.spec, args.run)
-        from jobs.plan import Stage, Task
+        from jobs.registry import Stage, Task
 
         if args.model and args.model not in {m.name for m in spec.models}:
-            raise StageError(
+            raise InputError(
                 f"--model {args.model}: no such model in the spec; known: {[m.name for m in spec.models]}"
             )
         if args.stage == "align" and args.model == spec.target.name:
-            raise StageError(f"--model {args.model} is the target; align takes a source model")
+            raise InputError(f"--model {args.model} is the target; align takes a source model")
         if args.shard is not None and not 0 <= args.shard < spec.extraction.shards:
-            raise StageError(f"--shard {args.shard}: the run has extraction.shards={spec.extraction.shards}")
+            raise InputError(f"--shard {args.shard}: the run has extraction.shards={spec.extraction.shards}")
         task = Task(Stage(args.stage), model=args.model, shard=args.shard, variant=args.variant)
         module = importlib.import_module(f"jobs.stages.{args.stage}")
         return run_task(module.run, task, spec, name, force=args.force)
     except (SpecError, StageError, StoreError, ManifestError) as err:
         log_event("failed", stage=args.stage, error=str(err))
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        return exit_code_for(err)
 
 
 def cmd_validate(path: str) -> int:
@@ -100,7 +118,20 @@ def cmd_validate(path: str) -> int:
         f"{path}: valid FusionRun {run.metadata.name!r}: {len(run.spec.models)} models, "
         f"{run.spec.extraction.shards} shard(s), {len(dag)} tasks"
     )
+    _note_ignored(run.spec)
     return 0
+
+
+def _note_ignored(spec: FusionRunSpec) -> None:
+    from jobs.local import ignored_locally
+
+    ignored = ignored_locally(spec)
+    if ignored:
+        print(
+            f"note: `fusionrun run` (no cluster) ignores the Kubernetes-only field(s) {', '.join(ignored)}; "
+            "the operator applies them",
+            file=sys.stderr,
+        )
 
 
 def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str | None = None) -> int:
@@ -115,6 +146,7 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
     except (SpecError, StoreError) as err:
         print(f"{path}: {err}", file=sys.stderr)
         return 1
+    _note_ignored(spec)
     t0 = time.time()
     try:
         result = runner.run(force_stage=force_stage, on_task=_print_task, until=until)
@@ -135,15 +167,78 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
     return 0
 
 
+def open_run(args: argparse.Namespace) -> tuple[FusionRunSpec, str, Any]:
+    """(spec, run name, store) of `fusionrun status/report TARGET`: TARGET is a FusionRun file (its store
+    and name), or a run's name with --store (the spec its tasks recorded in the store)."""
+    from jobs.observe import recorded_spec
+    from jobs.registry import Layout
+    from jobs.spec import SpecError, StoreSpec, load_fusionrun
+    from jobs.store import open_store
+
+    if Path(args.target).is_file():
+        run = load_fusionrun(args.target)
+        spec = apply_env_overrides(run.spec)
+        return spec, run.metadata.name, open_store(spec.store, run.metadata.name, check=spec.store.is_s3)
+    if not args.store:
+        raise SpecError(f"{args.target}: no such file; for a run's name, give its store with --store URI")
+    where = StoreSpec(uri=args.store, endpoint=args.endpoint, region=args.region, insecure=args.insecure)
+    store = open_store(apply_env_overrides_store(where), args.target, check=where.is_s3)
+    spec = recorded_spec(store)
+    if spec is None:
+        raise SpecError(
+            f"no run {args.target!r} at {store.base_uri}: no recorded spec ({store.uri_for(Layout.SPEC)}); "
+            "check --store and the name, or wait until its first task has started"
+        )
+    return spec, args.target, store
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from jobs.observe import store_status
+
+    spec, name, store = open_run(args)
+    status = store_status(store, spec)
+    if args.json:
+        print(json.dumps(status.to_k8s(), indent=1, sort_keys=True))
+        return 0
+    print(f"{name}: {status.phase} ({status.progress} tasks) - {status.message}")
+    for stage in STAGES:
+        st = getattr(status.stages, stage)
+        if st.state != "Skipped":
+            print(f"  {stage:<9} {st.state:<10} {st.succeeded}/{st.tasks} tasks")
+    for p in status.training:
+        loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
+        print(f"  train {p.variant}: step {p.step}/{p.total_steps} ({p.percent:.0f}%){loss}")
+    for t in status.tasks:
+        if t.state in ("Failed", "Retrying"):
+            print(f"  {t.id}: {t.state}: {t.message or t.reason or ''}")
+    print(f"artifacts: {status.artifacts_uri}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from jobs.report import write_report
+
+    spec, name, store = open_run(args)
+    out = Path(args.out) if args.out else Path.cwd() / "runs" / name / "report"
+    path = write_report(store, spec, name, out)
+    print(f"report: {path}")
+    return 0
+
+
+def apply_env_overrides_store(store: Any) -> Any:
+    """FUSIONRUN_S3_ENDPOINT replaces the endpoint of an S3 store spec (see apply_env_overrides)."""
+    endpoint = os.environ.get("FUSIONRUN_S3_ENDPOINT")
+    if not endpoint or not store.is_s3:
+        return store
+    return store.model_copy(
+        update={"endpoint": endpoint, "insecure": store.insecure or endpoint.startswith("http://")}
+    )
+
+
 def apply_env_overrides(spec: FusionRunSpec) -> FusionRunSpec:
     """FUSIONRUN_S3_ENDPOINT replaces store.endpoint of an S3 store (the same file against another server)."""
-    endpoint = os.environ.get("FUSIONRUN_S3_ENDPOINT")
-    if not endpoint or not spec.store.is_s3:
-        return spec
-    store = spec.store.model_copy(
-        update={"endpoint": endpoint, "insecure": spec.store.insecure or endpoint.startswith("http://")}
-    )
-    return spec.model_copy(update={"store": store})
+    store = apply_env_overrides_store(spec.store)
+    return spec if store is spec.store else spec.model_copy(update={"store": store})
 
 
 def _print_task(task_id: str, outcome: str, seconds: float) -> None:
@@ -163,6 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--until", choices=STAGES, help="stop after this stage (e.g. inspect fused shards)")
     v = sub.add_parser("validate", help="check a FusionRun file")
     v.add_argument("file")
+    for name, what in (("status", "show a run's status"), ("report", "write a run's report")):
+        c = sub.add_parser(name, help=f"{what}, from its store (a run made locally or on Kubernetes)")
+        c.add_argument("target", help="a FusionRun file, or a run's name with --store")
+        c.add_argument("--store", help="the store URI (spec.store.uri) when TARGET is a run's name")
+        c.add_argument("--endpoint", help="S3 endpoint of --store")
+        c.add_argument("--region", help="S3 region of --store")
+        c.add_argument("--insecure", action="store_true", help="allow a plain http:// endpoint")
+        if name == "status":
+            c.add_argument("--json", action="store_true", help="the status object, as the operator writes it")
+        else:
+            c.add_argument("--out", help="local folder for the report (default: ./runs/NAME/report)")
     sub.add_parser("stage", help="run one task (python -m jobs ...)", add_help=False)
     sub.add_parser("crd", help="print or write the CRD (jobs.crd)", add_help=False)
     if argv and argv[0] == "stage":
@@ -173,6 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "validate":
         return cmd_validate(args.file)
+    if args.cmd in ("status", "report"):
+        from jobs.spec import SpecError
+        from jobs.store import StoreError
+
+        try:
+            return cmd_status(args) if args.cmd == "status" else cmd_report(args)
+        except (SpecError, StoreError) as err:
+            print(f"{args.target}: {err}", file=sys.stderr)
+            return 1
     return cmd_run(args.file, args.force_stage, args.workers, args.until)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.spec import Store as StoreSpec
+from jobs.locations import local_path
 from jobs.spec import TextSource
 
 
@@ -126,20 +126,21 @@ def _hf_docs(path: Path, field: str) -> Iterator[str]:
     yield from (t for t in ds[field] if isinstance(t, str))
 
 
-def corpus_stamp(corpus: TextSource, store: StoreSpec | None) -> str | None:
+def corpus_stamp(corpus: TextSource, s3: Any = None) -> str | None:
     """A cheap fingerprint of the corpus's files: an edited corpus makes the prepare task stale although the
     spec is unchanged. None when nothing is at corpus.uri.
 
     Local: the paths, sizes and modification times of the files (those matching corpus.glob in a folder).
     s3://: a sha256 over the sorted (key relative to the URI, size, ETag) of the objects read: the object
     the URI names, else those under it (as a folder) matching corpus.glob; listed with `store`'s endpoint
-    and credentials (the run store's; None: AWS's default chain). An S3 failure raises StoreError."""
+    and credentials (`s3`: the run store, its spec or an S3Endpoint; None: AWS's default chain). An S3 failure
+    raises StoreError."""
     import hashlib
 
     uri = corpus.uri
     if uri.startswith("s3://"):
-        return _s3_stamp(corpus, store)
-    path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+        return _s3_stamp(corpus, s3)
+    path = local_path(uri)
     if path.is_file():
         files = [path]
     elif path.is_dir():
@@ -153,12 +154,12 @@ def corpus_stamp(corpus: TextSource, store: StoreSpec | None) -> str | None:
     return h.hexdigest()
 
 
-def _s3_stamp(corpus: TextSource, store: StoreSpec | None) -> str | None:
-    from jobs.store import S3Store, StoreError, objects_digest, parse_s3_uri
+def _s3_stamp(corpus: TextSource, s3: Any) -> str | None:
+    from jobs.store import S3Store, StoreError, endpoint_of, objects_digest, parse_s3_uri
 
     try:
         bucket, key = parse_s3_uri(corpus.uri)
-        src = S3Store(store or StoreSpec(uri="s3://placeholder"), bucket, "")
+        src = S3Store(endpoint_of(s3), bucket, "")
         if key and (st := src.stat(key)) is not None:  # one object (as prepare reads it)
             return objects_digest([(key.rsplit("/", 1)[-1], *st)])
         cut = len(key) + 1 if key else 0

@@ -1,7 +1,7 @@
 """Run a whole FusionRun on this machine: the same DAG and the same task commands as the operator's Jobs.
 
 Each task is a subprocess `python -m jobs <args>` with the spec in env FUSIONRUN_SPEC and the run name in
-FUSIONRUN_NAME (the Kubernetes Job contract). Complete tasks (jobs.manifest) are skipped, checked when they
+FUSIONRUN_NAME (the Kubernetes Job contract). Complete tasks (jobs.complete) are skipped, checked when they
 become ready, so a deterministic redo upstream keeps its dependants; independent tasks run in parallel up
 to the core count, each with its share of threads; training runs alone with every core. The first failure
 stops the run and names the failed task's log. Logs: <store>/<run>/logs/<task>.log for local stores, else
@@ -10,6 +10,8 @@ stops the run and names the failed task's log. Logs: <store>/<run>/logs/<task>.l
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -21,13 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.manifest import invalidate, why_incomplete
+from jobs.complete import Policy, invalidate, why_incomplete
 from jobs.plan import STAGE_ORDER, Stage, Task, TaskState, build_dag, downstream, ready_tasks
+from jobs.registry import Layout
+from jobs.retry import EXIT_PREEMPTED, retry_delay
 from jobs.spec import FusionRunSpec
-from jobs.stages.common import verify_outputs
-from jobs.store import LocalStore, Store, open_store
+from jobs.status import FusionRunStatus, TaskStatus
+from jobs.store import LocalStore, Store, StoreError, open_store
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STATUS_EVERY_SECONDS = 5.0
+
+
+def _iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class RunFailed(RuntimeError):
@@ -69,6 +78,21 @@ class _Running:
     started: float
 
 
+@dataclass
+class _Pass:
+    """The state of one `LocalRunner.run`."""
+
+    result: RunResult
+    notify: Callable[[str, str, float], None]
+    states: dict[str, TaskState] = field(default_factory=dict)
+    running: dict[str, _Running] = field(default_factory=dict)
+    queued: list[Task] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)
+    not_before: dict[str, float] = field(default_factory=dict)  # task id -> earliest retry time
+    records: dict[str, TaskStatus] = field(default_factory=dict)  # what `fusionrun status` shows
+    saved_at: float = 0.0
+
+
 class LocalRunner:
     def __init__(
         self,
@@ -88,13 +112,13 @@ class LocalRunner:
             self.local_dir = self.store.root
         else:
             self.local_dir = local_dir or Path.cwd() / "runs" / run_name
-        self.log_dir = self.local_dir / "logs"
+        self.log_dir = self.local_dir / Layout.LOGS
         self.extra_env = extra_env or {}
         self.dag = build_dag(spec)
         self.by_id = {t.id: t for t in self.dag}
-        # Local files are cheap to hash: verify outputs' checksums, so a corrupted shard is redone (the
-        # task itself verifies the same way, so it does not skip what the runner found corrupt).
-        self.verify = verify_outputs(self.store)
+        # The same completeness rule as the tasks themselves (jobs.complete), so that a task the runner
+        # starts does not skip itself (a corrupt local shard, an edited corpus).
+        self.policy = Policy.for_store(self.store)
 
     def env(self, threads: int) -> dict[str, str]:
         env = dict(os.environ)
@@ -131,87 +155,137 @@ class LocalRunner:
         until: str | None = None,
     ) -> RunResult:
         """Run every task not complete (force_stage: redo that stage and later ones; until: stop after
-        that stage's tasks). Raises RunFailed on the first failed task."""
+        that stage's tasks), retrying failed tasks as spec.retry says. Raises RunFailed when a task has
+        failed for good (bad input, or spec.retry.maxAttempts failures)."""
         if until:
             last = STAGE_ORDER.index(Stage(until))
             self.dag = [t for t in self.dag if STAGE_ORDER.index(t.stage) <= last]
         if force_stage:
             for t in downstream(self.dag, Stage(force_stage)):
                 invalidate(self.store, t)
-        result = RunResult()
+        pass_ = _Pass(result=RunResult(), notify=on_task or (lambda *_: None))
         previous = _stop_on_sigterm()
-        states: dict[str, TaskState] = {}
-        running: dict[str, _Running] = {}
-        queued: list[Task] = []
-        notify = on_task or (lambda *_: None)
         try:
             while True:
-                claimed = True
-                while claimed:  # a skipped task can make its dependants ready at once
-                    claimed = False
-                    for t in ready_tasks(self.dag, states):
-                        claimed = True
-                        t0 = time.time()
-                        if self._complete(t):
-                            states[t.id] = TaskState.succeeded
-                            result.skipped += 1
-                            result.outcomes[t.id] = "skipped"
-                            notify(t.id, "skipped", time.time() - t0)
-                        else:
-                            queued.append(t)
-                            states[t.id] = TaskState.running  # claimed: not offered again
-                self._start_queued(queued, running)
-                if not running and not queued:
-                    if any(s is not TaskState.succeeded for s in states.values()) or len(states) < len(
-                        self.dag
-                    ):
-                        missing = [t.id for t in self.dag if states.get(t.id) is not TaskState.succeeded]
-                        raise RuntimeError(f"run stalled with tasks not done: {missing}")  # a DAG bug
+                self._claim_ready(pass_)
+                self._start_queued(pass_)
+                if not pass_.running and not pass_.queued:
+                    self._check_finished(pass_.states)
                     break
                 time.sleep(0.1)
-                for tid, r in list(running.items()):
-                    rc = r.proc.poll()
-                    if rc is None:
-                        continue
-                    del running[tid]
-                    secs = time.time() - r.started
-                    result.seconds[tid] = secs
-                    if rc != 0:
-                        states[tid] = TaskState.failed
-                        notify(tid, "FAILED", secs)
-                        raise RunFailed(tid, r.log, rc, _tail(r.log))
-                    states[tid] = TaskState.succeeded
-                    result.ran += 1
-                    result.outcomes[tid] = "ran"
-                    notify(tid, "ran", secs)
+                self._reap(pass_)
         finally:
-            self._stop_all(running)
+            self._stop_all(pass_.running)
+            self._save_status(pass_, force=True)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         from jobs.report import write_report
 
-        result.report = write_report(self.store, self.spec, self.run_name, self.local_dir / "report", result)
+        result = pass_.result
+        report_dir = self.local_dir / Layout.REPORT
+        result.report = write_report(self.store, self.spec, self.run_name, report_dir, result)
         return result
 
+    def _claim_ready(self, p: _Pass) -> None:
+        """Skip ready tasks that are complete, queue the others; repeat, since a skipped task can make its
+        dependants ready at once."""
+        claimed = True
+        while claimed:
+            claimed = False
+            for t in ready_tasks(self.dag, p.states):
+                claimed = True
+                t0 = time.time()
+                if self._complete(t):
+                    p.states[t.id] = TaskState.succeeded
+                    p.result.skipped += 1
+                    p.result.outcomes[t.id] = "skipped"
+                    self._outcome(p, t.id, "skipped", time.time() - t0)
+                else:
+                    p.queued.append(t)
+                    p.states[t.id] = TaskState.running  # claimed: not offered again
+
+    def _reap(self, p: _Pass) -> None:
+        """Collect finished tasks: success, a retry after its backoff (jobs.retry), or the run's failure."""
+        for tid, r in list(p.running.items()):
+            rc = r.proc.poll()
+            if rc is None:
+                continue
+            del p.running[tid]
+            secs = time.time() - r.started
+            p.result.seconds[tid] = secs
+            if rc == 0:
+                p.states[tid] = TaskState.succeeded
+                p.result.ran += 1
+                p.result.outcomes[tid] = "ran"
+                self._outcome(p, tid, "ran", secs)
+                continue
+            if rc != EXIT_PREEMPTED:
+                p.failures[tid] = p.failures.get(tid, 0) + 1
+            delay = retry_delay(self.spec.retry, rc, p.failures.get(tid, 0))
+            if delay is None:
+                p.states[tid] = TaskState.failed
+                self._outcome(p, tid, "FAILED", secs)
+                raise RunFailed(tid, r.log, rc, _tail(r.log))
+            attempt = f"{p.failures.get(tid, 0) + 1}/{self.spec.retry.max_attempts}"
+            self._outcome(p, tid, f"retry {attempt} in {delay:.0f}s", secs)
+            p.not_before[tid] = time.time() + delay
+            p.queued.append(r.task)
+
+    def _outcome(self, p: _Pass, tid: str, outcome: str, seconds: float) -> None:
+        self._record(p, tid, outcome)
+        p.notify(tid, outcome, seconds)
+
+    def _record(self, p: _Pass, tid: str, outcome: str) -> None:
+        """Keep the task's status record (the operator's model: jobs.status.TaskStatus) and save it."""
+        now = _iso_now()
+        rec = p.records.get(tid) or TaskStatus(id=tid, stage=self.by_id[tid].stage.value)
+        if outcome == "started":
+            update = {"state": "Running", "attempts": rec.attempts + 1, "start_time": rec.start_time or now}
+        elif outcome in ("ran", "skipped"):
+            update = {"state": "Succeeded", "reason": "Completed", "completion_time": now}
+        elif outcome == "FAILED":
+            update = {"state": "Failed", "failures": p.failures.get(tid, 0), "reason": "TaskFailed"}
+            update["message"] = f"see {self.log_dir / (tid + '.log')}"
+        else:  # a retry is scheduled
+            update = {"state": "Retrying", "failures": p.failures.get(tid, 0), "message": outcome}
+        p.records[tid] = rec.model_copy(update=update)
+        self._save_status(p)
+
+    def _save_status(self, p: _Pass, force: bool = False) -> None:
+        """Write the task records to the store (at most every few seconds: one object, rewritten)."""
+        if not force and time.time() - p.saved_at < STATUS_EVERY_SECONDS:
+            return
+        p.saved_at = time.time()
+        status = FusionRunStatus(tasks=[p.records[t.id] for t in self.dag if t.id in p.records])
+        with contextlib.suppress(StoreError):  # informational; the run itself goes on
+            self.store.put_bytes(Layout.STATUS, json.dumps(status.to_k8s(), sort_keys=True).encode())
+
+    def _check_finished(self, states: dict[str, TaskState]) -> None:
+        missing = [t.id for t in self.dag if states.get(t.id) is not TaskState.succeeded]
+        if missing:
+            raise RuntimeError(f"run stalled with tasks not done: {missing}")  # a DAG bug
+
     def _complete(self, task: Task) -> bool:
-        if why_incomplete(self.store, self.spec, task, self.by_id, verify=self.verify) is not None:
-            return False
-        from jobs.stages.prepare import texts_changed
+        return why_incomplete(self.store, self.spec, task, self.by_id, self.policy) is None
 
-        return texts_changed(self.store, self.spec, task) is None
-
-    def _start_queued(self, queued: list[Task], running: dict[str, _Running]) -> None:
-        while queued:
-            if any(r.task.stage is Stage.train for r in running.values()):
+    def _start_queued(self, p: _Pass) -> None:
+        """Start queued tasks (in DAG order, retries once their backoff is over) while cores allow."""
+        now = time.time()
+        while p.queued:
+            if any(r.task.stage is Stage.train for r in p.running.values()):
                 return  # training has every core
-            nxt = queued[0]
-            if nxt.stage is Stage.train and running:
-                return  # wait for the cores to free up
-            if len(running) >= self.workers:
+            due = [t for t in p.queued if p.not_before.get(t.id, 0.0) <= now]
+            if not due:
                 return
-            n_parallel = min(self.workers, len(running) + len(queued))
-            queued.pop(0)
-            running[nxt.id] = self._launch(nxt, threads_for(nxt, n_parallel, self.cpus))
+            nxt = due[0]
+            if nxt.stage is Stage.train and p.running:
+                return  # wait for the cores to free up
+            if len(p.running) >= self.workers:
+                return
+            n_parallel = min(self.workers, len(p.running) + len(due))
+            p.queued.remove(nxt)
+            p.running[nxt.id] = self._launch(nxt, threads_for(nxt, n_parallel, self.cpus))
+            self._record(p, nxt.id, "started")
 
     def _stop_all(self, running: dict[str, _Running]) -> None:
         """On failure or interrupt: stop the other tasks (their outputs have no manifest: redone later)."""
@@ -247,3 +321,33 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+# Fields only the operator acts on: a local run says it ignores them rather than silently doing so.
+KUBERNETES_ONLY = (
+    "resources",
+    "image",
+    "imagePullPolicy",
+    "serviceAccountName",
+    "suspend",
+    "activeDeadlineSeconds",
+    "ttlSecondsAfterFinished",
+    "queueName",
+    "priorityClassName",
+    "deleteArtifacts",
+    "store.credentialsSecret",
+    "training.nodes",
+)
+
+
+def ignored_locally(spec: FusionRunSpec) -> list[str]:
+    """The Kubernetes-only fields this spec sets (away from their defaults): a local run ignores them."""
+    set_fields = spec.model_dump(by_alias=True, exclude_defaults=True)
+    out = []
+    for path in KUBERNETES_ONLY:
+        node: Any = set_fields
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node not in (None, {}, []):
+            out.append(path)
+    return out

@@ -15,13 +15,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jobs.manifest import manifest_key, read_manifest
-from jobs.plan import Stage, build_dag
+from jobs.complete import read_manifest
+from jobs.plan import build_dag, trained_variants
+from jobs.registry import Layout, Stage
 from jobs.spec import FusionRunSpec
 from jobs.store import Store, StoreError
 
-METRICS_KEY = "evaluate/metrics.json"
-LABELS = {"target-before": "target (before)", "clm": "CLM only", "fused": "FuseLLM"}
+LABELS = {
+    "target-before": "target (before)",
+    "clm": "CLM only",
+    "self": "self-distillation",
+    "sources": "sources only",
+    "fused": "FuseLLM",
+}
 
 
 def ordered_models(metrics: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
@@ -90,7 +96,7 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
     tasks = {}
     choice: dict[str, int] = {}
     for t in dag:
-        m = read_manifest(store, manifest_key(t))
+        m = read_manifest(store, t)
         if m is None:
             tasks[t.id] = {"state": "missing"}
             continue
@@ -103,11 +109,10 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
             for name, n in (m.get("summary", {}).get("choice_counts") or {}).items():
                 choice[name] = choice.get(name, 0) + int(n)
     curves = {}
-    variants = ["fused", *(["clm"] if spec.training.clm_baseline else [])]
-    for v in variants:
-        pts = loss_curve(_json(store, f"train/{v}/progress.json"))
+    for v in trained_variants(spec):
+        pts = loss_curve(_json(store, Layout.progress(v)))
         if not pts and log_dir is not None:
-            log = log_dir / f"train{'-clm' if v == 'clm' else ''}.log"
+            log = log_dir / f"train{'' if v == 'fused' else '-' + v}.log"
             if log.is_file():
                 text = log.read_text(errors="replace")
                 pts = loss_curve_from_log(text)
@@ -116,7 +121,7 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
         curves[v] = pts
     return {
         "tasks": tasks,
-        "metrics": _json(store, METRICS_KEY),
+        "metrics": _json(store, Layout.METRICS),
         "loss_curves": curves,
         "mince_choices": choice,
         "fusion": spec.fusion.model_dump(by_alias=True),
@@ -263,7 +268,7 @@ def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) 
 def write_report(store: Store, spec: FusionRunSpec, run_name: str, out_dir: Path, result: Any = None) -> Path:
     """Write report.md, report.json and plots into out_dir, copy them to the store; return report.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = collect(store, spec, out_dir.parent / "logs")
+    data = collect(store, spec, out_dir.parent / Layout.LOGS)
     if result is not None:
         data["this_invocation"] = {
             "outcomes": result.outcomes,
@@ -282,5 +287,5 @@ def write_report(store: Store, spec: FusionRunSpec, run_name: str, out_dir: Path
     md.write_text(render_markdown(run_name, data, plots))
     for p in out_dir.iterdir():
         if p.is_file():
-            store.upload(p, f"report/{p.name}")
+            store.upload(p, f"{Layout.REPORT}/{p.name}")
     return md

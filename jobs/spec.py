@@ -8,14 +8,23 @@ lambda=0.9, MinED, MinCE). This module must stay light: the operator imports it,
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+
+from jobs.registry import STAGE_ORDER, Stage
 
 API_GROUP = "fusionrun.dev"
 API_VERSION = "v1alpha1"
@@ -143,8 +152,11 @@ class Extraction(Spec):
 
 
 class Alignment(Spec):
-    method: Literal["mined", "em"] = Field(
-        "mined", description="Token acceptance: min edit distance or exact."
+    method: Literal["mined", "em", "exact"] = Field(
+        "mined",
+        description="mined / em: the paper's DTW token alignment, accepting pairs by minimum edit distance "
+        "or exact match; exact: pair positions whose preceding text is byte-for-byte the same, and project "
+        "each source token onto the target token that spells its text first.",
     )
     vocab_map: Literal["lazy", "full"] = Field(
         "lazy", description="lazy: map only source ids seen in extracted top-k; full: the whole vocab."
@@ -199,6 +211,16 @@ class Training(Spec):
     clm_baseline: bool = Field(
         False, description="Also train a CLM-only model (lambda=1) on the same data, steps and seed."
     )
+    self_distill_baseline: bool = Field(
+        False,
+        description="Also train with the target's own distribution as the only teacher (self-distillation), "
+        "same data, steps and seed: the baseline that tells a source's knowledge from regularisation.",
+    )
+    sources_only_baseline: bool = Field(
+        False,
+        description="Also train with the sources alone as teachers (the target's own distribution left out "
+        "of the fusion), same data, steps and seed.",
+    )
 
     @field_validator("betas")
     @classmethod
@@ -249,7 +271,7 @@ class SecretKeyRef(Spec):
     secret_key_key: str = "AWS_SECRET_ACCESS_KEY"
 
 
-class Store(Spec):
+class StoreSpec(Spec):
     uri: str = Field(
         "file://./runs", pattern=STORE_URI_PATTERN, description="Local folder or s3://bucket/prefix."
     )
@@ -261,7 +283,7 @@ class Store(Spec):
     )
 
     @model_validator(mode="after")
-    def _http_needs_insecure(self) -> Store:
+    def _http_needs_insecure(self) -> StoreSpec:
         if self.endpoint and self.endpoint.startswith("http://") and not self.insecure:
             raise ValueError("endpoint is plain http://: set insecure: true to allow it, or use https://")
         return self
@@ -293,19 +315,19 @@ class StageResources(Spec):
     tolerations: list[Toleration] = Field(default_factory=list)
 
 
-class Resources(Spec):
-    prepare: StageResources = Field(default_factory=StageResources)
-    extract: StageResources = Field(default_factory=StageResources)
-    align: StageResources = Field(default_factory=StageResources)
-    fuse: StageResources = Field(default_factory=StageResources)
-    train: StageResources = Field(default_factory=StageResources)
-    evaluate: StageResources = Field(default_factory=StageResources)
+# One field per stage of the registry (jobs.registry): a stage added there gets its resources here.
+Resources = create_model(
+    "Resources",
+    __base__=Spec,
+    __doc__="Pod resources and placement per stage.",
+    **{s.value: (StageResources, Field(default_factory=StageResources)) for s in STAGE_ORDER},
+)
 
 
 class Retry(Spec):
     max_attempts: int = Field(3, ge=1, le=100, description="Attempts per stage task before the run fails.")
     backoff_seconds: int = Field(10, ge=0, le=3600, description="First retry delay; doubles each attempt.")
-    restart_from: Literal["prepare", "extract", "align", "fuse", "train", "evaluate"] | None = Field(
+    restart_from: Stage | None = Field(
         None,
         description="Rerun from this stage: clears failures there and after; finished earlier stages stay.",
     )
@@ -321,7 +343,7 @@ class FusionRunSpec(Spec):
     fusion: Fusion = Field(default_factory=Fusion)
     training: Training = Field(default_factory=Training)
     evaluation: Evaluation = Field(default_factory=Evaluation)
-    store: Store = Field(default_factory=Store)
+    store: StoreSpec = Field(default_factory=StoreSpec)
     resources: Resources = Field(default_factory=Resources)
     retry: Retry = Field(default_factory=Retry)
     image: str | None = Field(None, description="Job image; default: the operator's configured job image.")
@@ -351,6 +373,11 @@ class FusionRunSpec(Spec):
             raise ValueError(
                 f"fusion.topK ({self.fusion.top_k}) exceeds extraction.topK ({self.extraction.top_k}): only "
                 "the extracted entries exist; lower fusion.topK or raise extraction.topK (re-extracts)"
+            )
+        if self.training.sources_only_baseline and not self.fusion.include_target:
+            raise ValueError(
+                "training.sourcesOnlyBaseline: with fusion.includeTarget false the FuseLLM model already "
+                "learns from the sources alone; drop sourcesOnlyBaseline or set includeTarget true"
             )
         return self
 
@@ -440,15 +467,10 @@ def load_fusionrun(path: str | Path) -> FusionRun:
 
 def resolve_relative_paths(spec: FusionRunSpec, base: Path) -> FusionRunSpec:
     """Make ./relative local URIs absolute so that a run does not depend on the caller's directory."""
+    from jobs.locations import absolute_uri
 
     def fix(uri: str | None) -> str | None:
-        if uri is None:
-            return None
-        if uri.startswith("file://./") or uri.startswith("file://../"):
-            return "file://" + str((base / uri[len("file://") :]).resolve())
-        if re.match(r"^\.\.?/", uri):
-            return str((base / uri).resolve())
-        return uri
+        return absolute_uri(uri, base)
 
     data = spec.model_dump(by_alias=True)
     for m in [data["target"], *data["sources"]]:
@@ -459,33 +481,3 @@ def resolve_relative_paths(spec: FusionRunSpec, base: Path) -> FusionRunSpec:
         c["uri"] = fix(c["uri"])
     data["store"]["uri"] = fix(data["store"]["uri"])
     return FusionRunSpec.model_validate(data)
-
-
-def spec_fingerprint_fields(spec: FusionRunSpec, stage: str) -> dict[str, Any]:
-    """The parts of the spec that decide a stage's output: a change in them invalidates that output.
-
-    Kept here, beside the spec, so that the jobs and the operator agree on what 'same inputs' means."""
-    d = spec.model_dump(mode="json", by_alias=True)
-    models = {
-        m["name"]: {k: m[k] for k in ("uri", "ggufFile", "tokenizer", "revision", "randomInit", "addBos")}
-        for m in [d["target"], *d["sources"]]
-    }
-    prepare = {
-        "corpus": d["corpus"],
-        "maxLength": d["extraction"]["maxLength"],
-        "shards": d["extraction"]["shards"],
-        "tokenizers": {n: m["tokenizer"] or m["uri"] for n, m in models.items()},
-    }
-    by_stage: dict[str, dict[str, Any]] = {
-        "prepare": prepare,
-        "extract": {"models": models, "topK": d["extraction"]["topK"]},
-        "align": {"alignment": d["alignment"]},
-        # A field added after 0.1 counts only when set, so that outputs made before it stay valid.
-        "fuse": {"fusion": {k: v for k, v in d["fusion"].items() if not (k == "topK" and v is None)}},
-        "train": {"training": {k: v for k, v in d["training"].items() if k not in ("checkpointInterval",)}},
-        # corpora (added after 0.1) counts only when set, so that earlier evaluations stay valid
-        "evaluate": {
-            "evaluation": {k: v for k, v in d["evaluation"].items() if not (k == "corpora" and not v)}
-        },
-    }
-    return by_stage[stage]

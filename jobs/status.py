@@ -13,26 +13,22 @@ This module imports no torch: the operator uses it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.alias_generators import to_camel
+
+from jobs.registry import CONDITIONS, STAGE_NAMES
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 TaskPhase = Literal["Pending", "Running", "Retrying", "Succeeded", "Failed"]
 StagePhase = Literal["Pending", "Running", "Retrying", "Succeeded", "Failed", "Skipped"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
-# Condition types: run-level states, then one per stage (named as states, not transitions).
-RUN_CONDITIONS: tuple[str, ...] = ("Running", "Succeeded", "Failed", "Suspended")
-STAGE_CONDITIONS: dict[str, str] = {
-    "prepare": "Prepared",
-    "extract": "Extracted",
-    "align": "Aligned",
-    "fuse": "Fused",
-    "train": "Trained",
-    "evaluate": "Evaluated",
-}
+# Condition types, one per stage, come from the registry (named as states, not transitions).
+STAGE_CONDITIONS = CONDITIONS
 
 
 class StatusModel(BaseModel):
@@ -82,13 +78,13 @@ class StageStatus(StatusModel):
     output_uri: str | None = Field(None, description="Where this stage's artifacts are.")
 
 
-class Stages(StatusModel):
-    prepare: StageStatus = Field(default_factory=StageStatus)
-    extract: StageStatus = Field(default_factory=StageStatus)
-    align: StageStatus = Field(default_factory=StageStatus)
-    fuse: StageStatus = Field(default_factory=StageStatus)
-    train: StageStatus = Field(default_factory=StageStatus)
-    evaluate: StageStatus = Field(default_factory=StageStatus)
+# One entry per stage of the registry (jobs.registry).
+Stages = create_model(
+    "Stages",
+    __base__=StatusModel,
+    __doc__="Per-stage progress.",
+    **{s: (StageStatus, Field(default_factory=StageStatus)) for s in STAGE_NAMES},
+)
 
 
 class TrainingProgress(StatusModel):
@@ -152,3 +148,129 @@ def parse_status(raw: dict[str, Any] | None) -> FusionRunStatus:
         return FusionRunStatus.model_validate(raw)
     except ValueError:
         return FusionRunStatus()
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering, shared by the operator and the local backend (pure)
+
+STAGE_JOB_NAMES_MAX = 50
+
+
+def stage_entry(tasks: list[TaskStatus], old: StageStatus, output_uri: str, now_s: str) -> StageStatus:
+    """One stage's entry from its tasks' records (Skipped when the spec gives it no task)."""
+    if not tasks:
+        return StageStatus(state="Skipped")
+    n = len(tasks)
+    states = [t.state for t in tasks]
+    succeeded, running, failed = states.count("Succeeded"), states.count("Running"), states.count("Failed")
+    if succeeded == n:
+        state = "Succeeded"
+    elif failed:
+        state = "Failed"
+    elif running:
+        state = "Running"
+    elif "Retrying" in states:
+        state = "Retrying"
+    else:
+        state = "Pending"
+    starts = [t.start_time for t in tasks if t.start_time]
+    running_jobs = sorted(name for t in tasks if t.state == "Running" for name in t.job_names)
+    return StageStatus(
+        state=state,
+        tasks=n,
+        succeeded=succeeded,
+        running=running,
+        failed=failed,
+        attempts=sum(t.attempts for t in tasks),
+        start_time=old.start_time or (min(starts) if starts else None),
+        completion_time=(old.completion_time or now_s) if state == "Succeeded" else None,
+        job_names=running_jobs[:STAGE_JOB_NAMES_MAX],
+        output_uri=output_uri,
+    )
+
+
+def progress_entry(variant: str, raw: Mapping[str, Any]) -> TrainingProgress | None:
+    """A variant's progress.json (written by the train stage) -> its status entry; None when unusable.
+    Reads the keys of every version of the file (tokens_per_s / lr before the typed record)."""
+    try:
+        step, total = int(raw.get("step", 0)), int(raw.get("total_steps", 0))
+
+        def num(*keys: str) -> float | None:
+            v = next((raw[k] for k in keys if k in raw), None)
+            return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+        updated = raw.get("updated_at")
+        return TrainingProgress(
+            variant=variant,
+            step=step,
+            total_steps=total,
+            percent=round(100.0 * step / total, 1) if total > 0 else 0.0,
+            loss=num("loss"),
+            clm_loss=num("clm_loss"),
+            fusion_loss=num("fusion_loss"),
+            tokens_per_second=num("tokens_per_second", "tokens_per_s"),
+            learning_rate=num("learning_rate", "lr"),
+            eta_seconds=num("eta_seconds"),
+            updated_at=str(updated) if updated is not None else None,
+        )
+    except (TypeError, ValueError):
+        return None
+
+
+def condition(
+    old: FusionRunStatus, type_: str, ok: bool, reason: str, message: str, gen: int | None, now_s: str
+) -> Condition:
+    """A condition whose lastTransitionTime moves only when its status flips."""
+    status = "True" if ok else "False"
+    prev = old.condition(type_)
+    changed = prev is None or prev.status != status
+    return Condition(
+        type=type_,
+        status=status,
+        reason=reason or None,
+        message=message or None,
+        observed_generation=gen,
+        last_transition_time=now_s if changed else prev.last_transition_time,
+    )
+
+
+def conditions(
+    old: FusionRunStatus,
+    phase: str,
+    fail_reason: str | None,
+    message: str,
+    stages: Any,
+    gen: int | None,
+    now_s: str,
+) -> list[Condition]:
+    """The run-level conditions (Running, Succeeded, Failed, Suspended), then one per stage."""
+
+    def c(type_: str, ok: bool, reason: str, msg: str) -> Condition:
+        return condition(old, type_, ok, reason, msg, gen, now_s)
+
+    on = {p: phase == p for p in ("Running", "Succeeded", "Failed", "Suspended")}
+    out = [
+        c("Running", on["Running"], "Running" if on["Running"] else phase, message),
+        c(
+            "Succeeded",
+            on["Succeeded"],
+            "AllTasksSucceeded" if on["Succeeded"] else phase,
+            message if on["Succeeded"] else "",
+        ),
+        c("Failed", on["Failed"], fail_reason or "AsExpected", message if on["Failed"] else ""),
+        c(
+            "Suspended",
+            on["Suspended"],
+            "SuspendRequested" if on["Suspended"] else "NotSuspended",
+            message if on["Suspended"] else "",
+        ),
+    ]
+    for name in STAGE_NAMES:
+        st: StageStatus = getattr(stages, name)
+        if st.state == "Skipped":
+            out.append(c(STAGE_CONDITIONS[name], False, "Disabled", f"{name} is disabled in the spec"))
+            continue
+        done = st.state == "Succeeded"
+        reason = "AllTasksSucceeded" if done else st.state
+        out.append(c(STAGE_CONDITIONS[name], done, reason, f"{st.succeeded}/{st.tasks} tasks succeeded"))
+    return out

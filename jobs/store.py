@@ -18,15 +18,22 @@ import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fusion.atomic import PARTIAL_SUFFIX, atomic_path, copy_atomic, write_atomic
-from jobs.spec import Store as StoreSpec
+from jobs.spec import StoreSpec
 
 
 class StoreError(RuntimeError):
-    """The store cannot be used as configured; the message names what and how to fix it."""
+    """The store cannot be used as configured; the message names what and how to fix it.
+
+    permanent: retrying cannot help (no such bucket, access denied, no credentials, a malformed URI)."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class Store(ABC):
@@ -175,14 +182,16 @@ def _s3_error(err: Exception, endpoint: str, bucket: str, what: str) -> StoreErr
     if isinstance(err, NoCredentialsError):
         return StoreError(
             f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(or store.credentialsSecret on Kubernetes), or give the pod a cloud identity"
+            "(or store.credentialsSecret on Kubernetes), or give the pod a cloud identity",
+            permanent=True,
         )
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchBucket",):
             return StoreError(
                 f"{where}: the bucket does not exist; create it "
-                f"(e.g. `aws s3 mb s3://{bucket}`) or fix store.uri"
+                f"(e.g. `aws s3 mb s3://{bucket}`) or fix store.uri",
+                permanent=True,
             )
         if code in (
             "AccessDenied",
@@ -196,7 +205,8 @@ def _s3_error(err: Exception, endpoint: str, bucket: str, what: str) -> StoreErr
             return StoreError(
                 f"{where}: access denied ({code}) while {what}; check the S3 credentials "
                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or store.credentialsSecret) "
-                "and the bucket policy"
+                "and the bucket policy",
+                permanent=True,
             )
         if code in ("NoSuchKey", "404", "NotFound"):
             return StoreError(f"{where}: no such object while {what}; rerun the stage that writes it")
@@ -204,36 +214,68 @@ def _s3_error(err: Exception, endpoint: str, bucket: str, what: str) -> StoreErr
     return StoreError(f"{where}: {type(err).__name__} while {what}: {err}")
 
 
-def make_s3_client(spec: StoreSpec, max_attempts: int | None = None) -> Any:
-    """A boto3 S3 client for the store spec: bounded retries with backoff, path-style for custom endpoints."""
+@dataclass(frozen=True)
+class S3Endpoint:
+    """Which S3 service to talk to (AWS when `endpoint` is None) and how. Credentials come from the
+    environment or boto3's default chain, unless given to make_s3_client."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    insecure: bool = False
+
+    @classmethod
+    def of(cls, spec: S3Endpoint | StoreSpec | None) -> S3Endpoint:
+        """The endpoint of a store spec (its S3 settings apply to every s3:// URI of the run), or AWS's."""
+        if spec is None or isinstance(spec, S3Endpoint):
+            return spec or cls()
+        return cls(spec.endpoint, spec.region, spec.insecure)
+
+    @property
+    def label(self) -> str:
+        return self.endpoint or "AWS default"
+
+
+def make_s3_client(
+    where: S3Endpoint | StoreSpec,
+    max_attempts: int | None = None,
+    credentials: tuple[str, str] | None = None,
+    connect_timeout: float | None = None,
+    read_timeout: float | None = None,
+) -> Any:
+    """The one boto3 S3 client factory: bounded retries with backoff (botocore's standard mode), path-style
+    addressing for custom endpoints, explicit credentials (access key id, secret) or the default chain."""
     import boto3
     from botocore.config import Config
 
-    attempts = max_attempts or int(os.environ.get("FUSIONRUN_S3_MAX_ATTEMPTS", "8"))
+    ep = S3Endpoint.of(where)
+    env = os.environ.get
     cfg = Config(
-        retries={"max_attempts": attempts, "mode": "standard"},  # exponential backoff with jitter
-        connect_timeout=float(os.environ.get("FUSIONRUN_S3_CONNECT_TIMEOUT", "5")),
-        read_timeout=float(os.environ.get("FUSIONRUN_S3_READ_TIMEOUT", "60")),
-        s3={"addressing_style": "path"} if spec.endpoint else {},
-        region_name=spec.region
-        or os.environ.get("AWS_REGION")
-        or os.environ.get("AWS_DEFAULT_REGION")
-        or "us-east-1",
+        retries={
+            "max_attempts": max_attempts or int(env("FUSIONRUN_S3_MAX_ATTEMPTS", "8")),
+            "mode": "standard",
+        },
+        connect_timeout=connect_timeout or float(env("FUSIONRUN_S3_CONNECT_TIMEOUT", "5")),
+        read_timeout=read_timeout or float(env("FUSIONRUN_S3_READ_TIMEOUT", "60")),
+        s3={"addressing_style": "path"} if ep.endpoint else {},
+        region_name=ep.region or env("AWS_REGION") or env("AWS_DEFAULT_REGION") or "us-east-1",
     )
-    return boto3.session.Session().client(
-        "s3", endpoint_url=spec.endpoint, config=cfg, verify=None if not spec.insecure else False
+    keys = {}
+    if credentials is not None:
+        keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]}
+    return boto3.session.Session(**keys).client(
+        "s3", endpoint_url=ep.endpoint, config=cfg, verify=None if not ep.insecure else False
     )
 
 
 class S3Store(Store):
-    def __init__(self, spec: StoreSpec, bucket: str, prefix: str, client: Any | None = None):
+    def __init__(self, where: S3Endpoint | StoreSpec, bucket: str, prefix: str, client: Any | None = None):
         from boto3.s3.transfer import TransferConfig
 
-        self.spec, self.bucket = spec, bucket
+        self.where, self.bucket = S3Endpoint.of(where), bucket
         self.prefix = prefix.strip("/")
-        self.endpoint = spec.endpoint or "AWS default"
+        self.endpoint = self.where.label
         self.base_uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self.client = client or make_s3_client(spec)
+        self.client = client or make_s3_client(self.where)
         # Multipart above 16 MiB in 16 MiB parts, a few parts in flight: big shards and checkpoints.
         self.transfer = TransferConfig(
             multipart_threshold=16 * _MiB, multipart_chunksize=16 * _MiB, max_concurrency=4, use_threads=True
@@ -366,10 +408,10 @@ def objects_digest(objects: Iterable[tuple[str, int, str]]) -> str:
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """s3://bucket/some/prefix -> ("bucket", "some/prefix")."""
     if not uri.startswith("s3://"):
-        raise StoreError(f"not an s3:// URI: {uri!r}")
+        raise StoreError(f"not an s3:// URI: {uri!r}", permanent=True)
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     if not bucket:
-        raise StoreError(f"{uri!r} names no bucket: use s3://BUCKET/optional/prefix")
+        raise StoreError(f"{uri!r} names no bucket: use s3://BUCKET/optional/prefix", permanent=True)
     return bucket, prefix.strip("/")
 
 
@@ -378,7 +420,7 @@ def open_store(store_spec: StoreSpec, run_name: str, check: bool = False) -> Sto
 
     check: for S3, verify endpoint, bucket and credentials now (a clear error before any work)."""
     if not run_name or "/" in run_name:
-        raise StoreError(f"invalid run name {run_name!r}: use the FusionRun's metadata.name")
+        raise StoreError(f"invalid run name {run_name!r}: use the FusionRun's metadata.name", permanent=True)
     uri = store_spec.uri
     if store_spec.is_s3:
         bucket, prefix = parse_s3_uri(uri)
@@ -390,7 +432,8 @@ def open_store(store_spec: StoreSpec, run_name: str, check: bool = False) -> Sto
     if not os.path.isabs(path):
         raise StoreError(
             f"store.uri {uri!r} is relative: load the spec with jobs.spec.load_fusionrun (which "
-            "resolves it against the YAML file's folder) or give an absolute path"
+            "resolves it against the YAML file's folder) or give an absolute path",
+            permanent=True,
         )
     return LocalStore(Path(path) / run_name)
 
@@ -403,44 +446,52 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FUSIONRUN_CACHE", Path.home() / ".cache" / "fusionrun"))
 
 
-def download_model(store: Store | StoreSpec, uri: str, fresh: bool = False) -> str:
-    """A local path for a model URI: s3:// folders are downloaded once into the cache; others pass through.
+def endpoint_of(
+    where: Store | S3Endpoint | StoreSpec | None, spec_store: StoreSpec | None = None
+) -> S3Endpoint:
+    """The S3 service that reaches the s3:// URIs of a run (models, corpora in other buckets): the run
+    store's when the store is in S3; for a local run store, the spec's store settings (`spec_store`: AWS
+    with the default credential chain unless it names an endpoint)."""
+    if isinstance(where, S3Store):
+        return where.where
+    if isinstance(where, Store):
+        return S3Endpoint.of(spec_store)
+    return S3Endpoint.of(where)
 
-    Uses the run store's endpoint and credentials (a model may live in another bucket of the same S3).
+
+def download_model(where: Store | S3Endpoint | StoreSpec | None, uri: str, fresh: bool = False) -> str:
+    """A local folder holding the objects under an s3:// URI, downloaded once into the cache (others pass
+    through). `where`: the run store (its endpoint and credentials), an endpoint, or None for AWS's.
+
     fresh: make sure the cached copy is current (for corpora, which are edited in place; a model's folder
     is not expected to change): the objects are listed every time and the cache entry is keyed by their
     (key, size, ETag), so a folder whose objects changed is downloaded again, into a new entry (older
     entries stay until the cache, FUSIONRUN_CACHE, is cleared: another process may still be reading one)."""
     if not uri.startswith("s3://"):
         return uri
-    spec = store.spec if isinstance(store, S3Store) else store if isinstance(store, StoreSpec) else None
-    if spec is None:
-        spec = StoreSpec(uri="s3://placeholder")  # local run store, model in AWS S3: default chain
+    ep = endpoint_of(where)
     bucket, prefix = parse_s3_uri(uri)
-    name = hashlib.sha256(f"{spec.endpoint}|{uri}".encode()).hexdigest()[:16]
-    src, objects = None, None
-    if fresh:
-        src = S3Store(spec, bucket, prefix)
-        objects = src.list_stats("")
+    src = S3Store(ep, bucket, prefix)
+    name = hashlib.sha256(f"{ep.endpoint}|{uri}".encode()).hexdigest()[:16]
+    objects = src.list_stats("") if fresh else None
+    if objects is not None:
         dest = cache_dir() / "corpora" / f"{name}-{objects_digest(objects)[:16]}"
     else:
         dest = cache_dir() / "models" / name
     done = dest.parent / f"{dest.name}.complete"  # beside, not inside: the folder holds only the model
     if done.is_file():
         return str(dest)
-    src = src or S3Store(spec, bucket, prefix)
     # A key ending in '/' is a folder marker (S3 consoles make them): no file to download.
     keys = [k for k, _, _ in (objects if objects is not None else src.list_stats("")) if not k.endswith("/")]
     if not keys:
         if fresh:
-            raise StoreError(
-                f"{uri}: no objects under that prefix at {src.endpoint}; upload the files there "
-                "or fix the uri"
+            fix = f"{uri}: no objects under that prefix at {src.endpoint}; upload the files there or fix uri"
+        else:
+            fix = (
+                f"model {uri}: no objects under that prefix at {src.endpoint}; upload the model folder "
+                "there or fix the model's uri"
             )
-        raise StoreError(
-            f"model {uri}: no objects under that prefix at {src.endpoint}; upload the model "
-            "folder there or fix the model's uri"
-        )
+        raise StoreError(fix)
     for k in keys:
         src.download(k, dest / k)
     done.write_text(uri)  # last: a half-finished download is redone, not used

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench import ablation
-from jobs.manifest import fingerprint
+from jobs.complete import fingerprint
 from jobs.plan import Stage, build_dag
 from jobs.spec import load_fusionrun, parse_fusionrun
 

@@ -63,19 +63,20 @@ def test_stage_usage_errors_exit_2(capsys) -> None:
 
 
 def test_stage_errors_name_the_problem(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Bad input exits 2 (jobs.retry: no retry can help); a dependency not done yet exits 1 (retriable)."""
     monkeypatch.delenv("FUSIONRUN_SPEC", raising=False)
     monkeypatch.delenv("FUSIONRUN_NAME", raising=False)
-    assert stage_main(["prepare"]) == 1
+    assert stage_main(["prepare"]) == 2
     assert "no spec: pass --spec FILE or set FUSIONRUN_SPEC" in capsys.readouterr().err
     monkeypatch.setenv("FUSIONRUN_SPEC", json.dumps({**SPEC, "store": {"uri": str(tmp_path)}}))
-    assert stage_main(["prepare"]) == 1
+    assert stage_main(["prepare"]) == 2
     assert "no run name: pass --run NAME or set FUSIONRUN_NAME" in capsys.readouterr().err
     monkeypatch.setenv("FUSIONRUN_NAME", "r1")
-    assert stage_main(["extract", "--model", "nope", "--shard", "0"]) == 1
+    assert stage_main(["extract", "--model", "nope", "--shard", "0"]) == 2
     assert "--model nope: no such model in the spec; known: ['tgt', 'src']" in capsys.readouterr().err
-    assert stage_main(["align", "--model", "tgt", "--shard", "0"]) == 1
+    assert stage_main(["align", "--model", "tgt", "--shard", "0"]) == 2
     assert "align takes a source model" in capsys.readouterr().err
-    assert stage_main(["fuse", "--shard", "3"]) == 1
+    assert stage_main(["fuse", "--shard", "3"]) == 2
     assert "--shard 3: the run has extraction.shards=1" in capsys.readouterr().err
     # A task whose inputs were never made says which task to run first, and writes nothing.
     assert stage_main(["extract", "--model", "tgt", "--shard", "0"]) == 1

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.complete import manifest_key, read_manifest
 from jobs.local import LocalRunner, RunFailed, threads_for
-from jobs.manifest import manifest_key, read_manifest
 from jobs.plan import Stage, Task, build_dag
 from jobs.spec import parse_spec
 from jobs.store import open_store

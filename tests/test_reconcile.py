@@ -597,13 +597,13 @@ def test_merge_patch_removes_what_is_gone() -> None:
 
 
 def test_operator_reads_a_real_local_store(tmp_path) -> None:
-    """The handlers' store edge on a real file store with real manifests (jobs.manifest), fed to reconcile."""
+    """The handlers' store edge on a real file store with real manifests (jobs.complete), fed to reconcile."""
     import json
     import logging
 
     from fusionrun_operator.handlers import read_store_state
 
-    from jobs.manifest import build_manifest, invalidate, write_manifest
+    from jobs.complete import build_manifest, invalidate, write_manifest
     from jobs.plan import Stage, Task
     from jobs.spec import FusionRunSpec
     from jobs.store import open_store
@@ -704,7 +704,7 @@ def test_one_pass_reads_each_manifest_once(tmp_path) -> None:
 
     from fusionrun_operator.handlers import ReadCache
 
-    from jobs.manifest import build_manifest, completed_tasks, input_digests, write_manifest
+    from jobs.complete import build_manifest, completed_tasks, input_digests, write_manifest
     from jobs.plan import build_dag
     from jobs.spec import FusionRunSpec
     from jobs.store import LocalStore

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from jobs.plan import build_dag
-from jobs.spec import SpecError, load_fusionrun, parse_spec, spec_fingerprint_fields
+from jobs.registry import Stage, Task, fingerprint_fields
+from jobs.spec import SpecError, load_fusionrun, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {
@@ -111,6 +112,12 @@ def test_bad_files_are_named(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(doc))
     with pytest.raises(SpecError, match=r"apiVersion must be fusionrun\.dev/v1alpha1"):
         load_fusionrun(bad)
+
+
+def spec_fingerprint_fields(spec, stage: str) -> dict:
+    """The fields that fingerprint one task of `stage` (extract: of the target model)."""
+    task = Task(Stage(stage), model=spec.target.name if stage == "extract" else None)
+    return fingerprint_fields(spec.model_dump(mode="json", by_alias=True), task)
 
 
 def test_fingerprint_fields_follow_what_decides_each_stage() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jobs.complete import manifest_key, read_manifest, texts_changed
 from jobs.corpus import (
     CorpusError,
     assign_shards,
@@ -22,7 +23,6 @@ from jobs.corpus import (
     split_to_fit,
     unpack_texts,
 )
-from jobs.manifest import manifest_key, read_manifest
 from jobs.plan import Stage, Task
 from jobs.spec import Corpus, parse_spec
 from jobs.stages import align, extract, fuse, prepare
@@ -188,6 +188,11 @@ def _spec(tmp_path: Path, **overrides):
         **overrides,
     }
     return parse_spec(spec)
+
+
+def corpus_changed(store, spec) -> bool:
+    """Whether prepare must be redone for an edited corpus (jobs.complete.texts_changed)."""
+    return texts_changed(store, spec, Task(Stage.prepare)) is not None
 
 
 def _t(stage: str, model: str | None = None, shard: int | None = None) -> Task:
@@ -408,7 +413,7 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
         assert got == texts
         stamp = m["summary"]["corpus_stamp"]
         assert stamp == corpus_stamp(spec.corpus, spec.store) and len(stamp) == 64
-        assert not prepare.corpus_changed(st, spec)
+        assert not corpus_changed(st, spec)
         started = m["started_at"]
         assert run_task(prepare.run, _t("prepare"), spec, run) == 0  # unchanged: skipped
         assert read_manifest(st, "prepare/manifest.json")["started_at"] == started
@@ -422,10 +427,10 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
     st = open_store(spec.store, "one")
     first = run_and_check(spec, st, "one", 2, ["alpha", "bravo"])
     c.put_object(Bucket=s3_bucket, Key="data/corpus.txt", Body=b"ALPHA\n\nBRAVO")  # same size, new ETag
-    assert prepare.corpus_changed(st, spec)
+    assert corpus_changed(st, spec)
     second = run_and_check(spec, st, "one", 2, ["ALPHA", "BRAVO"])
     c.put_object(Bucket=s3_bucket, Key="data/corpus.txt", Body=b"alpha\n\nbravo\n\ncharlie")
-    assert prepare.corpus_changed(st, spec)
+    assert corpus_changed(st, spec)
     third = run_and_check(spec, st, "one", 3, ["alpha", "bravo", "charlie"])
     assert len({first, second, third}) == 3
 
@@ -443,16 +448,16 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
     first = run_and_check(spec, st, "dir", 2, ["file one", "file two"])
     c.put_object(Bucket=s3_bucket, Key="data/folder/notes.md", Body=b"edited, still not read")
     c.put_object(Bucket=s3_bucket, Key="data/folder2/x.txt", Body=b"edited elsewhere")
-    assert not prepare.corpus_changed(st, spec)
+    assert not corpus_changed(st, spec)
     assert corpus_stamp(spec.corpus, spec.store) == first
     c.put_object(Bucket=s3_bucket, Key="data/folder/sub/c.txt", Body=b"file three")  # a file added
-    assert prepare.corpus_changed(st, spec)
+    assert corpus_changed(st, spec)
     second = run_and_check(spec, st, "dir", 3, ["file one", "file two", "file three"])
     c.put_object(Bucket=s3_bucket, Key="data/folder/a.txt", Body=b"file ONE")  # same keys and sizes
-    assert prepare.corpus_changed(st, spec)
+    assert corpus_changed(st, spec)
     third = run_and_check(spec, st, "dir", 3, ["file ONE", "file two", "file three"])
     c.delete_object(Bucket=s3_bucket, Key="data/folder/b.txt")  # a file removed
-    assert prepare.corpus_changed(st, spec)
+    assert corpus_changed(st, spec)
     fourth = run_and_check(spec, st, "dir", 2, ["file ONE", "file three"])
     assert len({first, second, third, fourth}) == 4
     # Each version of the folder has its own cache entry: a changed folder is never served from an old one.
@@ -460,7 +465,7 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
 
 
 def test_an_unreachable_s3_corpus_is_a_clear_store_error(tmp_path: Path, monkeypatch) -> None:
-    from jobs.spec import Store as StoreSpec
+    from jobs.spec import StoreSpec
     from jobs.store import StoreError
 
     monkeypatch.setenv("FUSIONRUN_S3_MAX_ATTEMPTS", "1")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.manifest import (
+from jobs.complete import (
     Output,
+    Policy,
     build_manifest,
     completed_tasks,
     digest,
@@ -20,8 +21,7 @@ from jobs.manifest import (
     write_manifest,
 )
 from jobs.plan import Stage, Task, build_dag
-from jobs.spec import Store as StoreSpec
-from jobs.spec import parse_spec
+from jobs.spec import StoreSpec, parse_spec
 from jobs.store import LocalStore, S3Store, StoreError, download_model, open_store
 from tests.harness.s3 import ENDPOINT
 
@@ -164,7 +164,7 @@ def test_download_model_caches_an_s3_folder(s3_server, s3_bucket, tmp_path, monk
 
 
 def _complete(store, spec, task: Task, dag, outputs: dict[str, bytes]) -> dict:
-    from jobs.manifest import input_digests
+    from jobs.complete import input_digests
 
     outs = {}
     for k, data in outputs.items():
@@ -191,7 +191,7 @@ def test_manifest_completeness_rules(tmp_path: Path) -> None:
     store.put_bytes("extract/tgt/shard-00000.safetensors", b"LOGITS")
     assert why_incomplete(store, spec, ext, by_id) is None
     assert (
-        why_incomplete(store, spec, ext, by_id, verify=True)
+        why_incomplete(store, spec, ext, by_id, Policy(verify=True))
         == "output extract/tgt/shard-00000.safetensors checksum mismatch"
     )
     store.put_bytes("extract/tgt/shard-00000.safetensors", b"logit")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fusion.train import checkpoint as ck
-from jobs.spec import Store as StoreSpec
+from jobs.spec import StoreSpec
 from jobs.store import open_store
 from tests.harness.s3 import ENDPOINT
 

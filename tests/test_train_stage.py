@@ -119,7 +119,7 @@ def test_group_exit_code():
 @pytest.fixture(scope="module")
 def fused_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A store holding what the fuse stage leaves: fused shards and their manifests."""
-    from jobs.manifest import Output, build_manifest, write_manifest
+    from jobs.complete import Output, build_manifest, write_manifest
     from jobs.plan import Stage, Task, build_dag
     from jobs.spec import load_fusionrun
     from jobs.store import open_store

@@ -10,11 +10,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from jobs.stages.common import StageContext, StageError, load_model_tokenizer, log_event, shard_key
-
-
-def vocab_map_key(source: str) -> str:
-    return f"align/{source}/vocab-map.npz"
+from jobs.registry import Layout, Stage
+from jobs.stages.common import StageContext, StageError, load_model_tokenizer, log_event
 
 
 def load_or_build_map(ctx: StageContext, src_view: Any, tgt_view: Any, needed: Any) -> tuple[Any, str]:
@@ -22,7 +19,7 @@ def load_or_build_map(ctx: StageContext, src_view: Any, tgt_view: Any, needed: A
     from fusion.vocab import StaleVocabMapError, VocabMap, build_vocab_map, extend_vocab_map
 
     method = ctx.spec.alignment.method
-    key = vocab_map_key(ctx.task.model or "")
+    key = Layout.vocab_map(ctx.task.model or "")
     vmap = None
     if ctx.store.exists(key):
         path = ctx.store.download(key, ctx.scratch / "vocab-map.npz")
@@ -48,17 +45,12 @@ def load_or_build_map(ctx: StageContext, src_view: Any, tgt_view: Any, needed: A
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from fusion.align import align_shard_with_stats, needed_source_ids
-    from fusion.format import write_shard
 
     src, s = ctx.task.model, ctx.task.shard
-    assert src is not None and s is not None
+    assert src is not None
     tgt = ctx.spec.target.name
-    src_shard = ctx.input_shard(
-        ctx.task_of(f"extract-{src}-{s:05d}"), shard_key(f"extract/{src}", s), "extract"
-    )
-    tgt_shard = ctx.input_shard(
-        ctx.task_of(f"extract-{tgt}-{s:05d}"), shard_key(f"extract/{tgt}", s), "extract"
-    )
+    src_shard = ctx.input_shard(Stage.extract, model=src)
+    tgt_shard = ctx.input_shard(Stage.extract, model=tgt)
     _, src_view = load_model_tokenizer(ctx, src)
     _, tgt_view = load_model_tokenizer(ctx, tgt)
     vmap, how = load_or_build_map(ctx, src_view, tgt_view, needed_source_ids(src_shard))
@@ -68,12 +60,7 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     except ValueError as err:
         raise StageError(f"aligning {src} onto {tgt}, shard {s}: {err}") from None
-    key = shard_key(f"align/{src}", s)
-    path = ctx.output_path(key)
-    info = write_shard(
-        path, "aligned", arrays, meta={"source": src, "target": tgt, "method": ctx.spec.alignment.method}
-    )
-    ctx.add_output(key, path, info.sha256)
+    info = ctx.write_shard(arrays, meta={"source": src, "target": tgt, "method": ctx.spec.alignment.method})
     mapped = int((vmap.ids >= 0).sum())
     summary = {
         "vocab_map": how,

@@ -18,28 +18,46 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from jobs.manifest import (
+from jobs.complete import (
     Output,
+    Policy,
     build_manifest,
     input_digests,
     invalidate,
-    manifest_key,
     read_manifest,
+    text_stamps,
     why_incomplete,
     write_manifest,
 )
-from jobs.plan import Stage, Task, build_dag
-from jobs.spec import FusionRunSpec, SpecError, load_fusionrun, parse_spec
-from jobs.store import Store, open_store
+from jobs.plan import build_dag
+from jobs.registry import STAGES, Layout, Stage, Task
+from jobs.spec import FusionRunSpec, SpecError, load_fusionrun, parse_spec, resolve_relative_paths
+from jobs.store import Store, endpoint_of, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class StageError(RuntimeError):
-    """A stage that cannot do its work; the message names the artifact or field and the fix."""
+    """A stage that cannot do its work; the message names the artifact or field and the fix. Retrying
+    may help (exit 1): a corrupt input whose producer is being redone, an inconsistent store."""
+
+
+class InputError(StageError):
+    """Bad input: retrying cannot help (exit 2, jobs.retry): a model or tokenizer that will not load, a
+    missing or empty corpus, spec settings the data cannot satisfy."""
+
+
+def exit_code_for(err: Exception) -> int:
+    """The process exit code of a stage that failed with `err` (jobs.retry's contract)."""
+    from jobs.store import StoreError
+
+    if isinstance(err, SpecError | InputError) or (isinstance(err, StoreError) and err.permanent):
+        return EXIT_USAGE
+    return EXIT_FAILED
 
 
 def load_spec_and_name(spec_file: str | None, run_name: str | None) -> tuple[FusionRunSpec, str]:
@@ -61,8 +79,6 @@ def load_spec_and_name(spec_file: str | None, run_name: str | None) -> tuple[Fus
             return run.spec, name or run.metadata.name
         if not isinstance(doc, dict):
             raise SpecError(f"--spec {path}: expected a FusionRun document or a spec mapping")
-        from jobs.spec import resolve_relative_paths
-
         spec = resolve_relative_paths(parse_spec(doc), path.parent.resolve())
     else:
         raw = os.environ.get("FUSIONRUN_SPEC")
@@ -80,6 +96,9 @@ def load_spec_and_name(spec_file: str | None, run_name: str | None) -> tuple[Fus
 
 @dataclass
 class StageContext:
+    """What a stage function sees: the spec, its task, and its inputs and outputs by meaning (the store
+    keys come from the registry's Layout; no stage formats a key or a task id)."""
+
     spec: FusionRunSpec
     run_name: str
     store: Store
@@ -89,12 +108,26 @@ class StageContext:
     started_at: float = field(default_factory=time.time)
     outputs: dict[str, Output] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def by_id(self) -> dict[str, Task]:
         return {t.id: t for t in self.dag}
 
-    def task_of(self, task_id: str) -> Task:
-        return self.by_id[task_id]
+    @property
+    def s3(self) -> Any:
+        """The S3 service that reaches the run's s3:// models and texts (jobs.store.endpoint_of)."""
+        return endpoint_of(self.store, self.spec.store)
+
+    def dependency(self, stage: Stage, model: str | None = None, variant: str | None = None) -> Task:
+        """The task of `stage` (for `model` / `variant`) that this task depends on."""
+        for dep_id in self.task.deps:
+            dep = self.by_id[dep_id]
+            same_model = model is None or dep.model == model
+            if dep.stage is stage and same_model and variant in (None, dep.variant or "fused"):
+                return dep
+        raise StageError(f"task {self.task.id} does not depend on {stage.value} {model or ''}".rstrip())
+
+    def dependencies(self, stage: Stage) -> list[Task]:
+        return [self.by_id[d] for d in self.task.deps if self.by_id[d].stage is stage]
 
     # ---- inputs
     def input_file(self, key: str) -> Path:
@@ -107,14 +140,26 @@ class StageContext:
             self.store.download(key, dst)
         return dst
 
-    def input_shard(self, producer: Task, key: str, kind: str) -> Any:
-        """Open an input shard, verifying the checksum its producer's manifest recorded.
+    def input_shard(self, stage: Stage, model: str | None = None, variant: str | None = None) -> Any:
+        """This task's input shard from `stage` (of `model`): documents, extraction, alignment or fusion
+        of the same shard, verified against the checksum its producer recorded."""
+        producer = self.dependency(stage, model, variant)
+        key = Layout.documents(self.task.shard) if stage is Stage.prepare else Layout.shard(producer)
+        return self.verified_shard(producer, key)
+
+    def heldout(self) -> Any:
+        """The held-out documents prepare set aside for evaluation."""
+        return self.verified_shard(self.dependency(Stage.prepare), Layout.HELDOUT)
+
+    def verified_shard(self, producer: Task, key: str) -> Any:
+        """Open a shard `producer` wrote, verifying the checksum its manifest recorded.
 
         A missing, corrupt or foreign shard drops the producer's manifest, so that the next run redoes the
         producer (nothing complete is deleted: only the bad artifact's claim to be complete)."""
         from fusion.format import ShardError, read_shard
 
-        m = read_manifest(self.store, manifest_key(producer))
+        kind = STAGES[producer.stage].shard_kind
+        m = read_manifest(self.store, producer)
         if m is None or key not in m["outputs"]:
             raise StageError(
                 f"input {self.store.uri_for(key)} has no manifest entry: run task {producer.id} first"
@@ -149,6 +194,16 @@ class StageContext:
             self.store.upload(path, key)
         self.outputs[key] = Output(digest, path.stat().st_size)
 
+    def write_shard(self, arrays: dict[str, Any], meta: dict[str, Any], key: str | None = None) -> Any:
+        """Write one of this task's shards (default: the task's own shard key) and record it."""
+        from fusion.format import write_shard
+
+        key = key or Layout.shard(self.task)
+        path = self.output_path(key)
+        info = write_shard(path, STAGES[self.task.stage].shard_kind, arrays, meta=meta)
+        self.add_output(key, path, info.sha256)
+        return info
+
     def put_json(self, key: str, obj: Any) -> None:
         import hashlib
 
@@ -168,20 +223,14 @@ def run_task(
     force: bool = False,
     store: Store | None = None,
 ) -> int:
-    """Run one task unless complete; write its manifest last. Returns a process exit code."""
+    """Run one task unless complete (jobs.complete); write its manifest last. Returns a process exit code."""
     store = store or open_store(spec.store, run_name, check=spec.store.is_s3)
     dag = build_dag(spec)
     by_id = {t.id: t for t in dag}
     if task.id not in by_id:
         raise StageError(f"task {task.id} is not part of this run (known: {', '.join(sorted(by_id))})")
     task = by_id[task.id]  # with its dependencies
-    # Local outputs are cheap to hash: verify them as the local runner does, so that a shard it found
-    # corrupted is redone here rather than skipped on its (unchanged) size.
-    reason = why_incomplete(store, spec, task, by_id, verify=verify_outputs(store))
-    if reason is None:
-        from jobs.stages.prepare import texts_changed
-
-        reason = texts_changed(store, spec, task)
+    reason = why_incomplete(store, spec, task, by_id, Policy.for_store(store))
     if reason is None and not force:
         log_event("skip", task=task.id, reason="complete")
         return EXIT_OK
@@ -192,21 +241,27 @@ def run_task(
         log_event("start", task=task.id, reason=reason or "forced")
         if reason != "no manifest":
             invalidate(store, task)  # a stale manifest must not vouch for outputs being rewritten
+        record_spec(store, spec)
+        stamps = text_stamps(store, spec, task)  # before reading: an edit meanwhile redoes the task
         counts, summary = stage_fn(ctx)
-        write_manifest(
-            store, task, build_manifest(spec, task, ctx.outputs, inputs, ctx.started_at, counts, summary)
-        )
+        manifest = build_manifest(spec, task, ctx.outputs, inputs, ctx.started_at, counts, summary | stamps)
+        write_manifest(store, task, manifest)
         log_event("done", task=task.id, seconds=round(time.time() - ctx.started_at, 2), **counts)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return EXIT_OK
 
 
-def verify_outputs(store: Store) -> bool:
-    """Whether completeness checks should re-hash outputs: for local stores (cheap), not S3 (a download)."""
-    from jobs.store import LocalStore
-
-    return isinstance(store, LocalStore)
+def record_spec(store: Store, spec: FusionRunSpec) -> None:
+    """Keep the spec the run's tasks run with in the store, so that `fusionrun status/report NAME` can
+    read a run made by either backend (the spec holds Secret names, never their values)."""
+    data = spec.model_dump_json(by_alias=True, exclude_none=True, indent=1).encode()
+    try:
+        if store.exists(Layout.SPEC) and store.get_bytes(Layout.SPEC) == data:
+            return
+        store.put_bytes(Layout.SPEC, data)
+    except Exception as err:  # informational only: never fail a task over it
+        log_event("warning", what=f"could not record the spec at {store.uri_for(Layout.SPEC)}: {err}")
 
 
 def log_event(event: str, **fields: Any) -> None:
@@ -254,32 +309,17 @@ class Progress:
             self._bar.close()
 
 
-def shard_key(prefix: str, shard: int, suffix: str = ".safetensors") -> str:
-    return f"{prefix}/shard-{shard:05d}{suffix}"
-
-
-def stage_task(
-    stage: str, model: str | None = None, shard: int | None = None, variant: str | None = None
-) -> Task:
-    return Task(Stage(stage), model=model, shard=shard, variant=variant)
-
-
 def model_location(ctx: StageContext, uri: str | None) -> str | None:
     """A path (or hub id) fusion can load: s3:// folders are downloaded (cached), pkg:// resolved."""
     if uri is None:
         return None
-    from jobs.store import StoreError, download_model
+    from jobs.locations import fetch
+    from jobs.store import StoreError
 
-    if uri.startswith("s3://"):
-        try:
-            return download_model(ctx.store, uri)
-        except StoreError as err:
-            raise StageError(f"model at {uri}: {err}") from None
-    if uri.startswith(("pkg://", "file://")):
-        from fusion.hub import resolve_path
-
-        return str(resolve_path(uri))
-    return uri
+    try:
+        return fetch(uri, ctx.s3, kind="model")
+    except StoreError as err:
+        raise (InputError if err.permanent else StageError)(f"model at {uri}: {err}") from None
 
 
 def load_model_tokenizer(ctx: StageContext, name: str) -> tuple[Any, Any]:
@@ -289,13 +329,13 @@ def load_model_tokenizer(ctx: StageContext, name: str) -> tuple[Any, Any]:
 
     m = ctx.spec.model(name)
     uri = m.tokenizer_uri
-    loc = uri if not uri.startswith("s3://") else model_location(ctx, uri)
+    loc = model_location(ctx, uri)
     try:
         tok = load_tokenizer(loc, m.gguf_file)
         return tok, TokenizerView.from_tokenizer(tok)
     except Exception as err:
         field = "tokenizer" if m.tokenizer else "uri"
-        raise StageError(
+        raise InputError(
             f"model {name}: cannot load its tokenizer from {uri} ({err}); fix {field} of model "
             f"{name} in the spec"
         ) from None
@@ -327,10 +367,17 @@ def load_spec_model(ctx: StageContext, name: str, vocab_size: int, eos_id: int) 
             eos_token_id=eos_id,
         )
     except Exception as err:
-        raise StageError(
+        raise _load_error(err)(
             f"model {name} ({m.uri or 'randomInit'}) will not load: {err}. Fix uri/ggufFile/"
             f"randomInit of model {name} in the spec"
         ) from None
+
+
+def _load_error(err: Exception) -> type[StageError]:
+    """Out of memory may pass on another node or after others finish (retry); anything else about a model
+    that will not load is bad input (a wrong path, file or architecture)."""
+    oom = isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+    return StageError if oom else InputError
 
 
 def set_threads() -> int:

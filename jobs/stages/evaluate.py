@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from jobs.corpus import unpack_texts
+from jobs.registry import Layout, Stage, Variant
 from jobs.stages.common import (
+    InputError,
     StageContext,
     StageError,
     adds_bos,
@@ -24,12 +26,12 @@ from jobs.stages.common import (
     set_threads,
 )
 
-METRICS_KEY = "evaluate/metrics.json"
+BASELINES = tuple(v.value for v in Variant if v is not Variant.fused)
 
 
 def trained_model_dir(ctx: StageContext, variant: str) -> str:
-    """A local folder with the trained model of `variant` (train/<variant>/model/ in the store)."""
-    prefix = f"train/{variant}/model/"
+    """A local folder with the trained model of `variant` (its model prefix in the store)."""
+    prefix = Layout.model_prefix(variant)
     local = ctx.store.local_path(prefix + "config.json")
     if local is not None and local.is_file():
         return str(local.parent)
@@ -59,12 +61,12 @@ def score(model: Any, view: Any, docs: list[np.ndarray], batch_tokens: int) -> d
     }
 
 
-def fused_vs_clm(models: dict[str, dict[str, Any]]) -> dict[str, float] | None:
-    """FuseLLM minus CLM-only in bits per byte with a 95% paired bootstrap interval over the held-out
-    documents (negative: FuseLLM is better); None without both."""
+def fused_vs_clm(models: dict[str, dict[str, Any]], baseline: str = "clm") -> dict[str, float] | None:
+    """FuseLLM minus a baseline (CLM-only by default) in bits per byte with a 95% paired bootstrap interval
+    over the held-out documents (negative: FuseLLM is better); None without both."""
     from fusion.evaluate import paired_bpb_difference
 
-    f, c = models.get("fused"), models.get("clm")
+    f, c = models.get("fused"), models.get(baseline)
     if not f or not c or "doc_bits" not in f or "doc_bits" not in c or not f["doc_bits"]:
         return None
     delta, lo, hi = paired_bpb_difference(
@@ -76,15 +78,15 @@ def fused_vs_clm(models: dict[str, dict[str, Any]]) -> dict[str, float] | None:
 def eval_corpus_texts(ctx: StageContext, i: int) -> list[str]:
     """The documents of evaluation.corpora[i], read like the training corpus (local or s3://)."""
     from jobs.corpus import CorpusError, read_documents
-    from jobs.stages.prepare import corpus_path
+    from jobs.stages.prepare import text_path
 
     c = ctx.spec.evaluation.corpora[i]
     field = f"evaluation.corpora.{i}"
     try:
-        return read_documents(corpus_path(ctx, c.uri, field), c)
+        return read_documents(text_path(ctx, c.uri, field), c)
     except CorpusError as err:
         # The reader names the training corpus's fields; here they are this evaluation corpus's.
-        raise StageError(str(err).replace("corpus.", f"{field}.")) from None
+        raise InputError(str(err).replace("corpus.", f"{field}.")) from None
 
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,18 +94,15 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from fusion.tokens import encode_documents
 
     threads = set_threads()
-    held = ctx.input_shard(ctx.task_of("prepare"), "prepare/heldout.safetensors", "raw")
+    held = ctx.heldout()
     texts = unpack_texts(held["text"], held["doc_offsets"])
     limit = ctx.spec.evaluation.max_documents
     texts = texts[:limit] if limit else texts
     if not texts:
-        raise StageError(
+        raise InputError(
             "no held-out documents to evaluate on: raise corpus.heldoutFraction above 0 or set "
             "evaluation.enabled: false"
         )
-    from jobs.stages.prepare import eval_corpora_stamps
-
-    stamps = eval_corpora_stamps(ctx.store, ctx.spec)  # before reading: an edit meanwhile redoes evaluate
     # Text sets scored by every model: the held-out split first, then evaluation.corpora in spec order.
     sets = {"heldout": texts}
     for i, c in enumerate(ctx.spec.evaluation.corpora):
@@ -121,8 +120,7 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
             log_event("scored", task=ctx.task.id, model=label, text=name, **figures)
 
     add("target-before", load_spec_model(ctx, tgt, view.vocab_size, view.eos_id), view, docs)
-    variants = ["fused", *(["clm"] if ctx.spec.training.clm_baseline else [])]
-    for variant in variants:
+    for variant in [dep.variant or "fused" for dep in ctx.dependencies(Stage.train)]:
         path = trained_model_dir(ctx, variant)
         try:
             model = load_model(
@@ -132,11 +130,11 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
                 dtype=ctx.spec.extraction.dtype,
             )
         except Exception as err:
-            where = ctx.store.uri_for(f"train/{variant}/model/")
+            where = ctx.store.uri_for(Layout.model_prefix(variant))
             raise StageError(
                 f"trained model {variant} at {where} will not load ({err}); rerun train --variant {variant}"
             ) from None
-        add("fused" if variant == "fused" else "clm", model, view, docs)
+        add(variant, model, view, docs)
     if ctx.spec.evaluation.evaluate_sources:
         for m in ctx.spec.sources:
             stok, sview = load_model_tokenizer(ctx, m.name)
@@ -151,19 +149,20 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     def block(name: str) -> dict[str, Any]:
         n_bytes = sum(len(t.encode("utf-8")) for t in sets[name])
         out: dict[str, Any] = {"documents": len(sets[name]), "bytes": n_bytes, "models": results[name]}
-        comparison = fused_vs_clm(results[name])
-        if comparison is not None:
-            out["fused_minus_clm"] = comparison
+        for baseline in BASELINES:  # FuseLLM against each baseline the run trained, paired per document
+            comparison = fused_vs_clm(results[name], baseline)
+            if comparison is not None:
+                out[f"fused_minus_{baseline}"] = comparison
         return out
 
     held_block = block("heldout")
     metrics: dict[str, Any] = {
         "heldout": {"documents": held_block["documents"], "bytes": held_block["bytes"]},
-        **{k: v for k, v in held_block.items() if k in ("models", "fused_minus_clm")},
+        **{k: v for k, v in held_block.items() if k not in ("documents", "bytes")},
     }
     if ctx.spec.evaluation.corpora:
         metrics["corpora"] = {c.name: block(c.name) for c in ctx.spec.evaluation.corpora}
-    ctx.put_json(METRICS_KEY, metrics)
+    ctx.put_json(Layout.METRICS, metrics)
 
     def bpb(models: dict[str, dict[str, Any]]) -> dict[str, float]:
         return {
@@ -171,10 +170,7 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
         }
 
     summary: dict[str, Any] = {"bits_per_byte": bpb(results["heldout"]), "threads": threads}
-    if "fused_minus_clm" in metrics:
-        summary["fused_minus_clm"] = metrics["fused_minus_clm"]
+    summary |= {k: v for k, v in metrics.items() if k.startswith("fused_minus_")}
     for c in ctx.spec.evaluation.corpora:
         summary[f"bits_per_byte:{c.name}"] = bpb(results[c.name])
-    if stamps:
-        summary["corpora_stamps"] = stamps
     return metrics["heldout"], summary

@@ -8,27 +8,26 @@ from typing import Any
 import numpy as np
 
 from jobs.corpus import unpack_texts
+from jobs.registry import Stage
 from jobs.stages.common import (
+    InputError,
     Progress,
     StageContext,
-    StageError,
     adds_bos,
     load_model_tokenizer,
     load_spec_model,
     set_threads,
-    shard_key,
 )
 
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from fusion.extract import extract_documents
-    from fusion.format import write_shard
     from fusion.tokens import encode_documents
 
     threads = set_threads()
     name, s = ctx.task.model, ctx.task.shard
     assert name is not None and s is not None
-    raw = ctx.input_shard(ctx.task_of("prepare"), shard_key("prepare", s), "raw")
+    raw = ctx.input_shard(Stage.prepare)
     texts = unpack_texts(raw["text"], raw["doc_offsets"])
     tok, view = load_model_tokenizer(ctx, name)
     docs = encode_documents(tok, texts, add_bos=adds_bos(ctx, name, tok))
@@ -36,9 +35,8 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     max_len = ctx.spec.extraction.max_length
     if lengths.size and lengths.max() > max_len:
         bad = int(np.argmax(lengths))
-        where = ctx.store.uri_for(shard_key("prepare", s))
-        raise StageError(
-            f"document {int(raw['doc_index'][bad])} of {where} has {int(lengths[bad])} tokens "
+        raise InputError(
+            f"document {int(raw['doc_index'][bad])} of prepared shard {s} has {int(lengths[bad])} tokens "
             f"under {name}'s tokenizer, over extraction.maxLength={max_len}: the prepare stage "
             "was run for other tokenizers; rerun prepare"
         )
@@ -54,15 +52,8 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
         progress,
     )
     progress.close()
-    key = shard_key(f"extract/{name}", s)
-    path = ctx.output_path(key)
-    info = write_shard(
-        path,
-        "extract",
-        arrays,
-        meta={"model": name, "tokenizer": view.fingerprint(), "top_k": ctx.spec.extraction.top_k},
-    )
-    ctx.add_output(key, path, info.sha256)
+    meta = {"model": name, "tokenizer": view.fingerprint(), "top_k": ctx.spec.extraction.top_k}
+    info = ctx.write_shard(arrays, meta)
     nll, nbytes = float(arrays["doc_nll"].sum()), int(arrays["doc_pred_nbytes"].sum())
     bpb = nll / math.log(2) / nbytes if nbytes else float("nan")
     counts = {"documents": len(docs), "tokens": int(lengths.sum()), "bytes": info.nbytes}

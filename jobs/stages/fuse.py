@@ -6,13 +6,23 @@ from typing import Any
 
 import numpy as np
 
-from jobs.stages.common import StageContext, StageError, shard_key
+from jobs.registry import Stage, Variant
+from jobs.stages.common import StageContext, StageError
 
 
 def candidate_names(ctx: StageContext) -> list[str]:
-    """Fusion candidates in spec order: the target (when fusion.includeTarget), then the sources."""
-    srcs = [m.name for m in ctx.spec.sources]
-    return ([ctx.spec.target.name] if ctx.spec.fusion.include_target else []) + srcs
+    """Fusion candidates in spec order: the target (when it is a teacher of this fuse variant), then the
+    sources (unless self-distillation: the target's own distribution alone)."""
+    srcs = [] if ctx.task.variant == Variant.self.value else [m.name for m in ctx.spec.sources]
+    return ([ctx.spec.target.name] if includes_target(ctx) else []) + srcs
+
+
+def includes_target(ctx: StageContext) -> bool:
+    """fused: as fusion.includeTarget says; self: always (the only teacher); sources: never."""
+    variant = ctx.task.variant or Variant.fused.value
+    return {Variant.self.value: True, Variant.sources.value: False}.get(
+        variant, ctx.spec.fusion.include_target
+    )
 
 
 def choice_counts(choice: np.ndarray, names: list[str]) -> dict[str, int]:
@@ -26,31 +36,21 @@ def choice_counts(choice: np.ndarray, names: list[str]) -> dict[str, int]:
 
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    from fusion.format import write_shard
     from fusion.fuse import fuse_shard
 
     s = ctx.task.shard
-    assert s is not None
     fz = ctx.spec.fusion
-    tgt = ctx.spec.target.name
-    target = ctx.input_shard(ctx.task_of(f"extract-{tgt}-{s:05d}"), shard_key(f"extract/{tgt}", s), "extract")
-    aligned = [
-        ctx.input_shard(ctx.task_of(f"align-{m.name}-{s:05d}"), shard_key(f"align/{m.name}", s), "aligned")
-        for m in ctx.spec.sources
-    ]
+    target = ctx.input_shard(Stage.extract, model=ctx.spec.target.name)
+    aligned = [ctx.input_shard(Stage.align, model=dep.model) for dep in ctx.dependencies(Stage.align)]
+    with_target = includes_target(ctx)
     try:
         arrays = fuse_shard(
-            target, aligned, fz.strategy, fz.level, fz.ce_unit, fz.temperature, fz.include_target, fz.top_k
+            target, aligned, fz.strategy, fz.level, fz.ce_unit, fz.temperature, with_target, fz.top_k
         )
     except ValueError as err:
         raise StageError(f"fusing shard {s}: {err}") from None
-    key = shard_key("fuse", s)
-    path = ctx.output_path(key)
     names = candidate_names(ctx)
-    info = write_shard(
-        path, "fused", arrays, meta={"candidates": names, "strategy": fz.strategy, "level": fz.level}
-    )
-    ctx.add_output(key, path, info.sha256)
+    info = ctx.write_shard(arrays, meta={"candidates": names, "strategy": fz.strategy, "level": fz.level})
     width = int(arrays["target_ids"].shape[1])
     filled = float((arrays["target_ids"] >= 0).sum(axis=1).mean()) if len(arrays["target_ids"]) else 0.0
     counts = {"documents": int(target.n_docs), "tokens": int(target.n_tokens), "bytes": info.nbytes}

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion.train.config import TrainConfig
+from jobs.registry import Variant
 
 EXIT_PREEMPTED = 75  # = fusion.train.loop.EXIT_PREEMPTED (kept here so the launcher needs no torch import)
 
@@ -150,7 +151,7 @@ def launch_ranks(argv: list[str], envs: list[dict[str, str]]) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jobs train")
-    ap.add_argument("--variant", choices=["fused", "clm"], default="fused")
+    ap.add_argument("--variant", choices=[v.value for v in Variant], default="fused")
     ap.add_argument("--spec")
     ap.add_argument("--run")
     ap.add_argument("--force", action="store_true")
@@ -158,49 +159,57 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.stages.common import EXIT_FAILED, StageError, load_spec_and_name, log_event
+    from jobs.complete import ManifestError
+    from jobs.plan import trained_variants
+    from jobs.spec import SpecError
+    from jobs.stages.common import InputError, StageError, exit_code_for, load_spec_and_name, log_event
     from jobs.store import StoreError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
         spec, name = load_spec_and_name(args.spec, args.run)
-        if args.variant == "clm" and not spec.training.clm_baseline:
-            raise StageError("--variant clm: the spec has training.clmBaseline false; set it to true")
+        if args.variant not in trained_variants(spec):
+            field = {"clm": "clmBaseline", "self": "selfDistillBaseline", "sources": "sourcesOnlyBaseline"}
+            raise InputError(
+                f"--variant {args.variant}: the spec does not train it; set "
+                f"training.{field[args.variant]}: true"
+            )
         envs = rank_envs(dict(os.environ), spec.training.procs_per_node, spec.training.nodes)
         if envs is not None and len(envs) > 1:
             return launch_ranks(argv, envs)
         if envs is not None:
             os.environ.update(envs[0])
         return run_rank(spec, name, args.variant, args.force)
-    except (StageError, StoreError, ValueError) as err:
+    except (SpecError, StageError, StoreError, ManifestError, ValueError) as err:
         log_event("failed", task=f"train-{args.variant}", error=str(err))
-        return EXIT_FAILED
+        print(f"error: {err}", file=sys.stderr)
+        return exit_code_for(err)
 
 
 def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int:
     """This process's rank of the training task: train (resuming), export, and on rank 0 the manifest."""
     from fusion.train.data import FusedBlocks, ShardSource
     from fusion.train.loop import TrainIO, exit_code, train
-    from jobs.manifest import (
+    from jobs.complete import (
         Output,
+        Policy,
         build_manifest,
         fingerprint,
         input_digests,
         invalidate,
-        manifest_key,
         read_manifest,
         why_incomplete,
         write_manifest,
     )
-    from jobs.plan import Stage, Task, build_dag
+    from jobs.plan import build_dag
+    from jobs.registry import Layout, Stage, Task
     from jobs.stages.common import (
         StageContext,
         StageError,
         load_model_tokenizer,
         log_event,
-        shard_key,
-        verify_outputs,
+        record_spec,
     )
     from jobs.store import open_store
 
@@ -209,13 +218,15 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
     dag = build_dag(spec)
     by_id = {t.id: t for t in dag}
     task = by_id[Task(Stage.train, variant=variant).id]
-    reason = why_incomplete(store, spec, task, by_id, verify=verify_outputs(store))
+    reason = why_incomplete(store, spec, task, by_id, Policy.for_store(store))
     if reason is None and not force:
         log_event("skip", task=task.id, reason="complete")
         return 0
     inputs = input_digests(store, by_id, task)
     if rank == 0 and reason != "no manifest":
         invalidate(store, task)  # a stale manifest must not vouch for a model being rewritten
+    if rank == 0:
+        record_spec(store, spec)
     started = time.time()
     # Keyed by the store too: runs of the same name in other namespaces or stores must not share scratch.
     where = hashlib.sha256(store.base_uri.encode()).hexdigest()[:12]
@@ -226,23 +237,24 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
     ctx = StageContext(spec, run_name, store, task, dag, work / "scratch")
 
     shards = []
-    for s in range(spec.extraction.shards):
-        producer = by_id[Task(Stage.fuse, shard=s).id]
-        m = read_manifest(store, manifest_key(producer))
-        key = shard_key("fuse", s)
+    for producer in ctx.dependencies(Stage.fuse):
+        m = read_manifest(store, producer)
+        key = Layout.shard(producer)
         if m is None or key not in m["outputs"]:
             raise StageError(f"input {store.uri_for(key)} has no manifest entry: run {producer.id} first")
         shards.append(ShardSource(ctx.input_file(key), m["outputs"][key]["sha256"]))
 
-    cfg = train_config(spec, variant)
+    cfg = train_config(spec, "clm" if variant == "clm" else "fused")  # self / sources: other teachers
     tok, _ = load_model_tokenizer(ctx, spec.target.name)
     model = _load_target(ctx, len(tok), tok.eos_token_id)
     blocks = FusedBlocks(
-        shards, cfg.seq_len, cfg.seed, with_targets=variant == "fused", pad_id=tok.eos_token_id or 0
+        shards, cfg.seq_len, cfg.seed, with_targets=variant != "clm", pad_id=tok.eos_token_id or 0
     )
     # Checkpoints are only resumed by a run with the same training settings and the same inputs.
     fp = fingerprint(spec, task) + ":" + ",".join(f"{k}={v}" for k, v in sorted(inputs.items()))
-    io = TrainIO(work, store, prefix=f"train/{variant}", fingerprint=hashlib.sha256(fp.encode()).hexdigest())
+    io = TrainIO(
+        work, store, prefix=Layout.train_prefix(variant), fingerprint=hashlib.sha256(fp.encode()).hexdigest()
+    )
     log_event("start", task=task.id, rank=rank, reason=reason or "forced", blocks=blocks.n_blocks)
     # --force on a complete task retrains from scratch (its checkpoints would otherwise resume at the end)
     result = train(cfg, model, blocks, io, tokenizer=tok, fresh=force and reason is None)
@@ -254,7 +266,7 @@ def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int
     outputs: dict[str, Output] = {}
     for f in sorted(result.export_dir.rglob("*")):
         if f.is_file():
-            key = f"train/{variant}/model/{f.relative_to(result.export_dir).as_posix()}"
+            key = Layout.model_prefix(variant) + f.relative_to(result.export_dir).as_posix()
             store.upload(f, key)
             outputs[key] = Output(sha256_file(f), f.stat().st_size)
     last = result.history[-1] if result.history else {}
@@ -283,7 +295,7 @@ def _load_target(ctx: Any, vocab_size: int, eos_id: int | None) -> Any:
 
     from fusion.models import load_model
     from fusion.train.config import use_bf16
-    from jobs.stages.common import StageError, model_location
+    from jobs.stages.common import InputError, model_location
 
     m = ctx.spec.target
     on_gpu = torch.cuda.is_available()
@@ -301,7 +313,7 @@ def _load_target(ctx: Any, vocab_size: int, eos_id: int | None) -> Any:
             eos_token_id=eos_id,
         )
     except Exception as err:
-        raise StageError(
+        raise InputError(
             f"target {m.name} ({m.uri or 'randomInit'}) will not load: {err}. Fix uri/ggufFile/"
             f"randomInit of the target in the spec"
         ) from None

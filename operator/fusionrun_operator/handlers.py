@@ -144,7 +144,7 @@ def read_store_state(
 ) -> tuple[Any, frozenset[str] | None, dict[str, dict[str, Any]], dict[str, Any] | None]:
     """(store, completed task ids, training progress by variant, evaluate metrics); completed is None when
     the store cannot be read (reconcile then trusts Jobs)."""
-    from jobs.manifest import completed_tasks
+    from jobs.complete import completed_tasks
 
     try:
         store = open_run_store(spec, name, namespace)
@@ -240,7 +240,7 @@ def apply(fr: dict[str, Any], obs: Observed, plan: Plan, store: Any, logger: log
                 f"restartFrom: store not readable, cannot drop manifests of {len(plan.invalidate)} tasks"
             )
         else:
-            from jobs.manifest import invalidate
+            from jobs.complete import invalidate
 
             by_id = {t.id: t for t in build_dag(effective_spec(parse_spec(dict(obs.spec)), CONFIG))}
             for task_id in plan.invalidate:

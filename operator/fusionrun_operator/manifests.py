@@ -23,7 +23,7 @@ import kopf
 
 from fusionrun_operator.config import OperatorConfig
 from jobs.plan import Task
-from jobs.spec import API_GROUP, API_VERSION, KIND, FusionRunSpec, StageResources, Store
+from jobs.spec import API_GROUP, API_VERSION, KIND, FusionRunSpec, StageResources, StoreSpec
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "fusionrun-operator"
@@ -93,7 +93,7 @@ def effective_spec(spec: FusionRunSpec, config: OperatorConfig) -> FusionRunSpec
     if not (config.default_store_uri and is_relative_local(spec.store.uri)):
         return spec
     secret = {"name": config.default_store_secret} if config.default_store_secret else None
-    store = Store.model_validate(
+    store = StoreSpec.model_validate(
         {
             "uri": config.default_store_uri,
             "endpoint": config.default_store_endpoint,

@@ -1,0 +1,245 @@
+"""When is a task complete, and if not, why: the one rule the local runner, every stage (training
+included) and the operator apply.
+
+A task writes its outputs first and its completion record (the task manifest) last, in one atomic PUT, so
+a manifest's presence means the outputs it lists were all written. The manifest records:
+
+    {task, stage, outputs: {key: {sha256, bytes}}, inputs: {manifest key: digest}, fingerprint,
+     counts, started_at, finished_at, summary}
+
+A task is complete when, in this order:
+1. its manifest exists and is readable;
+2. its fingerprint matches: sha256 of the spec fields that decide it (jobs.registry.fingerprint_fields)
+   plus the task's identity; a changed field invalidates the task;
+3. its inputs match: the digest of each dependency's manifest, as recorded; the digest covers only what
+   decides content (task, outputs, inputs, fingerprint), not timestamps, so an upstream task redone with
+   identical outputs keeps its dependants valid while an upstream change invalidates everything after it;
+4. every output it lists is in the store with the recorded size (and, under the `verify` policy, sha256);
+5. the texts it read are unchanged (under the `texts` policy): prepare records a stamp of the corpus
+   (jobs.corpus.corpus_stamp: local paths, sizes, mtimes; s3:// keys, sizes, ETags), evaluate those of
+   evaluation.corpora, so a corpus edited in place makes them stale although the spec did not change.
+
+The policy says which checks that cost I/O apply: re-hashing outputs is cheap for a local store, a
+download for S3; stamping texts lists the corpus. Torch-free: the operator imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from jobs.registry import Layout, Stage, Task, fingerprint_fields
+from jobs.store import LocalStore, Store, StoreError
+
+if TYPE_CHECKING:
+    from jobs.spec import FusionRunSpec
+
+MANIFEST_VERSION = 1
+
+
+class ManifestError(RuntimeError):
+    """A manifest that cannot be read or does not describe what it should."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which I/O-costly checks decide completeness (see the module docstring)."""
+
+    verify: bool = False  # recompute each output's sha256
+    texts: bool = False  # re-stamp the corpus / evaluation texts
+
+    @classmethod
+    def for_store(cls, store: Store, texts: bool = True) -> Policy:
+        """Stages and the local runner: verify local outputs (cheap), stamp texts. The operator passes
+        texts=False: listing a corpus every pass is too costly (it reruns on restartFrom instead)."""
+        return cls(verify=isinstance(store, LocalStore), texts=texts)
+
+
+@dataclass(frozen=True)
+class Output:
+    sha256: str
+    bytes: int
+
+
+# --------------------------------------------------------------------------------------------------
+# The record
+
+
+def manifest_key(task: Task) -> str:
+    return Layout.manifest(task)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def fingerprint(spec: FusionRunSpec, task: Task) -> str:
+    """sha256 of the spec fields that decide this task's outputs, and of the task's identity."""
+    fields = fingerprint_fields(spec.model_dump(mode="json", by_alias=True), task)
+    return _sha({"fields": fields, "task": task.id, "version": MANIFEST_VERSION})
+
+
+def digest(manifest: dict[str, Any]) -> str:
+    """The content digest of a manifest (what dependants record): timestamps excluded."""
+    return _sha({k: manifest.get(k) for k in ("task", "outputs", "inputs", "fingerprint")})
+
+
+def read_manifest(store: Store, task_or_key: Task | str) -> dict[str, Any] | None:
+    """A task's manifest, or None when absent or unreadable (an unreadable manifest is 'not complete')."""
+    key = task_or_key if isinstance(task_or_key, str) else manifest_key(task_or_key)
+    if not store.exists(key):
+        return None
+    try:
+        m = json.loads(store.get_bytes(key))
+    except (ValueError, StoreError):
+        return None
+    if not isinstance(m, dict) or not isinstance(m.get("outputs"), dict):
+        return None
+    return m
+
+
+def input_digests(store: Store, dag_by_id: dict[str, Task], task: Task) -> dict[str, str]:
+    """Digest of each dependency's manifest; raises ManifestError when one has none (it is not done)."""
+    out = {}
+    for dep_id in task.deps:
+        key = manifest_key(dag_by_id[dep_id])
+        m = read_manifest(store, key)
+        if m is None:
+            raise ManifestError(
+                f"task {task.id} needs {dep_id}, which has no manifest at "
+                f"{store.uri_for(key)}: run {dep_id} first"
+            )
+        out[key] = digest(m)
+    return out
+
+
+def build_manifest(
+    spec: FusionRunSpec,
+    task: Task,
+    outputs: dict[str, Output],
+    inputs: dict[str, str],
+    started_at: float,
+    counts: dict[str, Any] | None = None,
+    summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "version": MANIFEST_VERSION,
+        "task": task.id,
+        "stage": task.stage.value,
+        "outputs": {k: {"sha256": o.sha256, "bytes": o.bytes} for k, o in sorted(outputs.items())},
+        "inputs": dict(sorted(inputs.items())),
+        "fingerprint": fingerprint(spec, task),
+        "counts": counts or {},
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "summary": summary or {},
+    }
+
+
+def write_manifest(store: Store, task: Task, manifest: dict[str, Any]) -> None:
+    """Write the manifest: call this LAST, after every output is in the store."""
+    store.put_bytes(manifest_key(task), json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+
+def invalidate(store: Store, task: Task) -> None:
+    """Drop a task's manifest (its outputs stay until overwritten): the next run redoes the task."""
+    store.delete(manifest_key(task))
+
+
+# --------------------------------------------------------------------------------------------------
+# The rule
+
+
+def why_incomplete(
+    store: Store, spec: FusionRunSpec, task: Task, dag_by_id: dict[str, Task], policy: Policy = Policy()
+) -> str | None:
+    """None when the task is complete, else a short reason (for logs, events and tests)."""
+    m = read_manifest(store, task)
+    if m is None:
+        return "no manifest"
+    if m.get("fingerprint") != fingerprint(spec, task):
+        return "spec changed"
+    try:
+        inputs = input_digests(store, dag_by_id, task)
+    except ManifestError:
+        return "an input is missing"
+    if m.get("inputs") != inputs:
+        return "an input changed"
+    reason = _outputs_problem(store, m["outputs"], policy.verify)
+    if reason is None and policy.texts:
+        reason = texts_changed(store, spec, task, m)
+    return reason
+
+
+def _outputs_problem(store: Store, outputs: dict[str, Any], verify: bool) -> str | None:
+    for key, o in outputs.items():
+        size = store.size(key)
+        if size is None:
+            return f"output {key} missing"
+        if size != o.get("bytes"):
+            return f"output {key} has {size} bytes, manifest says {o.get('bytes')}"
+        if verify and object_sha256(store, key) != o.get("sha256"):
+            return f"output {key} checksum mismatch"
+    return None
+
+
+def completed_tasks(
+    store: Store, spec: FusionRunSpec, dag: Iterable[Task], policy: Policy = Policy()
+) -> set[str]:
+    """Ids of the tasks whose outputs are complete for this spec. A task counts only when all its
+    dependencies do too (an upstream that must be redone invalidates its dependants' inputs anyway)."""
+    dag = list(dag)
+    by_id = {t.id: t for t in dag}
+    done: set[str] = set()
+    for t in dag:  # topological order
+        if all(d in done for d in t.deps) and why_incomplete(store, spec, t, by_id, policy) is None:
+            done.add(t.id)
+    return done
+
+
+def object_sha256(store: Store, key: str) -> str:
+    path = store.local_path(key)
+    if path is not None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        return h.hexdigest()
+    return hashlib.sha256(store.get_bytes(key)).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Texts read by a task (corpus stamps)
+
+
+def text_stamps(store: Store, spec: FusionRunSpec, task: Task) -> dict[str, Any]:
+    """What a task records in its summary about the texts it reads, taken BEFORE reading them (an edit
+    during the read then makes the next run redo it). prepare: the corpus; evaluate: evaluation.corpora."""
+    from jobs.corpus import corpus_stamp
+    from jobs.store import endpoint_of
+
+    s3 = endpoint_of(store, spec.store)
+    if task.stage is Stage.prepare:
+        return {"corpus_stamp": corpus_stamp(spec.corpus, s3)}
+    if task.stage is Stage.evaluate and spec.evaluation.corpora:
+        return {"corpora_stamps": {c.name: corpus_stamp(c, s3) for c in spec.evaluation.corpora}}
+    return {}
+
+
+def texts_changed(
+    store: Store, spec: FusionRunSpec, task: Task, manifest: dict[str, Any] | None = None
+) -> str | None:
+    """Why a task complete by its manifest must still be redone: a text it read changed although the spec
+    did not. None when nothing changed (or nothing was recorded). StoreError when S3 cannot be listed."""
+    if task.stage not in (Stage.prepare, Stage.evaluate):
+        return None
+    m = manifest if manifest is not None else read_manifest(store, task)
+    recorded = (m or {}).get("summary", {})
+    for name, now in text_stamps(store, spec, task).items():
+        if recorded.get(name) is not None and recorded[name] != now:
+            return "corpus changed" if task.stage is Stage.prepare else "evaluation corpus changed"
+    return None

@@ -1,0 +1,76 @@
+"""Where things are: the one place a URI of the spec becomes something a stage can open.
+
+URIs in a FusionRun spec (models, tokenizers, the corpus, evaluation texts, task folders):
+  ./rel, ../rel, file://./rel   relative to the FusionRun file's folder (made absolute when it is loaded)
+  /abs, file:///abs             a local file or folder
+  pkg://package/sub/path        a path inside an installed Python package (fusion.hub resolves it)
+  s3://bucket/prefix            an object or a folder (prefix) in S3, reached with the run store's endpoint
+                                and credentials, downloaded into the cache (FUSIONRUN_CACHE)
+  org/name, hf://org/name       a Hugging Face hub id (passed through: clusters with hub access)
+
+The pure helpers at the top import nothing heavy (jobs.spec uses them); `fetch` downloads.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from fusion.paths import resolve_path
+
+if TYPE_CHECKING:
+    from jobs.spec import StoreSpec
+    from jobs.store import S3Endpoint, Store
+
+_RELATIVE = re.compile(r"^(file://)?\.\.?/")
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def is_relative(uri: str) -> bool:
+    """./x, ../x, file://./x: relative to the FusionRun file (meaningless inside a cluster)."""
+    return bool(_RELATIVE.match(uri))
+
+
+def absolute_uri(uri: str | None, base: Path) -> str | None:
+    """A relative local URI made absolute against `base` (the FusionRun file's folder); others unchanged."""
+    if uri is None or not is_relative(uri):
+        return uri
+    if uri.startswith("file://"):
+        return "file://" + str((base / uri[len("file://") :]).resolve())
+    return str((base / uri).resolve())
+
+
+def local_path(uri: str) -> Path:
+    """The path of a local URI (file:// or a plain path), without fetching anything."""
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+
+
+def fetch(
+    uri: str,
+    where: Store | S3Endpoint | StoreSpec | None,
+    kind: Literal["model", "text"] = "model",
+    scratch: Path | None = None,
+) -> str:
+    """A local path (or a hub id, passed through) for `uri`.
+
+    kind "model": an s3:// folder, downloaded once into the cache (a model's folder is not expected to
+    change). kind "text": an s3:// object (downloaded into `scratch`) or folder (cached by its objects'
+    ETags, so an edited corpus is fetched again). `where`: the run store, whose endpoint and credentials
+    reach every s3:// URI of the run; StoreError when S3 cannot be read."""
+    from jobs.store import S3Store, download_model, endpoint_of, parse_s3_uri
+
+    if is_s3(uri):
+        if kind == "text":
+            bucket, key = parse_s3_uri(uri)
+            one = S3Store(endpoint_of(where), bucket, "")
+            if key and one.size(key) is not None:  # one object
+                dest = (scratch or Path("/tmp")) / "texts" / Path(key).name
+                return str(one.download(key, dest))
+        return download_model(where, uri, fresh=kind == "text")
+    if uri.startswith(("pkg://", "file://")):
+        return str(resolve_path(uri))
+    return uri

@@ -1,0 +1,268 @@
+"""The stage registry: every fact about a stage, in one place.
+
+Each stage's name (the same in the spec, the task id, the Job's name and labels, the status entry, the
+store's key prefix and the CLI), its tasks' identity (which of model / shard / variant a task has) and
+command-line arguments, its store keys (`Layout`, the artifact layout), its status condition, its default
+pod shape, and the spec fields that fingerprint it. The spec's `resources`, the status model, the
+operator's Kubernetes objects, the CLI and the planner (jobs.plan) all derive from this module, so adding
+or renaming a stage happens here.
+
+Torch-free and spec-free at import time: jobs.spec and the operator import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Stage(str, Enum):
+    prepare = "prepare"
+    extract = "extract"
+    align = "align"
+    fuse = "fuse"
+    train = "train"
+    evaluate = "evaluate"
+
+
+class Variant(str, Enum):
+    """What a training run learns from. `fused` is FuseLLM; the others are the baselines that tell whether
+    fusing other models' knowledge is what helped."""
+
+    fused = "fused"  # the fusion of the spec's candidates (the target, when fusion.includeTarget, + sources)
+    clm = "clm"  # causal-LM loss only: plain continual training on the same blocks
+    self = "self"  # self-distillation: the target's own distribution as the only teacher
+    sources = "sources"  # the sources alone as teachers (the target's own distribution left out)
+
+
+# Variants whose training needs fused shards of their own (clm trains on the fused variant's blocks).
+FUSE_VARIANTS: tuple[Variant, ...] = (Variant.fused, Variant.self, Variant.sources)
+
+
+@dataclass(frozen=True)
+class StageDef:
+    stage: Stage
+    condition: str  # status condition type when the stage is done (a state, not a transition)
+    per_model: bool = False  # one task per model (extract: every model; align: every source)
+    per_shard: bool = False  # one task per shard
+    per_variant: bool = False  # one task per variant (fuse: FUSE_VARIANTS; train: every trained variant)
+    accelerated: bool = False  # runs model forward/backward passes: a GPU helps, /dev/shm is needed
+    distributed: bool = False  # several ranks (DeepSpeed) that start and fail together
+    shard_kind: str | None = None  # the fusion.format kind of the shards it writes
+    doc: str = ""
+
+
+STAGES: Mapping[Stage, StageDef] = {
+    d.stage: d
+    for d in (
+        StageDef(
+            Stage.prepare,
+            "Prepared",
+            shard_kind="raw",
+            doc="corpus -> documents that fit every model, held-out split",
+        ),
+        StageDef(
+            Stage.extract,
+            "Extracted",
+            per_model=True,
+            per_shard=True,
+            accelerated=True,
+            shard_kind="extract",
+            doc="one model's top-k next-token log-probabilities over one shard",
+        ),
+        StageDef(
+            Stage.align,
+            "Aligned",
+            per_model=True,
+            per_shard=True,
+            shard_kind="aligned",
+            doc="one source's predictions moved onto the target's tokens",
+        ),
+        StageDef(
+            Stage.fuse, "Fused", per_shard=True, per_variant=True, shard_kind="fused", doc="training targets"
+        ),
+        StageDef(
+            Stage.train,
+            "Trained",
+            per_variant=True,
+            accelerated=True,
+            distributed=True,
+            doc="continual training of the target (DeepSpeed)",
+        ),
+        StageDef(
+            Stage.evaluate,
+            "Evaluated",
+            accelerated=True,
+            doc="held-out bits per byte and benchmark tasks of every model",
+        ),
+    )
+}
+STAGE_ORDER: tuple[Stage, ...] = tuple(Stage)
+STAGE_NAMES: tuple[str, ...] = tuple(s.value for s in Stage)
+CONDITIONS: Mapping[str, str] = {s.value: d.condition for s, d in STAGES.items()}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work (and of retry, and of skipping): a stage for one model / shard / variant."""
+
+    stage: Stage
+    model: str | None = None  # extract: any model; align: a source
+    shard: int | None = None  # extract, align, fuse
+    variant: str | None = None  # fuse and train: a Variant value
+    deps: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def id(self) -> str:
+        parts = [self.stage.value]
+        if self.variant and self.variant != Variant.fused.value:
+            parts.append(self.variant)
+        if self.model:
+            parts.append(self.model)
+        if self.shard is not None:
+            parts.append(f"{self.shard:05d}")
+        return "-".join(parts)
+
+    def args(self) -> list[str]:
+        """Command-line arguments after `python -m jobs` that run exactly this task."""
+        a = [self.stage.value]
+        if self.model:
+            a += ["--model", self.model]
+        if self.shard is not None:
+            a += ["--shard", str(self.shard)]
+        if self.variant and (self.stage is Stage.train or self.variant != Variant.fused.value):
+            a += ["--variant", self.variant]
+        return a
+
+    @property
+    def definition(self) -> StageDef:
+        return STAGES[self.stage]
+
+    @property
+    def distributed(self) -> bool:
+        return self.definition.distributed
+
+
+class Layout:
+    """The artifact layout: every store key of a run, relative to `<store uri>/<run name>/`.
+
+    No other module formats a store key: stages ask their context for a task's outputs and inputs, and
+    the context asks here."""
+
+    SPEC = "spec.json"  # the spec the run's tasks last ran with (`fusionrun status/report NAME`)
+    STATUS = "status.json"  # the local runner's task records (the operator keeps them in the FusionRun)
+    HELDOUT = "prepare/heldout.safetensors"
+    METRICS = "evaluate/metrics.json"
+    REPORT = "report"
+    LOGS = "logs"
+
+    @staticmethod
+    def stage_prefix(stage: Stage) -> str:
+        return f"{stage.value}/"
+
+    @staticmethod
+    def documents(shard: int) -> str:
+        """Prepared training documents of one shard (written by prepare, read by that shard's tasks)."""
+        return f"prepare/shard-{shard:05d}.safetensors"
+
+    @staticmethod
+    def shard(task: Task) -> str:
+        """The data shard a per-shard task writes (extract, align, fuse)."""
+        if task.shard is None:
+            raise ValueError(f"task {task.id} has no shard")
+        name = f"shard-{task.shard:05d}.safetensors"
+        if task.stage in (Stage.extract, Stage.align):
+            return f"{task.stage.value}/{task.model}/{name}"
+        if task.stage is Stage.fuse:
+            return f"fuse/{_variant_dir(task.variant)}{name}"
+        raise ValueError(f"stage {task.stage.value} writes no shard")
+
+    @staticmethod
+    def manifest(task: Task) -> str:
+        """Where a task's completion record lives (jobs.complete)."""
+        st = task.stage
+        if st in (Stage.extract, Stage.align, Stage.fuse):
+            return Layout.shard(task).removesuffix(".safetensors") + ".manifest.json"
+        if st is Stage.train:
+            return f"{Layout.train_prefix(task.variant)}/manifest.json"
+        return f"{st.value}/manifest.json"
+
+    @staticmethod
+    def vocab_map(source: str) -> str:
+        """A source's MinED/EM vocabulary map (a cache shared by its align tasks)."""
+        return f"align/{source}/vocab-map.npz"
+
+    @staticmethod
+    def projection(source: str) -> str:
+        """A source's projection onto the target vocabulary by spelling (exact alignment's cache)."""
+        return f"align/{source}/projection.npz"
+
+    @staticmethod
+    def train_prefix(variant: str | None) -> str:
+        return f"train/{variant or Variant.fused.value}"
+
+    @staticmethod
+    def model_prefix(variant: str | None) -> str:
+        """The trained model of a variant, in Hugging Face format (a folder of objects)."""
+        return f"{Layout.train_prefix(variant)}/model/"
+
+    @staticmethod
+    def checkpoints(variant: str | None) -> str:
+        return f"{Layout.train_prefix(variant)}/checkpoints"
+
+    @staticmethod
+    def progress(variant: str | None) -> str:
+        return f"{Layout.train_prefix(variant)}/progress.json"
+
+    @staticmethod
+    def history(variant: str | None) -> str:
+        return f"{Layout.train_prefix(variant)}/history.jsonl"
+
+    @staticmethod
+    def log(task_id: str) -> str:
+        return f"{Layout.LOGS}/{task_id}.log"
+
+
+def _variant_dir(variant: str | None) -> str:
+    """fuse/ holds the FuseLLM shards (as before variants existed); other variants get a subfolder."""
+    return "" if variant in (None, Variant.fused.value) else f"{variant}/"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints: the spec fields that decide a stage's outputs (a change invalidates them)
+
+_MODEL_FIELDS = ("uri", "ggufFile", "tokenizer", "revision", "randomInit", "addBos")
+
+
+def fingerprint_fields(spec_json: Mapping[str, Any], task: Task) -> dict[str, Any]:
+    """The parts of the spec (as `model_dump(mode="json", by_alias=True)`) that decide `task`'s outputs.
+
+    A field added after 0.1 counts only when set, so that outputs made before it stay valid."""
+    d = spec_json
+    models = {m["name"]: {k: m.get(k) for k in _MODEL_FIELDS} for m in [d["target"], *d["sources"]]}
+    stage = task.stage
+    if stage is Stage.prepare:
+        return {
+            "corpus": d["corpus"],
+            "maxLength": d["extraction"]["maxLength"],
+            "shards": d["extraction"]["shards"],
+            "tokenizers": {n: m["tokenizer"] or m["uri"] for n, m in models.items()},
+        }
+    if stage is Stage.extract:
+        # One model's extraction depends on that model only: editing another redoes only that one.
+        return {"models": {task.model: models[task.model]}, "topK": d["extraction"]["topK"]}
+    if stage is Stage.align:
+        return {"alignment": _set_only(d["alignment"], ())}
+    if stage is Stage.fuse:
+        return {"fusion": _set_only(d["fusion"], ("topK",))}
+    if stage is Stage.train:
+        skip = ("checkpointInterval", "selfDistillBaseline", "sourcesOnlyBaseline")
+        return {"training": {k: v for k, v in d["training"].items() if k not in skip}}
+    return {"evaluation": _set_only(d["evaluation"], ("corpora", "tasks", "taskDirs"))}
+
+
+def _set_only(section: Mapping[str, Any], optional: tuple[str, ...]) -> dict[str, Any]:
+    """The section without the optional (later-added) fields that are unset or empty."""
+    return {k: v for k, v in section.items() if not (k in optional and v in (None, [], {}))}
