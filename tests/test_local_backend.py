@@ -1,0 +1,132 @@
+"""The local backend beside the operator: spec.retry honoured (attempts, backoff, no retry of bad input),
+the same status model written to the store, `fusionrun status/report` from the store, and a note on the
+Kubernetes-only fields a local run ignores."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cli import main as cli_main
+from jobs.local import LocalRunner, RunFailed, ignored_locally
+from jobs.registry import Layout
+from jobs.retry import retry_delay
+from jobs.spec import Retry, parse_spec
+from jobs.store import LocalStore
+from tests.test_local_pipeline import tiny_spec
+
+
+def _flaky_python(tmp_path: Path, failures: int, code: int) -> str:
+    """A `python` that exits `code` for the first `failures` task launches, then runs the real command."""
+    count = tmp_path / "launches"
+    script = tmp_path / "flaky-python"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}\n"
+        f'if [ "$n" -lt {failures} ]; then echo "injected failure {code}" >&2; exit {code}; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_retry_policy_is_pure_and_shared() -> None:
+    retry = Retry(maxAttempts=3, backoffSeconds=10)
+    assert [retry_delay(retry, 1, n) for n in (1, 2, 3)] == [10.0, 20.0, None]
+    assert retry_delay(retry, 2, 1) is None  # bad input: never retried
+    assert retry_delay(retry, 75, 0) == 0.0  # preempted: resume at once, no failure counted
+
+
+def test_a_failed_task_is_retried_after_its_backoff(tmp_path: Path) -> None:
+    spec = parse_spec({**tiny_spec(tmp_path), "retry": {"maxAttempts": 3, "backoffSeconds": 1}})
+    seen: list[tuple[str, str]] = []
+    runner = LocalRunner(spec, "flaky", python=_flaky_python(tmp_path, failures=2, code=1))
+    result = runner.run(until="prepare", on_task=lambda tid, outcome, _: seen.append((tid, outcome)))
+    assert seen == [("prepare", "retry 2/3 in 1s"), ("prepare", "retry 3/3 in 2s"), ("prepare", "ran")]
+    assert result.outcomes == {"prepare": "ran"}
+    status = json.loads(LocalStore(tmp_path / "store" / "flaky").get_bytes(Layout.STATUS))
+    [rec] = status["tasks"]
+    assert (rec["id"], rec["state"], rec["attempts"], rec["failures"]) == ("prepare", "Succeeded", 3, 2)
+
+
+def test_bad_input_fails_at_once_and_attempts_run_out(tmp_path: Path) -> None:
+    spec = parse_spec({**tiny_spec(tmp_path), "retry": {"maxAttempts": 3, "backoffSeconds": 0}})
+    with pytest.raises(RunFailed) as err:
+        LocalRunner(spec, "bad", python=_flaky_python(tmp_path, failures=5, code=2)).run(until="prepare")
+    assert err.value.rc == 2 and int((tmp_path / "launches").read_text()) == 1  # no retry
+    (tmp_path / "launches").unlink()
+    with pytest.raises(RunFailed) as err:
+        LocalRunner(spec, "bad", python=_flaky_python(tmp_path, failures=5, code=1)).run(until="prepare")
+    assert err.value.rc == 1 and int((tmp_path / "launches").read_text()) == 3  # maxAttempts
+    status = json.loads(LocalStore(tmp_path / "store" / "bad").get_bytes(Layout.STATUS))
+    assert status["tasks"][0]["state"] == "Failed" and status["tasks"][0]["failures"] == 3
+
+
+def test_status_and_report_from_the_store_by_file_or_by_name(tmp_path: Path, capsys) -> None:
+    doc = {"apiVersion": "fusionrun.dev/v1alpha1", "kind": "FusionRun", "metadata": {"name": "seen"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**doc, "spec": tiny_spec(tmp_path)}))
+    assert cli_main(["run", str(path), "--until", "prepare"]) == 0
+    capsys.readouterr()
+    assert cli_main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "seen: Running (1/11 tasks)" in out
+    assert "  prepare   Succeeded  1/1 tasks" in out and "  extract   Pending    0/4 tasks" in out
+    store = str(tmp_path / "store")
+    assert cli_main(["status", "seen", "--store", store, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["phase"] == "Running" and status["stages"]["prepare"]["state"] == "Succeeded"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Prepared"] == "True"
+    assert cli_main(["report", "seen", "--store", store, "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.md").is_file()
+    assert cli_main(["status", "nobody", "--store", store]) == 1
+    assert "no run 'nobody'" in capsys.readouterr().err
+
+
+def test_kubernetes_only_fields_are_named_not_silently_ignored(tmp_path: Path, capsys) -> None:
+    spec = {**tiny_spec(tmp_path), "suspend": True, "queueName": "q", "resources": {"extract": {"gpus": 1}}}
+    assert ignored_locally(parse_spec(spec)) == ["resources", "suspend", "queueName"]
+    assert ignored_locally(parse_spec(tiny_spec(tmp_path))) == []
+    doc = {
+        "apiVersion": "fusionrun.dev/v1alpha1",
+        "kind": "FusionRun",
+        "metadata": {"name": "k"},
+        "spec": spec,
+    }
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert cli_main(["validate", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "ignores the Kubernetes-only field(s) resources, suspend, queueName" in err
+
+
+def test_baselines_train_on_the_same_blocks_and_are_compared(tmp_path: Path) -> None:
+    """Self-distillation and sources-only are first-class variants: their own fused shards (the target's
+    distribution alone; the sources alone), the same blocks and steps, and paired comparisons with FuseLLM."""
+    spec = parse_spec(
+        tiny_spec(tmp_path, clmBaseline=True, selfDistillBaseline=True, sourcesOnlyBaseline=True)
+    )
+    result = LocalRunner(spec, "base").run()
+    assert {"fuse-self-00000", "fuse-sources-00001", "train-self", "train-sources"} <= set(result.outcomes)
+    store = LocalStore(tmp_path / "store" / "base")
+    metrics = json.loads(store.get_bytes(Layout.METRICS))
+    assert set(metrics["models"]) == {"target-before", "fused", "clm", "self", "sources", "source:mis"}
+    for baseline in ("clm", "self", "sources"):
+        diff = metrics[f"fused_minus_{baseline}"]
+        assert diff["ci95_low"] <= diff["bits_per_byte"] <= diff["ci95_high"]
+    from fusion.format import read_shard
+
+    own = read_shard(store.local_path("fuse/self/shard-00000.safetensors"), "fused")
+    assert own.meta["candidates"] == ["tgt"] and set(own["choice"].tolist()) == {0}
+    sources = read_shard(store.local_path("fuse/sources/shard-00000.safetensors"), "fused")
+    assert sources.meta["candidates"] == ["mis"]
+    fused = read_shard(store.local_path("fuse/shard-00000.safetensors"), "fused")
+    assert fused.meta["candidates"] == ["tgt", "mis"]
+    # The same documents and tokens in every variant: the blocks training packs are identical.
+    for other in (own, sources):
+        assert (other["input_ids"][:] == fused["input_ids"][:]).all()
