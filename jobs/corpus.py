@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from jobs.locations import local_path
 from jobs.spec import TextSource
 
 
@@ -127,51 +126,16 @@ def _hf_docs(path: Path, field: str) -> Iterator[str]:
 
 
 def corpus_stamp(corpus: TextSource, s3: Any = None) -> str | None:
-    """A cheap fingerprint of the corpus's files: an edited corpus makes the prepare task stale although the
-    spec is unchanged. None when nothing is at corpus.uri.
-
-    Local: the paths, sizes and modification times of the files (those matching corpus.glob in a folder).
-    s3://: a sha256 over the sorted (key relative to the URI, size, ETag) of the objects read: the object
-    the URI names, else those under it (as a folder) matching corpus.glob; listed with `store`'s endpoint
-    and credentials (`s3`: the run store, its spec or an S3Endpoint; None: AWS's default chain). An S3 failure
-    raises StoreError."""
-    import hashlib
-
-    uri = corpus.uri
-    if uri.startswith("s3://"):
-        return _s3_stamp(corpus, s3)
-    path = local_path(uri)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.glob(corpus.glob or "**/*") if p.is_file())
-    else:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _s3_stamp(corpus: TextSource, s3: Any) -> str | None:
-    from jobs.store import S3Store, StoreError, endpoint_of, objects_digest, parse_s3_uri
+    """A cheap fingerprint of the corpus's files (jobs.locations.stamp of corpus.uri with corpus.glob): an
+    edited corpus makes the prepare task stale although the spec is unchanged. None when nothing is there.
+    `s3`: the run store, its spec or an S3Endpoint (None: AWS's default chain); StoreError on S3 failure."""
+    from jobs.locations import stamp
+    from jobs.store import StoreError
 
     try:
-        bucket, key = parse_s3_uri(corpus.uri)
-        src = S3Store(endpoint_of(s3), bucket, "")
-        if key and (st := src.stat(key)) is not None:  # one object (as prepare reads it)
-            return objects_digest([(key.rsplit("/", 1)[-1], *st)])
-        cut = len(key) + 1 if key else 0
-        pattern = corpus.glob or "**/*"
-        objects = [
-            (k[cut:], size, etag)
-            for k, size, etag in src.list_stats(f"{key}/" if key else "")
-            if not k.endswith("/") and glob_match(k[cut:], pattern)
-        ]  # 'x/': a folder marker
+        return stamp(corpus.uri, s3, corpus.glob)
     except StoreError as err:
-        raise StoreError(f"corpus.uri {corpus.uri}: {err}") from None
-    return objects_digest(objects) if objects else None
+        raise StoreError(f"corpus.uri {corpus.uri}: {err}", permanent=err.permanent) from None
 
 
 def glob_match(relpath: str, pattern: str) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fusion.paths import resolve_path
 
@@ -74,3 +74,47 @@ def fetch(
     if uri.startswith(("pkg://", "file://")):
         return str(resolve_path(uri))
     return uri
+
+
+def stamp(uri: str, where: Any = None, glob: str | None = None) -> str | None:
+    """A cheap fingerprint of what is at `uri`: changes when a file is added, removed or rewritten.
+
+    Local (a path, file://, pkg://): sha256 over the sorted (relative path, size, modification time) of the
+    file, or of the folder's files matching `glob` (default all). s3://: over the sorted (key relative to
+    the URI, size, ETag) of the object the URI names, else of those under it (a folder) matching `glob`,
+    listed with `where`'s endpoint and credentials (jobs.store.endpoint_of). None when nothing is there;
+    StoreError when S3 cannot be listed."""
+    import hashlib
+
+    if is_s3(uri):
+        return _s3_stamp(uri, where, glob)
+    path = Path(resolve_path(uri)) if uri.startswith(("pkg://", "file://")) else local_path(uri)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.glob(glob or "**/*") if p.is_file())
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _s3_stamp(uri: str, where: Any, glob: str | None) -> str | None:
+    from jobs.corpus import glob_match
+    from jobs.store import S3Store, endpoint_of, objects_digest, parse_s3_uri
+
+    bucket, key = parse_s3_uri(uri)
+    src = S3Store(endpoint_of(where), bucket, "")
+    if key and (st := src.stat(key)) is not None:  # one object (as it is read)
+        return objects_digest([(key.rsplit("/", 1)[-1], *st)])
+    cut = len(key) + 1 if key else 0
+    pattern = glob or "**/*"
+    objects = [
+        (k[cut:], size, etag)
+        for k, size, etag in src.list_stats(f"{key}/" if key else "")
+        if not k.endswith("/") and glob_match(k[cut:], pattern)  # 'x/': a folder marker
+    ]
+    return objects_digest(objects) if objects else None
