@@ -204,23 +204,37 @@ def _s3_error(err: Exception, endpoint: str, bucket: str, what: str) -> StoreErr
     return StoreError(f"{where}: {type(err).__name__} while {what}: {err}")
 
 
-def make_s3_client(spec: StoreSpec, max_attempts: int | None = None) -> Any:
-    """A boto3 S3 client for the store spec: bounded retries with backoff, path-style for custom endpoints."""
+def make_s3_client(
+    spec: StoreSpec,
+    max_attempts: int | None = None,
+    *,
+    credentials: tuple[str, str] | None = None,
+    connect_timeout: float | None = None,
+    read_timeout: float | None = None,
+) -> Any:
+    """A boto3 S3 client for the store spec: bounded retries with backoff, path-style for custom endpoints.
+
+    credentials: (access key id, secret access key) to use instead of boto3's default chain (the operator
+    reads them from the run's Secret); kept in the client only, never logged. connect_timeout /
+    read_timeout: seconds, instead of FUSIONRUN_S3_CONNECT_TIMEOUT / FUSIONRUN_S3_READ_TIMEOUT."""
     import boto3
     from botocore.config import Config
 
     attempts = max_attempts or int(os.environ.get("FUSIONRUN_S3_MAX_ATTEMPTS", "8"))
     cfg = Config(
         retries={"max_attempts": attempts, "mode": "standard"},  # exponential backoff with jitter
-        connect_timeout=float(os.environ.get("FUSIONRUN_S3_CONNECT_TIMEOUT", "5")),
-        read_timeout=float(os.environ.get("FUSIONRUN_S3_READ_TIMEOUT", "60")),
+        connect_timeout=connect_timeout or float(os.environ.get("FUSIONRUN_S3_CONNECT_TIMEOUT", "5")),
+        read_timeout=read_timeout or float(os.environ.get("FUSIONRUN_S3_READ_TIMEOUT", "60")),
         s3={"addressing_style": "path"} if spec.endpoint else {},
         region_name=spec.region
         or os.environ.get("AWS_REGION")
         or os.environ.get("AWS_DEFAULT_REGION")
         or "us-east-1",
     )
-    return boto3.session.Session().client(
+    keys = {}
+    if credentials is not None:
+        keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]}
+    return boto3.session.Session(**keys).client(
         "s3", endpoint_url=spec.endpoint, config=cfg, verify=None if not spec.insecure else False
     )
 

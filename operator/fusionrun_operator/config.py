@@ -1,4 +1,5 @@
-"""Operator settings, read once from the environment (the Helm chart sets these variables).
+"""Operator settings, built once by main.py from the environment (the Helm chart sets these variables) and
+passed to what needs them; nothing reads them at import time.
 
 | variable | default | meaning |
 |---|---|---|
@@ -23,7 +24,6 @@ Pure: `from_env(mapping)` has no side effects; bad values fail with the variable
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -116,8 +116,8 @@ def _stage_defaults(env: Mapping[str, str]) -> dict[str, StageResources]:
     return {stage: getattr(parsed, stage) for stage in data}
 
 
-def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
-    env = os.environ if env is None else env
+def from_env(env: Mapping[str, str]) -> OperatorConfig:
+    """Settings from FUSIONRUN_* variables (main passes os.environ; tests, their own mapping)."""
     d = OperatorConfig()
     policy = env.get("FUSIONRUN_JOB_IMAGE_PULL_POLICY") or d.image_pull_policy
     if policy not in ("Always", "IfNotPresent", "Never"):
