@@ -762,3 +762,12 @@ def test_a_missing_secret_waits_and_says_so_instead_of_failing() -> None:
     ]
     (o,) = observe_jobs(k8s, pods)
     assert o.waiting_reason is None and o.state == "Active"
+
+
+def test_suspending_stops_jobs_of_tasks_no_longer_in_the_spec_too() -> None:
+    # fewer shards and suspend in one edit: the Job of the removed shard is stopped like the others
+    # (the monolithic reconcile raised KeyError here, and every pass of the run failed)
+    jobs = [job("extract-smol-00001", 1), job("extract-smol-00000", 1)]
+    p = run(None, jobs, completed={"prepare"}, extraction={"shards": 1}, suspend=True)
+    assert p.delete_jobs == ["demo-extract-smol-00000-1", "demo-extract-smol-00001-1"] and created(p) == []
+    assert p.status.phase == "Suspended" and states(p)["extract-smol-00000"] == "Pending"

@@ -66,7 +66,7 @@ class OperatorConfig:
     master_port: int = 29500
     run_as_user: int = 1000
     job_service_account: str | None = None
-    # Per-stage pod defaults (the Helm chart's stageDefaults); see manifests.stage_resources for the merge.
+    # Per-stage pod defaults (the Helm chart's stageDefaults); see k8s_objects.stage_resources for the merge.
     stage_defaults: Mapping[str, StageResources] = field(default_factory=dict)
 
     @property
