@@ -238,12 +238,17 @@ class S3Endpoint:
 def make_s3_client(
     where: S3Endpoint | StoreSpec,
     max_attempts: int | None = None,
+    *,
     credentials: tuple[str, str] | None = None,
     connect_timeout: float | None = None,
     read_timeout: float | None = None,
 ) -> Any:
-    """The one boto3 S3 client factory: bounded retries with backoff (botocore's standard mode), path-style
-    addressing for custom endpoints, explicit credentials (access key id, secret) or the default chain."""
+    """The one boto3 S3 client factory: bounded retries with backoff (botocore's standard mode, exponential
+    with jitter), path-style addressing for custom endpoints.
+
+    credentials: (access key id, secret access key) instead of boto3's default chain (the operator reads
+    them from the run's Secret); kept in the client only, never logged. connect_timeout / read_timeout:
+    seconds, instead of FUSIONRUN_S3_CONNECT_TIMEOUT / FUSIONRUN_S3_READ_TIMEOUT."""
     import boto3
     from botocore.config import Config
 

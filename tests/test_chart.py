@@ -124,7 +124,7 @@ def rule_set(role: dict[str, Any]) -> set[tuple[str, str, str]]:
     }
 
 
-# The operator's namespaced API use (fusionrun_operator.handlers + kopf), as test_rbac_matches_operator_code
+# The operator's namespaced API use (fusionrun_operator.kube + kopf), as test_rbac_matches_operator_code
 # derives it from the source: keep the two in step.
 OPERATOR_RULES = {
     ("fusionrun.dev", "fusionruns", "get"),
@@ -461,7 +461,7 @@ def test_operator_names_a_bad_stage_defaults_setting(raw, message):
 
 
 def _jobs_for(spec: dict[str, Any], cfg: Any) -> dict[str, dict[str, Any]]:
-    from fusionrun_operator.manifests import RunRef, effective_spec, task_manifests
+    from fusionrun_operator.k8s_objects import RunRef, effective_spec, task_manifests
 
     run = RunRef(name="r1", namespace="team-a", uid="00000000-0000-4000-8000-000000000001")
     eff = effective_spec(parse_spec(spec), cfg)

@@ -178,7 +178,7 @@ def test_s3_secret_matches_the_spec_defaults_and_holds_only_placeholders():
 @pytest.mark.parametrize("name", ["k8s-tiny", "paper-7b", "multi-node"])
 def test_operator_jobs_for_example_are_valid_kubernetes(name):
     """Every Job (and Service) the operator would create for the example, for current Kubernetes."""
-    manifests = pytest.importorskip("fusionrun_operator.manifests")
+    manifests = pytest.importorskip("fusionrun_operator.k8s_objects")
     from fusionrun_operator.config import OperatorConfig
 
     run = fusionrun(name)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from fusionrun_operator import config as cfgmod
-from fusionrun_operator import manifests as m
+from fusionrun_operator import k8s_objects as m
 
 from jobs.plan import Stage, Task, build_dag
 from jobs.spec import FusionRunSpec

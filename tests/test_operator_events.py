@@ -21,11 +21,11 @@ pytestmark = pytest.mark.k8s
 def test_event_from_a_thread_without_kopf_context_is_posted(
     k8s: ControlPlane, k8s_namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fusionrun_operator import handlers
+    from fusionrun_operator import kube
 
-    api = k8s.api()  # the handlers' clients, pointed at this API server
+    api = k8s.api()  # the operator's clients, pointed at this API server
     monkeypatch.setattr(
-        handlers,
+        kube,
         "_clients",
         {
             "core": client.CoreV1Api(api),
@@ -41,7 +41,7 @@ def test_event_from_a_thread_without_kopf_context_is_posted(
     }
     # A plain thread has no kopf event queue: kopf.event raises LookupError there.
     msg = "extract-a-00000: attempt 2"
-    t = threading.Thread(target=handlers._event, args=(fr, "Normal", "TaskRetrying", msg))
+    t = threading.Thread(target=kube.post_event, args=(fr, "Normal", "TaskRetrying", msg))
     t.start()
     t.join(timeout=30)
 

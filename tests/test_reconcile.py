@@ -8,15 +8,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from fusionrun_operator.config import OperatorConfig
-from fusionrun_operator.manifests import RunRef
-from fusionrun_operator.reconcile import (
-    JobObservation,
-    Observed,
-    Plan,
-    merge_patch,
-    observe_jobs,
-    reconcile,
-)
+from fusionrun_operator.effects import Effects
+from fusionrun_operator.k8s_objects import RunRef
+from fusionrun_operator.kube import merge_patch
+from fusionrun_operator.observations import JobObservation, Observed, observe_jobs
+from fusionrun_operator.reconcile import reconcile
 
 from jobs.status import FusionRunStatus
 
@@ -72,7 +68,7 @@ def run(
     now: datetime = T0,
     generation: int = 1,
     **spec_over: Any,
-) -> Plan:
+) -> Effects:
     obs = Observed(
         run=RunRef("demo", "ml", "uid-1", generation),
         spec=spec(**spec_over),
@@ -84,21 +80,21 @@ def run(
     return reconcile(obs, CONFIG)
 
 
-def created(plan: Plan) -> list[str]:
+def created(plan: Effects) -> list[str]:
     return [o["metadata"]["name"] for o in plan.create]
 
 
-def states(plan: Plan) -> dict[str, str]:
+def states(plan: Effects) -> dict[str, str]:
     return {t.id: t.state for t in plan.status.tasks}
 
 
-def cond(plan: Plan, type_: str) -> tuple[str, str | None]:
+def cond(plan: Effects, type_: str) -> tuple[str, str | None]:
     c = plan.status.condition(type_)
     assert c is not None
     return c.status, c.reason
 
 
-def ev(plan: Plan) -> list[tuple[str, str]]:
+def ev(plan: Effects) -> list[tuple[str, str]]:
     return [(e.type, e.reason) for e in plan.events]
 
 
@@ -601,10 +597,11 @@ def test_operator_reads_a_real_local_store(tmp_path) -> None:
     import json
     import logging
 
-    from fusionrun_operator.handlers import read_store_state
+    from fusionrun_operator.pipeline import Pipeline
+    from fusionrun_operator.store_view import read_store_view
 
     from jobs.complete import build_manifest, invalidate, write_manifest
-    from jobs.plan import Stage, Task
+    from jobs.plan import Stage, Task, build_dag
     from jobs.spec import FusionRunSpec
     from jobs.store import open_store
 
@@ -615,6 +612,10 @@ def test_operator_reads_a_real_local_store(tmp_path) -> None:
     write_manifest(store, prepare, build_manifest(fr_spec, prepare, {}, {}, started_at=0.0))
     progress = {"step": 3, "total_steps": 12, "loss": 2.0, "tokens_per_s": 100.0}
     store.put_bytes("train/fused/progress.json", json.dumps(progress).encode())
+
+    def read_store_state(spec: FusionRunSpec, name: str, *_: Any) -> Any:  # the store view of one pass
+        return read_store_view(Pipeline(spec, tuple(build_dag(spec))), name)
+
     got_store, completed, prog, metrics = read_store_state(fr_spec, "demo", "ml", logging.getLogger("t"))
     assert completed == frozenset({"prepare"}) and prog == {"fused": progress} and metrics is None
     obs = Observed(
@@ -702,7 +703,7 @@ def test_one_pass_reads_each_manifest_once(tmp_path) -> None:
     from collections import Counter
     from typing import ClassVar
 
-    from fusionrun_operator.handlers import ReadCache
+    from fusionrun_operator.store_view import ReadCache
 
     from jobs.complete import build_manifest, completed_tasks, input_digests, write_manifest
     from jobs.plan import build_dag
@@ -761,3 +762,12 @@ def test_a_missing_secret_waits_and_says_so_instead_of_failing() -> None:
     ]
     (o,) = observe_jobs(k8s, pods)
     assert o.waiting_reason is None and o.state == "Active"
+
+
+def test_suspending_stops_jobs_of_tasks_no_longer_in_the_spec_too() -> None:
+    # fewer shards and suspend in one edit: the Job of the removed shard is stopped like the others
+    # (the monolithic reconcile raised KeyError here, and every pass of the run failed)
+    jobs = [job("extract-smol-00001", 1), job("extract-smol-00000", 1)]
+    p = run(None, jobs, completed={"prepare"}, extraction={"shards": 1}, suspend=True)
+    assert p.delete_jobs == ["demo-extract-smol-00000-1", "demo-extract-smol-00001-1"] and created(p) == []
+    assert p.status.phase == "Suspended" and states(p)["extract-smol-00000"] == "Pending"

@@ -1,4 +1,5 @@
-"""Operator settings, read once from the environment (the Helm chart sets these variables).
+"""Operator settings, built once by main.py from the environment (the Helm chart sets these variables) and
+passed to what needs them; nothing reads them at import time.
 
 | variable | default | meaning |
 |---|---|---|
@@ -23,17 +24,17 @@ Pure: `from_env(mapping)` has no side effects; bad values fail with the variable
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from jobs.retry import EXIT_USAGE
 from jobs.spec import Resources, StageResources, format_validation_error
 
 # Exit code with which stage jobs report bad input (invalid spec, bad arguments, unusable input files):
 # retrying cannot help, so the run fails at once. Equal to jobs.stages.common.EXIT_USAGE (a test checks).
-PERMANENT_EXIT_CODE = 2
+PERMANENT_EXIT_CODE = EXIT_USAGE
 # Waiting reasons of a container that will not start without a change to the spec or the image: the task
 # fails at once. CreateContainerConfigError (e.g. the credentials Secret does not exist yet) is not among
 # them: Kubernetes retries it, and the task's message shows it while it waits.
@@ -66,7 +67,7 @@ class OperatorConfig:
     master_port: int = 29500
     run_as_user: int = 1000
     job_service_account: str | None = None
-    # Per-stage pod defaults (the Helm chart's stageDefaults); see manifests.stage_resources for the merge.
+    # Per-stage pod defaults (the Helm chart's stageDefaults); see k8s_objects.stage_resources for the merge.
     stage_defaults: Mapping[str, StageResources] = field(default_factory=dict)
 
     @property
@@ -116,8 +117,8 @@ def _stage_defaults(env: Mapping[str, str]) -> dict[str, StageResources]:
     return {stage: getattr(parsed, stage) for stage in data}
 
 
-def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
-    env = os.environ if env is None else env
+def from_env(env: Mapping[str, str]) -> OperatorConfig:
+    """Settings from FUSIONRUN_* variables (main passes os.environ; tests, their own mapping)."""
     d = OperatorConfig()
     policy = env.get("FUSIONRUN_JOB_IMAGE_PULL_POLICY") or d.image_pull_policy
     if policy not in ("Always", "IfNotPresent", "Never"):

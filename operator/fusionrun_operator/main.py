@@ -5,6 +5,7 @@
     fusionrun-operator --liveness http://0.0.0.0:8080/healthz
 
 Settings come from the environment (see config.py); flags override the namespaces and liveness endpoint.
+They are read here, once, into an OperatorConfig that the handlers get through kopf's memo.
 One replica only (kopf runs standalone, without peering): deploy with strategy Recreate.
 """
 
@@ -13,6 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Mapping
+
+from fusionrun_operator.config import OperatorConfig, from_env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,21 +34,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def settings(args: argparse.Namespace, env: Mapping[str, str]) -> OperatorConfig:
+    """The operator's settings: the environment, with the flags in place of the variables they override."""
+    overrides: dict[str, str] = {}
+    if args.all_namespaces:
+        overrides["FUSIONRUN_NAMESPACES"] = ""
+    elif args.namespace:
+        overrides["FUSIONRUN_NAMESPACES"] = ",".join(args.namespace)
+    if args.liveness is not None:
+        overrides["FUSIONRUN_LIVENESS"] = args.liveness
+    return from_env({**env, **overrides})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Flags become the environment that config.from_env (read when handlers are imported) sees.
-    if args.all_namespaces:
-        os.environ["FUSIONRUN_NAMESPACES"] = ""
-    elif args.namespace:
-        os.environ["FUSIONRUN_NAMESPACES"] = ",".join(args.namespace)
-    if args.liveness is not None:
-        os.environ["FUSIONRUN_LIVENESS"] = args.liveness
+    cfg = settings(args, os.environ)
 
     import kopf
 
-    from fusionrun_operator import handlers  # registers the handlers
+    from fusionrun_operator import handlers  # noqa: F401  (registers the handlers)
+    from fusionrun_operator.runtime import Operator
 
-    cfg = handlers.CONFIG
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -55,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         clusterwide=cfg.clusterwide,
         namespaces=list(cfg.namespaces),
         liveness_endpoint=cfg.liveness,
+        memo=kopf.Memo(operator=Operator(cfg)),
     )
     return 0
 

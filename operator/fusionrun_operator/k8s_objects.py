@@ -1,4 +1,5 @@
-"""Task -> Kubernetes Job (and, for multi-node training, a headless Service): pure functions, no API calls.
+"""The run's Kubernetes objects: task -> Job (and, for multi-node training, a headless Service); pure, no API
+calls. (Not to be confused with jobs/complete.py, the store's task completion records.)
 
 Names are deterministic (`<run>-<task id>-<attempt>`, `-r<rank>` for multi-node ranks) and shortened with
 a hash to <= 63 characters, so that a restarted operator or a duplicate event computes the same name and
@@ -17,13 +18,15 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kopf
 
 from fusionrun_operator.config import OperatorConfig
-from jobs.plan import Task
 from jobs.spec import API_GROUP, API_VERSION, KIND, FusionRunSpec, StageResources, StoreSpec
+
+if TYPE_CHECKING:  # only its attributes are used here (id, stage, distributed, args)
+    from jobs.plan import Task
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "fusionrun-operator"
@@ -215,25 +218,13 @@ def _command(spec: FusionRunSpec, task: Task, rank: int | None, config: Operator
     return ["python", "-m", "jobs", *task.args()]
 
 
-def job_manifest(
-    run: RunRef,
-    spec: FusionRunSpec,
-    task: Task,
-    attempt: int,
-    config: OperatorConfig,
-    rank: int | None = None,
-    active_deadline_seconds: int | None = None,
+def _pod_spec(
+    run: RunRef, spec: FusionRunSpec, task: Task, attempt: int, config: OperatorConfig, rank: int | None
 ) -> dict[str, Any]:
-    """The batch/v1 Job of one task attempt (one node rank of it for multi-node training).
-
-    rank: None for every task but training; training gets 0..nodes-1. active_deadline_seconds: what is
-    left of the run's deadline (the Job must not outlive the run)."""
+    """The pod of one task attempt (one node rank of it): its stage container, scratch and /dev/shm
+    volumes, the hardened security context, scheduling fields, and stable DNS names for multi-node ranks."""
     res = stage_resources(spec, task.stage.value, config)
     multi_node = task.distributed and spec.training.nodes > 1
-    labels = labels_for(run.name, task, attempt, rank if task.distributed else None)
-    job_labels = dict(labels)
-    if spec.queue_name:
-        job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
     env = _env(run, spec, task, attempt)
     if task.distributed:
         env += _rendezvous_env(run, spec, task, rank or 0, config)
@@ -278,11 +269,35 @@ def job_manifest(
     if multi_node:
         pod["hostname"] = pod_hostname(run.name, task.id, rank or 0)
         pod["subdomain"] = service_name(run.name, task.id)
+    return pod
+
+
+def job_manifest(
+    run: RunRef,
+    spec: FusionRunSpec,
+    task: Task,
+    attempt: int,
+    config: OperatorConfig,
+    rank: int | None = None,
+    active_deadline_seconds: int | None = None,
+) -> dict[str, Any]:
+    """The batch/v1 Job of one task attempt (one node rank of it for multi-node training).
+
+    rank: None for every task but training; training gets 0..nodes-1. active_deadline_seconds: what is
+    left of the run's deadline (the Job must not outlive the run)."""
+    multi_node = task.distributed and spec.training.nodes > 1
+    labels = labels_for(run.name, task, attempt, rank if task.distributed else None)
+    job_labels = dict(labels)
+    if spec.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,
         "completions": 1,
         "parallelism": 1,
-        "template": {"metadata": {"labels": labels}, "spec": pod},
+        "template": {
+            "metadata": {"labels": labels},
+            "spec": _pod_spec(run, spec, task, attempt, config, rank),
+        },
     }
     if active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
@@ -347,7 +362,12 @@ def task_manifests(
     return [service_manifest(run, task, config), *jobs] if nodes > 1 else jobs
 
 
+def ranks_of(spec: FusionRunSpec, task: Task) -> int:
+    """How many Jobs one attempt of the task is: the node count for multi-node training, else 1."""
+    return spec.training.nodes if task.distributed and spec.training.nodes > 1 else 1
+
+
 def task_job_names(run: str, spec: FusionRunSpec, task: Task, attempt: int) -> list[str]:
-    if task.distributed and spec.training.nodes > 1:
+    if ranks_of(spec, task) > 1:
         return [job_name(run, task.id, attempt, r) for r in range(spec.training.nodes)]
     return [job_name(run, task.id, attempt)]

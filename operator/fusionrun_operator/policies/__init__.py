@@ -1,0 +1,15 @@
+"""Reconcile's decisions as small pure policies, one per module; reconcile.py composes them.
+
+| module | policy |
+|---|---|
+| `transition` | one task's new record from its record, Jobs and the store (Succeeded, running, lost, gone) |
+| `retry` | failure classification (permanent or not), backoff, Retrying / Failed |
+| `restart` | restartFrom + restartNonce (stages to rerun, manifests to invalidate), generation change |
+| `deadline` | suspend / failure / deadline stop reasons, the activeDeadlineSeconds clock |
+| `start` | which tasks start now and the objects of their next attempt |
+| `status` | the new status, from `stages`, `phase`, `conditions`, `progress`, `compaction`, `events` |
+| `invalid_spec` | a spec that does not validate |
+
+Policies take small structs (observations, records, the pipeline) and return data (`effects.Transition`,
+records, status); they never call an API or read the store.
+"""

@@ -1,0 +1,110 @@
+"""Task transition policy: one task's new record from its old record, its Jobs and the store (starting a
+task is policies.start's business).
+
+- Complete in the store -> Succeeded, never run again. When the store could not be read (completed=None), a
+  Job whose every rank succeeded counts, and an earlier Succeeded is remembered.
+- The current attempt is max(record, highest attempt among its Jobs): a crash between creating a Job and
+  writing status cannot make the next pass create another Job for the same attempt.
+- A failed attempt (a Job failed, a container that cannot start, a Job that succeeded without writing its
+  outputs) is counted once (lastFailedAttempt), by policies.retry; not while suspended (counting=False).
+- A Job that vanished before its task completed is rerun as a new attempt without counting a failure; so is
+  one that succeeded for an older spec generation, and a multi-node group that lost a rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from fusionrun_operator.effects import Event, Transition
+from fusionrun_operator.k8s_objects import ranks_of
+from fusionrun_operator.observations import JobObservation
+from fusionrun_operator.policies.retry import Failure, count_failure, failure_of
+from fusionrun_operator.times import iso
+from jobs.spec import FusionRunSpec
+from jobs.status import TaskStatus
+
+if TYPE_CHECKING:
+    from jobs.plan import Task
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    """What the transition of one task looks at besides its record."""
+
+    spec: FusionRunSpec
+    generation: int  # the run's metadata.generation
+    completed: frozenset[str] | None  # task ids complete in the store; None: the store was not read
+    counting: bool  # count failures (not while suspended: stopping Jobs is no failure)
+    now: datetime
+
+
+def step_task(task: Task, rec: TaskStatus, jobs: Sequence[JobObservation], inp: TaskInputs) -> Transition:
+    attempt = max([rec.attempts, *(j.attempt for j in jobs)])
+    current = [j for j in jobs if j.attempt == attempt and not j.deleting]
+    rec = rec.model_copy(
+        update={"attempts": attempt} | ({"job_names": sorted(j.name for j in current)} if current else {})
+    )
+    done = len(current) == ranks_of(inp.spec, task) and all(j.state == "Succeeded" for j in current)
+    if inp.completed is not None and task.id in inp.completed:
+        how = "AlreadyInStore" if attempt == 0 else "Completed"
+        return _succeeded(rec, how, f"{task.id}: outputs complete ({how})", inp.now)
+    if inp.completed is None and (done or rec.state == "Succeeded"):
+        return _succeeded(rec, "Completed", f"{task.id}: job(s) succeeded", inp.now)
+    if rec.state == "Succeeded":  # the store no longer vouches for it (spec changed, outputs deleted)
+        rec = rec.model_copy(
+            update={"state": "Pending", "reason": "OutputsInvalidated", "completion_time": None}
+        )
+    failure = failure_of(current)
+    if failure is None and done:
+        if any((j.generation or 0) < inp.generation for j in current):
+            # Ran for an older spec whose outputs the current spec does not accept: a new attempt.
+            return Transition(
+                rec.model_copy(update={"state": "Pending", "reason": "SpecChanged", "job_names": []})
+            )
+        failure = Failure(
+            "OutputMissing",
+            f"job(s) {', '.join(j.name for j in current)} succeeded but the store has "
+            f"no complete outputs for {task.id}; check spec.store and the job log",
+            False,
+        )
+    if failure is not None and attempt > rec.last_failed_attempt and inp.counting:
+        return count_failure(task.id, rec, failure, current, inp.spec, inp.now)
+    return _no_new_failure(task, rec, current, inp.spec)
+
+
+def _succeeded(rec: TaskStatus, reason: str, event: str, now: datetime) -> Transition:
+    """Succeeded (once: an already Succeeded record stays as it is, without another event)."""
+    if rec.state == "Succeeded":
+        return Transition(rec)
+    update = {"state": "Succeeded", "reason": reason, "message": None, "next_attempt_time": None}
+    return Transition(
+        rec.model_copy(update=update | {"completion_time": iso(now)}),
+        events=(Event("Normal", "TaskSucceeded", event),),
+    )
+
+
+def _no_new_failure(
+    task: Task, rec: TaskStatus, current: Sequence[JobObservation], spec: FusionRunSpec
+) -> Transition:
+    # Active Jobs of an attempt newer than the last failure: running (also when the status still says
+    # Retrying because the write after creating the retry's Job was lost).
+    if current and rec.attempts > rec.last_failed_attempt and any(j.state == "Active" for j in current):
+        if len(current) < ranks_of(spec, task):  # a rank vanished: the group restarts whole
+            lost = rec.model_copy(update={"state": "Pending", "reason": "RankLost", "job_names": []})
+            return Transition(lost, delete=tuple(j.name for j in current if j.state == "Active"))
+        waiting = next((j for j in current if j.waiting_reason), None)  # e.g. its Secret does not exist yet
+        note = (
+            f"waiting: {waiting.waiting_reason}: {waiting.waiting_message or ''}".rstrip(": ")
+            if waiting
+            else None
+        )
+        return Transition(
+            rec.model_copy(update={"state": "Running", "next_attempt_time": None, "message": note})
+        )
+    if rec.state == "Running" and not current:
+        # Deleted before finishing (suspend, TTL, by hand): run it again as a new attempt, not a failure.
+        return Transition(rec.model_copy(update={"state": "Pending", "reason": "JobGone", "job_names": []}))
+    return Transition(rec)  # Failed and Retrying records wait (retry due time, a spec change)
