@@ -34,7 +34,6 @@ import re
 import zipfile
 from dataclasses import dataclass
 from functools import partial
-from itertools import repeat
 from operator import attrgetter, itemgetter, methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,7 +77,7 @@ class Projection:
     outcome: np.ndarray  # uint8 [src vocab_size]: OUTCOMES code of mode 0; NOT_COMPUTED = 0
     src_fingerprint: str
     tgt_fingerprint: str
-    tgt_rules: str  # sha256 of the target's normalizer, pre-tokenizer and model (how it encodes)
+    tgt_rules: str  # target_rules(): sha256 of how the target encodes (normalizer ... added tokens)
     src_dummy: bool  # the source tokenizer prepends a dummy space at a document start
     tgt_dummy: bool
 
@@ -132,9 +131,14 @@ class Projection:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, src: TokenizerView | None = None, tgt: TokenizerView | None = None
+        cls,
+        path: str | os.PathLike,
+        src: TokenizerView | None = None,
+        tgt: TokenizerView | None = None,
+        tgt_rules: str | None = None,
     ) -> Projection:
-        """Read a saved projection; with both views given, check it was built for them."""
+        """Read a saved projection; with both views given, check it was built for them (and, given
+        tgt_rules = target_rules(target tokenizer), for the target's encoding rules too)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: projection is missing; build it with build_projection")
@@ -158,7 +162,7 @@ class Projection:
                 f"{path}: projection arrays have the wrong shape; delete it to rebuild"
             )
         if src is not None and tgt is not None:
-            proj.check(src, tgt, str(path))
+            proj.check(src, tgt, str(path), tgt_rules)
         return proj
 
 
@@ -182,7 +186,7 @@ class Encoders:
     start: Tokenizer
     inside: Tokenizer
     dummy: bool  # `start` prepends a dummy space
-    rules: str  # sha256 of normalizer + pre-tokenizer + model
+    rules: str  # target_rules()
 
 
 def _backend(tok: PreTrainedTokenizerBase) -> Tokenizer:
@@ -266,15 +270,21 @@ def encoders(tok: PreTrainedTokenizerBase, view: TokenizerView) -> Encoders:
     backend = _backend(tok)
     start = _encoder(backend, backend.normalizer, backend.pre_tokenizer)
     inside = _encoder(backend, *_components_without_dummy(backend))
-    probe = "a"
-    spelled = view.decode(start.encode(probe, add_special_tokens=False).ids)
-    spelled_inside = view.decode(inside.encode(probe, add_special_tokens=False).ids)
-    if spelled_inside != probe.encode():
+    spelled = view.decode(inside.encode(_PROBE, add_special_tokens=False).ids)
+    if spelled != _PROBE.encode():
         raise ProjectionError(
-            f"tokenizer {view.name}: cannot encode text inside a document: {probe!r} encodes to "
-            f"{spelled_inside!r} even with its dummy prefix disabled; use the mined or em alignment method"
+            f"tokenizer {view.name}: cannot encode text inside a document: {_PROBE!r} encodes to "
+            f"{spelled!r} even with its dummy prefix disabled; use the mined or em alignment method"
         )
-    return Encoders(start, inside, dummy=spelled == b" " + probe.encode(), rules=target_rules(tok))
+    return Encoders(start, inside, dummy=has_dummy_prefix(tok, view), rules=target_rules(tok))
+
+
+_PROBE = "a"
+
+
+def has_dummy_prefix(tok: PreTrainedTokenizerBase, view: TokenizerView) -> bool:
+    """Whether `tok` writes a space before a document's text ('a' -> '▁a': SentencePiece's dummy prefix)."""
+    return view.decode(_backend(tok).encode(_PROBE, add_special_tokens=False).ids) == b" " + _PROBE.encode()
 
 
 def target_rules(tok: PreTrainedTokenizerBase) -> str:
@@ -312,14 +322,14 @@ def build_projection(
 ) -> Projection:
     """Project source ids onto the target vocabulary: all ids, or only `src_ids` (lazy; others -1)."""
     src, tgt = TokenizerView.from_tokenizer(src_tok), TokenizerView.from_tokenizer(tgt_tok)
-    src_enc, tgt_enc = encoders(src_tok, src), encoders(tgt_tok, tgt)
+    tgt_enc = encoders(tgt_tok, tgt)
     proj = Projection(
         ids=np.full((MODES, src.vocab_size), -1, dtype=np.int32),
         outcome=np.zeros(src.vocab_size, dtype=np.uint8),
         src_fingerprint=src.fingerprint(),
         tgt_fingerprint=tgt.fingerprint(),
         tgt_rules=tgt_enc.rules,
-        src_dummy=src_enc.dummy,
+        src_dummy=has_dummy_prefix(src_tok, src),
         tgt_dummy=tgt_enc.dummy,
     )
     todo = np.arange(src.vocab_size) if src_ids is None else _unique_ids(src_ids, src.vocab_size)
@@ -345,6 +355,27 @@ def extend_projection(
     )
     _fill(out, src, tgt, tgt_enc, proj.missing(src_ids))
     return out
+
+
+def ensure_projection(
+    cached: Projection | None,
+    src_tok: PreTrainedTokenizerBase,
+    tgt_tok: PreTrainedTokenizerBase,
+    src_ids: np.ndarray,
+) -> tuple[Projection, str]:
+    """A projection covering `src_ids`: `cached` reused or extended when it was built for these tokenizers,
+    else built anew (a stale cache is a cache miss). Returns it and 'reused' | 'extended' | 'built'."""
+    if cached is not None:
+        src, tgt = TokenizerView.from_tokenizer(src_tok), TokenizerView.from_tokenizer(tgt_tok)
+        try:
+            cached.check(src, tgt, tgt_rules=target_rules(tgt_tok))
+        except StaleProjectionError:
+            cached = None
+    if cached is None:
+        return build_projection(src_tok, tgt_tok, src_ids), "built"
+    if cached.missing(src_ids).size:
+        return extend_projection(cached, src_tok, tgt_tok, src_ids), "extended"
+    return cached, "reused"
 
 
 def _fill(proj: Projection, src: TokenizerView, tgt: TokenizerView, enc: Encoders, todo: np.ndarray) -> None:
@@ -390,7 +421,9 @@ def project_bytes(
     if todo.size:
         batch = encoder.encode_batch_fast(_take(heads, todo), add_special_tokens=False)
         first = np.fromiter(
-            map(next, map(iter, map(attrgetter("ids"), batch)), repeat(-1)), dtype=np.int64, count=todo.size
+            map(next, map(iter, map(attrgetter("ids"), batch)), itertools.repeat(-1)),
+            dtype=np.int64,
+            count=todo.size,
         )
         ids[todo], how[todo] = first, np.where(first >= 0, TEXT, NO_TARGET)
     # Text starting with a partial character: the target's token for that single byte.
@@ -400,13 +433,13 @@ def project_bytes(
         ids[rest] = bytes_table[lead]
         how[rest] = np.where(ids[rest] >= 0, BYTE, NO_BYTE_TOKEN)
     how[~has_head & (ids < 0) & (how == NO_TARGET)] = EMPTY
+    if (ids >= tgt.vocab_size).any():
+        raise TokenizerSchemeError(f"tokenizer {tgt.name}: encoded an id beyond its {tgt.vocab_size} tokens")
     # A first token that stands for no text (an <unk> of a tokenizer without byte fallback) is no projection.
     special = np.zeros(tgt.vocab_size, dtype=bool)
     special[tgt.special_ids] = True
-    bad = (ids >= 0) & special[np.where(ids >= 0, ids, 0)]
+    bad = (ids >= 0) & special[np.maximum(ids, 0)]
     ids[bad], how[bad] = -1, NO_TARGET
-    if (ids >= tgt.vocab_size).any():
-        raise TokenizerSchemeError(f"tokenizer {tgt.name}: encoded an id beyond its {tgt.vocab_size} tokens")
     return ids.astype(np.int32), how
 
 

@@ -21,6 +21,7 @@ from fusion.project import (
     StaleProjectionError,
     build_projection,
     encoders,
+    ensure_projection,
     extend_projection,
     mode_index,
     sum_duplicates,
@@ -179,6 +180,12 @@ def test_extend_save_load_and_stale_checks(
         back.check(mistral, mistral)
     with pytest.raises(ValueError, match="outside the source vocabulary"):
         extend_projection(more, smollm2_tokenizer, mistral_tokenizer, np.array([10**6]))
+    # The stage's cache: reused when it covers the ids, extended when not, rebuilt when stale.
+    assert ensure_projection(back, smollm2_tokenizer, mistral_tokenizer, [30, 198])[1] == "reused"
+    grown, how = ensure_projection(back, smollm2_tokenizer, mistral_tokenizer, [905])
+    assert how == "extended" and grown.ids[INSIDE, 905] == smollm2_to_mistral.ids[INSIDE, 905]
+    stale = build_projection(smollm2_tokenizer, smollm2_tokenizer, [30])
+    assert ensure_projection(stale, smollm2_tokenizer, mistral_tokenizer, [30])[1] == "built"
     path.write_bytes(b"not a zip")
     with pytest.raises(StaleProjectionError, match="not a readable projection"):
         Projection.load(path)
