@@ -52,7 +52,8 @@ def text_order(
     doc_index: np.ndarray, doc_text: np.ndarray, doc_text_offsets: np.ndarray, doc_text_index: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """(start, stop) byte offsets in doc_text of each document of `doc_index`, checking the text arrays."""
-    text, offsets, index = np.asarray(doc_text), np.asarray(doc_text_offsets), np.asarray(doc_text_index)
+    text, offsets = np.asarray(doc_text), np.asarray(doc_text_offsets, dtype=np.int64)
+    index = np.asarray(doc_text_index, dtype=np.int64)
     if text.ndim != 1 or text.dtype != np.uint8:
         raise AlignmentError(
             f"doc_text: expected the prepared shard's 1-D uint8 text, got {text.dtype} {text.shape}"
@@ -68,15 +69,15 @@ def text_order(
         )
     if len(np.unique(index)) != len(index):
         raise AlignmentError("doc_text_index: document ids repeat; pass the prepared shard's doc_index")
-    sorter = np.argsort(index, kind="stable")
-    pos = np.searchsorted(index, doc_index, sorter=sorter).clip(0, max(len(index) - 1, 0))
-    found = sorter[pos] if len(index) else np.zeros(len(doc_index), dtype=np.int64)
-    missing = np.asarray(doc_index)[(index[found] != doc_index) if len(index) else slice(None)]
+    doc_index = np.asarray(doc_index)
+    missing = doc_index[~np.isin(doc_index, index)]
     if len(missing):
         raise AlignmentError(
             f"doc_text_index lacks documents {missing[:5].tolist()} of the shards; pass the prepared shard "
             "the extract shards were made from"
         )
+    sorter = np.argsort(index, kind="stable")
+    found = sorter[np.searchsorted(index, doc_index, sorter=sorter)]
     return offsets[found].astype(np.int64), offsets[found + 1].astype(np.int64)
 
 
