@@ -17,6 +17,9 @@
    log-prob, best first, padded with -1 / -inf. Any other row is a one-hot on the NEXT gold target token
    input_ids[t+1] with log-prob 0 (the reference put it on the current token: defect 1). The last row of
    a document predicts nothing: all empty, aligned = 0.
+
+The exact method (fusion.exact) pairs rows by byte offsets in the text instead, and projects distributions by
+what tokens spell (fusion.project); it writes the same aligned shard.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from fusion.format import Shard
 from fusion.tokens import TokenizerView
 from fusion.vocab import METHODS, VocabMap
 
+# Every alignment method: the two of the paper (DTW + a vocabulary map, fusion.vocab) and exact (byte-offset
+# pairing + projection by spelling, fusion.exact / fusion.project).
+ALIGNMENT_METHODS = (*METHODS, "exact")
 _ROWS_PER_BLOCK = 1 << 16  # accepted rows mapped at a time: [rows, k, k] bool masks stay <= 64 MB (k <= 32)
 
 
@@ -191,6 +197,20 @@ def align_shard(
 def align_shard_with_stats(
     src: Shard, tgt: Shard, src_view: TokenizerView, tgt_view: TokenizerView, vocab_map: VocabMap, method: str
 ) -> tuple[dict[str, np.ndarray], AlignStats]:
+    arrays, stats, _, _ = align_shard_dtw(src, tgt, src_view, tgt_view, vocab_map, method)
+    return arrays, stats
+
+
+def align_shard_dtw(
+    src: Shard, tgt: Shard, src_view: TokenizerView, tgt_view: TokenizerView, vocab_map: VocabMap, method: str
+) -> tuple[dict[str, np.ndarray], AlignStats, np.ndarray, np.ndarray]:
+    """align_shard_with_stats, plus the target rows that carry the source's distribution and the source
+    rows they took it from (for fusion.exact's diagnostics)."""
+    if method == "exact":
+        raise AlignmentError(
+            "alignment method 'exact' takes no vocabulary map: use fusion.exact.align_shard_exact with a "
+            "fusion.project.Projection"
+        )
     if method not in METHODS:
         raise AlignmentError(f"alignment method {method!r}: expected one of {METHODS}")
     if method == "mined" and vocab_map.method != "mined":
@@ -252,8 +272,6 @@ def align_shard_with_stats(
     rows, s_rows, same = rows[accept], s_rows[accept], same[accept]
 
     k = src_topk.shape[1]
-    topk_ids = np.full((n_tgt, k), -1, dtype=np.int32)
-    topk_lp = np.full((n_tgt, k), -np.inf, dtype=np.float32)
     src_lp = np.asarray(src["topk_logprobs"])
     mapped_ids = np.empty((len(s_rows), k), dtype=np.int32)
     mapped_lp = np.empty((len(s_rows), k), dtype=np.float32)
@@ -266,31 +284,7 @@ def align_shard_with_stats(
     kept = mapped_ids[:, 0] >= 0
     rows, s_rows, same = rows[kept], s_rows[kept], same[kept]
     mapped_ids, mapped_lp = mapped_ids[kept], mapped_lp[kept]
-    topk_ids[rows] = mapped_ids
-    topk_lp[rows] = mapped_lp
-    aligned = np.zeros(n_tgt, dtype=np.uint8)
-    aligned[rows] = 1
-    # Fallback: one-hot on the NEXT gold target token (row t predicts token t+1).
-    fallback = np.flatnonzero(~is_last & (aligned == 0))
-    topk_ids[fallback, 0] = tgt_input[fallback + 1]
-    topk_lp[fallback, 0] = 0.0
-    gold_lp = np.full(n_tgt, np.nan, dtype=np.float16)
-    gold_lp[rows] = np.asarray(src["gold_logprob"])[s_rows]
-    gold_nbytes = np.zeros(n_tgt, dtype=np.uint16)
-    gold_nbytes[rows] = np.asarray(src["token_nbytes"])[s_rows + 1]
-
-    arrays = {
-        "doc_index": np.asarray(tgt["doc_index"]).astype(np.int64),
-        "doc_offsets": tgt_off.astype(np.int64),
-        "topk_ids": topk_ids,
-        "topk_logprobs": topk_lp.astype(np.float16),
-        "aligned": aligned,
-        "gold_logprob": gold_lp,
-        "gold_nbytes": gold_nbytes,
-        "doc_nll": np.asarray(src["doc_nll"])[order].astype(np.float32),
-        "doc_pred_nbytes": np.asarray(src["doc_pred_nbytes"])[order].astype(np.int64),
-        "doc_n_pred": np.asarray(src["doc_n_pred"])[order].astype(np.int32),
-    }
+    arrays = aligned_arrays(src, tgt, order, rows, s_rows, mapped_ids, mapped_lp)
     stats = AlignStats(
         documents=len(order),
         positions=int(n_tgt - len(order)),
@@ -300,7 +294,52 @@ def align_shard_with_stats(
         entries=int((mapped_ids >= 0).sum()),
         source_entries=int((src_topk[s_rows] >= 0).sum()),
     )
-    return arrays, stats
+    return arrays, stats, rows, s_rows
+
+
+def aligned_arrays(
+    src: Shard,
+    tgt: Shard,
+    order: np.ndarray,
+    rows: np.ndarray,
+    s_rows: np.ndarray,
+    topk_ids: np.ndarray,
+    topk_logprobs: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The arrays of an aligned shard: target rows `rows` carry the source's mapped top-k (taken at source
+    rows `s_rows`, non-empty); every other row but each document's last is a one-hot on its NEXT gold target
+    token (row t predicts token t+1) with log-prob 0; last rows are empty. order: as _document_order."""
+    tgt_off = np.asarray(tgt["doc_offsets"])
+    tgt_input = np.asarray(tgt["input_ids"]).astype(np.int64)
+    n_tgt = int(tgt_off[-1])
+    is_last = np.zeros(n_tgt, dtype=bool)
+    is_last[tgt_off[1:] - 1] = True
+    k = np.asarray(src["topk_ids"]).shape[1]
+    out_ids = np.full((n_tgt, k), -1, dtype=np.int32)
+    out_lp = np.full((n_tgt, k), -np.inf, dtype=np.float32)
+    out_ids[rows] = topk_ids
+    out_lp[rows] = topk_logprobs
+    aligned = np.zeros(n_tgt, dtype=np.uint8)
+    aligned[rows] = 1
+    fallback = np.flatnonzero(~is_last & (aligned == 0))
+    out_ids[fallback, 0] = tgt_input[fallback + 1]
+    out_lp[fallback, 0] = 0.0
+    gold_lp = np.full(n_tgt, np.nan, dtype=np.float16)
+    gold_lp[rows] = np.asarray(src["gold_logprob"])[s_rows]
+    gold_nbytes = np.zeros(n_tgt, dtype=np.uint16)
+    gold_nbytes[rows] = np.asarray(src["token_nbytes"])[s_rows + 1]
+    return {
+        "doc_index": np.asarray(tgt["doc_index"]).astype(np.int64),
+        "doc_offsets": tgt_off.astype(np.int64),
+        "topk_ids": out_ids,
+        "topk_logprobs": out_lp.astype(np.float16),
+        "aligned": aligned,
+        "gold_logprob": gold_lp,
+        "gold_nbytes": gold_nbytes,
+        "doc_nll": np.asarray(src["doc_nll"])[order].astype(np.float32),
+        "doc_pred_nbytes": np.asarray(src["doc_pred_nbytes"])[order].astype(np.int64),
+        "doc_n_pred": np.asarray(src["doc_n_pred"])[order].astype(np.int32),
+    }
 
 
 def map_topk(
