@@ -12,13 +12,14 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from jobs.complete import Policy, completed_tasks
+from jobs.complete import Policy, completed_tasks, read_manifest
 from jobs.plan import build_dag, trained_variants
 from jobs.registry import STAGE_NAMES, Layout, Stage
 from jobs.spec import FusionRunSpec, parse_spec
 from jobs.status import (
     FusionRunStatus,
     TaskStatus,
+    alignment_diagnostics,
     conditions,
     parse_status,
     progress_entry,
@@ -45,6 +46,21 @@ def recorded_spec(store: Store) -> FusionRunSpec | None:
     return parse_spec(raw) if isinstance(raw, dict) else None
 
 
+def alignment_from_store(store: Store, dag: list[Any], done: set[str] | frozenset[str]) -> dict[str, Any]:
+    """Per source, the alignment diagnostics of its complete align tasks (jobs.status.alignment_diagnostics);
+    empty until every align task is complete (then read once: a pass's manifests are usually cached)."""
+    aligns = [t for t in dag if t.stage is Stage.align]
+    if not aligns or any(t.id not in done for t in aligns):
+        return {}
+    per_source: dict[str, list[dict[str, Any]]] = {}
+    for t in aligns:
+        m = read_manifest(store, t) or {}
+        diag = m.get("summary", {}).get("diagnostics")
+        if isinstance(diag, dict):
+            per_source.setdefault(t.model, []).append(diag)
+    return alignment_diagnostics(per_source)
+
+
 def store_status(
     store: Store, spec: FusionRunSpec, recorded: FusionRunStatus | None = None, now: datetime | None = None
 ) -> FusionRunStatus:
@@ -66,6 +82,7 @@ def store_status(
             for name in STAGE_NAMES
         }
     )
+    stages.align.diagnostics = alignment_from_store(store, dag, done) or None
     phase, message = _phase(tasks)
     current = next((n for n in STAGE_NAMES if getattr(stages, n).state not in ("Succeeded", "Skipped")), None)
     training = [

@@ -76,6 +76,12 @@ class StageStatus(StatusModel):
     completion_time: str | None = None
     job_names: list[str] = Field(default_factory=list, description="Jobs of the current attempts.")
     output_uri: str | None = Field(None, description="Where this stage's artifacts are.")
+    diagnostics: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="align: per source, the share of target positions that received its distribution, the "
+        "byte-boundary bound, the share of its probability mass that reached the target vocabulary, and "
+        "the positions lost by cause (the align manifests hold the per-shard figures).",
+    )
 
 
 # One entry per stage of the registry (jobs.registry).
@@ -273,4 +279,29 @@ def conditions(
         done = st.state == "Succeeded"
         reason = "AllTasksSucceeded" if done else st.state
         out.append(c(STAGE_CONDITIONS[name], done, reason, f"{st.succeeded}/{st.tasks} tasks succeeded"))
+    return out
+
+
+_COUNTS = ("positions", "received", "boundary", "lost_at_boundary", "lost_special", "lost_no_boundary")
+_COUNTS += ("lost_normalised", "normalised_documents")
+
+
+def alignment_diagnostics(per_source: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per source, the align tasks' diagnostics (fusion.exact.AlignDiagnostics.to_dict, one per shard)
+    summed over shards: counts, and the fractions that matter (received, the bound, mass reached)."""
+    out: dict[str, dict[str, Any]] = {}
+    for source, diags in per_source.items():
+        if not diags:
+            continue
+        total = {k: int(sum(d.get(k, 0) for d in diags)) for k in _COUNTS}
+        mass = sum(float(d.get("source_mass", 0.0)) for d in diags)
+        reached = sum(float(d.get("projected_mass", 0.0)) for d in diags)
+        n = total["positions"] or 1
+        out[source] = {
+            "method": diags[0].get("method"),
+            **total,
+            "received_fraction": round(total["received"] / n, 4),
+            "boundary_fraction": round(total["boundary"] / n, 4),
+            "mass_fraction": round(reached / mass, 4) if mass else 0.0,
+        }
     return out

@@ -614,7 +614,7 @@ def test_operator_reads_a_real_local_store(tmp_path) -> None:
     store.put_bytes("train/fused/progress.json", json.dumps(progress).encode())
 
     def read_store_state(spec: FusionRunSpec, name: str, *_: Any) -> Any:  # the store view of one pass
-        return read_store_view(Pipeline(spec, tuple(build_dag(spec))), name)
+        return read_store_view(Pipeline(spec, tuple(build_dag(spec))), name)[:4]
 
     got_store, completed, prog, metrics = read_store_state(fr_spec, "demo", "ml", logging.getLogger("t"))
     assert completed == frozenset({"prepare"}) and prog == {"fused": progress} and metrics is None

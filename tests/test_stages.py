@@ -292,6 +292,21 @@ def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral
     assert am2["summary"]["vocab_map"] == "reused"  # the cached map covered every id
     assert am2["outputs"] == am["outputs"]
 
+    # alignment.method exact through the stage: the spec change redoes align (and what follows); exact
+    # hands a distribution to every row whose byte boundary coincides (received = the bound), DTW fewer.
+    exact = spec.model_copy(update={"alignment": spec.alignment.model_copy(update={"method": "exact"})})
+    assert run_task(align.run, _t("align", "mis", 0), exact, "r") == 0
+    em = read_manifest(store, "align/mis/shard-00000.manifest.json")
+    d_exact, d_mined = em["summary"]["diagnostics"], am2["summary"]["diagnostics"]
+    assert em["summary"]["projection"] == "built" and store.exists("align/mis/projection.npz")
+    assert d_exact["method"] == "exact" and d_mined["method"] == "mined"
+    assert d_exact["positions"] == d_mined["positions"] and d_exact["boundary"] == d_mined["boundary"]
+    assert d_exact["received"] == d_exact["boundary"] == d_exact["received_at_boundary"]
+    assert d_mined["received"] < d_exact["received"]
+    lost = ("lost_at_boundary", "lost_special", "lost_no_boundary", "lost_normalised")
+    assert d_exact["received"] + sum(d_exact[k] for k in lost) == d_exact["positions"]
+    assert run_task(fuse.run, _t("fuse", None, 0), exact, "r") == 0
+
 
 def test_missing_input_and_unloadable_model(tmp_path: Path) -> None:
     spec = _spec(tmp_path)

@@ -147,6 +147,11 @@ class StageContext:
         key = Layout.documents(self.task.shard) if stage is Stage.prepare else Layout.shard(producer)
         return self.verified_shard(producer, key)
 
+    def documents(self) -> Any:
+        """The prepared documents (text) of this task's shard, whether prepare is a direct dependency or
+        reached through extraction (align reads the text both models tokenized)."""
+        return self.verified_shard(self.by_id[Stage.prepare.value], Layout.documents(self.task.shard))
+
     def heldout(self) -> Any:
         """The held-out documents prepare set aside for evaluation."""
         return self.verified_shard(self.dependency(Stage.prepare), Layout.HELDOUT)

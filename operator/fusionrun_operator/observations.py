@@ -47,6 +47,7 @@ class Observed:
     completed: frozenset[str] | None = None  # None: the store was not read
     progress: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # variant -> progress.json
     metrics: Mapping[str, Any] | None = None
+    alignment: Mapping[str, Any] | None = None  # per source: jobs.status.alignment_diagnostics
 
     def jobs_by_task(self) -> dict[str, list[JobObservation]]:
         out: dict[str, list[JobObservation]] = {}

@@ -66,7 +66,7 @@ def reconcile(
 
     facts = RunFacts(failed, deadline_hit, spec.active_deadline_seconds, all_done, spec.suspend)
     status_inputs = StatusInputs(
-        obs.run.name, obs.run.generation, now, obs.progress, obs.metrics, restart.key
+        obs.run.name, obs.run.generation, now, obs.progress, obs.metrics, restart.key, obs.alignment
     )
     fx.status, events = render_status(old, pipe, records, facts, clock, status_inputs)
     fx.events += events

@@ -60,6 +60,7 @@ class Operator:
             completed=view.completed,
             progress=view.progress,
             metrics=view.metrics,
+            alignment=view.alignment,
         )
         fx = reconcile(obs, self.config, pipeline)
         if fx.invalidate:

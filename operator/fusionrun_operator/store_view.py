@@ -31,6 +31,7 @@ class StoreView(NamedTuple):
     completed: frozenset[str] | None  # None: the store could not be read
     progress: dict[str, dict[str, Any]]  # train variant -> progress.json
     metrics: dict[str, Any] | None  # evaluate/metrics.json, once evaluate is complete
+    alignment: dict[str, Any] | None = None  # per source, once every align task is complete
 
 
 def unread() -> StoreView:
@@ -87,10 +88,12 @@ def read_store_view(
     """What the store says for this pass; unread() (after on_error) when it cannot be read: a StoreError, a
     missing Secret, a malformed JSON file."""
     from jobs.complete import completed_tasks
+    from jobs.observe import alignment_from_store
 
     try:
         store = open_run_store(pipeline.spec, run_name, credentials)
-        completed = frozenset(completed_tasks(ReadCache(store), pipeline.spec, pipeline.tasks))
+        cached = ReadCache(store)
+        completed = frozenset(completed_tasks(cached, pipeline.spec, pipeline.tasks))
         progress: dict[str, dict[str, Any]] = {}
         for t in pipeline.train_tasks:
             key = Layout.progress(t.variant)
@@ -99,7 +102,8 @@ def read_store_view(
         metrics = None
         if pipeline.any_done("evaluate", completed) and store.exists(Layout.METRICS):
             metrics = json.loads(store.get_bytes(Layout.METRICS))
-        return StoreView(store, completed, progress, metrics)
+        alignment = alignment_from_store(cached, list(pipeline.tasks), completed) or None
+        return StoreView(store, completed, progress, metrics, alignment)
     except Exception as err:
         if on_error is not None:
             on_error(err)

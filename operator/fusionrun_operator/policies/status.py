@@ -30,6 +30,7 @@ class StatusInputs:
     progress: Mapping[str, Mapping[str, Any]]  # variant -> progress.json
     metrics: Mapping[str, Any] | None  # evaluate/metrics.json; None: not read
     restart_key: str | None
+    alignment: Mapping[str, Any] | None = None  # per source; None: not read this pass (keep the last)
 
 
 def render_status(
@@ -44,6 +45,7 @@ def render_status(
     tasks: Sequence[TaskStatus] = [records[t.id] for t in pipeline.tasks]
     uri = artifacts_uri(pipeline.spec, inp.run_name)
     stages = stage_entries(tasks, old.stages, uri, now_s)
+    stages.align.diagnostics = dict(inp.alignment) if inp.alignment else old.stages.align.diagnostics
     summary = summarize(facts, tasks, stages)
     training = training_entries(old.training, pipeline.train_tasks, inp.progress)
     new = FusionRunStatus(
