@@ -66,6 +66,70 @@ def test_train_config_follows_the_spec():
     assert fused.max_steps == 4 and fused.seq_len == 32 and fused.checkpoint_interval == 2
 
 
+# every spec.training field that reaches TrainConfig, at a value other than both defaults (camelCase keys)
+NON_DEFAULT_TRAINING = {
+    "lambda": 0.5,
+    "loss": "kl",
+    "learningRate": 0.02,
+    "schedule": "linear",
+    "warmupRatio": 0.1,
+    "minLrRatio": 0.05,
+    "weightDecay": 0.2,
+    "betas": [0.8, 0.9],
+    "gradClip": 0.5,
+    "maxSteps": 7,
+    "epochs": 2.5,
+    "microBatchSize": 3,
+    "gradAccum": 5,
+    "seqLen": 64,
+    "zeroStage": 3,
+    "gradientCheckpointing": True,
+    "checkpointInterval": 9,
+    "seed": 7,
+    "dtype": "bfloat16",
+}
+
+
+def test_every_train_config_field_comes_from_the_spec_and_every_training_field_reaches_it():
+    """A new spec.training field or TrainConfig field cannot be forgotten: the field sets must match
+    (through the rename table, less the launch/DAG fields), and every value must arrive."""
+    from dataclasses import fields
+
+    from fusion.train.config import TrainConfig
+    from jobs.spec import Training, parse_spec
+    from jobs.stages.train import NOT_TRAINING_FIELDS, RENAMED_FIELDS
+
+    derived = {RENAMED_FIELDS.get(n, n) for n in Training.model_fields if n not in NOT_TRAINING_FIELDS}
+    assert derived == {f.name for f in fields(TrainConfig)} - {"variant"}
+    training_fields = set(Training.model_fields)
+    assert training_fields >= NOT_TRAINING_FIELDS | set(RENAMED_FIELDS)
+
+    spec = parse_spec(spec_doc(Path("/tok"), Path("/store"), **NON_DEFAULT_TRAINING)["spec"])
+    assert len(NON_DEFAULT_TRAINING) == len(derived)  # a value for each field that reaches TrainConfig
+    cfg, defaults = train_config(spec, "fused"), TrainConfig()
+    source = {RENAMED_FIELDS.get(n, n): n for n in Training.model_fields}
+    for f in fields(TrainConfig):
+        if f.name != "variant":
+            value = getattr(cfg, f.name)
+            assert value == getattr(spec.training, source[f.name]), f.name
+            assert (
+                value != getattr(defaults, f.name) and value != Training.model_fields[source[f.name]].default
+            )
+    assert train_config(spec, "clm").variant == "clm"
+
+
+def test_a_spec_field_train_config_lacks_is_an_error_not_a_silent_drop():
+    from types import SimpleNamespace
+
+    from jobs.spec import Training
+
+    class Extended(Training):
+        new_knob: int = 3
+
+    with pytest.raises(TypeError, match="new_knob"):
+        train_config(SimpleNamespace(training=Extended()), "fused")
+
+
 def test_rank_envs_single_local_process_gets_defaults():
     envs = rank_envs({}, procs_per_node=1, nodes=1, port=29511)
     assert envs is not None and len(envs) == 1
