@@ -217,3 +217,12 @@ def test_report_curves_come_from_the_store_history_else_from_the_logs(tmp_path: 
 
 def test_legacy_key_table_names_record_fields():
     assert set(LEGACY_PROGRESS_KEYS.values()) <= set(ProgressRecord.__dataclass_fields__)
+
+
+def test_the_operator_can_import_the_records_without_torch_or_fusion():
+    import subprocess
+    import sys
+
+    code = "import sys, jobs.progress; print(sorted(m for m in ('torch', 'fusion') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
