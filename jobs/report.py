@@ -2,7 +2,7 @@
 
   - held-out bits per byte (and perplexity): target before training, CLM-only baseline, FuseLLM, each source
     (evaluate/metrics.json)
-  - training loss curves (train/<variant>/progress.json, or JSON lines with step and loss in the train log)
+  - training loss curves (train/<variant>/history.jsonl; for older runs the JSON lines of the train logs)
   - how often MinCE picked each candidate (fuse manifests' summaries)
   - per-task timings (manifests' started_at / finished_at)
 Written to a local folder and copied into the store under report/. Everything missing is reported as
@@ -17,6 +17,7 @@ from typing import Any
 
 from jobs.complete import read_manifest
 from jobs.plan import build_dag, trained_variants
+from jobs.progress import TrainingHistory, read_history
 from jobs.registry import Layout, Stage
 from jobs.spec import FusionRunSpec
 from jobs.store import Store, StoreError
@@ -91,6 +92,40 @@ def loss_curve_from_log(text: str, key: str = "loss") -> list[tuple[int, float]]
     return sorted(dict(loss_curve(rows)).items())
 
 
+def _stored_history(store: Store, variant: str) -> TrainingHistory | None:
+    try:
+        return read_history(store, variant)
+    except StoreError:
+        return None
+
+
+def loss_curves(
+    store: Store, spec: FusionRunSpec, log_dir: Path | None = None
+) -> dict[str, list[tuple[int, float]]]:
+    """Each variant's (step, loss) curve, and FuseLLM's CLM term alone ("fused-clm": the like-for-like
+    comparison with CLM-only). From the training history in the store (train/<variant>/history.jsonl, so a
+    run made on Kubernetes has its curves too); for runs made before histories existed, from a progress
+    record holding a list, else from the local runner's train logs."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for v in trained_variants(spec):
+        history = _stored_history(store, v)
+        if history is not None and history.steps():
+            if v == "fused":  # (before "fused": the plot's colours stay as the log-based curves had them)
+                curves["fused-clm"] = history.curve("clm_loss")
+            curves[v] = history.curve("loss")
+            continue
+        pts = loss_curve(_json(store, Layout.progress(v)))
+        if not pts and log_dir is not None:
+            log = log_dir / f"train{'' if v == 'fused' else '-' + v}.log"
+            if log.is_file():
+                text = log.read_text(errors="replace")
+                pts = loss_curve_from_log(text)
+                if v == "fused":
+                    curves["fused-clm"] = loss_curve_from_log(text, "clm_loss")
+        curves[v] = pts
+    return curves
+
+
 def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> dict[str, Any]:
     dag = build_dag(spec)
     tasks = {}
@@ -108,21 +143,10 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
         if t.stage is Stage.fuse:
             for name, n in (m.get("summary", {}).get("choice_counts") or {}).items():
                 choice[name] = choice.get(name, 0) + int(n)
-    curves = {}
-    for v in trained_variants(spec):
-        pts = loss_curve(_json(store, Layout.progress(v)))
-        if not pts and log_dir is not None:
-            log = log_dir / f"train{'' if v == 'fused' else '-' + v}.log"
-            if log.is_file():
-                text = log.read_text(errors="replace")
-                pts = loss_curve_from_log(text)
-                if v == "fused":  # its CLM term alone: the like-for-like comparison with CLM-only
-                    curves["fused-clm"] = loss_curve_from_log(text, "clm_loss")
-        curves[v] = pts
     return {
         "tasks": tasks,
         "metrics": _json(store, Layout.METRICS),
-        "loss_curves": curves,
+        "loss_curves": loss_curves(store, spec, log_dir),
         "mince_choices": choice,
         "fusion": spec.fusion.model_dump(by_alias=True),
     }

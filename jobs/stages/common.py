@@ -250,6 +250,45 @@ class StageContext:
 StageFn = Callable[[StageContext], tuple[dict[str, Any], dict[str, Any]]]
 
 
+Work = Callable[[str | None, dict[str, str]], "dict[str, Any] | int"]
+
+
+def complete_task(
+    store: Store,
+    spec: FusionRunSpec,
+    dag: list[Task],
+    task: Task,
+    force: bool,
+    work: Work,
+    writer: bool = True,
+) -> int:
+    """The one sequence every task goes through (jobs.complete's rule): skip it when complete (unless
+    forced); record its inputs' digests (failing clearly when a dependency is not done); drop a stale
+    manifest before its outputs are rewritten; do the work; write the manifest LAST.
+
+    work(reason, inputs) returns the manifest to write, or an exit code when there is none to write (a
+    preempted training). writer: False for the ranks of a training that are not rank 0 (they train, rank 0
+    alone touches the manifest)."""
+    by_id = {t.id: t for t in dag}
+    reason = why_incomplete(store, spec, task, by_id, Policy.for_store(store))
+    if reason is None and not force:
+        log_event("skip", task=task.id, reason="complete")
+        return EXIT_OK
+    inputs = input_digests(store, by_id, task)
+    if writer and reason != "no manifest":
+        invalidate(store, task)  # a stale manifest must not vouch for outputs being rewritten
+    if writer:
+        record_spec(store, spec)
+    started = time.time()
+    log_event("start", task=task.id, reason=reason or "forced")
+    manifest = work(reason, inputs)
+    if isinstance(manifest, int):
+        return manifest
+    write_manifest(store, task, manifest)
+    log_event("done", task=task.id, seconds=round(time.time() - started, 2), **manifest["counts"])
+    return EXIT_OK
+
+
 def run_task(
     stage_fn: StageFn,
     task: Task,
@@ -258,36 +297,27 @@ def run_task(
     force: bool = False,
     store: Store | None = None,
 ) -> int:
-    """Run one task unless complete (jobs.complete); write its manifest last. A task of a cacheable stage
-    adopts the shared entry of its content key when one exists (jobs.cache), else writes it under the
-    entry's lease. Returns a process exit code."""
+    """Run one task unless complete (complete_task). A task of a cacheable stage adopts the shared entry
+    of its content key when one exists (jobs.cache), else writes it under the entry's lease. Returns a
+    process exit code."""
     store = store or open_store(spec.store, run_name, check=spec.store.is_s3)
     dag = build_dag(spec)
     by_id = {t.id: t for t in dag}
     if task.id not in by_id:
         raise StageError(f"task {task.id} is not part of this run (known: {', '.join(sorted(by_id))})")
     task = by_id[task.id]  # with its dependencies
-    reason = why_incomplete(store, spec, task, by_id, Policy.for_store(store))
-    if reason is None and not force:
-        log_event("skip", task=task.id, reason="complete")
-        return EXIT_OK
-    inputs = input_digests(store, by_id, task)  # fails clearly when a dependency is not done
-    if reason != "no manifest":
-        invalidate(store, task)  # a stale manifest must not vouch for outputs being rewritten
-    record_spec(store, spec)
-    scratch = Path(tempfile.mkdtemp(prefix=f"fusionrun-{task.id}-"))
-    try:
-        ctx = StageContext(spec, run_name, store, task, dag, scratch)
-        log_event("start", task=task.id, reason=reason or "forced")
-        if cache_enabled(task):
-            manifest = _run_cached(stage_fn, ctx, inputs, force)
-        else:
-            manifest = _run_plain(stage_fn, ctx, inputs)
-        write_manifest(store, task, manifest)
-        log_event("done", task=task.id, seconds=round(time.time() - ctx.started_at, 2), **manifest["counts"])
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return EXIT_OK
+
+    def work(reason: str | None, inputs: dict[str, str]) -> dict[str, Any]:
+        scratch = Path(tempfile.mkdtemp(prefix=f"fusionrun-{task.id}-"))
+        try:
+            ctx = StageContext(spec, run_name, store, task, dag, scratch)
+            if cache_enabled(task):
+                return _run_cached(stage_fn, ctx, inputs, force)
+            return _run_plain(stage_fn, ctx, inputs)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    return complete_task(store, spec, dag, task, force, work)
 
 
 def _run_plain(stage_fn: StageFn, ctx: StageContext, inputs: dict[str, str]) -> dict[str, Any]:
