@@ -95,12 +95,25 @@ def cmd_validate(path: str) -> int:
     except SpecError as err:
         print(f"{path}: {err}", file=sys.stderr)
         return 1
+    errors = benchmark_errors(run.spec)
+    if errors:
+        print(f"{path}: invalid FusionRun:\n  " + "\n  ".join(errors), file=sys.stderr)
+        return 1
     dag = build_dag(run.spec)
     print(
         f"{path}: valid FusionRun {run.metadata.name!r}: {len(run.spec.models)} models, "
         f"{run.spec.extraction.shards} shard(s), {len(dag)} tasks"
     )
     return 0
+
+
+def benchmark_errors(spec: FusionRunSpec) -> list[str]:
+    """evaluation.tasks / taskDirs problems found before anything runs (jobs.benchmarks.light_errors)."""
+    if not spec.evaluation.enabled or not spec.evaluation.tasks:
+        return []
+    from jobs.benchmarks import light_errors
+
+    return light_errors(spec)
 
 
 def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str | None = None) -> int:
@@ -114,6 +127,10 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
         runner = LocalRunner(spec, run.metadata.name, workers=workers)
     except (SpecError, StoreError) as err:
         print(f"{path}: {err}", file=sys.stderr)
+        return 1
+    errors = benchmark_errors(spec)
+    if errors:  # hours before evaluate would find them
+        print(f"{path}: invalid FusionRun:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1
     t0 = time.time()
     try:

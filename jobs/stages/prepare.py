@@ -164,13 +164,18 @@ def texts_changed(store: Any, spec: Any, task: Any) -> str | None:
 
     if task.stage is Stage.prepare:
         return "corpus changed" if corpus_changed(store, spec) else None
-    if task.stage is Stage.evaluate and spec.evaluation.corpora:
+    if task.stage is Stage.evaluate and (spec.evaluation.corpora or spec.evaluation.task_dirs):
         from jobs.manifest import read_manifest
+        from jobs.stages.evaluate_tasks import task_dir_stamps
 
         m = read_manifest(store, "evaluate/manifest.json")
-        recorded = (m or {}).get("summary", {}).get("corpora_stamps")
-        if recorded is not None and recorded != eval_corpora_stamps(store, spec):
+        summary = (m or {}).get("summary", {})
+        recorded = summary.get("corpora_stamps")
+        if spec.evaluation.corpora and recorded is not None and recorded != eval_corpora_stamps(store, spec):
             return "evaluation corpus changed"
+        recorded = summary.get("task_dir_stamps")
+        if spec.evaluation.task_dirs and recorded is not None and recorded != task_dir_stamps(store, spec):
+            return "evaluation task folder changed"
     return None
 
 
