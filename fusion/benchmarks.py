@@ -29,7 +29,17 @@ from typing import Any
 import numpy as np
 import yaml
 
-LM_EVAL_VERSION = "0.4.13"
+LM_EVAL_VERSION = "0.4.13"  # the pin (pyproject's eval extra); installed_version() is what runs
+
+
+def installed_version() -> str | None:
+    """lm-eval's installed version, None when it is not installed (read without importing it)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("lm_eval")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 class BenchmarkError(ValueError):

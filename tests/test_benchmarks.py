@@ -457,3 +457,101 @@ def test_evaluate_stage_other_tokenizer_and_changed_settings(tmp_path: Path, cap
         (m, t, t == "stdlib_ppl") for m in LABELS for t in ("stdlib_pick", "stdlib_ppl")
     ]
     assert json.loads(store.get_bytes("evaluate/metrics.json"))["tasks"]["stdlib_pick"]["samples"] == 4
+
+
+def _metrics_with_tasks() -> dict:
+    pick = {
+        "num_fewshot": 0,
+        "limit": None,
+        "samples": 8,
+        "metric_names": ["acc", "acc_norm"],
+        "higher_is_better": {"acc": True, "acc_norm": True},
+        "models": {
+            "fused": {"acc": {"value": 0.5, "stderr": 0.1}, "acc_norm": {"value": 0.25, "stderr": 0.05}},
+            "target-before": {
+                "acc": {"value": 0.25, "stderr": 0.1},
+                "acc_norm": {"value": 0.25, "stderr": 0.05},
+            },
+            "clm": {"acc": {"value": 0.375, "stderr": 0.1}, "acc_norm": {"value": 0.25, "stderr": 0.05}},
+        },
+        "fused_minus_clm": {
+            "acc": {"delta": 0.125, "ci95_low": -0.125, "ci95_high": 0.375},
+            "acc_norm": {"delta": 0.0},
+        },
+    }
+    return {
+        "models": {"fused": {"bits_per_byte": 1.2}, "clm": {"bits_per_byte": 1.3}},
+        "fused_minus_clm": {"bits_per_byte": -0.1, "ci95_low": -0.15, "ci95_high": -0.05},
+        "tasks": {"pick": pick},
+        "task_summary": {"pick": {"metric": "acc", "target-before": 0.25, "fused": 0.5, "clm": 0.375}},
+    }
+
+
+def test_report_leads_with_what_the_run_can_show(tmp_path: Path) -> None:
+    from jobs.report import _plot_tasks, render_markdown
+
+    data = {"metrics": _metrics_with_tasks(), "tasks": {}, "tiny_random_init": True}
+    tiny = render_markdown("t", data, {}).splitlines()
+    assert tiny[2].startswith("> **Tiny random-init models.**") and "docs/results.md" in tiny[2]
+    assert "not whether fusion helps" in tiny[2]
+    real = render_markdown("r", {**data, "tiny_random_init": False}, {"tasks": "tasks.png"}).splitlines()
+    assert real[2] == (
+        "**FuseLLM vs CLM-only (same data, steps, seed and schedule):** held-out bits per byte -0.1000 "
+        "(95% paired bootstrap interval -0.1500 to -0.0500; negative favours FuseLLM)."
+    )
+    assert real[3] == (
+        "- pick, acc (higher is better): FuseLLM minus CLM-only +0.1250 (95% paired bootstrap interval "
+        "-0.1250 to +0.3750)."
+    )
+    text = "\n".join(real)
+    assert "| model | acc | acc_norm |" in text
+    # reading order: target before, CLM only, FuseLLM; each figure with lm-eval's stderr
+    table = real[real.index("## Benchmark: pick (lm-evaluation-harness)") :]
+    rows = [r for r in table if r.startswith("| target (before) |") or r.startswith("| CLM only |")]
+    assert rows == [
+        "| target (before) | 0.2500 ± 0.1000 | 0.2500 ± 0.0500 |",
+        "| CLM only | 0.3750 ± 0.1000 | 0.2500 ± 0.0500 |",
+    ]
+    assert (
+        "- FuseLLM minus CLM-only, acc_norm: +0.0000 (no interval: per-document values not available)."
+        in text
+    )
+    assert "![benchmark tasks](tasks.png)" in text
+    assert (
+        _plot_tasks(data["metrics"], tmp_path / "tasks.png")
+        and (tmp_path / "tasks.png").stat().st_size > 1000
+    )
+    no_clm = {
+        "metrics": {"models": {"fused": {"bits_per_byte": 1.0}}},
+        "tasks": {},
+        "tiny_random_init": False,
+    }
+    assert render_markdown("n", no_clm, {}).splitlines()[2].startswith("No CLM-only baseline in this run")
+
+
+@pytest.mark.slow
+def test_local_run_with_tasks_report_and_status(tmp_path: Path) -> None:
+    """The whole tiny pipeline with evaluation.tasks (subprocesses, DeepSpeed training): the report leads
+    with what random-init models can show and has a table per task; the status gets the summary; a rerun
+    skips everything."""
+    from jobs.local import LocalRunner
+    from jobs.plan import build_dag
+    from jobs.status import FusionRunStatus
+    from jobs.store import open_store
+    from tests.test_local_pipeline import tiny_spec
+
+    tasks = write_tasks(tmp_path / "tasks")
+    d = tiny_spec(tmp_path)
+    d["evaluation"] = {"tasks": [{"name": "stdlib_pick"}, {"name": "stdlib_ppl"}], "taskDirs": [str(tasks)]}
+    spec = parse_spec(d)
+    result = LocalRunner(spec, "bt", extra_env={"OMP_NUM_THREADS": "1"}).run()
+    assert result.ran == len(build_dag(spec))
+    metrics = json.loads(open_store(spec.store, "bt").get_bytes("evaluate/metrics.json"))
+    assert set(metrics["tasks"]["stdlib_pick"]["models"]) == {"target-before", "fused", "source:mis"}
+    lines = result.report.read_text().splitlines()
+    assert lines[2].startswith("> **Tiny random-init models.**") and "docs/results.md" in lines[2]
+    assert "## Benchmark: stdlib_pick (lm-evaluation-harness)" in lines
+    assert (result.report.parent / "tasks.png").stat().st_size > 1000
+    status = FusionRunStatus(metrics=metrics).to_k8s()["metrics"]
+    assert status["task_summary"]["stdlib_pick"]["metric"] == "acc"
+    assert LocalRunner(spec, "bt").run().ran == 0

@@ -68,6 +68,7 @@ def prepare_tasks(ctx: StageContext) -> TaskPlan | None:
         return None
     from fusion.benchmarks import (
         LM_EVAL_VERSION,
+        installed_version,
         needs_builtin,
         scan_task_dirs,
         task_dir_digest,
@@ -75,6 +76,11 @@ def prepare_tasks(ctx: StageContext) -> TaskPlan | None:
     )
     from jobs.benchmarks import dir_errors, exact_errors, requests
 
+    if installed_version() is None:
+        raise StageError(
+            f"evaluation.tasks needs lm-evaluation-harness: install FusionRun's eval extra (pip install "
+            f"'lm-eval=={LM_EVAL_VERSION}'); the fusionrun-job image has it"
+        )
     dirs = task_dir_paths(ctx)
     errors, index = dir_errors(list(dirs))
     reqs = requests(ctx.spec)
@@ -95,7 +101,7 @@ def prepare_tasks(ctx: StageContext) -> TaskPlan | None:
     for r in reqs:
         owner = next((d for d in reversed(dirs) if r.name in scan_task_dirs([d])), None)
         definitions[r.name] = (
-            f"taskDir:{digests[str(owner)]}" if owner else f"lm-eval {LM_EVAL_VERSION} built-in"
+            f"taskDir:{digests[str(owner)]}" if owner else f"lm-eval {installed_version()} built-in"
         )
     spec = ctx.spec
     return TaskPlan(reqs, manager, definitions, spec.extraction.max_length, batch_size(spec))
@@ -126,14 +132,14 @@ def model_identity(ctx: StageContext, label: str) -> dict[str, Any]:
 
 
 def settings_of(plan: TaskPlan, req: Any, add_bos: bool | None) -> dict[str, Any]:
-    from fusion.benchmarks import LM_EVAL_VERSION
+    from fusion.benchmarks import installed_version
 
     return {
         "name": req.name,
         "numFewshot": req.num_fewshot,
         "limit": req.limit,
         "definition": plan.definitions[req.name],
-        "lmEval": LM_EVAL_VERSION,
+        "lmEval": installed_version(),
         "maxLength": plan.max_length,
         "batchSize": plan.batch_size,
         "addBos": add_bos,
