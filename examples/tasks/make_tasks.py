@@ -8,7 +8,7 @@ that neither training corpus of examples/data/ reads (make_corpus.py, make_code_
                    same module
   stdlib_docs      loglikelihood_rolling: whole docstrings; word/byte perplexity and bits per byte
 Deterministic (one seeded RNG; modules and definitions in a fixed order). The data it wrote is committed
-(about 250 KB) since the standard library changes between Python versions; data/README.md names the one used.
+(about 110 KB) since the standard library changes between Python versions; data/README.md names the one used.
 
 Run from the repository root: .venv/bin/python examples/tasks/make_tasks.py
 """
@@ -30,17 +30,62 @@ USED = set(runpy.run_path(str(DATA / "make_corpus.py"))["MODULES"]) | set(
     runpy.run_path(str(DATA / "make_code_corpus.py"))["MODULES"]
 )
 MODULES = [
-    "ast.py", "dis.py", "abc.py", "operator.py", "os.py", "posixpath.py", "ntpath.py", "numbers.py",
-    "weakref.py", "types.py", "linecache.py", "traceback.py", "warnings.py", "platform.py", "sysconfig.py",
-    "pkgutil.py", "plistlib.py", "filecmp.py", "cmd.py", "code.py", "codeop.py", "pdb.py", "bdb.py",
-    "mimetypes.py", "quopri.py", "secrets.py", "symtable.py", "tabnanny.py", "tracemalloc.py",
-    "html/parser.py", "http/cookies.py", "http/server.py", "urllib/request.py", "email/utils.py",
-    "json/encoder.py", "json/decoder.py", "asyncio/tasks.py", "asyncio/queues.py",
-    "concurrent/futures/_base.py", "multiprocessing/pool.py", "xml/dom/minidom.py", "pydoc.py",
-    "reprlib.py", "stringprep.py", "sndhdr.py", "imghdr.py", "chunk.py",
-    "pyclbr.py", "py_compile.py", "compileall.py", "zipapp.py", "runpy.py", "site.py", "rlcompleter.py",
+    "ast.py",
+    "dis.py",
+    "abc.py",
+    "operator.py",
+    "os.py",
+    "posixpath.py",
+    "ntpath.py",
+    "numbers.py",
+    "weakref.py",
+    "types.py",
+    "linecache.py",
+    "traceback.py",
+    "warnings.py",
+    "platform.py",
+    "sysconfig.py",
+    "pkgutil.py",
+    "plistlib.py",
+    "filecmp.py",
+    "cmd.py",
+    "code.py",
+    "codeop.py",
+    "pdb.py",
+    "bdb.py",
+    "mimetypes.py",
+    "quopri.py",
+    "secrets.py",
+    "symtable.py",
+    "tabnanny.py",
+    "tracemalloc.py",
+    "html/parser.py",
+    "http/cookies.py",
+    "http/server.py",
+    "urllib/request.py",
+    "email/utils.py",
+    "json/encoder.py",
+    "json/decoder.py",
+    "asyncio/tasks.py",
+    "asyncio/queues.py",
+    "concurrent/futures/_base.py",
+    "multiprocessing/pool.py",
+    "xml/dom/minidom.py",
+    "pydoc.py",
+    "reprlib.py",
+    "stringprep.py",
+    "sndhdr.py",
+    "imghdr.py",
+    "chunk.py",
+    "pyclbr.py",
+    "py_compile.py",
+    "compileall.py",
+    "zipapp.py",
+    "runpy.py",
+    "site.py",
+    "rlcompleter.py",
 ]
-SIZES = {"docname": 200, "nextline": 150, "docs": 40}
+SIZES = {"docname": 120, "nextline": 100, "docs": 24}  # about 6 min per 135M model on 2 busy cores
 
 
 def functions(tree: ast.Module) -> list[ast.FunctionDef]:
@@ -86,8 +131,14 @@ def nextline_items(rng: random.Random, sources: dict[str, str], trees: dict[str,
             answer = rng.randrange(4)
             indent = re.match(r"\s*", body[cut]).group(0)
             choices = [indent + c for c in [*others[:answer], target, *others[answer:]]]
-            items.append({"module": mod, "context": "\n".join(body[cut - 8 : cut]), "choices": choices,
-                          "answer": answer})
+            items.append(
+                {
+                    "module": mod,
+                    "context": "\n".join(body[cut - 8 : cut]),
+                    "choices": choices,
+                    "answer": answer,
+                }
+            )
     return items
 
 
