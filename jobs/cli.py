@@ -113,6 +113,10 @@ def cmd_validate(path: str) -> int:
     except SpecError as err:
         print(f"{path}: {err}", file=sys.stderr)
         return 1
+    errors = benchmark_errors(run.spec)
+    if errors:
+        print(f"{path}: invalid FusionRun:\n  " + "\n  ".join(errors), file=sys.stderr)
+        return 1
     dag = build_dag(run.spec)
     print(
         f"{path}: valid FusionRun {run.metadata.name!r}: {len(run.spec.models)} models, "
@@ -134,6 +138,15 @@ def _note_ignored(spec: FusionRunSpec) -> None:
         )
 
 
+def benchmark_errors(spec: FusionRunSpec) -> list[str]:
+    """evaluation.tasks / taskDirs problems found before anything runs (jobs.benchmarks.light_errors)."""
+    if not spec.evaluation.enabled or not spec.evaluation.tasks:
+        return []
+    from jobs.benchmarks import light_errors
+
+    return light_errors(spec)
+
+
 def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str | None = None) -> int:
     from jobs.local import LocalRunner, RunFailed, RunStopped
     from jobs.spec import SpecError, load_fusionrun
@@ -145,6 +158,10 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
         runner = LocalRunner(spec, run.metadata.name, workers=workers)
     except (SpecError, StoreError) as err:
         print(f"{path}: {err}", file=sys.stderr)
+        return 1
+    errors = benchmark_errors(spec)
+    if errors:  # hours before evaluate would find them
+        print(f"{path}: invalid FusionRun:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1
     _note_ignored(spec)
     t0 = time.time()

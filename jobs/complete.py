@@ -299,14 +299,18 @@ def text_stamps(store: Store, spec: FusionRunSpec, task: Task) -> dict[str, Any]
     """What a task records in its summary about the texts it reads, taken BEFORE reading them (an edit
     during the read then makes the next run redo it). prepare: the corpus; evaluate: evaluation.corpora."""
     from jobs.corpus import corpus_stamp
+    from jobs.locations import stamp
     from jobs.store import endpoint_of
 
     s3 = endpoint_of(store, spec.store)
     if task.stage is Stage.prepare:
         return {"corpus_stamp": corpus_stamp(spec.corpus, s3)}
+    out: dict[str, Any] = {}
     if task.stage is Stage.evaluate and spec.evaluation.corpora:
-        return {"corpora_stamps": {c.name: corpus_stamp(c, s3) for c in spec.evaluation.corpora}}
-    return {}
+        out["corpora_stamps"] = {c.name: corpus_stamp(c, s3) for c in spec.evaluation.corpora}
+    if task.stage is Stage.evaluate and spec.evaluation.task_dirs:  # the user's benchmark task folders
+        out["task_dir_stamps"] = [stamp(d, s3) for d in spec.evaluation.task_dirs]
+    return out
 
 
 def texts_changed(
@@ -318,7 +322,12 @@ def texts_changed(
         return None
     m = manifest if manifest is not None else read_manifest(store, task)
     recorded = (m or {}).get("summary", {})
+    what = {
+        "corpus_stamp": "corpus changed",
+        "corpora_stamps": "evaluation corpus changed",
+        "task_dir_stamps": "evaluation task folder changed",
+    }
     for name, now in text_stamps(store, spec, task).items():
         if recorded.get(name) is not None and recorded[name] != now:
-            return "corpus changed" if task.stage is Stage.prepare else "evaluation corpus changed"
+            return what[name]
     return None
