@@ -305,3 +305,115 @@ def located(store: Store, manifest: Mapping[str, Any] | None, key: str) -> tuple
     if not entry:
         return store, key
     return cache_of(store), f"{entry}/{entry_file(Stage(manifest['stage']), key)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Management: what is cached, who uses it, what can go (`fusionrun cache ls/prune`, run deletion)
+
+
+@dataclass
+class EntryInfo:
+    prefix: str  # <stage>/<kk>/<key>
+    complete: bool  # entry.json present (a partial entry has none: a writer died or is still writing)
+    bytes: int
+    created_by: dict[str, Any]
+    created_at: float | None
+    last_used: float | None  # the newest of its creation and its users' adoptions
+    users: dict[str, str]  # run -> manifest key that points at it (as recorded)
+
+
+def list_entries(cache: Store) -> list[EntryInfo]:
+    """Every entry of the cache area, complete or not, from one listing (plus each entry's records)."""
+    groups: dict[str, list[str]] = {}
+    for key in cache.list(""):
+        parts = key.split("/")
+        if len(parts) >= 4:
+            groups.setdefault("/".join(parts[:3]), []).append("/".join(parts[3:]))
+    return [_info(cache, prefix, names) for prefix, names in sorted(groups.items())]
+
+
+def _info(cache: Store, prefix: str, names: list[str]) -> EntryInfo:
+    record = _json(cache, f"{prefix}/{ENTRY}") if ENTRY in names else None
+    users = {}
+    times = [record.get("created_at")] if record else []
+    for name in names:
+        if name.startswith(f"{USERS}/"):
+            doc = _json(cache, f"{prefix}/{name}") or {}
+            users[name.split("/", 1)[1]] = str(doc.get("manifest", ""))
+            times.append(doc.get("at"))
+    size = sum(cache.size(f"{prefix}/{n}") or 0 for n in names if not n.startswith(f"{USERS}/"))
+    stamps = [float(t) for t in times if isinstance(t, int | float)]
+    return EntryInfo(
+        prefix=prefix,
+        complete=record is not None,
+        bytes=size,
+        created_by=(record or {}).get("created_by", {}),
+        created_at=(record or {}).get("created_at"),
+        last_used=max(stamps) if stamps else None,
+        users=users,
+    )
+
+
+def _json(store: Store, key: str) -> Any:
+    try:
+        return json.loads(store.get_bytes(key))
+    except (StoreError, ValueError):
+        return None
+
+
+def live_users(cache: Store, info: EntryInfo) -> list[str]:
+    """The runs whose manifest (as their user record says) still points at the entry: what never goes."""
+    live = []
+    for run, manifest_key in info.users.items():
+        manifest = _json(cache.sibling(run), manifest_key) if manifest_key else None
+        if isinstance(manifest, dict) and manifest.get("entry") == info.prefix:
+            live.append(run)
+    return sorted(live)
+
+
+def prunable(info: EntryInfo, live: list[str], now: float, older_than: float | None, keep_used: bool) -> bool:
+    """Whether `cache prune` removes an entry: never one a live run points at; with --keep-used every other
+    one; with --older-than only those whose last use (or, for a partial entry, start) is that old."""
+    if live:
+        return False
+    if keep_used:
+        return True
+    last = info.last_used if info.last_used is not None else 0.0
+    return older_than is not None and now - last > older_than
+
+
+def prune(
+    cache: Store, older_than: float | None, keep_used: bool, dry_run: bool = False, now: float | None = None
+) -> list[EntryInfo]:
+    """Remove the entries no live run uses (see prunable); returns them."""
+    now = time.time() if now is None else now
+    gone = []
+    for info in list_entries(cache):
+        if prunable(info, live_users(cache, info), now, older_than, keep_used):
+            gone.append(info)
+            if not dry_run:
+                cache.delete(f"{info.prefix}/{ENTRY}")  # first: a half-deleted entry is never adopted
+                cache.delete_prefix(f"{info.prefix}/")
+    return gone
+
+
+def release_run(run_store: Store, run: str) -> list[str]:
+    """Before a run's own artifacts are deleted: drop its user records, and delete the entries it used that
+    no other live run points at. Returns the entries deleted."""
+    cache = cache_of(run_store)
+    deleted = []
+    prefixes = {
+        m["entry"]
+        for k in run_store.list("")
+        if k.endswith("manifest.json")
+        and isinstance(m := _json(run_store, k), dict)
+        and isinstance(m.get("entry"), str)
+    }
+    for prefix in sorted(prefixes):
+        cache.delete(f"{prefix}/{USERS}/{run}")
+        info = _info(cache, prefix, [k[len(prefix) + 1 :] for k in cache.list(f"{prefix}/")])
+        if not [u for u in live_users(cache, info) if u != run]:
+            cache.delete(f"{prefix}/{ENTRY}")
+            cache.delete_prefix(f"{prefix}/")
+            deleted.append(prefix)
+    return deleted
