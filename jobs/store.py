@@ -214,6 +214,24 @@ def _s3_error(err: Exception, endpoint: str, bucket: str, what: str) -> StoreErr
     return StoreError(f"{where}: {type(err).__name__} while {what}: {err}")
 
 
+def unreachable_endpoint(err: Exception) -> str | None:
+    """Why a connection to the endpoint could not even be made: its host does not resolve, or nothing
+    listens on its port; None for anything else (timeouts, HTTP errors: the server exists). A DNS answer
+    of "try again" (EAI_AGAIN) is no verdict: None."""
+    from botocore.exceptions import EndpointConnectionError
+
+    if not isinstance(err, EndpointConnectionError):
+        return None
+    cause = str(getattr(err, "kwargs", {}).get("error", "")) or str(err)
+    if "Temporary failure in name resolution" in cause or "Errno -3]" in cause:
+        return None
+    if "resolve" in cause or "Name or service not known" in cause or "nodename nor servname" in cause:
+        return "its host name does not resolve"
+    if "Connection refused" in cause or "Errno 111]" in cause:
+        return "nothing listens there (connection refused)"
+    return None
+
+
 @dataclass(frozen=True)
 class S3Endpoint:
     """Which S3 service to talk to (AWS when `endpoint` is None) and how. Credentials come from the
@@ -293,7 +311,10 @@ class S3Store(Store):
         return _s3_error(err, self.endpoint, self.bucket, what)
 
     def check(self) -> None:
-        """Fail early and clearly when the endpoint, bucket or credentials are wrong."""
+        """Fail early and clearly when the endpoint, bucket or credentials are wrong. An endpoint whose
+        host does not resolve or that refuses connections, still so after the client's retries, is
+        permanent here (before any work: the spec names a wrong endpoint); later in a task the same error
+        is transient (a store restarting mid-run)."""
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as err:
@@ -304,6 +325,13 @@ class S3Store(Store):
                 "NoSuchBucket",
             ):
                 err.response["Error"]["Code"] = "NoSuchBucket"
+            why = unreachable_endpoint(err)
+            if why is not None:
+                raise StoreError(
+                    f"S3 endpoint {self.endpoint}: {why} (checked before any work, after retries); fix "
+                    "store.endpoint (scheme, host, port) or start the store",
+                    permanent=True,
+                ) from None
             raise self._err(err, "checking the bucket") from None
 
     def size(self, key: str) -> int | None:
