@@ -151,7 +151,7 @@ def from_env(env: Mapping[str, str]) -> OperatorConfig:
     shape = (env.get("FUSIONRUN_JOB_SHAPE") or d.job_shape).strip().lower()
     if shape not in SHAPES:
         raise ConfigError(f"FUSIONRUN_JOB_SHAPE={shape!r}: use {', '.join(SHAPES)}")
-    metrics_port = env.get("FUSIONRUN_METRICS_PORT", str(d.metrics_port)).strip()
+    port = {"FUSIONRUN_METRICS_PORT": env.get("FUSIONRUN_METRICS_PORT", str(d.metrics_port)).strip()}
     return OperatorConfig(
         job_image=env.get("FUSIONRUN_JOB_IMAGE") or d.job_image,
         image_pull_policy=policy,
@@ -172,5 +172,7 @@ def from_env(env: Mapping[str, str]) -> OperatorConfig:
         stage_defaults=_stage_defaults(env),
         job_shape=shape,
         store_memo=_bool(env, "FUSIONRUN_STORE_MEMO", d.store_memo),
-        metrics_port=int(_number(env, "FUSIONRUN_METRICS_PORT", 0, 1)) if metrics_port else None,
+        metrics_port=int(_number(port, "FUSIONRUN_METRICS_PORT", 0, 1))
+        if port["FUSIONRUN_METRICS_PORT"]
+        else None,
     )

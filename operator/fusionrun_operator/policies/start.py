@@ -10,8 +10,9 @@ How due tasks become Jobs depends on the shape (config.server, capabilities.py):
   of one shard group (stage + model / variant) run at once;
 - Indexed training: one Indexed Job per attempt (indexed_jobs.gang_manifests);
 - Indexed shard groups: one Indexed Job for all the due shards of a group, with that parallelism; a group
-  starts a new Job only when none of its tasks is running (one Job per group at a time), so the failed
-  and missing shards of one Job are retried together in the next.
+  starts a new Job only when none of its tasks is running (one Job per group at a time) and none waits
+  for its retry, so the failed and missing shards of one Job are retried together in the next (after the
+  longest of their backoffs).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def start_ready(
     """(transitions of the tasks that start now, in DAG order; seconds until the next retry is due)."""
     due, wait = [], None
     running: dict[str, int] = {}  # running tasks per group
+    backing_off: set[str] = set()  # groups with a retry not due yet
     for task in dag:
         rec = tasks[task.id]
         when = parse_time(rec.next_attempt_time)
@@ -56,10 +58,11 @@ def start_ready(
         elif rec.state == "Retrying" and when and when > inp.now:
             left = (when - inp.now).total_seconds()
             wait = left if wait is None else min(wait, left)
+            backing_off.add(task.group)
         elif rec.state in ("Pending", "Retrying") and all(tasks[d].state == "Succeeded" for d in task.deps):
             due.append(task)
     started: list[Transition] = []
-    for batch in batches(due, running, inp):
+    for batch in batches(due, running, backing_off, inp):
         started += launch(batch, tasks, inp, seconds_left)
     return started, wait
 
@@ -68,15 +71,18 @@ def _indexed_group(task: Task, inp: StartInputs) -> bool:
     return task.definition.per_shard and inp.config.server.indexed_shards
 
 
-def batches(due: Sequence[Task], running: Mapping[str, int], inp: StartInputs) -> list[list[Task]]:
+def batches(
+    due: Sequence[Task], running: Mapping[str, int], backing_off: set[str], inp: StartInputs
+) -> list[list[Task]]:
     """The due tasks that start now, grouped by the Job they start in: a shard group's tasks one Job each
-    within the group's free parallelism, or all together in one Indexed Job when none of the group runs."""
+    within the group's free parallelism, or all together in one Indexed Job once none of the group runs
+    and none waits for its retry (the group's failed and missing shards go in one Job)."""
     busy = dict(running)
     out: list[list[Task]] = []
     groups: dict[str, list[Task]] = {}
     for task in due:
         if _indexed_group(task, inp):
-            if not busy.get(task.group):
+            if not busy.get(task.group) and task.group not in backing_off:
                 if task.group not in groups:
                     out.append(groups.setdefault(task.group, []))
                 groups[task.group].append(task)
