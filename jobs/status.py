@@ -187,7 +187,8 @@ def stage_entry(tasks: list[TaskStatus], old: StageStatus, output_uri: str, now_
     else:
         state = "Pending"
     starts = [t.start_time for t in tasks if t.start_time]
-    running_jobs = sorted(name for t in tasks if t.state == "Running" for name in t.job_names)
+    # (the shards of one Indexed Job share its name)
+    running_jobs = sorted({name for t in tasks if t.state == "Running" for name in t.job_names})
     return StageStatus(
         state=state,
         tasks=n,

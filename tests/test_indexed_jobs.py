@@ -394,6 +394,7 @@ def test_extraction_of_three_models_is_three_jobs() -> None:
     ]
     assert p.status.job_shape == "Indexed"
     assert (p.status.stages.extract.shards, p.status.stages.extract.running) == ("0/18", 18)
+    assert p.status.stages.extract.job_names == sorted(f"demo-extract-{model}-s0-1" for model in MODELS)
     assert [e.reason for e in p.events].count("JobShape") == 1
 
 
