@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -209,14 +210,17 @@ def test_an_unreachable_store_endpoint_is_permanent_at_the_check(monkeypatch, en
     from jobs.stages.common import exit_code_for
 
     monkeypatch.setenv("FUSIONRUN_S3_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("FUSIONRUN_S3_CHECK_SECONDS", "1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     spec = StoreSpec(uri="s3://bucket/runs", endpoint=endpoint, insecure=True)
+    started = time.monotonic()
     with pytest.raises(StoreError) as err:
         open_store(spec, "demo", check=True)
+    assert time.monotonic() - started >= 1  # tried again for the grace period first
     assert err.value.permanent and exit_code_for(err.value) == 2
     assert str(err.value) == (
-        f"S3 endpoint {endpoint}: {why} (checked before any work, after retries); fix store.endpoint "
+        f"S3 endpoint {endpoint}: {why} (checked before any work, for 1 s); fix store.endpoint "
         "(scheme, host, port) or start the store"
     )
     # the same endpoint later in a task (a store restarting mid-run) is retried
@@ -225,6 +229,40 @@ def test_an_unreachable_store_endpoint_is_permanent_at_the_check(monkeypatch, en
     with pytest.raises(StoreError) as later:
         store.get_bytes("prepare/manifest.json")
     assert not later.value.permanent and exit_code_for(later.value) == 1
+
+
+def test_a_store_that_comes_up_within_the_grace_period_passes_the_check(monkeypatch) -> None:
+    """A store Service being created or restarting refuses connections for a moment: not a wrong spec."""
+    import socket
+    import threading
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("FUSIONRUN_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("FUSIONRUN_S3_CHECK_SECONDS", "20")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+
+    def come_up() -> None:
+        time.sleep(0.5)
+        server.start()
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bucket")
+
+    riser = threading.Thread(target=come_up)
+    riser.start()
+    try:
+        started = time.monotonic()
+        open_store(StoreSpec(uri="s3://bucket/runs", endpoint=endpoint, insecure=True), "demo", check=True)
+        assert 0.5 < time.monotonic() - started < 20
+    finally:
+        riser.join()
+        server.stop()
 
 
 def test_the_stage_error_reaches_the_termination_log(tmp_path: Path, monkeypatch) -> None:
