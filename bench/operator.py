@@ -292,9 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-models", type=int, default=3, help="models (target + sources) of the scale run")
     ap.add_argument("--scale-window", type=float, default=20, help="seconds of idle passes measured")
     args = ap.parse_args(argv)
-    if args.only == "scale":
-        return main_scale(args)
+    rc = main_latency(args) if args.only in ("all", "latency") else 0
+    if args.only in ("all", "scale"):
+        rc |= main_scale(args)
+    return rc
 
+
+def main_latency(args: argparse.Namespace) -> int:
     ok, reason = binaries_ready()
     if not ok:
         print(reason, file=sys.stderr)
@@ -376,7 +380,8 @@ def main_scale(args: argparse.Namespace) -> int:
             stop_control_plane(cp)
     print_scale(out["before"], out["after"], args.scale_shards, args.scale_models)
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        path = args.json.with_name(args.json.stem + "-scale.json") if args.only == "all" else args.json
+        path.write_text(json.dumps(out, indent=1))
     errors = out["before"]["log_errors"] + out["after"]["log_errors"]
     for e in errors[:20]:
         print(f"operator log error: {e}", file=sys.stderr)
