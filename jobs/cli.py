@@ -78,6 +78,7 @@ def stage_main(argv: list[str] | None = None) -> int:
     """Entry of `python -m jobs`: run one task; exit codes as jobs.retry says (0 done or skipped, 1 failed,
     2 bad input: no retry can help), the message on stderr."""
     from jobs.complete import ManifestError
+    from jobs.retry import write_termination_message
     from jobs.spec import SpecError
     from jobs.stages.common import (
         InputError,
@@ -87,7 +88,6 @@ def stage_main(argv: list[str] | None = None) -> int:
         log_event,
         run_task,
     )
-    from jobs.retry import write_termination_message
     from jobs.store import StoreError
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -318,7 +318,7 @@ class StageResources(Spec):
         ge=1,
         le=100000,
         description="Per-shard stages (extract, align, fuse): at most this many pods of one model's (or "
-        "variant's) shards run at once. Unset: the operator's stage default, else 32. Other stages ignore it.",
+        "variant's) shards run at once. Unset: the operator's stage default, else 32. Others ignore it.",
     )
 
 

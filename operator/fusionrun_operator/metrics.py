@@ -18,6 +18,7 @@ Plus the process collectors (CPU, memory, open fds) of prometheus_client, in the
 
 from __future__ import annotations
 
+import threading
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
 
@@ -59,6 +60,7 @@ class Metrics:
         for kind in ("reconcile", "store", "create"):
             self.errors.labels(kind)
         self._phases: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()  # passes of different runs run in different threads
 
     def serve(self, port: int) -> None:
         """/metrics on 0.0.0.0:port, in a daemon thread."""
@@ -71,13 +73,14 @@ class Metrics:
 
     def run_phase(self, run: tuple[str, str], phase: str | None) -> None:
         """A run's phase after a pass (None: the run is gone)."""
-        if phase is None:
-            self._phases.pop(run, None)
-        else:
-            self._phases[run] = phase
-        counts = Tally(self._phases.values())
-        for p in {*PHASES, *counts}:
-            self.runs.labels(p).set(counts.get(p, 0))
+        with self._lock:
+            if phase is None:
+                self._phases.pop(run, None)
+            else:
+                self._phases[run] = phase
+            counts = Tally(self._phases.values())
+            for p in {*PHASES, *counts}:
+                self.runs.labels(p).set(counts.get(p, 0))
 
     def store_request(self, operation: str) -> None:
         self.store_requests.labels(operation).inc()
