@@ -34,6 +34,11 @@ def stage_parser(prog: str = "python -m jobs") -> argparse.ArgumentParser:
     ap.add_argument("--model", help="extract: any model; align: a source model")
     ap.add_argument("--shard", type=int, help="shard number (extract, align, fuse)")
     ap.add_argument(
+        "--shard-from-index",
+        action="store_true",
+        help="the shard is entry JOB_COMPLETION_INDEX of FUSIONRUN_SHARDS (a pod of an Indexed Job)",
+    )
+    ap.add_argument(
         "--variant",
         choices=[v.value for v in Variant],
         help="train and fuse: fused (FuseLLM, the default) or a baseline: clm, self, sources",
@@ -45,6 +50,15 @@ def stage_parser(prog: str = "python -m jobs") -> argparse.ArgumentParser:
 
 
 def _check_task_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.shard_from_index:
+        from jobs.registry import shard_at_index
+
+        if args.shard is not None:
+            ap.error("give --shard N or --shard-from-index, not both")
+        try:
+            args.shard = shard_at_index(os.environ)
+        except ValueError as err:
+            ap.error(str(err))
     need_model = args.stage in ("extract", "align")
     need_shard = args.stage in ("extract", "align", "fuse")
     if need_model and not args.model:
@@ -65,6 +79,7 @@ def stage_main(argv: list[str] | None = None) -> int:
     """Entry of `python -m jobs`: run one task; exit codes as jobs.retry says (0 done or skipped, 1 failed,
     2 bad input: no retry can help), the message on stderr."""
     from jobs.complete import ManifestError
+    from jobs.retry import write_termination_message
     from jobs.spec import SpecError
     from jobs.stages.common import (
         InputError,
@@ -102,6 +117,7 @@ def stage_main(argv: list[str] | None = None) -> int:
     except (SpecError, StageError, StoreError, ManifestError) as err:
         log_event("failed", stage=args.stage, error=str(err))
         print(f"error: {err}", file=sys.stderr)
+        write_termination_message(f"{args.stage}: {err}")
         return exit_code_for(err)
 
 

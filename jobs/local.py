@@ -377,6 +377,7 @@ KUBERNETES_ONLY = (
     "ttlSecondsAfterFinished",
     "queueName",
     "priorityClassName",
+    "workloadPriorityClassName",
     "deleteArtifacts",
     "store.credentialsSecret",
     "training.nodes",

@@ -60,12 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     kopf.configure(verbose=args.verbose)
+    operator = Operator(cfg)
+    if cfg.metrics_port:
+        operator.metrics.serve(cfg.metrics_port)  # /metrics, a daemon thread
     kopf.run(
         standalone=True,
         clusterwide=cfg.clusterwide,
         namespaces=list(cfg.namespaces),
         liveness_endpoint=cfg.liveness,
-        memo=kopf.Memo(operator=Operator(cfg)),
+        memo=kopf.Memo(operator=operator),
     )
     return 0
 
