@@ -70,7 +70,60 @@ def cache_of(store: Store) -> Store:
 
 
 # --------------------------------------------------------------------------------------------------
-# Identities (what a model or a tokenizer is, by content stamps)
+# Identities (what a model, a tokenizer or the corpus is, by content stamps)
+
+
+class UnknownIdentity(LookupError):
+    """An identity that cannot be had here (the operator, before any Job recorded it): no memoization."""
+
+
+class Identities:
+    """The content identities a cache key is made of, computed where the files are visible (a stage, the
+    local runner: `Identities.live`) and recorded in the cache area, so that where they are not (the
+    operator) the recorded ones stand in (`Identities.recorded`)."""
+
+    def __init__(self, where: Any, cache: Store | None, live: bool):
+        self.where, self.cache, self.live = where, cache, live
+
+    @classmethod
+    def live_for(cls, store: Store, spec: FusionRunSpec) -> Identities:
+        from jobs.store import endpoint_of
+
+        return cls(endpoint_of(store, spec.store), cache_of(store), live=True)
+
+    @classmethod
+    def recorded(cls, cache: Store) -> Identities:
+        return cls(None, cache, live=False)
+
+    def _get(self, kind: str, ref: Mapping[str, Any], compute: Any) -> str:
+        """A live identity (recorded for the operator), or the recorded one of this spec-level ref."""
+        record = f"identities/{kind}/{_sha(ref)}.json"
+        if self.live:
+            value = compute()
+            if self.cache is not None:
+                with suppress(StoreError):
+                    prev = _json(self.cache, record) or {}
+                    if prev.get("identity") != value:
+                        self.cache.put_bytes(record, json.dumps({"identity": value, "ref": ref}).encode())
+            return value
+        doc = _json(self.cache, record) if self.cache is not None else None
+        if not isinstance(doc, dict) or "identity" not in doc:
+            raise UnknownIdentity(f"no recorded {kind} identity for {ref}")
+        return str(doc["identity"])
+
+    def tokenizer(self, ref: ModelRef) -> str:
+        fields = ref.model_dump(mode="json", include={"uri", "tokenizer", "gguf_file", "revision", "add_bos"})
+        return self._get("tokenizer", fields, lambda: tokenizer_identity(ref, self.where))
+
+    def model(self, ref: ModelRef) -> str:
+        fields = ref.model_dump(mode="json", exclude={"name"})
+        return self._get("model", fields, lambda: model_identity(ref, self.where))
+
+    def corpus(self, corpus: Any) -> str | None:
+        from jobs.corpus import corpus_stamp
+
+        fields = corpus.model_dump(mode="json")
+        return self._get("corpus", fields, lambda: corpus_stamp(corpus, self.where))
 
 
 def tokenizer_identity(ref: ModelRef, where: Any) -> str:
@@ -110,31 +163,29 @@ def _is_hub(uri: str) -> bool:
 # Keys
 
 
-def task_key(spec: FusionRunSpec, task: Task, where: Any, inputs: Mapping[str, str]) -> str:
+def task_key(spec: FusionRunSpec, task: Task, ids: Identities, inputs: Mapping[str, str]) -> str:
     """The content key of a cacheable task. `inputs`: sha256 of each output of its dependencies that it
-    reads (the documents for extract; both extractions and the documents for align), by logical key."""
+    reads (the documents for extract; both extractions and the documents for align), by logical key.
+    Raises UnknownIdentity when `ids` cannot tell an identity."""
     d = spec.model_dump(mode="json", by_alias=True)
     if task.stage is Stage.prepare:
-        corpus = {k: v for k, v in d["corpus"].items() if k != "uri"}
-        from jobs.corpus import corpus_stamp
-
         what: dict[str, Any] = {
-            "corpus": corpus,
-            "stamp": corpus_stamp(spec.corpus, where),
+            "corpus": {k: v for k, v in d["corpus"].items() if k != "uri"},
+            "stamp": ids.corpus(spec.corpus),
             "maxLength": d["extraction"]["maxLength"],
             "shards": d["extraction"]["shards"],
-            "tokenizers": sorted(tokenizer_identity(m, where) for m in spec.models),
+            "tokenizers": sorted(ids.tokenizer(m) for m in spec.models),
         }
     elif task.stage is Stage.extract:
         ext = d["extraction"]
         what = {
-            "model": model_identity(spec.model(task.model or ""), where),
+            "model": ids.model(spec.model(task.model or "")),
             "numerics": {k: ext[k] for k in ("topK", "maxLength", "dtype", "device")},
         }
     elif task.stage is Stage.align:
         what = {
-            "source": tokenizer_identity(spec.model(task.model or ""), where),
-            "target": tokenizer_identity(spec.target, where),
+            "source": ids.tokenizer(spec.model(task.model or "")),
+            "target": ids.tokenizer(spec.target),
             "alignment": d["alignment"],
         }
     else:
