@@ -269,18 +269,19 @@ def fingerprint_fields(spec_json: Mapping[str, Any], task: Task) -> dict[str, An
         # One model's extraction depends on that model only: editing another redoes only that one.
         return {"models": {task.model: models[task.model]}, "topK": d["extraction"]["topK"]}
     if stage is Stage.align:
-        return {"alignment": _set_only(d["alignment"], ())}
+        return {"alignment": _set_only(d["alignment"], {})}
     if stage is Stage.fuse:
-        return {"fusion": _set_only(d["fusion"], ("topK",))}
+        return {"fusion": _set_only(d["fusion"], {"topK": None, "ceOn": "own", "fallback": "onehot"})}
     if stage is Stage.train:
         skip = ("checkpointInterval", "selfDistillBaseline", "sourcesOnlyBaseline")
         return {"training": {k: v for k, v in d["training"].items() if k not in skip}}
-    return {"evaluation": _set_only(d["evaluation"], ("corpora", "tasks", "taskDirs"))}
+    return {"evaluation": _set_only(d["evaluation"], {"corpora": [], "tasks": [], "taskDirs": []})}
 
 
-def _set_only(section: Mapping[str, Any], optional: tuple[str, ...]) -> dict[str, Any]:
-    """The section without the optional (later-added) fields that are unset or empty."""
-    return {k: v for k, v in section.items() if not (k in optional and v in (None, [], {}))}
+def _set_only(section: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
+    """The section without the fields added later (name -> the value that means "as before") that still
+    have that value: outputs made before a field existed stay valid until it is set."""
+    return {k: v for k, v in section.items() if not (k in later and v in (later[k], None, [], {}))}
 
 
 # --------------------------------------------------------------------------------------------------

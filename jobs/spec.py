@@ -172,6 +172,17 @@ class Fusion(Spec):
     )
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     include_target: bool = Field(True, description="The target's own distribution is a fusion candidate.")
+    ce_on: Literal["own", "target"] = Field(
+        "own",
+        description="What MinCE / AvgCE compare: own: each model's CE on its own tokenization (the paper); "
+        "target: each candidate's CE on the target's tokens as it would be fused (aligned, truncated to its "
+        "entries, projected): a source strong on its own tokens can be weak once aligned.",
+    )
+    fallback: Literal["onehot", "target"] = Field(
+        "onehot",
+        description="Where a source has no distribution (positions alignment could not pair): onehot: the "
+        "gold token (the CLM label again, as the paper); target: the target's own distribution.",
+    )
     top_k: int | None = Field(
         None,
         ge=1,
