@@ -8,10 +8,9 @@
     .venv/bin/python -m bench.ablation --table                           # print the table only
 
 A variant is the base FusionRun with a few fields changed (VARIANTS), run under the name
-`<base>-<variant>` in the same store. Its store starts with hard links to the base run's prepare, extract,
-align and fuse outputs: the pipeline's own manifests then decide what is reused (same fingerprint and
-inputs: skipped) and what is redone (a changed fusion setting redoes fuse; training always differs). The
-writers replace files atomically, so a redone output never touches the base run's linked copy.
+`<base>-<variant>` in the same store. Its prepare, extract and align tasks have the base run's content
+keys, so they adopt the base run's entries in the store's shared cache (jobs.cache) and nothing is
+extracted again; what the variant changes (fusion settings, training) runs.
 
 Each variant trains the FuseLLM model only, unless it sets training.clmBaseline (the seed replicates and
 the longer schedule train their own CLM-only baseline with the same settings). Sources are scored once, by
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +34,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_SPEC = ROOT / "examples" / "real-smollm2-gemma.yaml"
-REUSED = ("prepare", "extract", "align", "fuse")
 
 # name -> (what it tests, overrides of the base spec, camelCase as in the YAML)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -104,14 +101,6 @@ def variant_document(base_doc: dict[str, Any], variant: str) -> dict[str, Any]:
     }
 
 
-def link_reused(base_dir: Path, run_dir: Path) -> None:
-    """Hard-link the base run's reusable stage outputs into a new run's folder (only where absent)."""
-    for stage in REUSED:
-        src, dst = base_dir / stage, run_dir / stage
-        if src.is_dir() and not dst.exists():
-            shutil.copytree(src, dst, copy_function=os.link)
-
-
 def run_variant(base_doc: dict[str, Any], store_root: Path, variant: str, out_dir: Path) -> int:
     from jobs.spec import SpecError, parse_fusionrun
 
@@ -122,7 +111,6 @@ def run_variant(base_doc: dict[str, Any], store_root: Path, variant: str, out_di
         print(f"=== {variant}: {err}", file=sys.stderr, flush=True)
         return 1
     name = doc["metadata"]["name"]
-    link_reused(store_root / base_doc["metadata"]["name"], store_root / name)
     path = out_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     print(f"\n=== {variant}: {VARIANTS[variant][0]}\n    {sys.executable} -m jobs.cli run {path}", flush=True)

@@ -20,6 +20,9 @@ BENCHMARKS = {
     "train_step": "fused-loss training step vs CLM-only step, peak memory (goal <= 1.15x)",
     "operator": "kubectl apply -> first Job latency; 50 FusionRuns at once (needs the k8s control plane)",
 }
+# Heavy ones, run by name (real pretrained models: scripts/fetch-real-models.sh, tens of minutes on CPU):
+#   cache_reuse   a second run with another lambda, with and without the shared cache (jobs.cache)
+#   ablation      the fusion ablation table (docs/results.md)
 
 
 def main(argv: list[str]) -> int:
