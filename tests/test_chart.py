@@ -357,15 +357,29 @@ def test_irsa_annotations_and_no_secret_access(rendered):
     )
 
 
-def test_secret_access_limited_to_named_secrets(rendered):
-    role = one(rendered["s3-secret"], "ClusterRole", FULLNAME)
-    (secret_rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
-    assert secret_rule == {
+def secret_rule(role: dict[str, Any]) -> dict[str, Any]:
+    (rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
+    return rule
+
+
+def test_secret_access_limited_to_named_secrets(rendered, helm, tmp_path):
+    """get on Secrets by name only, by default too (issue 15: no cluster-wide unrestricted secrets get);
+    the chart's store.credentialsSecret is added to rbac.secretNames."""
+    expected = {
         "apiGroups": [""],
         "resources": ["secrets"],
         "verbs": ["get"],
         "resourceNames": ["fusionrun-s3"],
     }
+    assert secret_rule(one(rendered["s3-secret"], "ClusterRole", FULLNAME)) == expected
+    assert secret_rule(one(rendered["default"], "ClusterRole", FULLNAME)) == expected
+    assert secret_rule(one(rendered["namespaced"], "Role", FULLNAME, "team-a")) == expected
+    values = {"store": {"credentialsSecret": "team-keys"}, "rbac": {"secretNames": ["fusionrun-s3", "more"]}}
+    role = one(render(helm, values, tmp_path), "ClusterRole", FULLNAME)
+    assert secret_rule(role)["resourceNames"] == ["fusionrun-s3", "more", "team-keys"]
+    # Only an explicitly emptied list (and no store.credentialsSecret) grants get on every Secret.
+    role = one(render(helm, {"rbac": {"secretNames": []}}, tmp_path), "ClusterRole", FULLNAME)
+    assert "resourceNames" not in secret_rule(role)
 
 
 def test_bring_your_own_identity_and_rbac(rendered):
@@ -443,7 +457,7 @@ def test_default_settings_reach_the_operator(rendered):
     ("raw", "message"),
     [
         ("[]", "FUSIONRUN_STAGE_DEFAULTS: expected a JSON object {stage: resources}, got list"),
-        ('{"trian": {}}', "FUSIONRUN_STAGE_DEFAULTS.trian: Extra inputs are not permitted"),
+        ('{"trian": {}}', "FUSIONRUN_STAGE_DEFAULTS.trian: unknown field; did you mean train?"),
         (
             '{"train": {"gpus": -1}}',
             "FUSIONRUN_STAGE_DEFAULTS.train.gpus: Input should be greater than or equal to 0",
@@ -758,11 +772,13 @@ def service_account_kubeconfig(cp: ControlPlane, namespace: str, sa: str, path: 
     return path
 
 
-def can_i(cp: ControlPlane, who: str, verb: str, resource: str, namespace: str | None) -> bool:
+def can_i(
+    cp: ControlPlane, who: str, verb: str, resource: str, namespace: str | None, name: str | None = None
+) -> bool:
     """`kubectl auth can-i` (a SubjectAccessReview: the API server's own RBAC authorizer) for a user or
-    ServiceAccount; `resource/sub` asks about a subresource."""
+    ServiceAccount; `resource/sub` asks about a subresource, `name` about one object."""
     resource, _, sub = resource.partition("/")
-    args = ["auth", "can-i", verb, resource, f"--as={who}"]
+    args = ["auth", "can-i", verb, f"{resource}/{name}" if name else resource, f"--as={who}"]
     args += [f"--subresource={sub}"] if sub else []
     args += ["-n", namespace] if namespace else ["--all-namespaces"]
     return cp.kubectl(*args, check=False).stdout.strip() == "yes"
@@ -932,10 +948,13 @@ def test_helm_install_cluster_wide_rbac(k8s, helm, tmp_path):
             ("delete", "jobs.batch"),
             ("list", "pods"),
             ("create", "events"),
-            ("get", "secrets"),
             ("create", "services"),
         ]:
             assert can_i(k8s, sa, verb, resource, some_ns), (verb, resource)
+        # Secrets by name only: the chart's default rbac.secretNames, no other one, never all of them.
+        assert can_i(k8s, sa, "get", "secrets", some_ns, name="fusionrun-s3")
+        assert not can_i(k8s, sa, "get", "secrets", some_ns, name="db-password")
+        assert not can_i(k8s, sa, "get", "secrets", some_ns)
         assert can_i(k8s, sa, "watch", "customresourcedefinitions.apiextensions.k8s.io", None)
         for verb, resource in [
             ("create", "pods"),

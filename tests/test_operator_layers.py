@@ -24,7 +24,7 @@ PURE = {
     "reconcile",
     *(f"policies.{p.stem}" for p in (PKG / "policies").glob("*.py") if p.stem != "__init__"),
 }
-IO = {"kube", "store_view", "scheduling", "runtime", "handlers", "main"}
+IO = {"kube", "store_view", "scheduling", "runtime", "handlers", "main", "logs"}
 
 
 def name_of(path: Path) -> str:

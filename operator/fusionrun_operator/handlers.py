@@ -94,6 +94,8 @@ def on_run_deleted(
 
     try:
         n = operator.delete_artifacts(pipeline.spec, namespace, name)
+    except PermissionError as err:  # credentials the operator may not use (policies.credentials)
+        raise kopf.PermanentError(str(err)) from None
     except StoreError as err:
         raise kopf.TemporaryError(f"deleting artifacts failed: {err}", delay=10) from None
     logger.info(f"deleted {n} artifacts under {pipeline.spec.store.uri.rstrip('/')}/{name}/")
