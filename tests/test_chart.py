@@ -15,6 +15,7 @@ the API server's own validation (`kubectl apply --dry-run=server`) of every file
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import re
 import signal
@@ -598,6 +599,52 @@ def test_rbac_matches_operator_code(rendered):
     # ... and the chart grants exactly that (plus kopf's cluster-scoped discovery), in both modes.
     assert rule_set(one(rendered["default"], "ClusterRole", FULLNAME)) - CRD_READ == operator_api_use()
     assert rule_set(one(rendered["namespaced"], "Role", FULLNAME, "team-a")) == operator_api_use()
+
+
+def readme_permissions(text: str, section: str) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of every row of the RBAC table under `section` in a README: the operator's
+    (`| group | resource | verbs | why |`) or the chart's (`| resource.group | verbs | why |`)."""
+    body = text.split(section, 1)[1].split("\n## ", 1)[0]
+    out = set()
+    for row in re.findall(r"^\| `([^`]*)`(?: \(cluster\))? \|(.*)$", body, flags=re.M):
+        first, rest = row
+        cells = [c.strip() for c in rest.split("|")]
+        if first in ('""', "fusionrun.dev", "batch", "apiextensions.k8s.io"):  # the operator's table
+            group, resource, verbs = first.strip('"'), cells[0].strip("`"), cells[1]
+        else:  # the chart's: resource[.group]
+            resource, _, group = first.partition(".")
+            group = {"fusionrun": "fusionrun.dev"}.get(group.split(".")[0], group) if group else ""
+            if resource.startswith("fusionruns"):
+                group = "fusionrun.dev"
+            if resource == "customresourcedefinitions":
+                group = "apiextensions.k8s.io"
+            verbs = cells[0]
+        out |= {(group, resource, v) for v in re.findall(r"\b(get|list|watch|create|delete|patch)\b", verbs)}
+    return out
+
+
+def test_readmes_list_every_permission_and_when(rendered):
+    """Both READMEs name exactly what the chart grants (issue 15: they disagreed on Namespaces), and
+    kopf reads Namespaces only when it watches a list of them (kopf's namespace_observer)."""
+    granted = OPERATOR_RULES | CRD_READ | NAMESPACE_READ
+    operator_readme = (ROOT / "operator" / "fusionrun_operator" / "README.md").read_text()
+    chart_readme = (CHART / "README.md").read_text()
+    assert readme_permissions(operator_readme, "## Every Kubernetes API call") == granted
+    assert readme_permissions(chart_readme, "## RBAC: exactly what the operator calls") == granted
+    namespaces_rows = [
+        ln
+        for t in (operator_readme, chart_readme)
+        for ln in t.splitlines()
+        if re.match(r'^\| `(""` \| `)?namespaces`', ln)
+    ]
+    assert len(namespaces_rows) == 2 and all("namespaced mode only" in ln for ln in namespaces_rows)
+    assert not rule_set(one(rendered["default"], "ClusterRole", FULLNAME)) & NAMESPACE_READ  # cluster-wide
+    reads = one(rendered["namespaced"], "ClusterRole", f"{FULLNAME}-cluster-reads")
+    assert rule_set(reads) == NAMESPACE_READ | CRD_READ
+    import kopf._core.reactor.observation as observation
+
+    source = inspect.getsource(observation.namespace_observer)
+    assert "if not settings.scanning.disabled and not clusterwide:" in source  # the kopf this is about
 
 
 def test_kopf_runs_standalone():

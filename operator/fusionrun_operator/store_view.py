@@ -94,6 +94,8 @@ def read_store_view(
         store = open_run_store(pipeline.spec, run_name, credentials)
         cached = ReadCache(store)
         completed = frozenset(completed_tasks(cached, pipeline.spec, pipeline.tasks))
+        if not completed and isinstance(store, S3Store):
+            store.check()  # nothing complete: tell "nothing done yet" from "no such bucket" (HEADs say 404)
         progress: dict[str, dict[str, Any]] = {}
         for t in pipeline.train_tasks:
             key = Layout.progress(t.variant)
