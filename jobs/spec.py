@@ -46,7 +46,7 @@ MODEL_URI_PATTERN = (
 STORE_URI_PATTERN = rf"^(s3://{_BUCKET}(/.*)?|(file://)?(/|\./|\.\./).*)$"
 # http(s)://host[:port][/path]: no spaces, no user:password@ (keys belong in a Secret, not in the spec).
 ENDPOINT_PATTERN = r"^https?://[A-Za-z0-9.:\[\]-]+(/[^\s?#]*)?$"
-REGION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+REGION_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_.-]*)?$"  # "" is the SDK default, as before
 # What the API server stores for `type: integer` (a larger number is refused as "must be of type integer").
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 

@@ -184,6 +184,7 @@ def test_unknown_fields_are_listed_with_suggestions() -> None:
         ({"uri": "s3://b", "endpoint": "https://minio 9000"}, False),
         ({"uri": "s3://b", "endpoint": "https://key:secret@minio"}, False),
         ({"uri": "s3://b", "region": "us-east-1"}, True),
+        ({"uri": "s3://b", "region": ""}, True),  # the SDK's default, as before
         ({"uri": "s3://b", "region": "us east"}, False),
         ({"uri": "s3://b", "credentialsSecret": {"name": "S3_KEYS"}}, False),
         ({"uri": "s3://b", "credentialsSecret": {"name": "k", "accessKeyKey": "a key"}}, False),
