@@ -36,7 +36,7 @@ def setup_logging(verbose: bool) -> None:
     """kopf's own root handler only (a second one would write every line twice), redacted."""
     import kopf
 
-    kopf.configure(verbose=verbose)
+    kopf.configure(verbose=verbose, log_prefix=True)  # "[namespace/name] ..." on a run's lines
     root = logging.getLogger()
     for handler in root.handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
