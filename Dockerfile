@@ -34,6 +34,8 @@ gguf==0.19.0
 rapidfuzz==3.14.6
 tqdm==4.70.1
 matplotlib==3.11.2
+lm-eval==0.4.13
+datasets==5.2.0
 EOF
 
 # ------------------------------------------------------------------------------------------------
@@ -88,7 +90,8 @@ COPY jobs ./jobs
 COPY operator ./operator
 # DS_BUILD_OPS=0: no DeepSpeed C++/CUDA ops at build time (no nvcc here); the training loop uses torch's
 # AdamW, so no fused op is JIT-compiled at run time either.
-RUN DS_BUILD_OPS=0 /opt/fusionrun/bin/pip install -c /pins/constraints.txt '.[jobs]'
+# eval: lm-evaluation-harness for evaluation.tasks (benchmarks); torch is already there, so it adds no CUDA.
+RUN DS_BUILD_OPS=0 /opt/fusionrun/bin/pip install -c /pins/constraints.txt '.[jobs,eval]'
 
 FROM ${CUDA_IMAGE} AS job
 ARG VERSION=0.1.0
@@ -105,9 +108,16 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3.12 ca-c
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 fusionrun && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin fusionrun
 COPY --from=job-build /opt/fusionrun /opt/fusionrun
-# compute,utility: the NVIDIA runtime mounts libcuda and nvidia-smi; HOME holds the Triton/HF caches.
+# compute,utility: the NVIDIA runtime mounts libcuda and nvidia-smi; HOME holds the Triton caches.
+# Hugging Face caches (lm-eval's datasets, hub downloads) go to the pod's scratch volume, which the operator
+# mounts at /scratch (an emptyDir); the folder exists in the image too, for `docker run` without it.
+# Hub access for lm-eval's own tasks: HF_TOKEN (gated datasets) and HF_ENDPOINT (a mirror) are read from the
+# environment; the operator does not pass them into Job pods yet (docs/design.md, benchmark tasks). Offline:
+# set evaluation.taskDirs to your task YAMLs and data; then no dataset lookup goes to the hub.
 ENV PATH=/opt/fusionrun/bin:$PATH PYTHONUNBUFFERED=1 HOME=/home/fusionrun \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    HF_HOME=/scratch/huggingface HF_DATASETS_CACHE=/scratch/huggingface/datasets
+RUN mkdir -p /scratch && chown 10001:10001 /scratch
 USER 10001:10001
 WORKDIR /home/fusionrun
 ENTRYPOINT ["fusionrun"]

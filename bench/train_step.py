@@ -4,8 +4,8 @@
 
 A step is forward + loss + backward + AdamW step on a tiny random-init Llama. Three losses:
   clm        torch.nn.functional.cross_entropy over the vocabulary (what a plain CLM trainer runs)
-  clm-ours   fusion.loss.fusion_loss with lambda = 1 (our CLM path: fp32 logsumexp + gather)
-  fused      fusion.loss.fusion_loss with lambda = 0.9 and K sparse fused targets per position
+  clm-ours   fusion.train.losses.ClmLoss: the CLM-only baseline's loss (fp32 logsumexp + gather, no targets)
+  fused      fusion.train.losses.FusionLoss(0.9): fusion.loss.fusion_loss with K sparse targets per position
 Steps are interleaved (clm, clm-ours, fused, clm, ...) so that machine noise hits all alike; the median is
 reported and the fused/clm ratio printed (goal <= 1.15). Peak memory of a step: on a GPU
 torch.cuda.max_memory_allocated after a reset; on the CPU the peak RSS growth of a step, measured in a
@@ -66,18 +66,15 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 def step(model: Any, opt: Any, batch: dict[str, Any], loss_name: str) -> float:
     import torch
 
-    from fusion.loss import fusion_loss
+    from fusion.train.losses import ClmLoss, FusionLoss
 
     logits = model(input_ids=batch["input_ids"]).logits
     if loss_name == "clm":
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1)
         )
-    else:
-        lam = 1.0 if loss_name == "clm-ours" else 0.9
-        loss = fusion_loss(
-            logits, batch["labels"], batch["target_ids"], batch["target_probs"], batch["fusion_mask"], lam
-        ).total
+    else:  # the trainer's own loss objects: what the CLM-only baseline and FuseLLM train with
+        loss = (ClmLoss() if loss_name == "clm-ours" else FusionLoss(0.9))(logits, batch).total
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

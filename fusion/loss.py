@@ -4,7 +4,8 @@ The fused distribution has at most K non-empty entries per position, so the loss
 log-probabilities at those K ids: log p(v) = logit(v) - logsumexp(logits). The logsumexp over the
 vocabulary is computed once, in fp32, and serves both the causal-LM term (gold id) and the fusion term
 (the K target ids). Memory beyond the logits is O(B*T*K); no [B, T, V] target is ever built (the
-reference's dense collator ran out of memory: defect 5).
+reference's dense collator ran out of memory: defect 5). `clm_loss` is the causal-LM term alone, for the
+CLM-only baseline, which has no fused targets at all.
 """
 
 from __future__ import annotations
@@ -62,19 +63,62 @@ class _SparseFusionLoss(torch.autograd.Function):
         flat, lse, gold, real_w, ids, q, use_w = ctx.saved_tensors
         a = g_clm.float() * real_w  # [N]: weight of each row's CLM term
         bq = (g_fus.float() * use_w)[:, None] * q  # [N, K]: weight of each target id
-        coeff = a + bq.sum(1)
-        grad = torch.empty_like(flat)
-        for start in _row_chunks(flat.shape[0], flat.shape[1]):
-            sl = slice(start, start + _row_chunks(flat.shape[0], flat.shape[1]).step)
-            grad[sl] = (torch.exp(flat[sl].float() - lse[sl, None]) * coeff[sl, None]).to(grad.dtype)
+        grad = _scaled_softmax(flat, lse, a + bq.sum(1))
         grad.scatter_add_(1, gold[:, None], (-a[:, None]).to(grad.dtype))
         grad.scatter_add_(1, ids, (-bq).to(grad.dtype))
         return grad, None, None, None, None, None
 
 
+class _SparseClmLoss(torch.autograd.Function):
+    """The causal-LM term alone (the CLM-only baseline): _SparseFusionLoss without the target ids, so that
+    no fused-target tensor exists at all. Same operations in the same order as the CLM half of
+    _SparseFusionLoss, so a CLM-only run gives the very numbers it gave through that function."""
+
+    @staticmethod
+    def forward(ctx, flat, gold, real_w):  # type: ignore[override]
+        lse = _lse_fp32(flat)
+        gold_logit = flat.gather(1, gold[:, None]).squeeze(1).float()
+        ctx.save_for_backward(flat, lse, gold, real_w)
+        return ((lse - gold_logit) * real_w).sum()
+
+    @staticmethod
+    def backward(ctx, g_clm):  # type: ignore[override]
+        flat, lse, gold, real_w = ctx.saved_tensors
+        a = g_clm.float() * real_w
+        grad = _scaled_softmax(flat, lse, a)
+        grad.scatter_add_(1, gold[:, None], (-a[:, None]).to(grad.dtype))
+        return grad, None, None
+
+
+def _scaled_softmax(flat: torch.Tensor, lse: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """softmax(flat) * coeff[:, None] in flat's dtype, computed in fp32 row chunks (no full fp32 copy)."""
+    grad = torch.empty_like(flat)
+    rows = _row_chunks(flat.shape[0], flat.shape[1]).step
+    for start in range(0, flat.shape[0], rows):
+        sl = slice(start, start + rows)
+        grad[sl] = (torch.exp(flat[sl].float() - lse[sl, None]) * coeff[sl, None]).to(grad.dtype)
+    return grad
+
+
 def logsumexp_fp32(logits: torch.Tensor) -> torch.Tensor:
     """fp32 logsumexp over the vocabulary (last dim) of logits of any float dtype."""
     return _lse_fp32(logits.reshape(-1, logits.shape[-1])).reshape(logits.shape[:-1])
+
+
+def _check_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] to match logits {tuple(logits.shape)}")
+
+
+def clm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss (mean cross-entropy of the next token over positions whose label is not -100),
+    with the fp32 logsumexp and single-pass backward of `fusion_loss`; needs no fused targets at all.
+    Equals fusion_loss(...).clm for the same logits and labels."""
+    _check_labels(logits, labels)
+    real = labels != IGNORE_INDEX
+    real_w = real.float() / real.sum().clamp(min=1)
+    n, v = logits.shape[0] * logits.shape[1], logits.shape[-1]
+    return _SparseClmLoss.apply(logits.reshape(n, v), labels.clamp(min=0).reshape(n), real_w.reshape(n))
 
 
 def fusion_loss(

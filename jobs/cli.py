@@ -117,6 +117,10 @@ def cmd_validate(path: str) -> int:
     finally:
         for w in warnings:
             print(f"note: {path}: {w}", file=sys.stderr)
+    errors = benchmark_errors(run.spec)
+    if errors:
+        print(f"{path}: invalid FusionRun:\n  " + "\n  ".join(errors), file=sys.stderr)
+        return 1
     dag = build_dag(run.spec)
     print(
         f"{path}: valid FusionRun {run.metadata.name!r}: {len(run.spec.models)} models, "
@@ -138,6 +142,15 @@ def _note_ignored(spec: FusionRunSpec) -> None:
         )
 
 
+def benchmark_errors(spec: FusionRunSpec) -> list[str]:
+    """evaluation.tasks / taskDirs problems found before anything runs (jobs.benchmarks.light_errors)."""
+    if not spec.evaluation.enabled or not spec.evaluation.tasks:
+        return []
+    from jobs.benchmarks import light_errors
+
+    return light_errors(spec)
+
+
 def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str | None = None) -> int:
     from jobs.local import LocalRunner, RunFailed, RunStopped
     from jobs.spec import SpecError, load_fusionrun
@@ -152,6 +165,10 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
         return 1
     except StoreError as err:
         print(f"{path}: {err}", file=sys.stderr)
+        return 1
+    errors = benchmark_errors(spec)
+    if errors:  # hours before evaluate would find them
+        print(f"{path}: invalid FusionRun:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1
     _note_ignored(spec)
     t0 = time.time()

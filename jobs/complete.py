@@ -32,8 +32,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from jobs.cache import (
+    CACHEABLE,
+    Entry,
+    add_user,
+    cache_of,
+    drop_entry,
+    located,
+    logical_key,
+    read_entry,
+    task_key,
+)
 from jobs.registry import Layout, Stage, Task, fingerprint_fields
-from jobs.store import LocalStore, Store, StoreError
+from jobs.store import LocalStore, Store, StoreError, endpoint_of
 
 if TYPE_CHECKING:
     from jobs.spec import FusionRunSpec
@@ -169,22 +180,90 @@ def why_incomplete(
         return "an input is missing"
     if m.get("inputs") != inputs:
         return "an input changed"
-    reason = _outputs_problem(store, m["outputs"], policy.verify)
+    reason = _outputs_problem(store, m, policy.verify)
     if reason is None and policy.texts:
-        reason = texts_changed(store, spec, task, m)
+        reason = texts_changed(store, spec, task, m) or _content_changed(store, spec, task, dag_by_id, m)
     return reason
 
 
-def _outputs_problem(store: Store, outputs: dict[str, Any], verify: bool) -> str | None:
-    for key, o in outputs.items():
-        size = store.size(key)
+def _outputs_problem(store: Store, manifest: dict[str, Any], verify: bool) -> str | None:
+    for key, o in manifest["outputs"].items():
+        where, physical = located(store, manifest, key)
+        size = where.size(physical)
         if size is None:
             return f"output {key} missing"
         if size != o.get("bytes"):
             return f"output {key} has {size} bytes, manifest says {o.get('bytes')}"
-        if verify and object_sha256(store, key) != o.get("sha256"):
+        if verify and object_sha256(where, physical) != o.get("sha256"):
             return f"output {key} checksum mismatch"
     return None
+
+
+def _content_changed(
+    store: Store, spec: FusionRunSpec, task: Task, dag_by_id: dict[str, Task], manifest: dict[str, Any]
+) -> str | None:
+    """A task made from the shared cache records its content key: files edited in place (a model's
+    weights, the corpus) change the key although the spec did not."""
+    recorded = manifest.get("cache_key")
+    if recorded is None or task.stage not in CACHEABLE:
+        return None
+    return None if content_key(store, spec, task, dag_by_id) == recorded else "an input's files changed"
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs shared across runs (jobs.cache)
+
+
+def read_outputs(store: Store, task: Task, dag_by_id: dict[str, Task]) -> dict[str, str]:
+    """sha256 of each output of `task`'s dependencies that it reads, by logical key: what its cache key
+    is made of (the documents of its shard; for align, also both extractions). Raises ManifestError when a
+    dependency is not complete."""
+    out: dict[str, str] = {}
+    wanted = [dag_by_id[d] for d in task.deps]
+    if task.stage is Stage.align:  # exact alignment reads the documents through its extractions
+        wanted.append(dag_by_id[Stage.prepare.value])
+    for dep in wanted:
+        m = read_manifest(store, dep)
+        if m is None:
+            raise ManifestError(f"task {task.id} needs {dep.id}, which is not complete: run it first")
+        keys = [Layout.documents(task.shard)] if dep.stage is Stage.prepare else [Layout.shard(dep)]
+        out |= {k: m["outputs"][k]["sha256"] for k in keys if k in m["outputs"]}
+    return out
+
+
+def content_key(store: Store, spec: FusionRunSpec, task: Task, dag_by_id: dict[str, Task]) -> str:
+    """The task's key in the shared cache (jobs.cache.task_key) from the current files and inputs."""
+    where = endpoint_of(store, spec.store)
+    return task_key(spec, task, where, read_outputs(store, task, dag_by_id) if task.deps else {})
+
+
+def adopt(
+    store: Store, spec: FusionRunSpec, task: Task, dag_by_id: dict[str, Task], run: str, key: str
+) -> dict[str, Any] | None:
+    """Make `task` complete from the shared cache when an entry of its key exists: its manifest points
+    at the entry (nothing runs). Returns the manifest written, or None on a miss."""
+    cache = cache_of(store)
+    entry = read_entry(cache, task.stage, key)
+    if entry is None:
+        return None
+    outputs = {logical_key(task.stage, n, task): o for n, o in entry_outputs(entry).items()}
+    if isinstance(store, LocalStore) and any(
+        object_sha256(cache, entry.file(n)) != o.sha256 for n, o in entry_outputs(entry).items()
+    ):
+        drop_entry(cache, task.stage, key)  # corrupt: never used, redone
+        return None
+    inputs = input_digests(store, dag_by_id, task)
+    summary = {**entry.record.get("summary", {}), "reused_from": entry.record.get("created_by")}
+    manifest = build_manifest(spec, task, outputs, inputs, time.time(), entry.record.get("counts"), summary)
+    manifest |= {"entry": entry.prefix, "cache_key": key}
+    add_user(cache, entry, run, manifest_key(task))
+    write_manifest(store, task, manifest)
+    return manifest
+
+
+def entry_outputs(entry: Entry) -> dict[str, Output]:
+    """The entry's files (by name) and their checksums."""
+    return {name: Output(o["sha256"], o["bytes"]) for name, o in entry.record["outputs"].items()}
 
 
 def completed_tasks(
@@ -220,14 +299,18 @@ def text_stamps(store: Store, spec: FusionRunSpec, task: Task) -> dict[str, Any]
     """What a task records in its summary about the texts it reads, taken BEFORE reading them (an edit
     during the read then makes the next run redo it). prepare: the corpus; evaluate: evaluation.corpora."""
     from jobs.corpus import corpus_stamp
+    from jobs.locations import stamp
     from jobs.store import endpoint_of
 
     s3 = endpoint_of(store, spec.store)
     if task.stage is Stage.prepare:
         return {"corpus_stamp": corpus_stamp(spec.corpus, s3)}
+    out: dict[str, Any] = {}
     if task.stage is Stage.evaluate and spec.evaluation.corpora:
-        return {"corpora_stamps": {c.name: corpus_stamp(c, s3) for c in spec.evaluation.corpora}}
-    return {}
+        out["corpora_stamps"] = {c.name: corpus_stamp(c, s3) for c in spec.evaluation.corpora}
+    if task.stage is Stage.evaluate and spec.evaluation.task_dirs:  # the user's benchmark task folders
+        out["task_dir_stamps"] = [stamp(d, s3) for d in spec.evaluation.task_dirs]
+    return out
 
 
 def texts_changed(
@@ -239,7 +322,12 @@ def texts_changed(
         return None
     m = manifest if manifest is not None else read_manifest(store, task)
     recorded = (m or {}).get("summary", {})
+    what = {
+        "corpus_stamp": "corpus changed",
+        "corpora_stamps": "evaluation corpus changed",
+        "task_dir_stamps": "evaluation task folder changed",
+    }
     for name, now in text_stamps(store, spec, task).items():
         if recorded.get(name) is not None and recorded[name] != now:
-            return "corpus changed" if task.stage is Stage.prepare else "evaluation corpus changed"
+            return what[name]
     return None

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.complete import Policy, invalidate, why_incomplete
+from jobs.cache import enabled as cache_enabled
+from jobs.complete import ManifestError, Policy, adopt, content_key, invalidate, why_incomplete
 from jobs.plan import STAGE_ORDER, Stage, Task, TaskState, build_dag, downstream, ready_tasks
 from jobs.registry import Layout
 from jobs.retry import EXIT_PREEMPTED, retry_delay
@@ -51,6 +52,7 @@ class RunFailed(RuntimeError):
 class RunResult:
     ran: int = 0
     skipped: int = 0
+    reused: int = 0  # adopted from the shared cache (jobs.cache): made by another run
     outcomes: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     report: Path | None = None
@@ -200,6 +202,11 @@ class LocalRunner:
                     p.result.skipped += 1
                     p.result.outcomes[t.id] = "skipped"
                     self._outcome(p, t.id, "skipped", time.time() - t0)
+                elif (source := self._adopt(t)) is not None:
+                    p.states[t.id] = TaskState.succeeded
+                    p.result.reused += 1
+                    p.result.outcomes[t.id] = "reused"
+                    self._outcome(p, t.id, f"reused (from {source})", time.time() - t0)
                 else:
                     p.queued.append(t)
                     p.states[t.id] = TaskState.running  # claimed: not offered again
@@ -243,6 +250,8 @@ class LocalRunner:
             update = {"state": "Running", "attempts": rec.attempts + 1, "start_time": rec.start_time or now}
         elif outcome in ("ran", "skipped"):
             update = {"state": "Succeeded", "reason": "Completed", "completion_time": now}
+        elif outcome.startswith("reused"):  # adopted from the shared cache: what the operator calls Memoized
+            update = {"state": "Succeeded", "reason": "Memoized", "message": outcome, "completion_time": now}
         elif outcome == "FAILED":
             update = {"state": "Failed", "failures": p.failures.get(tid, 0), "reason": "TaskFailed"}
             update["message"] = f"see {self.log_dir / (tid + '.log')}"
@@ -264,6 +273,21 @@ class LocalRunner:
         missing = [t.id for t in self.dag if states.get(t.id) is not TaskState.succeeded]
         if missing:
             raise RuntimeError(f"run stalled with tasks not done: {missing}")  # a DAG bug
+
+    def _adopt(self, task: Task) -> str | None:
+        """Adopt the shared cache's entry for the task when one exists (jobs.cache): nothing is launched.
+        Returns the run that made the entry, or None on a miss."""
+        if not cache_enabled(task):
+            return None
+        try:
+            key = content_key(self.store, self.spec, task, self.by_id)
+            manifest = adopt(self.store, self.spec, task, self.by_id, self.run_name, key)
+        except (ManifestError, StoreError):
+            return None  # the task itself will say what is wrong
+        if manifest is None:
+            return None
+        made = manifest["summary"].get("reused_from") or {}
+        return f"{made.get('run')}/{made.get('task')}"
 
     def _complete(self, task: Task) -> bool:
         return why_incomplete(self.store, self.spec, task, self.by_id, self.policy) is None

@@ -14,6 +14,7 @@ from typing import Any
 
 from jobs.complete import Policy, completed_tasks, read_manifest
 from jobs.plan import build_dag, trained_variants
+from jobs.progress import read_progress
 from jobs.registry import STAGE_NAMES, Layout, Stage
 from jobs.spec import FusionRunSpec, parse_spec
 from jobs.status import (
@@ -22,7 +23,6 @@ from jobs.status import (
     alignment_diagnostics,
     conditions,
     parse_status,
-    progress_entry,
     stage_entry,
 )
 from jobs.store import Store, StoreError
@@ -86,10 +86,7 @@ def store_status(
     phase, message = _phase(tasks)
     current = next((n for n in STAGE_NAMES if getattr(stages, n).state not in ("Succeeded", "Skipped")), None)
     training = [
-        p
-        for v in trained_variants(spec)
-        if (raw := read_json(store, Layout.progress(v))) is not None
-        and (p := progress_entry(v, raw)) is not None
+        rec.to_status(v) for v in trained_variants(spec) if (rec := read_progress(store, v)) is not None
     ]
     evaluated = any(t.stage is Stage.evaluate and t.id in done for t in dag)
     failed = next((r for r in tasks if r.state == "Failed"), None)

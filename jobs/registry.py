@@ -221,6 +221,12 @@ class Layout:
         return f"{Layout.train_prefix(variant)}/history.jsonl"
 
     @staticmethod
+    def task_scores(label: str) -> str:
+        """One model's benchmark-task scores (evaluate keeps them per model: a rerun scores what is missing).
+        label: target-before, a trained variant, or source:NAME."""
+        return f"evaluate/tasks/{label.replace(':', '-')}.json"
+
+    @staticmethod
     def log(task_id: str) -> str:
         return f"{Layout.LOGS}/{task_id}.log"
 

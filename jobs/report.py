@@ -2,9 +2,13 @@
 
   - held-out bits per byte (and perplexity): target before training, CLM-only baseline, FuseLLM, each source
     (evaluate/metrics.json)
-  - training loss curves (train/<variant>/progress.json, or JSON lines with step and loss in the train log)
+  - training loss curves (train/<variant>/history.jsonl; for older runs the JSON lines of the train logs)
   - how often MinCE picked each candidate (fuse manifests' summaries)
   - per-task timings (manifests' started_at / finished_at)
+  - lm-evaluation-harness benchmark tasks (evaluate/metrics.json "tasks"): a table per task, FuseLLM minus
+    CLM-only with its interval, and a plot
+The first lines say what the run can show: a run of tiny random-init models shows that every stage works,
+not whether fusion helps; a run of pretrained models leads with FuseLLM against CLM-only.
 Written to a local folder and copied into the store under report/. Everything missing is reported as
 missing, not invented.
 """
@@ -17,6 +21,7 @@ from typing import Any
 
 from jobs.complete import read_manifest
 from jobs.plan import build_dag, trained_variants
+from jobs.progress import TrainingHistory, read_history
 from jobs.registry import Layout, Stage
 from jobs.spec import FusionRunSpec
 from jobs.store import Store, StoreError
@@ -91,6 +96,40 @@ def loss_curve_from_log(text: str, key: str = "loss") -> list[tuple[int, float]]
     return sorted(dict(loss_curve(rows)).items())
 
 
+def _stored_history(store: Store, variant: str) -> TrainingHistory | None:
+    try:
+        return read_history(store, variant)
+    except StoreError:
+        return None
+
+
+def loss_curves(
+    store: Store, spec: FusionRunSpec, log_dir: Path | None = None
+) -> dict[str, list[tuple[int, float]]]:
+    """Each variant's (step, loss) curve, and FuseLLM's CLM term alone ("fused-clm": the like-for-like
+    comparison with CLM-only). From the training history in the store (train/<variant>/history.jsonl, so a
+    run made on Kubernetes has its curves too); for runs made before histories existed, from a progress
+    record holding a list, else from the local runner's train logs."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for v in trained_variants(spec):
+        history = _stored_history(store, v)
+        if history is not None and history.steps():
+            if v == "fused":  # (before "fused": the plot's colours stay as the log-based curves had them)
+                curves["fused-clm"] = history.curve("clm_loss")
+            curves[v] = history.curve("loss")
+            continue
+        pts = loss_curve(_json(store, Layout.progress(v)))
+        if not pts and log_dir is not None:
+            log = log_dir / f"train{'' if v == 'fused' else '-' + v}.log"
+            if log.is_file():
+                text = log.read_text(errors="replace")
+                pts = loss_curve_from_log(text)
+                if v == "fused":
+                    curves["fused-clm"] = loss_curve_from_log(text, "clm_loss")
+        curves[v] = pts
+    return curves
+
+
 def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> dict[str, Any]:
     dag = build_dag(spec)
     tasks = {}
@@ -108,23 +147,14 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
         if t.stage is Stage.fuse:
             for name, n in (m.get("summary", {}).get("choice_counts") or {}).items():
                 choice[name] = choice.get(name, 0) + int(n)
-    curves = {}
-    for v in trained_variants(spec):
-        pts = loss_curve(_json(store, Layout.progress(v)))
-        if not pts and log_dir is not None:
-            log = log_dir / f"train{'' if v == 'fused' else '-' + v}.log"
-            if log.is_file():
-                text = log.read_text(errors="replace")
-                pts = loss_curve_from_log(text)
-                if v == "fused":  # its CLM term alone: the like-for-like comparison with CLM-only
-                    curves["fused-clm"] = loss_curve_from_log(text, "clm_loss")
-        curves[v] = pts
     return {
         "tasks": tasks,
         "metrics": _json(store, Layout.METRICS),
-        "loss_curves": curves,
+        "loss_curves": loss_curves(store, spec, log_dir),
         "mince_choices": choice,
         "fusion": spec.fusion.model_dump(by_alias=True),
+        # Decided from the spec: every model random-init means the numbers cannot speak to fusion's worth.
+        "tiny_random_init": all(m.random_init is not None for m in spec.models),
     }
 
 
@@ -208,8 +238,125 @@ def _difference_line(diff: dict[str, float] | None) -> list[str]:
     ]
 
 
+def ordered_labels(models: dict[str, Any]) -> list[str]:
+    head = [k for k in LABELS if k in models]
+    return [*head, *sorted(k for k in models if k not in LABELS)]
+
+
+def label_name(key: str) -> str:
+    return LABELS.get(key, key.removeprefix("source:") + " (source)")
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, int | float) else ("n/a" if v is None else str(v))
+
+
+def _interval(d: dict[str, Any]) -> str:
+    if "ci95_low" not in d:
+        return f"{d['delta']:+.4f} (no interval: per-document values not available)"
+    return f"{d['delta']:+.4f} (95% paired bootstrap interval {d['ci95_low']:+.4f} to {d['ci95_high']:+.4f})"
+
+
+def headline(data: dict[str, Any]) -> list[str]:
+    """The report's first lines: what this run can and cannot show, then its comparison that matters."""
+    metrics = data.get("metrics") or {}
+    if data.get("tiny_random_init"):
+        return [
+            "> **Tiny random-init models.** Every model of this run is a tiny randomly initialised one "
+            "(the spec sets randomInit for all of them): its numbers show that every stage works end to "
+            "end, not whether fusion helps. For the evidence on real pretrained models see docs/results.md.",
+            "",
+        ]
+    out = []
+    diff = metrics.get("fused_minus_clm")
+    if diff:
+        out.append(
+            "**FuseLLM vs CLM-only (same data, steps, seed and schedule):** held-out bits per byte "
+            f"{diff['bits_per_byte']:+.4f} (95% paired bootstrap interval {diff['ci95_low']:+.4f} to "
+            f"{diff['ci95_high']:+.4f}; negative favours FuseLLM)."
+        )
+    elif metrics.get("models"):
+        out.append(
+            "No CLM-only baseline in this run (training.clmBaseline: false): nothing isolates what fusion "
+            "adds over training on the same data; FuseLLM is compared with the target before training only."
+        )
+    for name, row in (metrics.get("task_summary") or {}).items():
+        block = (metrics.get("tasks") or {}).get(name, {})
+        d = block.get("fused_minus_clm", {}).get(row["metric"])
+        if d:
+            better = block.get("higher_is_better", {}).get(row["metric"])
+            sign = "" if better is None else (" (higher is better)" if better else " (lower is better)")
+            out.append(f"- {name}, {row['metric']}{sign}: FuseLLM minus CLM-only {_interval(d)}.")
+    return [*out, ""] if out else []
+
+
+def render_tasks(metrics: dict[str, Any]) -> list[str]:
+    """A table per lm-eval result: each model's metrics with lm-eval's stderr, then FuseLLM minus CLM-only."""
+    lines: list[str] = []
+    for name, b in (metrics.get("tasks") or {}).items():
+        names = b.get("metric_names") or []
+        shots = b.get("num_fewshot")
+        limit = f", first {b['limit']} documents (limit)" if b.get("limit") else ""
+        lines += [
+            f"## Benchmark: {name} (lm-evaluation-harness)",
+            "",
+            f"{b.get('samples', '?')} documents, {shots}-shot{limit}. Each metric as lm-eval reports it, "
+            "± its stderr (N/A where lm-eval computes none).",
+            "",
+            "| model | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for label in ordered_labels(b.get("models") or {}):
+            figs = b["models"][label]
+            cells = [
+                f"{_fmt(figs.get(m, {}).get('value'))} ± {_fmt(figs.get(m, {}).get('stderr'))}" for m in names
+            ]
+            lines.append(f"| {label_name(label)} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for m, d in (b.get("fused_minus_clm") or {}).items():
+            lines.append(f"- FuseLLM minus CLM-only, {m}: {_interval(d)}.")
+        lines.append("")
+    return lines
+
+
+def _plot_tasks(metrics: dict[str, Any], path: Path) -> bool:
+    """Each requested task's main metric per model, with lm-eval's stderr as error bars."""
+    rows = metrics.get("task_summary") or {}
+    tasks = metrics.get("tasks") or {}
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ordered_labels(
+        {k: 1 for row in rows.values() for k in row if k not in ("metric", "fused_minus_clm")}
+    )
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) * max(1, len(labels)) / 3), 3.5))
+    width = 0.8 / max(1, len(labels))
+    for j, label in enumerate(labels):
+        xs, ys, errs = [], [], []
+        for i, (name, row) in enumerate(rows.items()):
+            fig_ = tasks.get(name, {}).get("models", {}).get(label, {}).get(row["metric"], {})
+            if fig_.get("value") is None:
+                continue
+            xs.append(i + (j - (len(labels) - 1) / 2) * width)
+            ys.append(fig_["value"])
+            errs.append(fig_["stderr"] if isinstance(fig_.get("stderr"), int | float) else 0.0)
+        ax.bar(xs, ys, width, yerr=errs, label=label_name(label), capsize=2)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{n}\n{r['metric']}" for n, r in rows.items()], fontsize=8)
+    ax.set_ylabel("main metric (lm-eval)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) -> str:
-    lines = [f"# FusionRun {run_name}", ""]
+    lines = [f"# FusionRun {run_name}", "", *headline(data)]
     metrics = data.get("metrics") or {}
     models = ordered_models(metrics)
     if models:
@@ -245,7 +392,9 @@ def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) 
         ]
         lines.append("")
         lines += _difference_line(block.get("fused_minus_clm"))
-    for key, title in (("bpb", "bits per byte"), ("loss", "training loss"), ("choices", "MinCE choices")):
+    lines += render_tasks(metrics)
+    titles = (("bpb", "bits per byte"), ("tasks", "benchmark tasks"), ("loss", "training loss"))
+    for key, title in (*titles, ("choices", "MinCE choices")):
         if key in plots:
             lines += [f"![{title}]({plots[key]})", ""]
     if data.get("mince_choices"):
@@ -277,6 +426,7 @@ def write_report(store: Store, spec: FusionRunSpec, run_name: str, out_dir: Path
     plots = {}
     for key, fn, arg in (
         ("bpb", _plot_bpb, data["metrics"]),
+        ("tasks", _plot_tasks, data["metrics"] or {}),
         ("loss", _plot_loss, data["loss_curves"]),
         ("choices", _plot_choices, data["mince_choices"]),
     ):

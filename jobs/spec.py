@@ -14,7 +14,7 @@ import types
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -281,6 +281,26 @@ class EvalCorpus(TextSource):
     )
 
 
+TASK_DIR_PATTERN = rf"^(file://|s3://{_BUCKET}|/|\./|\.\./)"
+
+
+class BenchmarkTask(Spec):
+    """A task of EleutherAI's lm-evaluation-harness, scored on every model of the run."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,199}$",
+        description="lm-eval task, group or tag name: one lm-eval ships (e.g. hellaswag) or one defined in "
+        "evaluation.taskDirs.",
+    )
+    num_fewshot: int = Field(0, ge=0, le=100, description="Examples in the prompt (lm-eval's --num_fewshot).")
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Score only the first N documents (lm-eval's --limit): a quick check, not the benchmark.",
+    )
+
+
 class Evaluation(Spec):
     enabled: bool = True
     max_documents: int | None = Field(None, ge=1)
@@ -292,6 +312,19 @@ class Evaluation(Spec):
         "another domain, to see what training on the corpus costs or gains elsewhere.",
     )
 
+    tasks: list[BenchmarkTask] = Field(
+        default_factory=list,
+        max_length=64,
+        description="lm-evaluation-harness tasks scored on the target before training, FuseLLM, the CLM-only "
+        'baseline and (evaluateSources) each source; results under "tasks" in evaluate/metrics.json.',
+    )
+    task_dirs: list[Annotated[str, Field(pattern=TASK_DIR_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Folders of your own lm-eval task YAMLs and their data files (local path, file:// or "
+        "s3://): relative data paths in a YAML are relative to its folder; no hub access needed.",
+    )
+
     @field_validator("corpora")
     @classmethod
     def _unique_corpus_names(cls, v: list[EvalCorpus]) -> list[EvalCorpus]:
@@ -300,6 +333,25 @@ class Evaluation(Spec):
         if dupes:
             raise ValueError(f"evaluation corpus names must be unique; repeated: {dupes}")
         return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_task_names(cls, v: list[BenchmarkTask]) -> list[BenchmarkTask]:
+        names = [t.name for t in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"evaluation task names must be unique (results are keyed by name); repeated: {dupes}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _task_dirs_need_tasks(self) -> Evaluation:
+        if self.task_dirs and not self.tasks:
+            raise ValueError(
+                "taskDirs is set but tasks is empty: list the tasks to score in evaluation.tasks"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
@@ -643,5 +695,6 @@ def resolve_relative_paths(spec: FusionRunSpec, base: Path) -> FusionRunSpec:
     data["corpus"]["uri"] = fix(data["corpus"]["uri"])
     for c in data["evaluation"]["corpora"]:
         c["uri"] = fix(c["uri"])
+    data["evaluation"]["taskDirs"] = [fix(d) for d in data["evaluation"]["taskDirs"]]
     data["store"]["uri"] = fix(data["store"]["uri"])
     return FusionRunSpec.model_validate(data)

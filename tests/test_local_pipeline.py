@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.cache import cache_of
 from jobs.complete import manifest_key, read_manifest
 from jobs.local import LocalRunner, RunFailed, threads_for
 from jobs.plan import Stage, Task, build_dag
 from jobs.spec import parse_spec
 from jobs.store import open_store
+from tests.artifacts import output_file
 from tests.conftest import MISTRAL_URI, SMOLLM2_GGUF, SMOLLM2_URI
 from tests.harness.s3 import ENDPOINT
 
@@ -122,7 +124,7 @@ def test_local_run_end_to_end_then_rerun_skips_all(tmp_path: Path) -> None:
 
     # A spec change that decides fusion redoes fuse and what follows it, nothing before; a shard corrupted
     # in place (same size) is caught by the runner's checksum check and redone too.
-    shard = tmp_path / "store" / "e2e" / "extract" / "mis" / "shard-00001.safetensors"
+    shard = output_file(tmp_path / "store", "e2e", Task(Stage.extract, "mis", 1))
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0x55
     shard.write_bytes(bytes(data))
@@ -212,12 +214,17 @@ def test_killed_mid_extract_then_resumed(tmp_path: Path) -> None:
     dag = build_dag(spec)
     done_before = {t.id: store.get_bytes(manifest_key(t)) for t in dag if store.exists(manifest_key(t))}
     assert "prepare" in done_before and killed_during not in done_before
-    shards_before = {
-        k: store.get_bytes(k)
-        for k in store.list("extract/")
+    outputs = [  # (task, logical key) of every output of a task complete before the kill
+        (t, k)
+        for t in dag
+        if t.id in done_before
+        for k in json.loads(done_before[t.id])["outputs"]
         if k.endswith(".safetensors")
-        and k.replace(".safetensors", ".manifest.json") in store.list("extract/")
+    ]
+    shards_before = {
+        (t.id, k): output_file(tmp_path / "store", "kill", t, k).read_bytes() for t, k in outputs
     }
+    assert shards_before  # prepare's, at least
 
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -226,8 +233,9 @@ def test_killed_mid_extract_then_resumed(tmp_path: Path) -> None:
     assert any(line.split()[:2] == [killed_during, "ran"] for line in out.stdout.splitlines())
     for tid, m in done_before.items():
         assert store.get_bytes(manifest_key(next(t for t in dag if t.id == tid))) == m
-    for k, data in shards_before.items():
-        assert store.get_bytes(k) == data  # complete outputs untouched, byte for byte
+    for (tid, k), data in shards_before.items():  # complete outputs untouched, byte for byte
+        task = next(t for t in dag if t.id == tid)
+        assert output_file(tmp_path / "store", "kill", task, k).read_bytes() == data
     for t in dag:
         if t.stage.value in ("prepare", "extract"):
             assert store.exists(manifest_key(t)), t.id
@@ -243,11 +251,16 @@ def test_local_run_with_store_on_seaweedfs(s3_server, s3_bucket, tmp_path: Path)
     store = open_store(spec.store, "s3run")
     _check_complete_run(store, spec, result.report)
     keys = store.list("")
-    assert "extract/tgt/shard-00000.safetensors" in keys and "train/fused/model/config.json" in keys
+    extract = read_manifest(store, Task(Stage.extract, "tgt", 0))
+    entry_keys = cache_of(store).list(extract["entry"])  # the shard is in the store's shared area
+    assert extract["entry"] + "/shard.safetensors" in entry_keys and "train/fused/model/config.json" in keys
     assert "report/report.md" in keys and result.report == tmp_path / "local" / "report" / "report.md"
-    # Every object is in the bucket, under the run's prefix: nothing was written to the local store path.
+    # Every object is in the bucket, under the run's prefix or the shared cache beside it: nothing was
+    # written to the local store path.
     raw = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="runs/s3run/")
     assert raw["KeyCount"] == len(keys) or raw.get("IsTruncated")
+    shared = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="runs/_cache/")
+    assert shared["KeyCount"] == len(cache_of(store).list(""))
     assert LocalRunner(spec, "s3run", local_dir=tmp_path / "local").run().skipped == len(build_dag(spec))
 
 

@@ -28,6 +28,7 @@ from jobs.spec import Corpus, parse_spec
 from jobs.stages import align, extract, fuse, prepare
 from jobs.stages.common import StageError, run_task
 from jobs.store import open_store
+from tests.artifacts import output_file
 from tests.conftest import MISTRAL_URI, SMOLLM2_GGUF, SMOLLM2_URI
 from tests.harness.s3 import ENDPOINT
 
@@ -209,9 +210,8 @@ def test_add_bos_reaches_extraction_and_prepare_leaves_room_for_it(tmp_path: Pat
     assert run_task(prepare.run, _t("prepare"), spec, "r") == 0
     for name in ("tgt", "mis"):
         assert run_task(extract.run, _t("extract", name, 0), spec, "r") == 0
-    root = tmp_path / "store" / "r" / "extract"
-    mis = read_shard(root / "mis" / "shard-00000.safetensors", "extract")
-    tgt = read_shard(root / "tgt" / "shard-00000.safetensors", "extract")
+    mis = read_shard(output_file(tmp_path / "store", "r", _t("extract", "mis", 0)), "extract")
+    tgt = read_shard(output_file(tmp_path / "store", "r", _t("extract", "tgt", 0)), "extract")
     starts = mis["doc_offsets"][:-1]
     assert set(mis["input_ids"][starts].tolist()) == {1}  # every document starts with BOS
     assert int(mis["token_nbytes"][starts].max()) == 0  # BOS stands for no text
@@ -228,16 +228,17 @@ def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral
 
     spec = _spec(tmp_path)
     store = open_store(spec.store, "r")
-    root = tmp_path / "store" / "r"
 
     assert run_task(prepare.run, _t("prepare"), spec, "r") == 0
     m = read_manifest(store, "prepare/manifest.json")
     # 6 documents, round(0.2 * 6) = 1 held out (seed 4: document 1); the long document 2 is cut into
     # pieces of <= 31 tokens + EOS, so more than 5 training documents remain.
     assert m["counts"]["documents"] == 6 and m["counts"]["heldout_documents"] == 1
-    held = read_shard(root / "prepare" / "heldout.safetensors", "raw")
+    held = read_shard(output_file(tmp_path / "store", "r", _t("prepare")), "raw")
     assert unpack_texts(held["text"], held["doc_offsets"]) == [TEXT[1]]
-    raw = read_shard(root / "prepare" / "shard-00000.safetensors", "raw")
+    raw = read_shard(
+        output_file(tmp_path / "store", "r", _t("prepare"), "prepare/shard-00000.safetensors"), "raw"
+    )
     texts = unpack_texts(raw["text"], raw["doc_offsets"])
     assert raw["doc_index"].tolist() == list(range(len(texts))) and len(texts) > 5
     for t in texts:
@@ -245,7 +246,7 @@ def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral
 
     for name in ("tgt", "mis"):
         assert run_task(extract.run, _t("extract", name, 0), spec, "r") == 0
-    ext = read_shard(root / "extract" / "tgt" / "shard-00000.safetensors", "extract")
+    ext = read_shard(output_file(tmp_path / "store", "r", _t("extract", "tgt", 0)), "extract")
     assert ext["doc_index"].tolist() == raw["doc_index"].tolist()
     assert ext["topk_ids"].shape[1] == 4
     for d, text in enumerate(texts):  # the target's tokens spell exactly the document, then EOS
@@ -274,7 +275,7 @@ def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral
 
     # A corrupted input (same size, a flipped byte) is detected, not used: the consumer fails naming it,
     # the producer's claim to be complete is dropped, and redoing it gives the identical shard.
-    shard = root / "extract" / "mis" / "shard-00000.safetensors"
+    shard = output_file(tmp_path / "store", "r", _t("extract", "mis", 0))
     good_sha = sha256_file(shard)
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF

@@ -35,6 +35,7 @@ def rank_main(config_path: str) -> int:
     from fusion.train.config import TrainConfig
     from fusion.train.data import FusedBlocks, ShardSource
     from fusion.train.loop import TrainIO, exit_code, train
+    from jobs.stages.train import StoreRecorder
     from jobs.store import LocalStore
 
     c = json.loads(Path(config_path).read_text())
@@ -55,7 +56,12 @@ def rank_main(config_path: str) -> int:
         cfg.seed,
         with_targets=cfg.variant == "fused",
     )
-    io = TrainIO(Path(c["work_dir"]), LocalStore(Path(c["store_root"])), prefix=f"train/{cfg.variant}")
+    store = LocalStore(Path(c["store_root"]))
+    io = TrainIO(
+        Path(c["work_dir"]), store, prefix=f"train/{cfg.variant}", keep_checkpoints=c["keep_checkpoints"]
+    )
+    # the train stage's reporter: progress.json and history.jsonl in the store
+    reporter = StoreRecorder(store, cfg.variant, interval_s=c["progress_interval_s"])
     rank = int(os.environ["RANK"])
     kill = c.get("kill")  # {"signal": "TERM"|"KILL", "rank": r, "event": "step"|"checkpoint", "step": n}
 
@@ -65,7 +71,7 @@ def rank_main(config_path: str) -> int:
         if hit and rank == kill["rank"]:
             os.kill(os.getpid(), getattr(signal, "SIG" + kill["signal"]))
 
-    result = train(cfg, model, blocks, io, tokenizer=tok, trace_blocks=True, log=log)
+    result = train(cfg, model, blocks, io, tokenizer=tok, trace_blocks=True, log=log, reporter=reporter)
     return exit_code(result)
 
 
@@ -162,13 +168,13 @@ def run_config(corpus: dict, tmp: Path, name: str, zero_stage: int, **extra) -> 
         "seq_len": 32,
         "zero_stage": zero_stage,
         "checkpoint_interval": 4,
-        "keep_checkpoints": 2,
         "seed": 1,
-        "progress_interval_s": 0.0,
     }
     return {
         **corpus,
         "cfg": cfg,
+        "keep_checkpoints": 2,
+        "progress_interval_s": 0.0,
         "work_dir": str(tmp / name / "work"),
         "store_root": str(tmp / name / "store"),
         **extra,
@@ -308,6 +314,23 @@ def test_two_ranks_train_agree_checkpoint_resume_and_export(
             "zero_to_fp32.py",
             "zero_to_torch.py",
         } == kept
+
+    # the training history in the store: each step once across the restart, both attempts' starts, the
+    # logged figures (the full run's: one attempt, steps 1..8)
+    from jobs.progress import read_history
+    from jobs.store import LocalStore
+
+    hist = read_history(LocalStore(tmp_path / "cut" / "store"), "fused")
+    assert [r.step for r in hist.steps()] == list(range(1, 9))
+    assert [(a.attempt, a.start_step, a.world_size) for a in hist.attempts()] == [
+        (1, 0, 2),
+        (2, expect_resume, 2),
+    ]
+    logged = {r["step"]: r["loss"] for r in [*records(cut[0], "step"), *after]}
+    assert hist.curve("loss") == sorted(logged.items())
+    full_hist = read_history(LocalStore(tmp_path / "full" / "store"), "fused")
+    assert full_hist.curve("loss") == list(enumerate(losses, start=1)) and len(full_hist.attempts()) == 1
+    assert [r.learning_rate for r in full_hist.steps()] == [r["lr"] for r in steps0]
 
     # every step trained on exactly the blocks of the uninterrupted run: none repeated, none skipped
     cut_blocks = {s: b for s, b in blocks_by_step(cut).items() if s <= expect_resume}

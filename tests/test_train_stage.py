@@ -1,7 +1,7 @@
 """The train stage entrypoint: `python -m jobs train` against a file:// store, its launcher, its config.
 
 The store is set up as the fuse stage leaves it (fused shards + their manifests, written with the same
-jobs.manifest functions); the stage then runs for real: its launcher starts 2 DeepSpeed ranks.
+jobs.complete functions); the stage then runs for real: its launcher starts 2 DeepSpeed ranks.
 """
 
 from __future__ import annotations
@@ -64,6 +64,70 @@ def test_train_config_follows_the_spec():
     assert (fused.lam, fused.effective_lambda, clm.effective_lambda) == (0.9, 0.9, 1.0)
     assert fused.betas == (0.8, 0.9) and fused.zero_stage == 3 and fused.learning_rate == 0.01
     assert fused.max_steps == 4 and fused.seq_len == 32 and fused.checkpoint_interval == 2
+
+
+# every spec.training field that reaches TrainConfig, at a value other than both defaults (camelCase keys)
+NON_DEFAULT_TRAINING = {
+    "lambda": 0.5,
+    "loss": "kl",
+    "learningRate": 0.02,
+    "schedule": "linear",
+    "warmupRatio": 0.1,
+    "minLrRatio": 0.05,
+    "weightDecay": 0.2,
+    "betas": [0.8, 0.9],
+    "gradClip": 0.5,
+    "maxSteps": 7,
+    "epochs": 2.5,
+    "microBatchSize": 3,
+    "gradAccum": 5,
+    "seqLen": 64,
+    "zeroStage": 3,
+    "gradientCheckpointing": True,
+    "checkpointInterval": 9,
+    "seed": 7,
+    "dtype": "bfloat16",
+}
+
+
+def test_every_train_config_field_comes_from_the_spec_and_every_training_field_reaches_it():
+    """A new spec.training field or TrainConfig field cannot be forgotten: the field sets must match
+    (through the rename table, less the launch/DAG fields), and every value must arrive."""
+    from dataclasses import fields
+
+    from fusion.train.config import TrainConfig
+    from jobs.spec import Training, parse_spec
+    from jobs.stages.train import NOT_TRAINING_FIELDS, RENAMED_FIELDS
+
+    derived = {RENAMED_FIELDS.get(n, n) for n in Training.model_fields if n not in NOT_TRAINING_FIELDS}
+    assert derived == {f.name for f in fields(TrainConfig)} - {"variant"}
+    training_fields = set(Training.model_fields)
+    assert training_fields >= NOT_TRAINING_FIELDS | set(RENAMED_FIELDS)
+
+    spec = parse_spec(spec_doc(Path("/tok"), Path("/store"), **NON_DEFAULT_TRAINING)["spec"])
+    assert len(NON_DEFAULT_TRAINING) == len(derived)  # a value for each field that reaches TrainConfig
+    cfg, defaults = train_config(spec, "fused"), TrainConfig()
+    source = {RENAMED_FIELDS.get(n, n): n for n in Training.model_fields}
+    for f in fields(TrainConfig):
+        if f.name != "variant":
+            value = getattr(cfg, f.name)
+            assert value == getattr(spec.training, source[f.name]), f.name
+            assert (
+                value != getattr(defaults, f.name) and value != Training.model_fields[source[f.name]].default
+            )
+    assert train_config(spec, "clm").variant == "clm"
+
+
+def test_a_spec_field_train_config_lacks_is_an_error_not_a_silent_drop():
+    from types import SimpleNamespace
+
+    from jobs.spec import Training
+
+    class Extended(Training):
+        new_knob: int = 3
+
+    with pytest.raises(TypeError, match="new_knob"):
+        train_config(SimpleNamespace(training=Extended()), "fused")
 
 
 def test_rank_envs_single_local_process_gets_defaults():
@@ -221,7 +285,8 @@ def test_clm_variant_needs_the_baseline_switch(tmp_path: Path):
     spec = tmp_path / "run.yaml"
     spec.write_text(yaml.safe_dump(spec_doc(tmp_path, tmp_path / "store", clmBaseline=False)))
     proc = run_stage(spec, "--variant", "clm", work=tmp_path / "work")
-    assert proc.returncode == 1 and "training.clmBaseline" in proc.stderr
+    # bad input: exit 2 (jobs.retry), which the operator and the local runner do not retry
+    assert proc.returncode == 2 and "training.clmBaseline" in proc.stderr
 
 
 @pytest.mark.slow

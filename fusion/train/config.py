@@ -1,9 +1,13 @@
 """Typed training configuration and the DeepSpeed config generated from it.
 
-`TrainConfig` is built from the FusionRun spec's `training` section by the train stage (jobs.stages.train);
-fusion never imports jobs. The generated DeepSpeed config has NO optimizer and NO scheduler block: ours are
-passed to `deepspeed.initialize` as objects, so nothing can silently override the learning rate, betas or
-schedule that the spec asks for (the reference's defect 3).
+`TrainConfig` holds what shapes the training itself, and nothing else: the train stage (jobs.stages.train)
+derives it field by field from the FusionRun spec's `training` section (plus the variant); fusion never
+imports jobs. Where checkpoints go and how many are kept is the run's I/O (loop.TrainIO); how often
+progress is published is the reporter's business.
+
+The generated DeepSpeed config has NO optimizer and NO scheduler block: ours are passed to
+`deepspeed.initialize` as objects, so nothing can silently override the learning rate, betas or schedule
+that the spec asks for (the reference's defect 3).
 """
 
 from __future__ import annotations
@@ -35,10 +39,8 @@ class TrainConfig:
     zero_stage: int = 2
     gradient_checkpointing: bool = False
     checkpoint_interval: int = 500
-    keep_checkpoints: int = 2
     seed: int = 42
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    progress_interval_s: float = 10.0  # the progress file is rewritten at most this often (and at the end)
 
     def __post_init__(self) -> None:
         problems = []
@@ -48,7 +50,7 @@ class TrainConfig:
             problems.append(f"lambda must be in [0, 1], got {self.lam}")
         if self.zero_stage not in (0, 1, 2, 3):
             problems.append(f"zeroStage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        for name in ("micro_batch_size", "grad_accum", "checkpoint_interval", "keep_checkpoints"):
+        for name in ("micro_batch_size", "grad_accum", "checkpoint_interval"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:

@@ -22,12 +22,29 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from jobs.cache import (
+    add_user,
+    cache_of,
+    drop_entry,
+    entry_file,
+    entry_prefix,
+    held_lease,
+    holder_id,
+    located,
+    poll_seconds,
+    publish,
+    try_lease,
+)
+from jobs.cache import enabled as cache_enabled
 from jobs.complete import (
     Output,
     Policy,
+    adopt,
     build_manifest,
+    content_key,
     input_digests,
     invalidate,
+    manifest_key,
     read_manifest,
     text_stamps,
     why_incomplete,
@@ -110,6 +127,7 @@ class StageContext:
     scratch: Path
     started_at: float = field(default_factory=time.time)
     outputs: dict[str, Output] = field(default_factory=dict)
+    entry_prefix: str | None = None  # set while a cacheable task writes its shared entry (jobs.cache)
 
     @cached_property
     def by_id(self) -> dict[str, Task]:
@@ -133,14 +151,15 @@ class StageContext:
         return [self.by_id[d] for d in self.task.deps if self.by_id[d].stage is stage]
 
     # ---- inputs
-    def input_file(self, key: str) -> Path:
+    def input_file(self, key: str, store: Store | None = None) -> Path:
         """A local path of a store object (the object itself for a local store, else a scratch copy)."""
-        local = self.store.local_path(key)
+        store = store or self.store
+        local = store.local_path(key)
         if local is not None:
             return local
         dst = self.scratch / "in" / key
         if not dst.is_file():
-            self.store.download(key, dst)
+            store.download(key, dst)
         return dst
 
     def input_shard(self, stage: Stage, model: str | None = None, variant: str | None = None) -> Any:
@@ -172,10 +191,13 @@ class StageContext:
             raise StageError(
                 f"input {self.store.uri_for(key)} has no manifest entry: run task {producer.id} first"
             )
+        where, physical = located(self.store, m, key)
         try:
-            return read_shard(self.input_file(key), kind=kind, sha256=m["outputs"][key]["sha256"])
+            return read_shard(self.input_file(physical, where), kind=kind, sha256=m["outputs"][key]["sha256"])
         except ShardError as err:
             invalidate(self.store, producer)
+            if m.get("entry"):  # a corrupt shared entry is never used again: whoever needs it redoes it
+                drop_entry(cache_of(self.store), producer.stage, m["cache_key"])
             raise StageError(
                 f"input {self.store.uri_for(key)} of task {self.task.id} is unusable: {err}. "
                 f"Its producer {producer.id} is marked incomplete: rerun the run (or "
@@ -183,13 +205,20 @@ class StageContext:
             ) from None
 
     # ---- outputs
+    def _physical(self, key: str) -> tuple[Store, str]:
+        """Where an output goes: the task's entry in the shared cache (cacheable stages), else the run."""
+        if self.entry_prefix is None:
+            return self.store, key
+        return cache_of(self.store), f"{self.entry_prefix}/{entry_file(self.task.stage, key)}"
+
     def output_path(self, key: str) -> Path:
         """Where to write an output: its final place in a local store (writers are atomic), else scratch."""
-        local = self.store.local_path(key)
+        where, physical = self._physical(key)
+        local = where.local_path(physical)
         if local is not None:
             local.parent.mkdir(parents=True, exist_ok=True)
             return local
-        p = self.scratch / "out" / key
+        p = self.scratch / "out" / physical
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
@@ -198,8 +227,9 @@ class StageContext:
         from fusion.format import sha256_file
 
         digest = sha256 or sha256_file(path)
-        if self.store.local_path(key) != path:
-            self.store.upload(path, key)
+        where, physical = self._physical(key)
+        if where.local_path(physical) != path:
+            where.upload(path, physical)
         self.outputs[key] = Output(digest, path.stat().st_size)
 
     def write_shard(self, arrays: dict[str, Any], meta: dict[str, Any], key: str | None = None) -> Any:
@@ -223,6 +253,45 @@ class StageContext:
 StageFn = Callable[[StageContext], tuple[dict[str, Any], dict[str, Any]]]
 
 
+Work = Callable[[str | None, dict[str, str]], "dict[str, Any] | int"]
+
+
+def complete_task(
+    store: Store,
+    spec: FusionRunSpec,
+    dag: list[Task],
+    task: Task,
+    force: bool,
+    work: Work,
+    writer: bool = True,
+) -> int:
+    """The one sequence every task goes through (jobs.complete's rule): skip it when complete (unless
+    forced); record its inputs' digests (failing clearly when a dependency is not done); drop a stale
+    manifest before its outputs are rewritten; do the work; write the manifest LAST.
+
+    work(reason, inputs) returns the manifest to write, or an exit code when there is none to write (a
+    preempted training). writer: False for the ranks of a training that are not rank 0 (they train, rank 0
+    alone touches the manifest)."""
+    by_id = {t.id: t for t in dag}
+    reason = why_incomplete(store, spec, task, by_id, Policy.for_store(store))
+    if reason is None and not force:
+        log_event("skip", task=task.id, reason="complete")
+        return EXIT_OK
+    inputs = input_digests(store, by_id, task)
+    if writer and reason != "no manifest":
+        invalidate(store, task)  # a stale manifest must not vouch for outputs being rewritten
+    if writer:
+        record_spec(store, spec)
+    started = time.time()
+    log_event("start", task=task.id, reason=reason or "forced")
+    manifest = work(reason, inputs)
+    if isinstance(manifest, int):
+        return manifest
+    write_manifest(store, task, manifest)
+    log_event("done", task=task.id, seconds=round(time.time() - started, 2), **manifest["counts"])
+    return EXIT_OK
+
+
 def run_task(
     stage_fn: StageFn,
     task: Task,
@@ -231,33 +300,66 @@ def run_task(
     force: bool = False,
     store: Store | None = None,
 ) -> int:
-    """Run one task unless complete (jobs.complete); write its manifest last. Returns a process exit code."""
+    """Run one task unless complete (complete_task). A task of a cacheable stage adopts the shared entry
+    of its content key when one exists (jobs.cache), else writes it under the entry's lease. Returns a
+    process exit code."""
     store = store or open_store(spec.store, run_name, check=spec.store.is_s3)
     dag = build_dag(spec)
     by_id = {t.id: t for t in dag}
     if task.id not in by_id:
         raise StageError(f"task {task.id} is not part of this run (known: {', '.join(sorted(by_id))})")
     task = by_id[task.id]  # with its dependencies
-    reason = why_incomplete(store, spec, task, by_id, Policy.for_store(store))
-    if reason is None and not force:
-        log_event("skip", task=task.id, reason="complete")
-        return EXIT_OK
-    inputs = input_digests(store, by_id, task)  # fails clearly when a dependency is not done
-    scratch = Path(tempfile.mkdtemp(prefix=f"fusionrun-{task.id}-"))
-    try:
-        ctx = StageContext(spec, run_name, store, task, dag, scratch)
-        log_event("start", task=task.id, reason=reason or "forced")
-        if reason != "no manifest":
-            invalidate(store, task)  # a stale manifest must not vouch for outputs being rewritten
-        record_spec(store, spec)
-        stamps = text_stamps(store, spec, task)  # before reading: an edit meanwhile redoes the task
+
+    def work(reason: str | None, inputs: dict[str, str]) -> dict[str, Any]:
+        scratch = Path(tempfile.mkdtemp(prefix=f"fusionrun-{task.id}-"))
+        try:
+            ctx = StageContext(spec, run_name, store, task, dag, scratch)
+            if cache_enabled(task):
+                return _run_cached(stage_fn, ctx, inputs, force)
+            return _run_plain(stage_fn, ctx, inputs)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    return complete_task(store, spec, dag, task, force, work)
+
+
+def _run_plain(stage_fn: StageFn, ctx: StageContext, inputs: dict[str, str]) -> dict[str, Any]:
+    stamps = text_stamps(ctx.store, ctx.spec, ctx.task)  # before reading: an edit meanwhile redoes it
+    counts, summary = stage_fn(ctx)
+    return build_manifest(ctx.spec, ctx.task, ctx.outputs, inputs, ctx.started_at, counts, summary | stamps)
+
+
+def _run_cached(stage_fn: StageFn, ctx: StageContext, inputs: dict[str, str], force: bool) -> dict[str, Any]:
+    """Adopt the entry of the task's content key, or make it: one writer (the lease), the others wait."""
+    store, spec, task = ctx.store, ctx.spec, ctx.task
+    key = content_key(store, spec, task, ctx.by_id)
+    cache, holder = cache_of(store), holder_id(ctx.run_name, task.id)
+    while True:
+        adopted = None if force else adopt(store, spec, task, ctx.by_id, ctx.run_name, key)
+        if adopted is not None:
+            made = adopted["summary"].get("reused_from") or {}
+            log_event("reused", task=task.id, key=key[:16], run=made.get("run"), task_from=made.get("task"))
+            return adopted
+        busy = try_lease(cache, task.stage, key, holder)
+        if busy is None:
+            break
+        log_event("waiting", task=task.id, key=key[:16], holder=busy)
+        time.sleep(poll_seconds())
+    with held_lease(cache, task.stage, key, holder):
+        ctx.entry_prefix = entry_prefix(task.stage, key)
+        stamps = text_stamps(store, spec, task)
         counts, summary = stage_fn(ctx)
-        manifest = build_manifest(spec, task, ctx.outputs, inputs, ctx.started_at, counts, summary | stamps)
-        write_manifest(store, task, manifest)
-        log_event("done", task=task.id, seconds=round(time.time() - ctx.started_at, 2), **counts)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return EXIT_OK
+        files = {entry_file(task.stage, k): o for k, o in ctx.outputs.items()}
+        made = {
+            "counts": counts,
+            "summary": summary | stamps,
+            "created_by": {"run": ctx.run_name, "task": task.id},
+        }
+        entry = publish(cache, task.stage, key, files, made)
+    manifest = build_manifest(spec, task, ctx.outputs, inputs, ctx.started_at, counts, summary | stamps)
+    manifest |= {"entry": entry.prefix, "cache_key": key}
+    add_user(cache, entry, ctx.run_name, manifest_key(task))
+    return manifest
 
 
 def record_spec(store: Store, spec: FusionRunSpec) -> None:

@@ -4,6 +4,10 @@ same for each text of evaluation.corpora (e.g. another domain), under "corpora".
 
 Bits per byte compares models with different tokenizers fairly (the same text, whatever the token count);
 perplexity is per token of each model's own tokenizer, so it is comparable only between the target variants.
+
+evaluation.tasks (lm-evaluation-harness benchmarks) are scored on the same models, each loaded once: see
+jobs/stages/evaluate_tasks.py. Their table goes under "tasks" in evaluate/metrics.json, a small summary under
+"task_summary" (which the operator copies into the status with the rest of metrics.json).
 """
 
 from __future__ import annotations
@@ -90,10 +94,13 @@ def eval_corpus_texts(ctx: StageContext, i: int) -> list[str]:
 
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    from fusion.benchmarks import private_tokenizer
     from fusion.models import load_model
     from fusion.tokens import encode_documents
+    from jobs.stages.evaluate_tasks import prepare_tasks, score_model
 
     threads = set_threads()
+    plan = prepare_tasks(ctx)  # bad tasks fail here, before any model is scored
     held = ctx.heldout()
     texts = unpack_texts(held["text"], held["doc_offsets"])
     limit = ctx.spec.evaluation.max_documents
@@ -113,13 +120,20 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     tgt_bos = adds_bos(ctx, tgt, tok)
     docs = {name: encode_documents(tok, t, add_bos=tgt_bos) for name, t in sets.items()}
 
-    def add(label: str, model: Any, v: Any, encoded: dict[str, list[np.ndarray]]) -> None:
-        for name, d in encoded.items():
-            results[name][label] = score(model, v, d, ctx.spec.extraction.batch_tokens)
-            figures = {k: x for k, x in results[name][label].items() if not k.startswith("doc_")}
-            log_event("scored", task=ctx.task.id, model=label, text=name, **figures)
+    task_scores: dict[str, dict[str, dict[str, Any]]] = {}  # model label -> task name -> entry
+    hf_tgt = private_tokenizer(tok) if plan is not None else None  # one copy for the three target variants
 
-    add("target-before", load_spec_model(ctx, tgt, view.vocab_size, view.eos_id), view, docs)
+    def add(
+        label: str, model: Any, v: Any, encoded: dict[str, list[np.ndarray]], hf_tok: Any, name: str
+    ) -> None:
+        for text, d in encoded.items():
+            results[text][label] = score(model, v, d, ctx.spec.extraction.batch_tokens)
+            figures = {k: x for k, x in results[text][label].items() if not k.startswith("doc_")}
+            log_event("scored", task=ctx.task.id, model=label, text=text, **figures)
+        if plan is not None:  # addBos as set, else lm-eval's default (the tokenizer's own)
+            task_scores[label] = score_model(ctx, plan, label, model, hf_tok, ctx.spec.model(name).add_bos)
+
+    add("target-before", load_spec_model(ctx, tgt, view.vocab_size, view.eos_id), view, docs, hf_tgt, tgt)
     for variant in [dep.variant or "fused" for dep in ctx.dependencies(Stage.train)]:
         path = trained_model_dir(ctx, variant)
         try:
@@ -134,7 +148,7 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
             raise StageError(
                 f"trained model {variant} at {where} will not load ({err}); rerun train --variant {variant}"
             ) from None
-        add(variant, model, view, docs)
+        add(variant, model, view, docs, hf_tgt, tgt)
     if ctx.spec.evaluation.evaluate_sources:
         for m in ctx.spec.sources:
             stok, sview = load_model_tokenizer(ctx, m.name)
@@ -144,6 +158,8 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
                 load_spec_model(ctx, m.name, sview.vocab_size, sview.eos_id),
                 sview,
                 {name: encode_documents(stok, t, add_bos=bos) for name, t in sets.items()},
+                private_tokenizer(stok) if plan is not None else None,
+                m.name,
             )
 
     def block(name: str) -> dict[str, Any]:
@@ -162,6 +178,11 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     if ctx.spec.evaluation.corpora:
         metrics["corpora"] = {c.name: block(c.name) for c in ctx.spec.evaluation.corpora}
+    if plan is not None:
+        from jobs.stages.evaluate_tasks import task_summary, tasks_block
+
+        metrics["tasks"] = tasks_block(plan.requests, task_scores)
+        metrics["task_summary"] = task_summary(metrics["tasks"], plan.requests)
     ctx.put_json(Layout.METRICS, metrics)
 
     def bpb(models: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -173,4 +194,6 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     summary |= {k: v for k, v in metrics.items() if k.startswith("fused_minus_")}
     for c in ctx.spec.evaluation.corpora:
         summary[f"bits_per_byte:{c.name}"] = bpb(results[c.name])
+    if plan is not None:
+        summary["task_summary"] = metrics["task_summary"]
     return metrics["heldout"], summary

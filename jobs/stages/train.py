@@ -9,15 +9,17 @@ Process layout (no ssh, no MPI):
   the ranks' verdict. One failed rank stops the others (the group restarts from the last checkpoint).
 - nothing set: one local process, RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 and a free port.
 
-Every rank trains; rank 0 alone uploads the exported model to `train/<variant>/model/` and writes the task
-manifest last. Exit codes: 0 done (or already complete), 1 failed, 75 preempted (SIGTERM: checkpoint saved,
-rerun to continue).
+Every rank trains (fusion.train.loop.Trainer). Rank 0 publishes progress and the training history to the
+store through the reporter injected here (StoreRecorder: jobs.progress's records), uploads the exported
+model to `train/<variant>/model/` and writes the task manifest last. Exit codes: 0 done (or already
+complete), 1 failed, 75 preempted (SIGTERM: checkpoint saved, rerun to continue).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -26,40 +28,52 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fusion.train.config import TrainConfig
-from jobs.registry import Variant
+from fusion.train.reporting import EndState, StepMetrics
+from jobs.progress import (
+    ProgressRecord,
+    ProgressState,
+    StepRow,
+    TrainingHistory,
+    history_key,
+    progress_key,
+    read_history,
+)
+from jobs.registry import Layout, Stage, Variant
 
 EXIT_PREEMPTED = 75  # = fusion.train.loop.EXIT_PREEMPTED (kept here so the launcher needs no torch import)
+PROGRESS_INTERVAL_S = 10.0  # progress.json is rewritten at most this often (and at the last step)
+
+
+# --------------------------------------------------------------------------------------------------
+# TrainConfig from the spec: derived by field name, so that a new field cannot be silently dropped
+
+# spec.training field -> TrainConfig field, where the names differ
+RENAMED_FIELDS: dict[str, str] = {"lambda_": "lam", "loss": "loss_kind"}
+# spec.training fields that shape the launch or the DAG, not the training of one variant
+NOT_TRAINING_FIELDS: frozenset[str] = frozenset(
+    {"nodes", "procs_per_node", "clm_baseline", "self_distill_baseline", "sources_only_baseline"}
+)
 
 
 def train_config(spec: Any, variant: str) -> TrainConfig:
-    """The typed training config of a FusionRun spec (`spec.training`) for one variant."""
+    """The typed training config of a FusionRun spec (`spec.training`) for one variant: every training
+    field under its TrainConfig name (a spec field TrainConfig lacks is a TypeError, not a silent drop).
+    The trainer knows two losses: CLM-only, and towards fused targets (whichever teachers made them:
+    FuseLLM's candidates, the target alone for self-distillation, the sources alone)."""
+    variant = Variant.clm.value if variant == Variant.clm.value else Variant.fused.value
     t = spec.training
-    return TrainConfig(
-        variant=variant,
-        lam=t.lambda_,
-        loss_kind=t.loss,
-        learning_rate=t.learning_rate,
-        schedule=t.schedule,
-        warmup_ratio=t.warmup_ratio,
-        min_lr_ratio=t.min_lr_ratio,
-        weight_decay=t.weight_decay,
-        betas=tuple(t.betas),
-        grad_clip=t.grad_clip,
-        max_steps=t.max_steps,
-        epochs=t.epochs,
-        micro_batch_size=t.micro_batch_size,
-        grad_accum=t.grad_accum,
-        seq_len=t.seq_len,
-        zero_stage=t.zero_stage,
-        gradient_checkpointing=t.gradient_checkpointing,
-        checkpoint_interval=t.checkpoint_interval,
-        seed=t.seed,
-        dtype=t.dtype,
-    )
+    values = {
+        RENAMED_FIELDS.get(name, name): getattr(t, name)
+        for name in type(t).model_fields
+        if name not in NOT_TRAINING_FIELDS
+    }
+    return TrainConfig(variant=variant, **values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,6 +160,87 @@ def launch_ranks(argv: list[str], envs: list[dict[str, str]]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# progress and history in the store: the trainer's reporter
+
+
+def _utc_iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def progress_record(m: StepMetrics, state: ProgressState, updated_at: str) -> ProgressRecord:
+    return ProgressRecord(
+        step=m.step,
+        total_steps=m.total_steps,
+        loss=m.loss,
+        clm_loss=m.clm_loss,
+        fusion_loss=m.fusion_loss,
+        tokens_per_second=m.tokens_per_second,
+        learning_rate=m.learning_rate,
+        eta_seconds=m.eta_seconds,
+        updated_at=updated_at,
+        state=state,
+    )
+
+
+def step_row(m: StepMetrics, logged_at: str) -> StepRow:
+    return StepRow(
+        step=m.step,
+        loss=m.loss,
+        clm_loss=m.clm_loss,
+        fusion_loss=m.fusion_loss,
+        learning_rate=m.learning_rate,
+        tokens_per_second=m.tokens_per_second,
+        tokens=m.tokens,
+        time=logged_at,
+    )
+
+
+class StoreRecorder:
+    """The reporter the train stage injects (fusion.train.reporting.TrainReporter; rank 0 only):
+    progress.json at most every `interval_s` seconds and at the last step, history.jsonl at each attempt's
+    start, at each checkpoint (before its marker) and at the end. Both are whole-object atomic puts (S3 has
+    no append): the history is rewritten whole, some 200 bytes per step, at checkpoints only."""
+
+    def __init__(
+        self,
+        store: Any,
+        variant: str,
+        interval_s: float = PROGRESS_INTERVAL_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store, self.variant, self.interval_s, self.clock = store, variant, interval_s, clock
+        self.history = TrainingHistory()
+        self._progress_at = -math.inf
+
+    def attempt_started(self, start_step: int, total_steps: int, world_size: int) -> None:
+        self.history = read_history(self.store, self.variant) or TrainingHistory()
+        self.history.start_attempt(start_step, total_steps, world_size, _utc_iso(self.clock()))
+        self._put_history()
+
+    def step(self, metrics: StepMetrics) -> None:
+        now = self.clock()
+        self.history.add_step(step_row(metrics, _utc_iso(now)))
+        if now - self._progress_at >= self.interval_s or metrics.step == metrics.total_steps:
+            self._put_progress(metrics, "running")
+
+    def checkpoint(self, step: int) -> None:
+        self._put_history()
+
+    def finished(self, metrics: StepMetrics | None, state: EndState) -> None:
+        if metrics is not None:
+            self._put_progress(metrics, state)
+        self._put_history()
+
+    def _put_progress(self, metrics: StepMetrics, state: ProgressState) -> None:
+        self._progress_at = self.clock()
+        record = progress_record(metrics, state, _utc_iso(self._progress_at))
+        self.store.put_bytes(progress_key(self.variant), record.to_bytes())
+
+    def _put_history(self) -> None:
+        self.store.put_bytes(history_key(self.variant), self.history.to_jsonl().encode())
+
+
+# --------------------------------------------------------------------------------------------------
 # the stage
 
 
@@ -189,104 +284,173 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int:
     """This process's rank of the training task: train (resuming), export, and on rank 0 the manifest."""
-    from fusion.train.data import FusedBlocks, ShardSource
-    from fusion.train.loop import TrainIO, exit_code, train
-    from jobs.complete import (
-        Output,
-        Policy,
-        build_manifest,
-        fingerprint,
-        input_digests,
-        invalidate,
-        read_manifest,
-        why_incomplete,
-        write_manifest,
-    )
-    from jobs.plan import build_dag
-    from jobs.registry import Layout, Stage, Task
-    from jobs.stages.common import (
-        StageContext,
-        StageError,
-        load_model_tokenizer,
-        log_event,
-        record_spec,
-    )
-    from jobs.store import open_store
+    from jobs.complete import build_manifest
+    from jobs.stages.common import complete_task
 
-    rank = int(os.environ["RANK"])
-    store = open_store(spec.store, run_name, check=spec.store.is_s3)
-    dag = build_dag(spec)
-    by_id = {t.id: t for t in dag}
-    task = by_id[Task(Stage.train, variant=variant).id]
-    reason = why_incomplete(store, spec, task, by_id, Policy.for_store(store))
-    if reason is None and not force:
-        log_event("skip", task=task.id, reason="complete")
-        return 0
-    inputs = input_digests(store, by_id, task)
-    if rank == 0 and reason != "no manifest":
-        invalidate(store, task)  # a stale manifest must not vouch for a model being rewritten
-    if rank == 0:
-        record_spec(store, spec)
-    started = time.time()
-    # Keyed by the store too: runs of the same name in other namespaces or stores must not share scratch.
+    job = TrainJob.open(spec, run_name, variant, force)
+
+    def work(reason: str | None, inputs: dict[str, str]) -> dict[str, Any] | int:
+        started = time.time()
+        done = job.train(reason, inputs)
+        if done.outputs is None:
+            return done.exit_code
+        return build_manifest(spec, job.task, done.outputs, inputs, started, done.counts, done.summary)
+
+    code = complete_task(job.store, spec, job.dag, job.task, force, work, writer=job.rank == 0)
+    if code == 0 and job.published and "FUSIONRUN_WORK_DIR" not in os.environ:
+        # Our own scratch (local checkpoints, the export: hundreds of MB to GB) is now all in the store.
+        # A folder the caller named is theirs to keep.
+        shutil.rmtree(job.work, ignore_errors=True)
+    return code
+
+
+@dataclass
+class Trained:
+    """What training hands to the completeness rule: outputs None = no manifest (preempted, or not rank 0)."""
+
+    exit_code: int
+    outputs: dict[str, Any] | None = None  # store key -> jobs.complete.Output
+    counts: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainJob:
+    """One rank's view of the train task: where it reads and writes, and how it trains."""
+
+    spec: Any
+    run_name: str
+    variant: str
+    force: bool
+    store: Any
+    dag: list[Any]
+    task: Any
+    rank: int
+    work: Path
+    published: bool = False  # rank 0 uploaded the model (the manifest may be written)
+
+    @classmethod
+    def open(cls, spec: Any, run_name: str, variant: str, force: bool) -> TrainJob:
+        from jobs.plan import build_dag
+        from jobs.registry import Stage, Task
+        from jobs.store import open_store
+
+        store = open_store(spec.store, run_name, check=spec.store.is_s3)
+        dag = build_dag(spec)
+        task = {t.id: t for t in dag}[Task(Stage.train, variant=variant).id]
+        rank = int(os.environ["RANK"])
+        return cls(
+            spec, run_name, variant, force, store, dag, task, rank, _work_dir(store, run_name, task.id)
+        )
+
+    def train(self, reason: str | None, inputs: dict[str, str]) -> Trained:
+        """Train (resuming), then on rank 0 upload the model and summarise it; a preempted run publishes
+        nothing."""
+        from fusion.train.loop import exit_code, train
+        from jobs.stages.common import StageContext, log_event
+
+        ctx = StageContext(self.spec, self.run_name, self.store, self.task, self.dag, self.work / "scratch")
+        cfg = train_config(self.spec, self.variant)
+        model, tok, loss, blocks = _model_and_data(ctx, cfg)
+        io = _train_io(
+            self.work, self.store, self.variant, checkpoint_fingerprint(self.spec, self.task, inputs)
+        )
+        log_event(
+            "start", task=self.task.id, rank=self.rank, reason=reason or "forced", blocks=blocks.n_blocks
+        )
+        # --force on a complete task retrains from scratch (its checkpoints would otherwise resume at the end)
+        fresh = self.force and reason is None
+        reporter = StoreRecorder(self.store, self.variant)
+        result = train(cfg, model, blocks, io, tokenizer=tok, fresh=fresh, reporter=reporter, loss=loss)
+        if result.preempted or self.rank != 0:
+            return Trained(exit_code(result))
+        outputs = publish_model(self.store, self.variant, result.export_dir)
+        self.published = True
+        return Trained(
+            0, outputs, {"steps": result.steps_done, "blocks": blocks.n_blocks}, train_summary(result)
+        )
+
+
+def _work_dir(store: Any, run_name: str, task_id: str) -> Path:
+    """FUSIONRUN_WORK_DIR, else a temp folder keyed by the store too: runs of the same name in other
+    namespaces or stores must not share scratch."""
     where = hashlib.sha256(store.base_uri.encode()).hexdigest()[:12]
-    work = Path(
-        os.environ.get("FUSIONRUN_WORK_DIR")
-        or Path(tempfile.gettempdir()) / f"fusionrun-{run_name}-{task.id}-{where}"
-    )
-    ctx = StageContext(spec, run_name, store, task, dag, work / "scratch")
+    default = Path(tempfile.gettempdir()) / f"fusionrun-{run_name}-{task_id}-{where}"
+    return Path(os.environ.get("FUSIONRUN_WORK_DIR") or default)
+
+
+def _train_io(work: Path, store: Any, variant: str, fingerprint: str) -> Any:
+    from fusion.train.loop import TrainIO
+
+    return TrainIO(work, store, prefix=Layout.train_prefix(variant), fingerprint=fingerprint)
+
+
+def checkpoint_fingerprint(spec: Any, task: Any, inputs: dict[str, str]) -> str:
+    """Checkpoints are only resumed by a run with the same training settings and the same inputs."""
+    from jobs.complete import fingerprint
+
+    fp = fingerprint(spec, task) + ":" + ",".join(f"{k}={v}" for k, v in sorted(inputs.items()))
+    return hashlib.sha256(fp.encode()).hexdigest()
+
+
+def fused_shards(ctx: Any) -> list[Any]:
+    """The fuse shards this variant trains on (its fuse variant's: clm reads FuseLLM's), with the sha256
+    their manifests recorded (checked when opened)."""
+    from fusion.train.data import ShardSource
+    from jobs.complete import read_manifest
+    from jobs.stages.common import StageError
 
     shards = []
     for producer in ctx.dependencies(Stage.fuse):
-        m = read_manifest(store, producer)
+        m = read_manifest(ctx.store, producer)
         key = Layout.shard(producer)
         if m is None or key not in m["outputs"]:
-            raise StageError(f"input {store.uri_for(key)} has no manifest entry: run {producer.id} first")
+            raise StageError(f"input {ctx.store.uri_for(key)} has no manifest entry: run {producer.id} first")
         shards.append(ShardSource(ctx.input_file(key), m["outputs"][key]["sha256"]))
+    return shards
 
-    cfg = train_config(spec, "clm" if variant == "clm" else "fused")  # self / sources: other teachers
-    tok, _ = load_model_tokenizer(ctx, spec.target.name)
+
+def _model_and_data(ctx: Any, cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
+    """The target model and tokenizer, the variant's loss, and the blocks it trains on (with the fused
+    targets only when the loss uses them)."""
+    from fusion.train.data import FusedBlocks
+    from fusion.train.losses import make_loss
+    from jobs.stages.common import load_model_tokenizer
+
+    shards = fused_shards(ctx)
+    tok, _ = load_model_tokenizer(ctx, ctx.spec.target.name)
     model = _load_target(ctx, len(tok), tok.eos_token_id)
-    blocks = FusedBlocks(
-        shards, cfg.seq_len, cfg.seed, with_targets=variant != "clm", pad_id=tok.eos_token_id or 0
-    )
-    # Checkpoints are only resumed by a run with the same training settings and the same inputs.
-    fp = fingerprint(spec, task) + ":" + ",".join(f"{k}={v}" for k, v in sorted(inputs.items()))
-    io = TrainIO(
-        work, store, prefix=Layout.train_prefix(variant), fingerprint=hashlib.sha256(fp.encode()).hexdigest()
-    )
-    log_event("start", task=task.id, rank=rank, reason=reason or "forced", blocks=blocks.n_blocks)
-    # --force on a complete task retrains from scratch (its checkpoints would otherwise resume at the end)
-    result = train(cfg, model, blocks, io, tokenizer=tok, fresh=force and reason is None)
-    if result.preempted or rank != 0:
-        return exit_code(result)
+    loss = make_loss(cfg)
+    pad = tok.eos_token_id or 0
+    blocks = FusedBlocks(shards, cfg.seq_len, cfg.seed, with_targets=loss.uses_targets, pad_id=pad)
+    return model, tok, loss, blocks
 
+
+def publish_model(store: Any, variant: str, export_dir: Path) -> dict[str, Any]:
+    """Upload the exported HF folder to the variant's model prefix (Layout); returns the manifest outputs."""
     from fusion.format import sha256_file
+    from jobs.complete import Output
 
     outputs: dict[str, Output] = {}
-    for f in sorted(result.export_dir.rglob("*")):
+    for f in sorted(export_dir.rglob("*")):
         if f.is_file():
-            key = Layout.model_prefix(variant) + f.relative_to(result.export_dir).as_posix()
+            key = Layout.model_prefix(variant) + f.relative_to(export_dir).as_posix()
             store.upload(f, key)
             outputs[key] = Output(sha256_file(f), f.stat().st_size)
-    last = result.history[-1] if result.history else {}
-    summary = {
+    return outputs
+
+
+def train_summary(result: Any) -> dict[str, Any]:
+    last = result.last
+    return {
         "steps": result.steps_done,
         "total_steps": result.total_steps,
         "resumed_from": result.resumed_from,
-        "final_loss": last.get("loss"),
-        "final_clm_loss": last.get("clm_loss"),
-        "final_fusion_loss": last.get("fusion_loss"),
+        "final_loss": last.loss if last else None,
+        "final_clm_loss": last.clm_loss if last else None,
+        "final_fusion_loss": last.fusion_loss if last else None,
         "weights_sha256": result.weights_digest,
     }
-    counts = {"steps": result.steps_done, "blocks": blocks.n_blocks}
-    write_manifest(store, task, build_manifest(spec, task, outputs, inputs, started, counts, summary))
-    log_event("done", task=task.id, seconds=round(time.time() - started, 2), **counts)
-    if "FUSIONRUN_WORK_DIR" not in os.environ:
-        # Our own scratch (local checkpoints, the export: hundreds of MB to GB) is now all in the store.
-        # A folder the caller named is theirs to keep.
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
 
 
 def _load_target(ctx: Any, vocab_size: int, eos_id: int | None) -> Any:
@@ -295,7 +459,7 @@ def _load_target(ctx: Any, vocab_size: int, eos_id: int | None) -> Any:
 
     from fusion.models import load_model
     from fusion.train.config import use_bf16
-    from jobs.stages.common import InputError, model_location
+    from jobs.stages.common import StageError, model_location
 
     m = ctx.spec.target
     on_gpu = torch.cuda.is_available()
@@ -313,7 +477,7 @@ def _load_target(ctx: Any, vocab_size: int, eos_id: int | None) -> Any:
             eos_token_id=eos_id,
         )
     except Exception as err:
-        raise InputError(
+        raise StageError(
             f"target {m.name} ({m.uri or 'randomInit'}) will not load: {err}. Fix uri/ggufFile/"
             f"randomInit of the target in the spec"
         ) from None

@@ -6,15 +6,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from jobs.status import TaskStatus, TrainingProgress, progress_entry
+from jobs.progress import parse_progress as read_record
+from jobs.status import TaskStatus, TrainingProgress
 
 if TYPE_CHECKING:
     from jobs.plan import Task
 
 
 def parse_progress(variant: str, raw: Mapping[str, Any]) -> TrainingProgress | None:
-    """progress.json -> status entry (jobs.status.progress_entry: every version's keys); None if unusable."""
-    return progress_entry(variant, raw)
+    """progress.json -> status entry, read as the train stage wrote it (jobs.progress: every version's
+    keys); None when unusable."""
+    rec = read_record(raw)
+    return rec.to_status(variant) if rec is not None else None
 
 
 def training_entries(
