@@ -22,6 +22,7 @@ boto3==1.44.8
 numpy==2.4.6
 kopf==1.45.2
 kubernetes==36.0.3
+prometheus_client==0.26.0
 torch==2.13.0
 deepspeed==0.19.8
 transformers==5.24.0
@@ -39,7 +40,8 @@ datasets==5.2.0
 EOF
 
 # ------------------------------------------------------------------------------------------------
-# Operator: build a virtualenv with the `operator` extra only (kopf + kubernetes client; never torch).
+# Operator: build a virtualenv with the `operator` extra only (kopf, kubernetes client, prometheus_client;
+# never torch).
 FROM ${PYTHON_IMAGE} AS operator-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/fusionrun

@@ -39,6 +39,9 @@ from fusion.format import Shard
 STRATEGIES = ("minCE", "avgCE")
 LEVELS = ("sequence", "token")
 CE_UNITS = ("byte", "token")
+CE_BASES = ("own", "target")  # decide by each model's CE on its own tokens, or on the target's as fused
+FALLBACKS = ("onehot", "target")  # what a source gives where it has no distribution
+GOLD_FLOOR = 1e-4  # probability charged for a gold token outside a candidate's entries (13.3 bits)
 _EMPTY_KEY = np.iinfo(np.int32).max  # sorts after every real id
 
 
@@ -63,6 +66,7 @@ class Candidate:
     doc_pred_nbytes: np.ndarray  # int64 [D]
     doc_n_pred: np.ndarray  # int64 [D]
     top_k: int | None = None  # keep only the k most likely entries of each row (None: all stored)
+    fallback: Candidate | None = None  # whose rows stand in where this one has no distribution
 
     @property
     def width(self) -> int:
@@ -80,6 +84,27 @@ class Candidate:
             keep = np.argsort(-logprobs, axis=1, kind="stable")[:, : self.top_k]
             ids = np.take_along_axis(ids, keep, axis=1)
             logprobs = np.take_along_axis(logprobs, keep, axis=1)
+        if self.fallback is not None:
+            ids, logprobs = self._fall_back(start, stop, ids, logprobs)
+        return ids, logprobs
+
+    def _fall_back(
+        self, start: int, stop: int, ids: np.ndarray, logprobs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The fallback candidate's rows where this one holds no distribution of its own (a source's
+        unaligned rows), padded or cut to this candidate's width."""
+        assert self.fallback is not None
+        none = ~self.eligible[start:stop]
+        if not none.any():
+            return ids, logprobs
+        f_ids, f_lp = self.fallback.block(start, stop)
+        w = ids.shape[1]
+        if f_ids.shape[1] < w:
+            pad = w - f_ids.shape[1]
+            f_ids = np.pad(f_ids, ((0, 0), (0, pad)), constant_values=-1)
+            f_lp = np.pad(f_lp, ((0, 0), (0, pad)), constant_values=-np.inf)
+        ids, logprobs = ids.copy(), logprobs.copy()
+        ids[none], logprobs[none] = f_ids[none, :w], f_lp[none, :w]
         return ids, logprobs
 
 
@@ -144,6 +169,58 @@ def token_ce(c: Candidate, ce_unit: str) -> np.ndarray:
     if ce_unit == "byte":
         nll = nll / math.log(2) / np.maximum(c.gold_nbytes, 1)
     return np.where(c.eligible, nll, np.inf)
+
+
+def gold_ids(target: Shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per target row: the gold next id, its bytes, and whether the row predicts (not a document's last)."""
+    ids = np.asarray(target["input_ids"]).astype(np.int64)
+    nbytes = np.asarray(target["token_nbytes"]).astype(np.int64)
+    offsets = np.asarray(target["doc_offsets"])
+    predicts = ~_last_rows(offsets, len(ids))
+    return np.append(ids[1:], -1), np.append(nbytes[1:], 0), predicts
+
+
+def gold_probability(c: Candidate, gold: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, as fusion uses the candidate: q(gold) (0 when gold is not among its entries) and the
+    full-softmax mass of the entries kept (the sum of their stored probabilities)."""
+    n = len(gold)
+    q_gold, kept = np.zeros(n), np.zeros(n)
+    for start in range(0, n, _BLOCK_ROWS):
+        stop = min(n, start + _BLOCK_ROWS)
+        ids, lp = c.block(start, stop)
+        q = softmax_rows(lp, temperature)
+        q_gold[start:stop] = np.where(ids == gold[start:stop, None], q, 0.0).sum(axis=1)
+        kept[start:stop] = np.exp(lp).sum(axis=1)
+    return q_gold, kept
+
+
+def fused_view_ce(
+    cands: list[Candidate], target: Shard, temperature: float, ce_unit: str, level: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each candidate's CE on the TARGET's gold tokens as fusion would use it (softmax over its entries at
+    temperature T; a gold token outside them charged GOLD_FLOOR), comparable across candidates because all
+    are measured on the same rows: (ce [C, D] or [C, N], eligible or None).
+
+    sequence: per document, over the rows where every candidate has a distribution of its own (or its
+    fallback's); a document with no such row gives every candidate 0 (ties go to the first). token: per
+    row, +inf where the candidate has none."""
+    gold, nbytes, predicts = gold_ids(target)
+    units = nbytes.clip(min=1) if ce_unit == "byte" else np.ones_like(nbytes)
+    has = np.stack([c.eligible | (c.fallback is not None) for c in cands]) & predicts
+    bits = np.stack(
+        [-np.log2(np.maximum(gold_probability(c, gold, temperature)[0], GOLD_FLOOR)) for c in cands]
+    )
+    if ce_unit == "token":
+        bits = bits * math.log(2)  # nats per token, like the own-basis per-token CE
+    if level == "token":
+        return np.where(has, bits / units, np.inf), has
+    common = has.all(axis=0)
+    offsets = np.asarray(target["doc_offsets"])
+    doc = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    n_docs = len(offsets) - 1
+    num = np.stack([np.bincount(doc[common], weights=b[common], minlength=n_docs) for b in bits])
+    den = np.bincount(doc[common], weights=units[common], minlength=n_docs)
+    return np.where(den > 0, num / np.maximum(den, 1), 0.0), None
 
 
 def softmax_rows(logprobs: np.ndarray, temperature: float) -> np.ndarray:
@@ -214,6 +291,29 @@ def _check_same_documents(shards: list[Shard]) -> None:
             )
 
 
+def _candidates(
+    target: Shard, aligned: list[Shard], include_target: bool, top_k: int | None, fallback: str
+) -> list[Candidate]:
+    own = target_candidate(target)
+    cands = ([own] if include_target else []) + [aligned_candidate(s) for s in aligned]
+    for c in cands:
+        c.top_k = top_k
+        if fallback == "target" and c.shard is not target:
+            c.fallback = own
+    return cands
+
+
+def _decision_ce(
+    cands: list[Candidate], target: Shard, temperature: float, ce_unit: str, level: str, ce_on: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """What MinCE / AvgCE decide by: (CE [C, D] per document or [C, N] per row, eligibility per row)."""
+    if ce_on == "target":
+        return fused_view_ce(cands, target, temperature, ce_unit, level)
+    if level == "sequence":
+        return np.stack([sequence_ce(c, ce_unit) for c in cands]), None
+    return np.stack([token_ce(c, ce_unit) for c in cands]), np.stack([c.eligible for c in cands])
+
+
 def fuse_shard(
     target: Shard,
     aligned: list[Shard],
@@ -223,14 +323,21 @@ def fuse_shard(
     temperature: float = 1.0,
     include_target: bool = True,
     top_k: int | None = None,
+    ce_on: str = "own",
+    fallback: str = "onehot",
 ) -> dict[str, np.ndarray]:
     """The arrays of a FUSED shard (fusion.format) from the target's extract shard and the sources'
     aligned shards. `choice` holds MinCE's candidate index per document (sequence) or per position
     (token), counted over the candidates used (the target is 0 when included); -1 for AvgCE.
 
     top_k: each candidate's distribution keeps only its k most likely stored entries (renormalised by
-    the softmax), so k can be ablated below extraction's top-k without extracting again. MinCE's and
-    AvgCE's decisions do not depend on it: they use the full-softmax gold log-probabilities."""
+    the softmax), so k can be ablated below extraction's top-k without extracting again. With ce_on "own"
+    MinCE's and AvgCE's decisions do not depend on it: they use the full-softmax gold log-probabilities.
+    ce_on: "own" decides by each model's CE on its own tokenization (the paper); "target" by each
+    candidate's CE on the target's tokens as it would be fused (fused_view_ce): a source strong on its
+    own tokens can be weak once aligned, truncated and projected.
+    fallback: where a source has no distribution (unaligned rows), "onehot" keeps its aligned shard's
+    one-hot on the gold token (the CLM label again); "target" puts the target's own distribution there."""
     if strategy not in STRATEGIES:
         raise FusionError(f"fusion strategy {strategy!r} unknown; expected one of {STRATEGIES}")
     if level not in LEVELS:
@@ -243,10 +350,10 @@ def fuse_shard(
         raise FusionError(f"fusion topK must be at least 1, got {top_k}")
     if not include_target and not aligned:
         raise FusionError("nothing to fuse: includeTarget is false and there are no aligned sources")
+    if ce_on not in CE_BASES or fallback not in FALLBACKS:
+        raise FusionError(f"fusion ceOn {ce_on!r} / fallback {fallback!r}: expected {CE_BASES} / {FALLBACKS}")
     _check_same_documents([target, *aligned])
-    cands = ([target_candidate(target)] if include_target else []) + [aligned_candidate(s) for s in aligned]
-    for c in cands:
-        c.top_k = top_k
+    cands = _candidates(target, aligned, include_target, top_k, fallback)
     if len(cands) > 127:
         raise FusionError(f"{len(cands)} candidates: choice is stored as int8, at most 127 are supported")
 
@@ -254,12 +361,7 @@ def fuse_shard(
     lengths = np.diff(offsets)
     n = int(offsets[-1])
     # Decisions first, from per-document / per-row figures: which candidate (MinCE) or what weights (AvgCE).
-    if level == "sequence":
-        ce = np.stack([sequence_ce(c, ce_unit) for c in cands])  # [C, D]
-        eligible = None
-    else:
-        ce = np.stack([token_ce(c, ce_unit) for c in cands])  # [C, N]
-        eligible = np.stack([c.eligible for c in cands])
+    ce, eligible = _decision_ce(cands, target, temperature, ce_unit, level, ce_on)
     widths = [c.width for c in cands]
     if strategy == "minCE":
         pick = np.argmin(ce, axis=0)  # first minimum: ties go to the lowest index (the target)

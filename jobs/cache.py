@@ -70,7 +70,60 @@ def cache_of(store: Store) -> Store:
 
 
 # --------------------------------------------------------------------------------------------------
-# Identities (what a model or a tokenizer is, by content stamps)
+# Identities (what a model, a tokenizer or the corpus is, by content stamps)
+
+
+class UnknownIdentity(LookupError):
+    """An identity that cannot be had here (the operator, before any Job recorded it): no memoization."""
+
+
+class Identities:
+    """The content identities a cache key is made of, computed where the files are visible (a stage, the
+    local runner: `Identities.live`) and recorded in the cache area, so that where they are not (the
+    operator) the recorded ones stand in (`Identities.recorded`)."""
+
+    def __init__(self, where: Any, cache: Store | None, live: bool):
+        self.where, self.cache, self.live = where, cache, live
+
+    @classmethod
+    def live_for(cls, store: Store, spec: FusionRunSpec) -> Identities:
+        from jobs.store import endpoint_of
+
+        return cls(endpoint_of(store, spec.store), cache_of(store), live=True)
+
+    @classmethod
+    def recorded(cls, cache: Store) -> Identities:
+        return cls(None, cache, live=False)
+
+    def _get(self, kind: str, ref: Mapping[str, Any], compute: Any) -> str:
+        """A live identity (recorded for the operator), or the recorded one of this spec-level ref."""
+        record = f"identities/{kind}/{_sha(ref)}.json"
+        if self.live:
+            value = compute()
+            if self.cache is not None:
+                with suppress(StoreError):
+                    prev = _json(self.cache, record) or {}
+                    if prev.get("identity") != value:
+                        self.cache.put_bytes(record, json.dumps({"identity": value, "ref": ref}).encode())
+            return value
+        doc = _json(self.cache, record) if self.cache is not None else None
+        if not isinstance(doc, dict) or "identity" not in doc:
+            raise UnknownIdentity(f"no recorded {kind} identity for {ref}")
+        return str(doc["identity"])
+
+    def tokenizer(self, ref: ModelRef) -> str:
+        fields = ref.model_dump(mode="json", include={"uri", "tokenizer", "gguf_file", "revision", "add_bos"})
+        return self._get("tokenizer", fields, lambda: tokenizer_identity(ref, self.where))
+
+    def model(self, ref: ModelRef) -> str:
+        fields = ref.model_dump(mode="json", exclude={"name"})
+        return self._get("model", fields, lambda: model_identity(ref, self.where))
+
+    def corpus(self, corpus: Any) -> str | None:
+        from jobs.corpus import corpus_stamp
+
+        fields = corpus.model_dump(mode="json")
+        return self._get("corpus", fields, lambda: corpus_stamp(corpus, self.where))
 
 
 def tokenizer_identity(ref: ModelRef, where: Any) -> str:
@@ -110,31 +163,29 @@ def _is_hub(uri: str) -> bool:
 # Keys
 
 
-def task_key(spec: FusionRunSpec, task: Task, where: Any, inputs: Mapping[str, str]) -> str:
+def task_key(spec: FusionRunSpec, task: Task, ids: Identities, inputs: Mapping[str, str]) -> str:
     """The content key of a cacheable task. `inputs`: sha256 of each output of its dependencies that it
-    reads (the documents for extract; both extractions and the documents for align), by logical key."""
+    reads (the documents for extract; both extractions and the documents for align), by logical key.
+    Raises UnknownIdentity when `ids` cannot tell an identity."""
     d = spec.model_dump(mode="json", by_alias=True)
     if task.stage is Stage.prepare:
-        corpus = {k: v for k, v in d["corpus"].items() if k != "uri"}
-        from jobs.corpus import corpus_stamp
-
         what: dict[str, Any] = {
-            "corpus": corpus,
-            "stamp": corpus_stamp(spec.corpus, where),
+            "corpus": {k: v for k, v in d["corpus"].items() if k != "uri"},
+            "stamp": ids.corpus(spec.corpus),
             "maxLength": d["extraction"]["maxLength"],
             "shards": d["extraction"]["shards"],
-            "tokenizers": sorted(tokenizer_identity(m, where) for m in spec.models),
+            "tokenizers": sorted(ids.tokenizer(m) for m in spec.models),
         }
     elif task.stage is Stage.extract:
         ext = d["extraction"]
         what = {
-            "model": model_identity(spec.model(task.model or ""), where),
+            "model": ids.model(spec.model(task.model or "")),
             "numerics": {k: ext[k] for k in ("topK", "maxLength", "dtype", "device")},
         }
     elif task.stage is Stage.align:
         what = {
-            "source": tokenizer_identity(spec.model(task.model or ""), where),
-            "target": tokenizer_identity(spec.target, where),
+            "source": ids.tokenizer(spec.model(task.model or "")),
+            "target": ids.tokenizer(spec.target),
             "alignment": d["alignment"],
         }
     else:
@@ -305,3 +356,115 @@ def located(store: Store, manifest: Mapping[str, Any] | None, key: str) -> tuple
     if not entry:
         return store, key
     return cache_of(store), f"{entry}/{entry_file(Stage(manifest['stage']), key)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Management: what is cached, who uses it, what can go (`fusionrun cache ls/prune`, run deletion)
+
+
+@dataclass
+class EntryInfo:
+    prefix: str  # <stage>/<kk>/<key>
+    complete: bool  # entry.json present (a partial entry has none: a writer died or is still writing)
+    bytes: int
+    created_by: dict[str, Any]
+    created_at: float | None
+    last_used: float | None  # the newest of its creation and its users' adoptions
+    users: dict[str, str]  # run -> manifest key that points at it (as recorded)
+
+
+def list_entries(cache: Store) -> list[EntryInfo]:
+    """Every entry of the cache area, complete or not, from one listing (plus each entry's records)."""
+    groups: dict[str, list[str]] = {}
+    for key in cache.list(""):
+        parts = key.split("/")
+        if len(parts) >= 4:
+            groups.setdefault("/".join(parts[:3]), []).append("/".join(parts[3:]))
+    return [_info(cache, prefix, names) for prefix, names in sorted(groups.items())]
+
+
+def _info(cache: Store, prefix: str, names: list[str]) -> EntryInfo:
+    record = _json(cache, f"{prefix}/{ENTRY}") if ENTRY in names else None
+    users = {}
+    times = [record.get("created_at")] if record else []
+    for name in names:
+        if name.startswith(f"{USERS}/"):
+            doc = _json(cache, f"{prefix}/{name}") or {}
+            users[name.split("/", 1)[1]] = str(doc.get("manifest", ""))
+            times.append(doc.get("at"))
+    size = sum(cache.size(f"{prefix}/{n}") or 0 for n in names if not n.startswith(f"{USERS}/"))
+    stamps = [float(t) for t in times if isinstance(t, int | float)]
+    return EntryInfo(
+        prefix=prefix,
+        complete=record is not None,
+        bytes=size,
+        created_by=(record or {}).get("created_by", {}),
+        created_at=(record or {}).get("created_at"),
+        last_used=max(stamps) if stamps else None,
+        users=users,
+    )
+
+
+def _json(store: Store, key: str) -> Any:
+    try:
+        return json.loads(store.get_bytes(key))
+    except (StoreError, ValueError):
+        return None
+
+
+def live_users(cache: Store, info: EntryInfo) -> list[str]:
+    """The runs whose manifest (as their user record says) still points at the entry: what never goes."""
+    live = []
+    for run, manifest_key in info.users.items():
+        manifest = _json(cache.sibling(run), manifest_key) if manifest_key else None
+        if isinstance(manifest, dict) and manifest.get("entry") == info.prefix:
+            live.append(run)
+    return sorted(live)
+
+
+def prunable(info: EntryInfo, live: list[str], now: float, older_than: float | None, keep_used: bool) -> bool:
+    """Whether `cache prune` removes an entry: never one a live run points at; with --keep-used every other
+    one; with --older-than only those whose last use (or, for a partial entry, start) is that old."""
+    if live:
+        return False
+    if keep_used:
+        return True
+    last = info.last_used if info.last_used is not None else 0.0
+    return older_than is not None and now - last > older_than
+
+
+def prune(
+    cache: Store, older_than: float | None, keep_used: bool, dry_run: bool = False, now: float | None = None
+) -> list[EntryInfo]:
+    """Remove the entries no live run uses (see prunable); returns them."""
+    now = time.time() if now is None else now
+    gone = []
+    for info in list_entries(cache):
+        if prunable(info, live_users(cache, info), now, older_than, keep_used):
+            gone.append(info)
+            if not dry_run:
+                cache.delete(f"{info.prefix}/{ENTRY}")  # first: a half-deleted entry is never adopted
+                cache.delete_prefix(f"{info.prefix}/")
+    return gone
+
+
+def release_run(run_store: Store, run: str) -> list[str]:
+    """Before a run's own artifacts are deleted: drop its user records, and delete the entries it used that
+    no other live run points at. Returns the entries deleted."""
+    cache = cache_of(run_store)
+    deleted = []
+    prefixes = {
+        m["entry"]
+        for k in run_store.list("")
+        if k.endswith("manifest.json")
+        and isinstance(m := _json(run_store, k), dict)
+        and isinstance(m.get("entry"), str)
+    }
+    for prefix in sorted(prefixes):
+        cache.delete(f"{prefix}/{USERS}/{run}")
+        info = _info(cache, prefix, [k[len(prefix) + 1 :] for k in cache.list(f"{prefix}/")])
+        if not [u for u in live_users(cache, info) if u != run]:
+            cache.delete(f"{prefix}/{ENTRY}")
+            cache.delete_prefix(f"{prefix}/")
+            deleted.append(prefix)
+    return deleted

@@ -5,6 +5,7 @@ fusionrun validate FILE.yaml                              check a FusionRun; err
 fusionrun stage <stage> [--model M] [--shard N] ...       one task (= python -m jobs ...)
 fusionrun status FILE.yaml | NAME --store URI             a run's status, from its store (either backend)
 fusionrun report FILE.yaml | NAME --store URI             a run's report, from its store
+fusionrun cache ls|prune FILE.yaml | STORE_URI            outputs shared across runs (extract once)
 fusionrun crd [...]                                       the CRD generated from the spec (jobs.crd)
 """
 
@@ -33,6 +34,11 @@ def stage_parser(prog: str = "python -m jobs") -> argparse.ArgumentParser:
     ap.add_argument("--model", help="extract: any model; align: a source model")
     ap.add_argument("--shard", type=int, help="shard number (extract, align, fuse)")
     ap.add_argument(
+        "--shard-from-index",
+        action="store_true",
+        help="the shard is entry JOB_COMPLETION_INDEX of FUSIONRUN_SHARDS (a pod of an Indexed Job)",
+    )
+    ap.add_argument(
         "--variant",
         choices=[v.value for v in Variant],
         help="train and fuse: fused (FuseLLM, the default) or a baseline: clm, self, sources",
@@ -44,6 +50,15 @@ def stage_parser(prog: str = "python -m jobs") -> argparse.ArgumentParser:
 
 
 def _check_task_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.shard_from_index:
+        from jobs.registry import shard_at_index
+
+        if args.shard is not None:
+            ap.error("give --shard N or --shard-from-index, not both")
+        try:
+            args.shard = shard_at_index(os.environ)
+        except ValueError as err:
+            ap.error(str(err))
     need_model = args.stage in ("extract", "align")
     need_shard = args.stage in ("extract", "align", "fuse")
     if need_model and not args.model:
@@ -64,6 +79,7 @@ def stage_main(argv: list[str] | None = None) -> int:
     """Entry of `python -m jobs`: run one task; exit codes as jobs.retry says (0 done or skipped, 1 failed,
     2 bad input: no retry can help), the message on stderr."""
     from jobs.complete import ManifestError
+    from jobs.retry import write_termination_message
     from jobs.spec import SpecError
     from jobs.stages.common import (
         InputError,
@@ -101,6 +117,7 @@ def stage_main(argv: list[str] | None = None) -> int:
     except (SpecError, StageError, StoreError, ManifestError) as err:
         log_event("failed", stage=args.stage, error=str(err))
         print(f"error: {err}", file=sys.stderr)
+        write_termination_message(f"{args.stage}: {err}")
         return exit_code_for(err)
 
 
@@ -184,7 +201,8 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
         print(f"run {run.metadata.name}: {err}", file=sys.stderr)
         return 1
     print(
-        f"run {run.metadata.name} done in {time.time() - t0:.1f}s: {result.ran} ran, {result.skipped} skipped"
+        f"run {run.metadata.name} done in {time.time() - t0:.1f}s: {result.ran} ran, "
+        f"{result.skipped} skipped, {result.reused} reused from other runs"
     )
     if result.report:
         print(f"report: {result.report}")
@@ -258,6 +276,55 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_age(text: str) -> float:
+    """'30d', '12h', '45m', '90s' (or plain seconds) -> seconds."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an age such as 30d, 12h, 45m or 90s") from None
+
+
+def open_cache(args: argparse.Namespace) -> Any:
+    """The shared cache area (jobs.cache) of a store given as a FusionRun file or a store URI."""
+    from jobs.cache import CACHE_AREA
+    from jobs.spec import StoreSpec, load_fusionrun
+    from jobs.store import open_store
+
+    if Path(args.target).is_file():
+        where = apply_env_overrides(load_fusionrun(args.target).spec).store
+    else:
+        where = StoreSpec(uri=args.target, endpoint=args.endpoint, region=args.region, insecure=args.insecure)
+    return open_store(apply_env_overrides_store(where), CACHE_AREA, check=where.is_s3)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from jobs.cache import list_entries, live_users, prune
+
+    cache = open_cache(args)
+    if args.action == "ls":
+        now = time.time()
+        print(f"{'entry':<34} {'bytes':>12} {'last use':>9}  made by / used by")
+        for e in list_entries(cache):
+            age = f"{(now - e.last_used) / 86400:.1f}d" if e.last_used else "-"
+            made = e.created_by.get("run", "partial" if not e.complete else "?")
+            users = ",".join(live_users(cache, e)) or "-"
+            print(f"{e.prefix[:34]:<34} {e.bytes:>12} {age:>9}  {made} / {users}")
+        return 0
+    if args.older_than is None and not args.keep_used:
+        print("cache prune: say --older-than AGE (e.g. 30d) and/or --keep-used", file=sys.stderr)
+        return 2
+    gone = prune(cache, args.older_than, args.keep_used, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(gone)} entries, {sum(e.bytes for e in gone)} bytes")
+    for e in gone:
+        print(f"  {e.prefix}")
+    return 0
+
+
 def apply_env_overrides_store(store: Any) -> Any:
     """FUSIONRUN_S3_ENDPOINT replaces the endpoint of an S3 store spec (see apply_env_overrides)."""
     endpoint = os.environ.get("FUSIONRUN_S3_ENDPOINT")
@@ -302,6 +369,15 @@ def main(argv: list[str] | None = None) -> int:
             c.add_argument("--json", action="store_true", help="the status object, as the operator writes it")
         else:
             c.add_argument("--out", help="local folder for the report (default: ./runs/NAME/report)")
+    c = sub.add_parser("cache", help="list or prune the outputs shared across runs (jobs.cache)")
+    c.add_argument("action", choices=["ls", "prune"])
+    c.add_argument("target", help="a FusionRun file (its store), or a store URI (spec.store.uri)")
+    c.add_argument("--endpoint", help="S3 endpoint of the store URI")
+    c.add_argument("--region", help="S3 region of the store URI")
+    c.add_argument("--insecure", action="store_true", help="allow a plain http:// endpoint")
+    c.add_argument("--older-than", type=parse_age, help="prune: entries not used for this long (30d, 12h)")
+    c.add_argument("--keep-used", action="store_true", help="prune: every entry no run's manifest uses")
+    c.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
     sub.add_parser("stage", help="run one task (python -m jobs ...)", add_help=False)
     sub.add_parser("crd", help="print or write the CRD (jobs.crd)", add_help=False)
     if argv and argv[0] == "stage":
@@ -312,12 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "validate":
         return cmd_validate(args.file)
-    if args.cmd in ("status", "report"):
+    if args.cmd in ("status", "report", "cache"):
         from jobs.spec import SpecError
         from jobs.store import StoreError
 
+        command = {"status": cmd_status, "report": cmd_report, "cache": cmd_cache}[args.cmd]
         try:
-            return cmd_status(args) if args.cmd == "status" else cmd_report(args)
+            return command(args)
         except SpecError as err:
             print(err, file=sys.stderr)  # names the file or the run once
             return 1

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from jobs.cache import (
     CACHEABLE,
     Entry,
+    Identities,
     add_user,
     cache_of,
     drop_entry,
@@ -231,10 +232,13 @@ def read_outputs(store: Store, task: Task, dag_by_id: dict[str, Task]) -> dict[s
     return out
 
 
-def content_key(store: Store, spec: FusionRunSpec, task: Task, dag_by_id: dict[str, Task]) -> str:
-    """The task's key in the shared cache (jobs.cache.task_key) from the current files and inputs."""
-    where = endpoint_of(store, spec.store)
-    return task_key(spec, task, where, read_outputs(store, task, dag_by_id) if task.deps else {})
+def content_key(
+    store: Store, spec: FusionRunSpec, task: Task, dag_by_id: dict[str, Task], ids: Identities | None = None
+) -> str:
+    """The task's key in the shared cache (jobs.cache.task_key) from its inputs and the identities of the
+    files it reads: stamped now (default), or as recorded (the operator: Identities.recorded)."""
+    ids = ids or Identities.live_for(store, spec)
+    return task_key(spec, task, ids, read_outputs(store, task, dag_by_id) if task.deps else {})
 
 
 def adopt(
@@ -300,7 +304,6 @@ def text_stamps(store: Store, spec: FusionRunSpec, task: Task) -> dict[str, Any]
     during the read then makes the next run redo it). prepare: the corpus; evaluate: evaluation.corpora."""
     from jobs.corpus import corpus_stamp
     from jobs.locations import stamp
-    from jobs.store import endpoint_of
 
     s3 = endpoint_of(store, spec.store)
     if task.stage is Stage.prepare:

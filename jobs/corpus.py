@@ -283,6 +283,32 @@ def assign_shards(n_docs: int, n_shards: int) -> list[np.ndarray]:
     return [ids[s::n_shards] for s in range(n_shards)]
 
 
+CUT = 1 << 40  # ids of pieces of cut documents start here (beyond any corpus's document count)
+PIECE = 1 << 20  # pieces per document in that range
+
+
+def piece_ids(pieces: list[list[str]]) -> list[np.ndarray]:
+    """Stable ids of each document's pieces: a document kept whole is its position in the list; the k-th
+    piece of a cut one is CUT + position * PIECE + k. A document cut differently (another run's tokenizers)
+    changes only its own ids, so other documents keep theirs, and so do the shards holding them."""
+    return [
+        np.array([i], dtype=np.int64) if len(p) == 1 else CUT + i * PIECE + np.arange(len(p), dtype=np.int64)
+        for i, p in enumerate(pieces)
+    ]
+
+
+def shard_pieces(pieces: list[list[str]], n_shards: int) -> list[tuple[list[str], np.ndarray]]:
+    """(texts, ids) of each shard: whole documents round-robin (all pieces of a document in its shard, in
+    order), so which shard a document goes to does not depend on how any other document was cut. With no
+    document cut, this is assign_shards over the documents."""
+    ids = piece_ids(pieces)
+    out = []
+    for docs in assign_shards(len(pieces), n_shards):
+        texts = [t for d in docs for t in pieces[d]]
+        out.append((texts, np.concatenate([ids[d] for d in docs]) if len(docs) else np.zeros(0, np.int64)))
+    return out
+
+
 def pack_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """UTF-8 bytes of all texts as one uint8 array + int64 byte offsets [D+1]."""
     blobs = [t.encode("utf-8") for t in texts]

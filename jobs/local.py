@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from jobs.cache import enabled as cache_enabled
-from jobs.complete import ManifestError, Policy, adopt, content_key, invalidate, why_incomplete
+from jobs.complete import (
+    ManifestError,
+    Policy,
+    adopt,
+    content_key,
+    invalidate,
+    read_manifest,
+    why_incomplete,
+)
 from jobs.plan import STAGE_ORDER, Stage, Task, TaskState, build_dag, downstream, ready_tasks
 from jobs.registry import Layout
 from jobs.retry import EXIT_PREEMPTED, retry_delay
@@ -222,9 +230,15 @@ class LocalRunner:
             p.result.seconds[tid] = secs
             if rc == 0:
                 p.states[tid] = TaskState.succeeded
-                p.result.ran += 1
-                p.result.outcomes[tid] = "ran"
-                self._outcome(p, tid, "ran", secs)
+                source = self._made_by_another(self.by_id[tid])
+                if source is None:
+                    p.result.ran += 1
+                    p.result.outcomes[tid] = "ran"
+                    self._outcome(p, tid, "ran", secs)
+                else:  # it waited for another run writing the same entry, then adopted it
+                    p.result.reused += 1
+                    p.result.outcomes[tid] = "reused"
+                    self._outcome(p, tid, f"reused (from {source})", secs)
                 continue
             if rc != EXIT_PREEMPTED:
                 p.failures[tid] = p.failures.get(tid, 0) + 1
@@ -286,8 +300,13 @@ class LocalRunner:
             return None  # the task itself will say what is wrong
         if manifest is None:
             return None
-        made = manifest["summary"].get("reused_from") or {}
-        return f"{made.get('run')}/{made.get('task')}"
+        return self._made_by_another(task)
+
+    def _made_by_another(self, task: Task) -> str | None:
+        """The run/task that made the shared entry a finished task's manifest points at, when not this run."""
+        manifest = read_manifest(self.store, task) if cache_enabled(task) else None
+        made = ((manifest or {}).get("summary") or {}).get("reused_from") or {}
+        return f"{made.get('run')}/{made.get('task')}" if made.get("run") else None
 
     def _complete(self, task: Task) -> bool:
         return why_incomplete(self.store, self.spec, task, self.by_id, self.policy) is None
@@ -358,6 +377,7 @@ KUBERNETES_ONLY = (
     "ttlSecondsAfterFinished",
     "queueName",
     "priorityClassName",
+    "workloadPriorityClassName",
     "deleteArtifacts",
     "store.credentialsSecret",
     "training.nodes",

@@ -12,7 +12,7 @@ Torch-free and spec-free at import time: jobs.spec and the operator import it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -125,16 +125,25 @@ class Task:
             parts.append(f"{self.shard:05d}")
         return "-".join(parts)
 
-    def args(self) -> list[str]:
-        """Command-line arguments after `python -m jobs` that run exactly this task."""
+    def args(self, from_index: bool = False) -> list[str]:
+        """Command-line arguments after `python -m jobs` that run exactly this task. from_index: the shard
+        comes from the pod's completion index instead (`--shard-from-index`, one Indexed Job per group)."""
         a = [self.stage.value]
         if self.model:
             a += ["--model", self.model]
         if self.shard is not None:
-            a += ["--shard", str(self.shard)]
+            a += ["--shard-from-index"] if from_index else ["--shard", str(self.shard)]
         if self.variant and (self.stage is Stage.train or self.variant != Variant.fused.value):
             a += ["--variant", self.variant]
         return a
+
+    @property
+    def group(self) -> str:
+        """The task's group: per-shard tasks of one stage and model / variant share one (`extract-target`,
+        `fuse`, `fuse-self`), which is what one Indexed Job runs; any other task is a group of its own."""
+        if self.shard is None:
+            return self.id
+        return Task(self.stage, self.model, None, self.variant).id
 
     @property
     def definition(self) -> StageDef:
@@ -260,15 +269,73 @@ def fingerprint_fields(spec_json: Mapping[str, Any], task: Task) -> dict[str, An
         # One model's extraction depends on that model only: editing another redoes only that one.
         return {"models": {task.model: models[task.model]}, "topK": d["extraction"]["topK"]}
     if stage is Stage.align:
-        return {"alignment": _set_only(d["alignment"], ())}
+        return {"alignment": _set_only(d["alignment"], {})}
     if stage is Stage.fuse:
-        return {"fusion": _set_only(d["fusion"], ("topK",))}
+        return {"fusion": _set_only(d["fusion"], {"topK": None, "ceOn": "own", "fallback": "onehot"})}
     if stage is Stage.train:
         skip = ("checkpointInterval", "selfDistillBaseline", "sourcesOnlyBaseline")
         return {"training": {k: v for k, v in d["training"].items() if k not in skip}}
-    return {"evaluation": _set_only(d["evaluation"], ("corpora", "tasks", "taskDirs"))}
+    return {"evaluation": _set_only(d["evaluation"], {"corpora": [], "tasks": [], "taskDirs": []})}
 
 
-def _set_only(section: Mapping[str, Any], optional: tuple[str, ...]) -> dict[str, Any]:
-    """The section without the optional (later-added) fields that are unset or empty."""
-    return {k: v for k, v in section.items() if not (k in optional and v in (None, [], {}))}
+def _set_only(section: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
+    """The section without the fields added later (name -> the value that means "as before") that still
+    have that value: outputs made before a field existed stay valid until it is set."""
+    return {k: v for k, v in section.items() if not (k in later and v in (later[k], None, [], {}))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards of an Indexed Job: which shard a pod works on (the operator writes the list, the stage reads it)
+
+SHARDS_ENV = "FUSIONRUN_SHARDS"  # the shards of one Indexed Job, in completion-index order
+INDEX_ENV = "JOB_COMPLETION_INDEX"  # the pod's completion index (Kubernetes' downward API)
+
+
+def format_indexes(numbers: Iterable[int]) -> str:
+    """Sorted numbers in Kubernetes' completedIndexes format: runs of three or more as `first-last`
+    ("1,3-5,7"). Used for the shard list of an Indexed Job as well (short for 1000 shards)."""
+    nums = sorted(set(numbers))
+    parts: list[str] = []
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        if j - i >= 2:
+            parts.append(f"{nums[i]}-{nums[j]}")
+        else:
+            parts.extend(str(n) for n in nums[i : j + 1])
+        i = j + 1
+    return ",".join(parts)
+
+
+def parse_indexes(text: str | None) -> list[int]:
+    """The numbers of a completedIndexes / failedIndexes string ("1,3-5,7" -> [1, 3, 4, 5, 7]); ValueError
+    for anything else."""
+    out: list[int] = []
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        lo, hi = int(first), int(last) if last else int(first)
+        if hi < lo:
+            raise ValueError(f"bad index range {part!r}")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+def shard_at_index(environ: Mapping[str, str]) -> int:
+    """The shard a pod of an Indexed Job works on: entry JOB_COMPLETION_INDEX of FUSIONRUN_SHARDS.
+    ValueError naming the variable when either is missing or they do not fit together."""
+    raw_index, raw_shards = environ.get(INDEX_ENV), environ.get(SHARDS_ENV)
+    if raw_index is None or raw_shards is None:
+        missing = [v for v, x in ((INDEX_ENV, raw_index), (SHARDS_ENV, raw_shards)) if x is None]
+        raise ValueError(f"--shard-from-index needs {' and '.join(missing)} in the environment")
+    try:
+        index, shards = int(raw_index), parse_indexes(raw_shards)
+    except ValueError:
+        raise ValueError(f"{INDEX_ENV}={raw_index!r} / {SHARDS_ENV}={raw_shards!r}: not numbers") from None
+    if not 0 <= index < len(shards):
+        raise ValueError(f"{INDEX_ENV}={index} but {SHARDS_ENV} lists {len(shards)} shard(s)")
+    return shards[index]

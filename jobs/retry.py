@@ -11,6 +11,7 @@ Exit codes of `python -m jobs ...`:
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,6 +19,11 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
 PERMANENT_EXIT_CODES = frozenset({EXIT_USAGE})
+# Where a failing stage leaves its last error line for whoever started it: the operator sets it to the
+# container's terminationMessagePath (/dev/termination-log), so the pod's terminated state carries the
+# message and the run's Failed condition quotes it. Unset (local runs): nothing is written.
+TERMINATION_LOG_ENV = "FUSIONRUN_TERMINATION_LOG"
+TERMINATION_MESSAGE_MAX = 4096  # bytes Kubernetes keeps of a container's termination message
 
 
 def backoff_seconds(retry: Retry, failures: int) -> int:
@@ -34,3 +40,17 @@ def retry_delay(retry: Retry, exit_code: int, failures: int) -> float | None:
     if exit_code in PERMANENT_EXIT_CODES or failures >= retry.max_attempts:
         return None
     return float(backoff_seconds(retry, failures))
+
+
+def write_termination_message(message: str) -> None:
+    """Leave `message` (the stage's last error line) in the file FUSIONRUN_TERMINATION_LOG names, cut to
+    what Kubernetes keeps. Best effort: a failure to write must not hide the stage's own error."""
+    path = os.environ.get(TERMINATION_LOG_ENV)
+    if not path:
+        return
+    data = message.encode(errors="replace")[:TERMINATION_MESSAGE_MAX]
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError:
+        pass

@@ -213,6 +213,17 @@ class Fusion(Spec):
     )
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     include_target: bool = Field(True, description="The target's own distribution is a fusion candidate.")
+    ce_on: Literal["own", "target"] = Field(
+        "own",
+        description="What MinCE / AvgCE compare: own: each model's CE on its own tokenization (the paper); "
+        "target: each candidate's CE on the target's tokens as it would be fused (aligned, truncated to its "
+        "entries, projected): a source strong on its own tokens can be weak once aligned.",
+    )
+    fallback: Literal["onehot", "target"] = Field(
+        "onehot",
+        description="Where a source has no distribution (positions alignment could not pair): onehot: the "
+        "gold token (the CLM label again, as the paper); target: the target's own distribution.",
+    )
     top_k: int | None = Field(
         None,
         ge=1,
@@ -422,6 +433,13 @@ class StageResources(Spec):
     gpu_resource: str = "nvidia.com/gpu"
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+    parallelism: int | None = Field(
+        None,
+        ge=1,
+        le=100000,
+        description="Per-shard stages (extract, align, fuse): at most this many pods of one model's (or "
+        "variant's) shards run at once. Unset: the operator's stage default, else 32. Others ignore it.",
+    )
 
 
 # One field per stage of the registry (jobs.registry): a stage added there gets its resources here.
@@ -463,7 +481,16 @@ class FusionRunSpec(Spec):
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run after this long.")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete finished Jobs after this.")
     queue_name: str | None = Field(None, description="Kueue queue: sets kueue.x-k8s.io/queue-name on Jobs.")
-    priority_class_name: str | None = None
+    priority_class_name: str | None = Field(
+        None,
+        description="PriorityClass of the stage pods (scheduling and preemption); Kueue also takes it as the "
+        "Jobs' workload priority unless workloadPriorityClassName is set.",
+    )
+    workload_priority_class_name: str | None = Field(
+        None,
+        description="Kueue WorkloadPriorityClass: sets kueue.x-k8s.io/priority-class on Jobs (queueing order "
+        "and Kueue preemption only; the pods' own priority stays priorityClassName's).",
+    )
     delete_artifacts: bool = Field(
         False, description="Delete the run's artifacts when the FusionRun is deleted."
     )

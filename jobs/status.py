@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.alias_generators import to_camel
 
-from jobs.registry import CONDITIONS, STAGE_NAMES
+from jobs.registry import CONDITIONS, STAGE_NAMES, STAGES, Stage
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 TaskPhase = Literal["Pending", "Running", "Retrying", "Succeeded", "Failed"]
@@ -75,6 +75,7 @@ class StageStatus(StatusModel):
     completion_time: str | None = None
     job_names: list[str] = Field(default_factory=list, description="Jobs of the current attempts.")
     output_uri: str | None = Field(None, description="Where this stage's artifacts are.")
+    shards: str | None = Field(None, description="Per-shard stages: shards done / total, e.g. 480/1500.")
     diagnostics: dict[str, dict[str, Any]] | None = Field(
         None,
         description="align: per source, the share of target positions that received its distribution, the "
@@ -126,6 +127,12 @@ class FusionRunStatus(StatusModel):
     training: list[TrainingProgress] = Field(default_factory=list)
     metrics: dict[str, Any] | None = Field(None, description="evaluate/metrics.json of the finished run.")
     artifacts_uri: str | None = Field(None, description="Where the run's artifacts are: <store uri>/<run>/.")
+    job_shape: str | None = Field(
+        None,
+        description="How the operator runs the tasks, chosen from the API server's capabilities: Indexed "
+        "(one Indexed Job per training attempt and per shard group), IndexedTraining (per-shard tasks one "
+        "Job each) or PerTask (one Job per task, one per node rank of training).",
+    )
 
     def task(self, task_id: str) -> TaskStatus | None:
         for t in self.tasks:
@@ -179,7 +186,8 @@ def stage_entry(tasks: list[TaskStatus], old: StageStatus, output_uri: str, now_
     else:
         state = "Pending"
     starts = [t.start_time for t in tasks if t.start_time]
-    running_jobs = sorted(name for t in tasks if t.state == "Running" for name in t.job_names)
+    # (the shards of one Indexed Job share its name)
+    running_jobs = sorted({name for t in tasks if t.state == "Running" for name in t.job_names})
     return StageStatus(
         state=state,
         tasks=n,
@@ -191,6 +199,7 @@ def stage_entry(tasks: list[TaskStatus], old: StageStatus, output_uri: str, now_
         completion_time=(old.completion_time or now_s) if state == "Succeeded" else None,
         job_names=running_jobs[:STAGE_JOB_NAMES_MAX],
         output_uri=output_uri,
+        shards=f"{succeeded}/{n}" if STAGES[Stage(tasks[0].stage)].per_shard else None,
     )
 
 

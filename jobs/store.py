@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -256,6 +257,24 @@ def _s3_error(err: Exception, endpoint: str, bucket: str, what: str) -> StoreErr
     return StoreError(f"{where}: {type(err).__name__} while {what}: {redact(str(err))}")
 
 
+def unreachable_endpoint(err: Exception) -> str | None:
+    """Why a connection to the endpoint could not even be made: its host does not resolve, or nothing
+    listens on its port; None for anything else (timeouts, HTTP errors: the server exists). A DNS answer
+    of "try again" (EAI_AGAIN) is no verdict: None."""
+    from botocore.exceptions import EndpointConnectionError
+
+    if not isinstance(err, EndpointConnectionError):
+        return None
+    cause = str(getattr(err, "kwargs", {}).get("error", "")) or str(err)
+    if "Temporary failure in name resolution" in cause or "Errno -3]" in cause:
+        return None
+    if "resolve" in cause or "Name or service not known" in cause or "nodename nor servname" in cause:
+        return "its host name does not resolve"
+    if "Connection refused" in cause or "Errno 111]" in cause:
+        return "nothing listens there (connection refused)"
+    return None
+
+
 @dataclass(frozen=True)
 class S3Endpoint:
     """Which S3 service to talk to (AWS when `endpoint` is None) and how. Credentials come from the
@@ -357,18 +376,39 @@ class S3Store(Store):
         return _s3_error(err, self.endpoint, self.bucket, what)
 
     def check(self) -> None:
-        """Fail early and clearly when the endpoint, bucket or credentials are wrong."""
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except Exception as err:
-            from botocore.exceptions import ClientError
+        """Fail early and clearly when the endpoint, bucket or credentials are wrong.
 
-            if isinstance(err, ClientError) and str(err.response.get("Error", {}).get("Code")) in (
-                "404",
-                "NoSuchBucket",
-            ):
-                err.response["Error"]["Code"] = "NoSuchBucket"
-            raise self._err(err, "checking the bucket") from None
+        An endpoint whose host does not resolve or that refuses connections is retried for
+        FUSIONRUN_S3_CHECK_SECONDS (default 30: a store Service being created or restarting comes back in
+        that time), then permanent: before any work, it means the spec names a wrong endpoint. Later in a
+        task the same error is transient (exit 1, retried)."""
+        grace = float(os.environ.get("FUSIONRUN_S3_CHECK_SECONDS", "30"))
+        started = time.monotonic()
+        while True:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+                return
+            except Exception as err:
+                why = unreachable_endpoint(err)
+                if why is None:
+                    raise self._check_error(err) from None
+                if time.monotonic() - started >= grace:
+                    raise StoreError(
+                        f"S3 endpoint {self.endpoint}: {why} (checked before any work, for {grace:.0f} s); "
+                        "fix store.endpoint (scheme, host, port) or start the store",
+                        permanent=True,
+                    ) from None
+                time.sleep(min(2.0, max(0.0, grace - (time.monotonic() - started))))
+
+    def _check_error(self, err: Exception) -> StoreError:
+        from botocore.exceptions import ClientError
+
+        if isinstance(err, ClientError) and str(err.response.get("Error", {}).get("Code")) in (
+            "404",
+            "NoSuchBucket",
+        ):
+            err.response["Error"]["Code"] = "NoSuchBucket"
+        return self._err(err, "checking the bucket")
 
     def size(self, key: str) -> int | None:
         st = self.stat(key)

@@ -82,6 +82,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "serviceAccount": {"create": False, "name": "platform-operator"},
         "jobServiceAccount": {"create": False},
     },
+    "metrics": {
+        "metrics": {
+            "port": 9095,
+            "service": {"annotations": {"prometheus.io/scrape": "true"}},
+            "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "kube-prometheus"}},
+        },
+        "operator": {"jobShape": "per-task", "memoizeStore": False},
+    },
+    "no-metrics": {"metrics": {"enabled": False}, "networkPolicy": {"enabled": True}},
     "hardened-extras": {
         "image": {"digest": "sha256:" + "ab" * 32},
         "imagePullSecrets": ["ghcr-pull"],
@@ -212,6 +221,8 @@ def test_rendered_objects_validate(rendered, name, version):
     objs = rendered[name]
     assert objs
     for obj in objs:
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a Prometheus Operator CRD kubernetes-validate does not know: test_metrics checks it
         kubernetes_validate.validate(obj, version, strict=True)
 
 
@@ -254,7 +265,10 @@ def test_default_deployment(rendered):
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    assert c["ports"] == [{"name": "liveness", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["ports"] == [
+        {"name": "liveness", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 8081, "protocol": "TCP"},
+    ]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     assert c["envFrom"] == [{"configMapRef": {"name": FULLNAME}}]
     assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
@@ -410,11 +424,49 @@ def test_hardened_extras(rendered):
     )
     netpol = one(objs, "NetworkPolicy")
     assert netpol["spec"]["policyTypes"] == ["Ingress", "Egress"]
-    assert netpol["spec"]["ingress"] == [{"ports": [{"port": "liveness", "protocol": "TCP"}]}]
+    assert netpol["spec"]["ingress"] == [
+        {"ports": [{"port": "liveness", "protocol": "TCP"}, {"port": "metrics", "protocol": "TCP"}]}
+    ]
     egress_ports = sorted(
         (p["port"], p["protocol"]) for rule in netpol["spec"]["egress"] for p in rule["ports"]
     )
     assert egress_ports == [(53, "TCP"), (53, "UDP"), (443, "TCP"), (6443, "TCP")]
+
+
+def test_metrics_service_and_service_monitor(rendered):
+    """/metrics: the container port, a Service selecting the operator pod, and (opt-in) a ServiceMonitor
+    scraping that Service; metrics.enabled false renders none of them and turns the endpoint off."""
+    default = rendered["default"]
+    svc = one(default, "Service", f"{FULLNAME}-metrics", NAMESPACE)
+    dep = one(default, "Deployment")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"] == [
+        {"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    assert not find(default, "ServiceMonitor")
+    objs = rendered["metrics"]
+    svc = one(objs, "Service", f"{FULLNAME}-metrics")
+    assert svc["metadata"]["annotations"] == {"prometheus.io/scrape": "true"}
+    assert svc["spec"]["ports"][0]["port"] == 9095
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    assert {"name": "metrics", "containerPort": 9095, "protocol": "TCP"} in pod["containers"][0]["ports"]
+    sm = one(objs, "ServiceMonitor", FULLNAME, NAMESPACE)
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    cfg = operator_config(objs)
+    assert (cfg.metrics_port, cfg.job_shape, cfg.store_memo) == (9095, "per-task", False)
+    off = rendered["no-metrics"]
+    assert not find(off, "Service") and not find(off, "ServiceMonitor")
+    assert operator_config(off).metrics_port is None
+    assert [
+        p["name"] for p in one(off, "Deployment")["spec"]["template"]["spec"]["containers"][0]["ports"]
+    ] == ["liveness"]
+    assert one(off, "NetworkPolicy")["spec"]["ingress"] == [
+        {"ports": [{"port": "liveness", "protocol": "TCP"}]}
+    ]
 
 
 def test_crds_installed_by_the_chart_are_the_generated_ones(rendered):
@@ -449,6 +501,7 @@ def test_default_settings_reach_the_operator(rendered):
     assert cfg.liveness == "http://0.0.0.0:8080/healthz"
     assert (cfg.resync_seconds, cfg.server_timeout, cfg.client_timeout) == (30.0, 300, 330)
     assert cfg.read_store and cfg.default_store_uri is None
+    assert (cfg.store_memo, cfg.job_shape, cfg.metrics_port) == (True, "auto", 8081)
     assert set(cfg.stage_defaults) == {"prepare", "extract", "align", "fuse", "train", "evaluate"}
     assert all(d == StageResources() for d in cfg.stage_defaults.values())  # empty: runs keep their own
     assert operator_config(rendered["namespaced"]).namespaces == ("team-a", "team-b")
@@ -548,8 +601,10 @@ def test_default_store_and_secret_reach_the_jobs(rendered):
 # --------------------------------------------------------------------------------------------------
 # RBAC derived from the operator's code
 
-# Kubernetes client methods the operator calls -> the permission each needs.
+# Kubernetes client methods the operator calls -> the permission each needs (None: a non-resource URL that
+# every authenticated client may GET through the built-in system:public-info-viewer role, like /version).
 CLIENT_METHOD_RBAC = {
+    "get_code": None,
     "read_namespaced_secret": ("", "secrets", "get"),
     "get_namespaced_custom_object": ("fusionrun.dev", "fusionruns", "get"),
     "patch_namespaced_custom_object_status": ("fusionrun.dev", "fusionruns/status", "patch"),
@@ -579,7 +634,8 @@ def operator_api_use() -> set[tuple[str, str, str]]:
                 assert node.attr in CLIENT_METHOD_RBAC, (
                     f"{path.name} calls {node.attr}: add its permission to CLIENT_METHOD_RBAC and the chart"
                 )
-                needed.add(CLIENT_METHOD_RBAC[node.attr])
+                if CLIENT_METHOD_RBAC[node.attr] is not None:
+                    needed.add(CLIENT_METHOD_RBAC[node.attr])
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "kopf.event":
                 needed.add(("", "events", "create"))
             if isinstance(node, ast.Call) and re.fullmatch(

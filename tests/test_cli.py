@@ -136,9 +136,12 @@ def test_unreachable_s3_store_is_a_clear_failure(monkeypatch, capsys) -> None:
     monkeypatch.setenv("FUSIONRUN_S3_CONNECT_TIMEOUT", "1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    assert stage_main(["prepare"]) == 1
+    monkeypatch.setenv("FUSIONRUN_S3_CHECK_SECONDS", "0")
+    # issue 14: refused at the store check, before any work, is bad input (exit 2, not retried)
+    assert stage_main(["prepare"]) == 2
     err = capsys.readouterr().err
-    assert "cannot reach S3 endpoint http://127.0.0.1:9, bucket 'bucket'" in err and "store.endpoint" in err
+    assert "S3 endpoint http://127.0.0.1:9: nothing listens there (connection refused)" in err
+    assert "store.endpoint" in err
 
 
 def test_run_prints_tasks_and_report(tmp_path: Path, capsys) -> None:

@@ -428,3 +428,50 @@ def test_real_pipeline_extract_align_fuse(
         blocked = fuse_shard(tgt, [aligned], *args)
         for name in whole:
             np.testing.assert_array_equal(blocked[name], whole[name])
+
+
+def test_deciding_on_the_targets_tokens_as_fused(case) -> None:
+    """ceOn target: each candidate's CE on the target's gold tokens as it would be fused. Row 0's gold (the
+    target's next token 11, 2 bytes) gets q 0.75 from the target and nothing from the source (charged the
+    1e-4 floor): per byte 0.2075 against 6.644 bits on the one row both have, so MinCE keeps the target,
+    where the source's own-tokenization CE (0.541 vs 0.721 bits/byte) picked the source."""
+    target, source = case
+    own = fuse_shard(target, [source], "minCE", "sequence", "byte")
+    fused_view = fuse_shard(target, [source], "minCE", "sequence", "byte", ce_on="target")
+    assert own["choice"].tolist() == [1] and fused_view["choice"].tolist() == [0]
+    assert fused_view["target_ids"].tolist() == [[11, 20], [12, 21], [-1, -1]]
+    per_row = fuse_shard(target, [source], "minCE", "token", "byte", ce_on="target")
+    assert per_row["choice"].tolist() == [0, 0, 0]  # row 1: the source has no distribution of its own
+
+
+def test_the_target_stands_in_where_a_source_has_no_distribution(case) -> None:
+    """fallback target: the source picked for the document contributes its own row 0 and the target's row 1
+    (unaligned there: one-hot on 12 before); the last row stays empty."""
+    target, source = case
+    onehot = fuse_shard(target, [source], "minCE", "sequence", "byte")
+    standin = fuse_shard(target, [source], "minCE", "sequence", "byte", fallback="target")
+    assert onehot["target_ids"].tolist() == [[20, 30], [12, -1], [-1, -1]]
+    assert standin["choice"].tolist() == [1]
+    assert standin["target_ids"].tolist() == [[20, 30], [12, 21], [-1, -1]]
+    np.testing.assert_allclose(
+        standin["target_probs"].astype(float), [[0.5, 0.5], [2 / 3, 1 / 3], [0, 0]], atol=1e-3
+    )
+    # Both: the CE is taken on rows 0 and 1 (the source has the target's row 1), per byte over 2 + 1 bytes:
+    # target (0.41504 + 0.58496) / 3 = 1/3 against (13.2877 + 0.58496) / 3 = 4.62 for the source.
+    both = fuse_shard(target, [source], "minCE", "sequence", "byte", ce_on="target", fallback="target")
+    assert both["choice"].tolist() == [0]
+    with pytest.raises(FusionError, match="ceOn 'own' / fallback 'zero'"):
+        fuse_shard(target, [source], fallback="zero")
+
+
+def test_fused_view_ce_values(case) -> None:
+    from fusion.fuse import _candidates, fused_view_ce
+
+    target, source = case
+    cands = _candidates(target, [source], True, None, "onehot")
+    ce, per_document = fused_view_ce(cands, target, 1.0, "byte", "sequence")
+    assert per_document is None
+    np.testing.assert_allclose(ce[:, 0], [-math.log2(0.75) / 2, -math.log2(1e-4) / 2], rtol=1e-3)
+    per_row, has = fused_view_ce(cands, target, 1.0, "token", "token")  # nats per token
+    np.testing.assert_allclose(per_row[:, 0], [-math.log(0.75), -math.log(1e-4)], rtol=1e-3)
+    assert has.tolist() == [[True, True, False], [True, False, False]]

@@ -15,6 +15,8 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "operator" / "fusionrun_operator"
 MODULES = sorted(p for p in PKG.rglob("*.py"))
 PURE = {
+    "capabilities",
+    "indexed_jobs",
     "config",
     "times",
     "effects",
@@ -24,7 +26,7 @@ PURE = {
     "reconcile",
     *(f"policies.{p.stem}" for p in (PKG / "policies").glob("*.py") if p.stem != "__init__"),
 }
-IO = {"kube", "store_view", "scheduling", "runtime", "handlers", "main", "logs"}
+IO = {"kube", "store_view", "scheduling", "runtime", "handlers", "main", "metrics", "logs"}
 
 
 def name_of(path: Path) -> str:

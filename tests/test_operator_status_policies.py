@@ -49,6 +49,7 @@ def test_stage_entry_counts_and_state() -> None:
         completion_time=None,
         job_names=["j-a", "j-b"],
         output_uri="s3://bucket/runs/demo/extract/",
+        shards="1/3",
     )
     assert (
         stages.stage_entry("extract", [*tasks, t("extract-b-00001", "Failed")], old, URI, NOW_S).state
@@ -310,7 +311,8 @@ def test_render_status_composes_the_policies() -> None:
     assert (new.observed_restart, new.metrics, new.artifacts_uri) == ("fuse/1", {"old": 1}, URI)
     assert [x.id for x in new.tasks] == [x.id for x in p.tasks] and new.training[0].percent == 25.0
     assert new.stages.evaluate.state == "Skipped" and new.stages.fuse.state == "Succeeded"
-    assert [e.reason for e in evs] == ["Prepared", "Extracted", "Aligned", "Fused"]
+    assert [e.reason for e in evs] == ["JobShape", "Prepared", "Extracted", "Aligned", "Fused"]
+    assert new.job_shape == "PerTask" and evs[0].message.startswith("Jobs: PerTask (one Job per task")
     records["train"] = t("train", "Succeeded", attempts=2)
     inp = StatusInputs("demo", 3, T0, {}, {"bpb": 1.0}, "train/2")
     fin, evs = render_status(new, p, records, facts(all_done=True), Clock(T0, T0), inp)

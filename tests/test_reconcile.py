@@ -136,7 +136,7 @@ def test_fresh_run_starts_prepare_only() -> None:
     assert all(
         c.last_transition_time == "2026-11-25T01:00:00Z" and c.observed_generation == 1 for c in s.conditions
     )
-    assert ev(p) == [("Normal", "TaskStarted"), ("Normal", "RunStarted")]
+    assert ev(p) == [("Normal", "TaskStarted"), ("Normal", "JobShape"), ("Normal", "RunStarted")]
 
 
 def test_repeating_a_pass_changes_nothing() -> None:
@@ -673,8 +673,9 @@ def test_a_retry_job_created_before_a_crash_is_not_created_again() -> None:
 def test_big_runs_keep_a_compact_status() -> None:
     import json
 
-    # 100 shards, one source: 1 + 200 extract + 100 align + 100 fuse + train + evaluate = 403 tasks
-    big = {"extraction": {"shards": 100, "maxLength": 256}}
+    # 100 shards, one source: 1 + 200 extract + 100 align + 100 fuse + train + evaluate = 403 tasks;
+    # every shard at once (the default parallelism would start 32 per model)
+    big = {"extraction": {"shards": 100, "maxLength": 256}, "resources": {"extract": {"parallelism": 100}}}
     p = run(completed={"prepare"}, **big)
     assert len(p.create) == 200 and len(p.status.tasks) == 403
     running = p.status.task("extract-target-00042")

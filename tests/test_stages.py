@@ -12,6 +12,8 @@ import pytest
 
 from jobs.complete import manifest_key, read_manifest, texts_changed
 from jobs.corpus import (
+    CUT,
+    PIECE,
     CorpusError,
     assign_shards,
     corpus_stamp,
@@ -240,7 +242,11 @@ def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral
         output_file(tmp_path / "store", "r", _t("prepare"), "prepare/shard-00000.safetensors"), "raw"
     )
     texts = unpack_texts(raw["text"], raw["doc_offsets"])
-    assert raw["doc_index"].tolist() == list(range(len(texts))) and len(texts) > 5
+    # Stable ids (jobs.corpus.piece_ids): a whole document keeps its position, the pieces of the cut one
+    # (training document 1: TEXT[2]) are CUT + 1 * PIECE + k, so other documents never renumber.
+    n_pieces = len(texts) - 4
+    pieces = [CUT + 1 * PIECE + k for k in range(n_pieces)]
+    assert raw["doc_index"].tolist() == [0, *pieces, 2, 3, 4] and len(texts) > 5
     for t in texts:
         assert len(mistral_tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 <= 32
 

@@ -45,7 +45,16 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     with_target = includes_target(ctx)
     try:
         arrays = fuse_shard(
-            target, aligned, fz.strategy, fz.level, fz.ce_unit, fz.temperature, with_target, fz.top_k
+            target,
+            aligned,
+            fz.strategy,
+            fz.level,
+            fz.ce_unit,
+            fz.temperature,
+            with_target,
+            fz.top_k,
+            ce_on=fz.ce_on,
+            fallback=fz.fallback,
         )
     except ValueError as err:
         raise StageError(f"fusing shard {s}: {err}") from None

@@ -13,10 +13,10 @@ import numpy as np
 
 from jobs.corpus import (
     CorpusError,
-    assign_shards,
     heldout_split,
     pack_texts,
     read_documents,
+    shard_pieces,
     split_to_fit,
 )
 from jobs.locations import fetch
@@ -96,13 +96,13 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     )
 
     shard_bytes = []
-    for s, ids in enumerate(assign_shards(len(train_texts), spec.extraction.shards)):
+    for s, (texts, ids) in enumerate(shard_pieces(train_pieces, spec.extraction.shards)):
         if len(ids) == 0:
             raise InputError(
-                f"extraction.shards={spec.extraction.shards} exceeds the {len(train_texts)} "
+                f"extraction.shards={spec.extraction.shards} exceeds the {len(train_pieces)} "
                 "training documents: lower extraction.shards"
             )
-        shard_bytes.append(write_docs(ctx, Layout.documents(s), [train_texts[i] for i in ids], ids, "train"))
+        shard_bytes.append(write_docs(ctx, Layout.documents(s), texts, ids, "train"))
     held_bytes = write_docs(ctx, Layout.HELDOUT, held_texts, np.arange(len(held_texts)), "heldout")
     counts = {
         "documents": len(docs),

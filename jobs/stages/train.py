@@ -277,8 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.update(envs[0])
         return run_rank(spec, name, args.variant, args.force)
     except (SpecError, StageError, StoreError, ManifestError, ValueError) as err:
+        from jobs.retry import write_termination_message
+
         log_event("failed", task=f"train-{args.variant}", error=str(err))
         print(f"error: {err}", file=sys.stderr)
+        write_termination_message(f"train: {err}")
         return exit_code_for(err)
 
 

@@ -16,7 +16,10 @@ passed to what needs them; nothing reads them at import time.
 | FUSIONRUN_MASTER_PORT | 29500 | rendezvous port of multi-node training |
 | FUSIONRUN_RUN_AS_USER | 1000 | uid of stage pods (non-root) |
 | FUSIONRUN_JOB_SERVICE_ACCOUNT | (none) | ServiceAccount of stage pods without spec.serviceAccountName |
-| FUSIONRUN_STAGE_DEFAULTS | {} | JSON {stage: {cpu, gpus, ...}}: fills empty spec.resources.<stage> fields |
+| FUSIONRUN_STAGE_DEFAULTS | {} | JSON {stage: {cpu, gpus, parallelism, ...}}: fills empty spec.resources |
+| FUSIONRUN_JOB_SHAPE | auto | auto: from the API server's capabilities (capabilities.py); per-task; indexed |
+| FUSIONRUN_STORE_MEMO | true | remember task completion between passes (store_view); false: read every pass |
+| FUSIONRUN_METRICS_PORT | 8081 | Prometheus /metrics port ("" disables) |
 
 Pure: `from_env(mapping)` has no side effects; bad values fail with the variable's name and what is allowed.
 """
@@ -29,12 +32,15 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from jobs.retry import EXIT_USAGE
+from fusionrun_operator.capabilities import SHAPES, Capabilities
+from jobs.retry import EXIT_PREEMPTED, EXIT_USAGE
 from jobs.spec import Resources, StageResources, format_validation_error
 
 # Exit code with which stage jobs report bad input (invalid spec, bad arguments, unusable input files):
 # retrying cannot help, so the run fails at once. Equal to jobs.stages.common.EXIT_USAGE (a test checks).
 PERMANENT_EXIT_CODE = EXIT_USAGE
+# Exit code of a stage stopped by SIGTERM after saving a checkpoint (preemption): rerun, no failure counted.
+PREEMPTED_EXIT_CODE = EXIT_PREEMPTED
 # Waiting reasons of a container that will not start without a change to the spec or the image: the task
 # fails at once. CreateContainerConfigError (e.g. the credentials Secret does not exist yet) is not among
 # them: Kubernetes retries it, and the task's message shows it while it waits.
@@ -69,6 +75,12 @@ class OperatorConfig:
     job_service_account: str | None = None
     # Per-stage pod defaults (the Helm chart's stageDefaults); see k8s_objects.stage_resources for the merge.
     stage_defaults: Mapping[str, StageResources] = field(default_factory=dict)
+    job_shape: str = "auto"  # FUSIONRUN_JOB_SHAPE: auto | indexed | per-task
+    store_memo: bool = True
+    metrics_port: int | None = 8081
+    # What the API server supports (detected at start by runtime.Operator.detect_server, then put here with
+    # dataclasses.replace); the default, nothing detected, gives today's one-Job-per-task shape.
+    server: Capabilities = field(default_factory=Capabilities)
 
     @property
     def clusterwide(self) -> bool:
@@ -138,6 +150,10 @@ def from_env(env: Mapping[str, str]) -> OperatorConfig:
             f"({client_timeout} <= {server_timeout}), else healthy watches are cut"
         )
     liveness = env.get("FUSIONRUN_LIVENESS", d.liveness)
+    shape = (env.get("FUSIONRUN_JOB_SHAPE") or d.job_shape).strip().lower()
+    if shape not in SHAPES:
+        raise ConfigError(f"FUSIONRUN_JOB_SHAPE={shape!r}: use {', '.join(SHAPES)}")
+    port = {"FUSIONRUN_METRICS_PORT": env.get("FUSIONRUN_METRICS_PORT", str(d.metrics_port)).strip()}
     return OperatorConfig(
         job_image=env.get("FUSIONRUN_JOB_IMAGE") or d.job_image,
         image_pull_policy=policy,
@@ -156,4 +172,9 @@ def from_env(env: Mapping[str, str]) -> OperatorConfig:
         run_as_user=int(_number(env, "FUSIONRUN_RUN_AS_USER", d.run_as_user, 1)),
         job_service_account=env.get("FUSIONRUN_JOB_SERVICE_ACCOUNT") or None,
         stage_defaults=_stage_defaults(env),
+        job_shape=shape,
+        store_memo=_bool(env, "FUSIONRUN_STORE_MEMO", d.store_memo),
+        metrics_port=int(_number(port, "FUSIONRUN_METRICS_PORT", 0, 1))
+        if port["FUSIONRUN_METRICS_PORT"]
+        else None,
     )

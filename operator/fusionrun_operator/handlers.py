@@ -48,6 +48,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 
 @kopf.on.startup()
+def detect_server(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Before any run is reconciled: the API server's capabilities decide the Job shape."""
+    _operator(memo).detect_server(logger)
+
+
+@kopf.on.startup()
 def start_resync(memo: kopf.Memo, **_: Any) -> None:
     _operator(memo).scheduler.start_resync()  # in this handler's context: kopf.event() needs it
 
@@ -67,7 +73,10 @@ def on_run_changed(name: str, namespace: str, logger: logging.Logger, memo: kopf
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
 def track_runs(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     meta = body["metadata"]
-    _operator(memo).scheduler.track(meta["namespace"], meta["name"], deleted=event.get("type") == "DELETED")
+    deleted = event.get("type") == "DELETED"
+    _operator(memo).scheduler.track(meta["namespace"], meta["name"], deleted=deleted)
+    if deleted:
+        _operator(memo).forget_run(meta["namespace"], meta["name"])
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_RUN: kopf.PRESENT})

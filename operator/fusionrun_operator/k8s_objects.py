@@ -7,10 +7,18 @@ gets 409 AlreadyExists instead of a second Job. Labels let the operator find its
 app.kubernetes.io/managed-by, fusionrun.dev/{run,stage,task,attempt,rank}.
 
 Pods run `python -m jobs <Task.args()>` with FUSIONRUN_SPEC (the spec as JSON: it holds only the *name* of
-the credentials Secret, never its values), FUSIONRUN_NAME, and the S3 keys through secretKeyRef. Multi-node
-training is one Job per node rank (works on every Kubernetes version; 1.20 has no Indexed Jobs), pods
-with hostname `<run>-<task>-<rank>` under a headless Service `<run>-<task>`, so that rank 0 has the stable
-address `<run>-train-0.<run>-train.<namespace>.svc` (MASTER_ADDR) before any pod is ready.
+the credentials Secret, never its values), FUSIONRUN_NAME, and the S3 keys through secretKeyRef. Here is the
+shape every server runs (one Job per task); in it multi-node training is one Job per node rank, pods with
+hostname `<run>-<task>-<rank>` under a headless Service `<run>-<task>`, so that rank 0 has the stable
+address `<run>-train-0.<run>-train.<namespace>.svc` (MASTER_ADDR) before any pod is ready. The Indexed
+shapes (one Job per training attempt, one per shard group) are in indexed_jobs.py and share the pod here.
+
+Every stage container leaves its last error line in /dev/termination-log (FUSIONRUN_TERMINATION_LOG), with
+terminationMessagePolicy FallbackToLogsOnError (the log's tail when it wrote none): the operator quotes it.
+Where the server has them (config.server), Jobs get a podFailurePolicy (exit code 2 fails the Job at once,
+a disrupted pod does not count) and podReplacementPolicy Failed. Kueue: `kueue.x-k8s.io/queue-name` from
+spec.queueName, `kueue.x-k8s.io/priority-class` from spec.workloadPriorityClassName (Kueue falls back to
+the pods' priorityClassName for the workload's priority when it is unset).
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import kopf
 
-from fusionrun_operator.config import OperatorConfig
+from fusionrun_operator.capabilities import Capabilities
+from fusionrun_operator.config import PERMANENT_EXIT_CODE, OperatorConfig
+from jobs.registry import INDEX_ENV, SHARDS_ENV, format_indexes
+from jobs.retry import TERMINATION_LOG_ENV
 from jobs.spec import API_GROUP, API_VERSION, KIND, FusionRunSpec, StageResources, StoreSpec
 
 if TYPE_CHECKING:  # only its attributes are used here (id, stage, distributed, args)
@@ -36,9 +47,29 @@ LABEL_TASK = f"{API_GROUP}/task"
 LABEL_ATTEMPT = f"{API_GROUP}/attempt"
 LABEL_RANK = f"{API_GROUP}/rank"
 ANNOTATION_GENERATION = f"{API_GROUP}/generation"
+LABEL_GROUP = f"{API_GROUP}/group"
+ANNOTATION_MEMBERS = f"{API_GROUP}/members"  # an Indexed shard group's [task id, attempt] per index
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 MAX_NAME = 63
 CONTAINER = "stage"
+TERMINATION_LOG = "/dev/termination-log"  # the container's terminationMessagePath (the default)
+
+
+@dataclass(frozen=True)
+class PodRole:
+    """What sets one pod template apart: a task's own Job (nothing set), one node rank of a per-rank
+    training group (rank), every rank of an Indexed training Job (gang_job: its name), or the shards of
+    an Indexed shard group (shards, in completion-index order)."""
+
+    rank: int | None = None
+    gang_job: str | None = None
+    shards: tuple[int, ...] = ()
+
+    @property
+    def indexed(self) -> bool:
+        return self.gang_job is not None or bool(self.shards)
 
 
 @dataclass(frozen=True)
@@ -64,14 +95,19 @@ class RunRef:
         }
 
 
-def k8s_name(*parts: str | int) -> str:
-    """Parts joined by '-', a DNS-1123 label of <= 63 chars; longer names keep a readable prefix and end
-    with 10 hex digits of the full name's sha256 (distinct long names stay distinct)."""
+def k8s_name(*parts: str | int, limit: int = MAX_NAME) -> str:
+    """Parts joined by '-', a DNS-1123 label of <= `limit` (63) chars; longer names keep a readable prefix
+    and end with 10 hex digits of the full name's sha256 (distinct long names stay distinct)."""
     full = "-".join(str(p) for p in parts)
-    if len(full) <= MAX_NAME:
+    if len(full) <= limit:
         return full
     digest = hashlib.sha256(full.encode()).hexdigest()[:10]
-    return f"{full[: MAX_NAME - 11].rstrip('-')}-{digest}"
+    return f"{full[: limit - 11].rstrip('-')}-{digest}"
+
+
+def indexed_name_limit(completions: int) -> int:
+    """Longest name of an Indexed Job: its pods' hostnames `<job>-<index>` must stay DNS labels."""
+    return MAX_NAME - 1 - len(str(max(completions - 1, 0)))
 
 
 def job_name(run: str, task_id: str, attempt: int, rank: int | None = None) -> str:
@@ -157,17 +193,34 @@ def _tolerations(res: StageResources) -> list[dict[str, str]]:
     return [t.model_dump(exclude_none=True) for t in res.tolerations]
 
 
-def _env(run: RunRef, spec: FusionRunSpec, task: Task, attempt: int) -> list[dict[str, Any]]:
+def _index_env(role: PodRole) -> list[dict[str, Any]]:
+    """The completion index (first: later values refer to it as $(JOB_COMPLETION_INDEX)) and a shard
+    group's shard list. Set explicitly: the job controller adds JOB_COMPLETION_INDEX only from 1.22."""
+    if not role.indexed:
+        return []
+    field_path = f"metadata.annotations['{INDEX_ANNOTATION}']"
+    env: list[dict[str, Any]] = [{"name": INDEX_ENV, "valueFrom": {"fieldRef": {"fieldPath": field_path}}}]
+    if role.shards:
+        env.append({"name": SHARDS_ENV, "value": format_indexes(role.shards)})
+    return env
+
+
+def _env(run: RunRef, spec: FusionRunSpec, task: Task, attempt: int, role: PodRole) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
+        *_index_env(role),
         {"name": "FUSIONRUN_NAME", "value": run.name},
         # The whole spec, secret-free by construction: credentialsSecret holds names, not keys.
         {"name": "FUSIONRUN_SPEC", "value": spec.model_dump_json(by_alias=True, exclude_none=True)},
-        {"name": "FUSIONRUN_TASK", "value": task.id},
-        {"name": "FUSIONRUN_ATTEMPT", "value": str(attempt)},
+        {"name": "FUSIONRUN_TASK", "value": task.group if role.shards else task.id},
+    ]
+    if not role.shards:  # a shard group's members each have their own attempt (the Job's annotation)
+        env.append({"name": "FUSIONRUN_ATTEMPT", "value": str(attempt)})
+    env += [
         {"name": "FUSIONRUN_CACHE", "value": "/scratch/cache"},
         {"name": "TMPDIR", "value": "/scratch"},  # the emptyDir itself (a subfolder would not exist)
         {"name": "HOME", "value": "/scratch"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG},
     ]
     secret = spec.store.credentials_secret
     if secret is not None:
@@ -179,28 +232,37 @@ def _env(run: RunRef, spec: FusionRunSpec, task: Task, attempt: int) -> list[dic
     return env
 
 
+def _master_addr(run: RunRef, spec: FusionRunSpec, task: Task, role: PodRole) -> str:
+    """Rank 0's stable DNS name behind the headless Service; 127.0.0.1 for one node (no Service)."""
+    if spec.training.nodes == 1:
+        return "127.0.0.1"
+    svc = f"{service_name(run.name, task.id)}.{run.namespace}.svc"
+    host = f"{role.gang_job}-0" if role.gang_job else pod_hostname(run.name, task.id, 0)
+    return f"{host}.{svc}"
+
+
+def _node_rank(role: PodRole) -> str:
+    return f"$({INDEX_ENV})" if role.gang_job else str(role.rank or 0)
+
+
 def _rendezvous_env(
-    run: RunRef, spec: FusionRunSpec, task: Task, rank: int, config: OperatorConfig
+    run: RunRef, spec: FusionRunSpec, task: Task, role: PodRole, config: OperatorConfig
 ) -> list[dict[str, str]]:
     nodes, procs = spec.training.nodes, spec.training.procs_per_node
-    if nodes > 1:
-        master = f"{pod_hostname(run.name, task.id, 0)}.{service_name(run.name, task.id)}.{run.namespace}.svc"
-    else:
-        master = "127.0.0.1"  # one node: no Service, no DNS
     env = {
-        "MASTER_ADDR": master,
+        "MASTER_ADDR": _master_addr(run, spec, task, role),
         "MASTER_PORT": str(config.master_port),
         "WORLD_SIZE": str(nodes * procs),
-        "NODE_RANK": str(rank),
+        "NODE_RANK": _node_rank(role),
         "NNODES": str(nodes),
         "NPROC_PER_NODE": str(procs),
     }
     if procs == 1:  # one process per pod runs the trainer directly: it needs its own RANK and LOCAL_RANK
-        env |= {"RANK": str(rank), "LOCAL_RANK": "0"}
+        env |= {"RANK": _node_rank(role), "LOCAL_RANK": "0"}
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
-def _command(spec: FusionRunSpec, task: Task, rank: int | None, config: OperatorConfig) -> list[str]:
+def _command(spec: FusionRunSpec, task: Task, role: PodRole, config: OperatorConfig) -> list[str]:
     if task.distributed and spec.training.procs_per_node > 1:
         # Several processes per pod (one per GPU): torchrun starts them with RANK/LOCAL_RANK set.
         t = spec.training
@@ -208,26 +270,27 @@ def _command(spec: FusionRunSpec, task: Task, rank: int | None, config: Operator
             "torchrun",
             f"--nnodes={t.nodes}",
             f"--nproc-per-node={t.procs_per_node}",
-            f"--node-rank={rank or 0}",
+            f"--node-rank={_node_rank(role)}",
             "--master-addr=$(MASTER_ADDR)",
             f"--master-port={config.master_port}",
             "-m",
             "jobs",
             *task.args(),
         ]
-    return ["python", "-m", "jobs", *task.args()]
+    return ["python", "-m", "jobs", *task.args(from_index=bool(role.shards))]
 
 
-def _pod_spec(
-    run: RunRef, spec: FusionRunSpec, task: Task, attempt: int, config: OperatorConfig, rank: int | None
+def pod_spec(
+    run: RunRef, spec: FusionRunSpec, task: Task, attempt: int, config: OperatorConfig, role: PodRole
 ) -> dict[str, Any]:
-    """The pod of one task attempt (one node rank of it): its stage container, scratch and /dev/shm
-    volumes, the hardened security context, scheduling fields, and stable DNS names for multi-node ranks."""
+    """The pod of one task attempt (one node rank of it, or every index of an Indexed Job): its stage
+    container, scratch and /dev/shm volumes, the hardened security context, scheduling fields, and stable
+    DNS names for multi-node ranks."""
     res = stage_resources(spec, task.stage.value, config)
     multi_node = task.distributed and spec.training.nodes > 1
-    env = _env(run, spec, task, attempt)
+    env = _env(run, spec, task, attempt, role)
     if task.distributed:
-        env += _rendezvous_env(run, spec, task, rank or 0, config)
+        env += _rendezvous_env(run, spec, task, role, config)
     volumes = [{"name": "scratch", "emptyDir": {}}]
     mounts = [{"name": "scratch", "mountPath": "/scratch"}]
     if task.stage.value in ("extract", "train", "evaluate"):  # torch workers and NCCL need a real /dev/shm
@@ -237,11 +300,14 @@ def _pod_spec(
         "name": CONTAINER,
         "image": spec.image or config.job_image,
         "imagePullPolicy": spec.image_pull_policy or config.image_pull_policy,
-        "command": _command(spec, task, rank, config),
+        "command": _command(spec, task, role, config),
         "env": env,
         "resources": _resources(res),
         "volumeMounts": mounts,
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        # The stage's last error line (FUSIONRUN_TERMINATION_LOG), else the log's tail on an error.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if multi_node:
         container["ports"] = [{"name": "rendezvous", "containerPort": config.master_port}]
@@ -267,9 +333,73 @@ def _pod_spec(
     if spec.priority_class_name:
         pod["priorityClassName"] = spec.priority_class_name
     if multi_node:
-        pod["hostname"] = pod_hostname(run.name, task.id, rank or 0)
+        if not role.gang_job:  # an Indexed Job's pods get the hostname <job>-<index> from Kubernetes
+            pod["hostname"] = pod_hostname(run.name, task.id, role.rank or 0)
         pod["subdomain"] = service_name(run.name, task.id)
     return pod
+
+
+def job_labels(run: RunRef, spec: FusionRunSpec, labels: dict[str, str]) -> dict[str, str]:
+    """A Job's own labels: the pods' labels and the run's Kueue labels (queue, workload priority)."""
+    out = dict(labels)
+    if spec.queue_name:
+        out[KUEUE_QUEUE_LABEL] = spec.queue_name
+    if spec.workload_priority_class_name:
+        out[KUEUE_PRIORITY_LABEL] = spec.workload_priority_class_name
+    return out
+
+
+def failure_policy(config: OperatorConfig) -> dict[str, Any]:
+    """The Job fields that make Kubernetes classify pod failures as the operator does, where the server
+    has them: exit code 2 (bad input) fails the Job at once; a disrupted pod (preemption, eviction, node
+    drain: condition DisruptionTarget) is replaced without counting against the Job's limit; a
+    replacement starts only once the old pod is gone (no two pods of one index or rank at once)."""
+    out: dict[str, Any] = {}
+    if config.server.pod_failure_policy:
+        out["podFailurePolicy"] = {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [PERMANENT_EXIT_CODE],
+                    },
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]
+        }
+    if config.server.pod_replacement_policy:
+        out["podReplacementPolicy"] = "Failed"
+    return out
+
+
+def job_object(
+    run: RunRef, name: str, labels: dict[str, str], annotations: dict[str, str], job_spec: dict[str, Any]
+) -> dict[str, Any]:
+    """A batch/v1 Job owned by the run (ownerReferences: deleting the run deletes it)."""
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": run.namespace,
+            "labels": labels,
+            "annotations": {ANNOTATION_GENERATION: str(run.generation), **annotations},
+        },
+        "spec": job_spec,
+    }
+    kopf.adopt(job, owner=run.owner_body())
+    return job
+
+
+def job_timing(spec: FusionRunSpec, active_deadline_seconds: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if active_deadline_seconds is not None:
+        out["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
+    if spec.ttl_seconds_after_finished is not None:
+        out["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return out
 
 
 def job_manifest(
@@ -279,7 +409,7 @@ def job_manifest(
     attempt: int,
     config: OperatorConfig,
     rank: int | None = None,
-    active_deadline_seconds: int | None = None,
+    active_deadline_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job of one task attempt (one node rank of it for multi-node training).
 
@@ -287,35 +417,19 @@ def job_manifest(
     left of the run's deadline (the Job must not outlive the run)."""
     multi_node = task.distributed and spec.training.nodes > 1
     labels = labels_for(run.name, task, attempt, rank if task.distributed else None)
-    job_labels = dict(labels)
-    if spec.queue_name:
-        job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,
         "completions": 1,
         "parallelism": 1,
+        **failure_policy(config),
         "template": {
             "metadata": {"labels": labels},
-            "spec": _pod_spec(run, spec, task, attempt, config, rank),
+            "spec": pod_spec(run, spec, task, attempt, config, PodRole(rank=rank)),
         },
+        **job_timing(spec, active_deadline_seconds),
     }
-    if active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
-    if spec.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(run.name, task.id, attempt, rank if multi_node else None),
-            "namespace": run.namespace,
-            "labels": job_labels,
-            "annotations": {ANNOTATION_GENERATION: str(run.generation)},
-        },
-        "spec": job_spec,
-    }
-    kopf.adopt(job, owner=run.owner_body())  # ownerReferences: deleting the run deletes its Jobs
-    return job
+    name = job_name(run.name, task.id, attempt, rank if multi_node else None)
+    return job_object(run, name, job_labels(run, spec, labels), {}, job_spec)
 
 
 def service_manifest(run: RunRef, task: Task, config: OperatorConfig) -> dict[str, Any]:
@@ -362,9 +476,11 @@ def task_manifests(
     return [service_manifest(run, task, config), *jobs] if nodes > 1 else jobs
 
 
-def ranks_of(spec: FusionRunSpec, task: Task) -> int:
-    """How many Jobs one attempt of the task is: the node count for multi-node training, else 1."""
-    return spec.training.nodes if task.distributed and spec.training.nodes > 1 else 1
+def ranks_of(spec: FusionRunSpec, task: Task, server: Capabilities | None = None) -> int:
+    """How many Jobs one attempt of the task is: the node count for multi-node training in the per-rank
+    shape (server without Indexed Jobs), else 1."""
+    per_rank = task.distributed and spec.training.nodes > 1 and not (server and server.indexed_training)
+    return spec.training.nodes if per_rank else 1
 
 
 def task_job_names(run: str, spec: FusionRunSpec, task: Task, attempt: int) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -37,7 +38,10 @@ def _api(kind: str) -> Any:
             except config.ConfigException:
                 config.load_kube_config()
             _clients.update(
-                core=client.CoreV1Api(), batch=client.BatchV1Api(), custom=client.CustomObjectsApi()
+                core=client.CoreV1Api(),
+                batch=client.BatchV1Api(),
+                custom=client.CustomObjectsApi(),
+                version=client.VersionApi(),
             )
         return _clients[kind]
 
@@ -80,6 +84,17 @@ def list_jobs_and_pods(
     return _owned(jobs, uid), pods
 
 
+def server_version() -> dict[str, Any]:
+    """GET /version (a non-resource URL every authenticated client may read)."""
+    return _raw(_api("version").get_code)
+
+
+def dry_run_job(namespace: str, job: dict[str, Any]) -> dict[str, Any]:
+    """Create `job` with dryRun=All: nothing is stored; the answer shows the Job as the server would keep
+    it (fields it does not know, or whose feature gate is off, are gone)."""
+    return _raw(_api("batch").create_namespaced_job, namespace, job, dry_run="All")
+
+
 def read_secret(namespace: str, name: str) -> SecretRead:
     """The Secret a run names, as policies.credentials judges it: its labels and data, or the HTTP status
     that kept it from us (404 not found, 403 not allowed). The data is used, never logged."""
@@ -97,15 +112,26 @@ def read_secret(namespace: str, name: str) -> SecretRead:
 # Writing
 
 
-def apply_effects(fr: dict[str, Any], fx: Effects) -> None:
+@dataclass
+class Applied:
+    """What a pass changed in the cluster (for the metrics): Jobs created and deleted."""
+
+    created_jobs: list[dict[str, Any]] = field(default_factory=list)
+    deleted_jobs: list[str] = field(default_factory=list)
+
+
+def apply_effects(fr: dict[str, Any], fx: Effects, applied: Applied | None = None) -> Applied:
     """Delete, create (409 = an earlier pass did), post events, patch status. When a create fails, status
-    is not written: the next pass recomputes the same effects and tries again."""
+    is not written: the next pass recomputes the same effects and tries again. `applied` (returned)
+    records what was done, also when a failed create raises."""
     from kubernetes.client.exceptions import ApiException
 
+    done = applied if applied is not None else Applied()
     ns, name = fr["metadata"]["namespace"], fr["metadata"]["name"]
     for job in fx.delete_jobs:
         try:
             _api("batch").delete_namespaced_job(job, ns, propagation_policy="Background")
+            done.deleted_jobs.append(job)
         except ApiException as err:
             if err.status != 404:
                 raise
@@ -116,6 +142,7 @@ def apply_effects(fr: dict[str, Any], fx: Effects) -> None:
                 _api("core").create_namespaced_service(ns, obj)
             else:
                 _api("batch").create_namespaced_job(ns, obj)
+                done.created_jobs.append(obj)
         except ApiException as err:
             if err.status == 409:
                 continue  # created by an earlier pass: deterministic names make this success
@@ -133,6 +160,7 @@ def apply_effects(fr: dict[str, Any], fx: Effects) -> None:
         _api("custom").patch_namespaced_custom_object_status(
             API_GROUP, API_VERSION, ns, PLURAL, name, {"status": patch}
         )
+    return done
 
 
 def merge_patch(old: Any, new: Any) -> Any:

@@ -56,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     from fusionrun_operator.runtime import Operator
 
     setup_logging(args.verbose)  # one handler: kopf's (logging.basicConfig beside it wrote lines twice)
+    operator = Operator(cfg)
+    if cfg.metrics_port:
+        operator.metrics.serve(cfg.metrics_port)  # /metrics, a daemon thread
     kopf.run(
         standalone=True,
         clusterwide=cfg.clusterwide,
         namespaces=list(cfg.namespaces),
         liveness_endpoint=cfg.liveness,
-        memo=kopf.Memo(operator=Operator(cfg)),
+        memo=kopf.Memo(operator=operator),
     )
     return 0
 

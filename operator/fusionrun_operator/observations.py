@@ -7,8 +7,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from fusionrun_operator.config import NORMAL_WAITING_REASONS
-from fusionrun_operator.k8s_objects import LABEL_ATTEMPT, LABEL_RANK, LABEL_TASK, RunRef
+from fusionrun_operator.config import NORMAL_WAITING_REASONS, PERMANENT_EXIT_CODE
+from fusionrun_operator.indexed_jobs import decode_members
+from fusionrun_operator.k8s_objects import (
+    ANNOTATION_GENERATION,
+    ANNOTATION_MEMBERS,
+    INDEX_ANNOTATION,
+    LABEL_ATTEMPT,
+    LABEL_GROUP,
+    LABEL_RANK,
+    LABEL_STAGE,
+    LABEL_TASK,
+    RunRef,
+)
+from jobs.registry import parse_indexes
 from jobs.status import FusionRunStatus
 
 JobState = Literal["Active", "Succeeded", "Failed"]
@@ -48,6 +60,10 @@ class JobObservation:
     exit_code: int | None = None  # the stage container's, from its pod
     waiting_reason: str | None = None  # e.g. ErrImagePull, from its pod
     waiting_message: str | None = None
+    stage: str | None = None
+    termination_message: str | None = None  # the failed container's (the stage's last error line)
+    disrupted: bool = False  # a pod was preempted / evicted (condition DisruptionTarget)
+    index: int | None = None  # the task's completion index in an Indexed shard group Job
 
     @property
     def running(self) -> bool:
@@ -86,59 +102,141 @@ def _condition_true(obj: Mapping[str, Any], type_: str) -> Mapping[str, Any] | N
 
 
 def _job_state(job: Mapping[str, Any]) -> JobState:
-    status = job.get("status") or {}
-    if _condition_true(job, "Complete") or (status.get("succeeded") or 0) >= 1:
+    """A Job of one task (or one gang): Succeeded once every completion succeeded, Failed once more pods
+    failed than its backoffLimit allows (pods a podFailurePolicy ignores are not counted)."""
+    status, spec = job.get("status") or {}, job.get("spec") or {}
+    if _condition_true(job, "Complete") or (status.get("succeeded") or 0) >= (spec.get("completions") or 1):
         return "Succeeded"
-    if _condition_true(job, "Failed") or (status.get("failed") or 0) >= 1:
+    if _condition_true(job, "Failed") or (status.get("failed") or 0) > (spec.get("backoffLimit") or 0):
         return "Failed"
     return "Active"
 
 
 def _container_problems(pods: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """exit_code (non-zero), waiting_reason and waiting_message of a Job's pods' containers."""
+    """exit_code (non-zero; the permanent one when a pod has it), its termination message, waiting_reason
+    and waiting_message of a Job's (or one index's) pods' containers, and whether one was disrupted."""
     out: dict[str, Any] = {"exit_code": None, "waiting_reason": None, "waiting_message": None}
+    out |= {"termination_message": None, "disrupted": False}
     for p in pods:
+        out["disrupted"] = out["disrupted"] or _condition_true(p, "DisruptionTarget") is not None
         for cs in (p.get("status") or {}).get("containerStatuses") or []:
             st = cs.get("state") or {}
-            if "terminated" in st and st["terminated"].get("exitCode") not in (None, 0):
-                out["exit_code"] = st["terminated"]["exitCode"]
+            term = st.get("terminated") or {}
+            if term.get("exitCode") not in (None, 0) and out["exit_code"] != PERMANENT_EXIT_CODE:
+                out["exit_code"] = term["exitCode"]
+                out["termination_message"] = _last_line(term.get("message"))
             elif "waiting" in st and st["waiting"].get("reason") not in (None, *NORMAL_WAITING_REASONS):
                 out["waiting_reason"] = st["waiting"]["reason"]
                 out["waiting_message"] = st["waiting"].get("message")
     return out
 
 
-def observe_jobs(
-    jobs: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]] = ()
-) -> list[JobObservation]:
-    """Our Jobs (labelled by k8s_objects.labels_for) and their pods -> observations, sorted by name.
-    Objects without our labels are ignored."""
-    pods_by_job: dict[str, list[Mapping[str, Any]]] = {}
+def _last_line(message: str | None) -> str | None:
+    """The last non-empty line of a termination message (FallbackToLogsOnError gives a log's tail)."""
+    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
+    return lines[-1][:1000] if lines else None
+
+
+def _pods_by_job(pods: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    out: dict[str, list[Mapping[str, Any]]] = {}
     for p in pods:
         labels = (p.get("metadata") or {}).get("labels") or {}
         owner = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
         if owner:
-            pods_by_job.setdefault(owner, []).append(p)
+            out.setdefault(owner, []).append(p)
+    return out
+
+
+def _common(job: Mapping[str, Any]) -> dict[str, Any]:
+    """What every observation of one Job shares."""
+    meta = job.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    gen = (meta.get("annotations") or {}).get(ANNOTATION_GENERATION)
+    return {
+        "name": meta.get("name", ""),
+        "stage": labels.get(LABEL_STAGE),
+        "generation": int(gen) if gen and gen.isdigit() else None,
+        "deleting": bool(meta.get("deletionTimestamp")),
+    }
+
+
+def _task_observation(job: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> JobObservation:
+    """A Job of one task: per task, per node rank, or the Indexed Job of a training attempt."""
+    labels = job["metadata"]["labels"]
+    failed_cond = _condition_true(job, "Failed") or {}
+    return JobObservation(
+        task_id=labels[LABEL_TASK],
+        attempt=int(labels[LABEL_ATTEMPT]),
+        rank=int(labels[LABEL_RANK]) if LABEL_RANK in labels else None,
+        state=_job_state(job),
+        reason=failed_cond.get("reason"),
+        message=failed_cond.get("message"),
+        **_common(job),
+        **_container_problems(pods),
+    )
+
+
+def _index_state(job: Mapping[str, Any], index: int, done: set[int], failed: set[int]) -> JobState:
+    if index in done:
+        return "Succeeded"
+    if index in failed or _condition_true(job, "Failed"):
+        return "Failed"
+    # Complete without completedIndexes: a server that ran it as a plain Job (no Indexed Jobs there)
+    return "Succeeded" if _condition_true(job, "Complete") else "Active"
+
+
+def _group_observations(job: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> list[JobObservation]:
+    """An Indexed shard group Job -> one observation per member task (its index's state and pods)."""
+    status = job.get("status") or {}
+    try:
+        done = set(parse_indexes(status.get("completedIndexes")))
+        failed = set(parse_indexes(status.get("failedIndexes")))
+    except ValueError:
+        done, failed = set(), set()
+    by_index: dict[str, list[Mapping[str, Any]]] = {}
+    for p in pods:
+        meta = p.get("metadata") or {}
+        idx = (meta.get("annotations") or {}).get(INDEX_ANNOTATION) or (meta.get("labels") or {}).get(
+            INDEX_ANNOTATION
+        )
+        by_index.setdefault(str(idx), []).append(p)
+    failed_cond = _condition_true(job, "Failed") or {}
     out = []
+    for i, (task_id, attempt) in enumerate(
+        decode_members(job["metadata"]["annotations"].get(ANNOTATION_MEMBERS))
+    ):
+        state = _index_state(job, i, done, failed)
+        why = failed_cond if state == "Failed" else {}
+        out.append(
+            JobObservation(
+                task_id=task_id,
+                attempt=attempt,
+                rank=None,
+                state=state,
+                reason=why.get("reason"),
+                message=why.get("message"),
+                index=i,
+                **_common(job),
+                **_container_problems(by_index.get(str(i), [])),
+            )
+        )
+    return out
+
+
+def observe_jobs(
+    jobs: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]] = ()
+) -> list[JobObservation]:
+    """Our Jobs (labelled by k8s_objects.labels_for, or an Indexed shard group with its members) and their
+    pods -> observations, one per task (and node rank), sorted by name. Objects without our labels are
+    ignored."""
+    pods_by_job = _pods_by_job(pods)
+    out: list[JobObservation] = []
     for j in jobs:
         meta = j.get("metadata") or {}
         labels = meta.get("labels") or {}
-        if LABEL_TASK not in labels or LABEL_ATTEMPT not in labels:
-            continue
-        failed_cond = _condition_true(j, "Failed") or {}
-        gen = (meta.get("annotations") or {}).get("fusionrun.dev/generation")
-        out.append(
-            JobObservation(
-                name=meta.get("name", ""),
-                task_id=labels[LABEL_TASK],
-                attempt=int(labels[LABEL_ATTEMPT]),
-                rank=int(labels[LABEL_RANK]) if LABEL_RANK in labels else None,
-                state=_job_state(j),
-                generation=int(gen) if gen and gen.isdigit() else None,
-                deleting=bool(meta.get("deletionTimestamp")),
-                reason=failed_cond.get("reason"),
-                message=failed_cond.get("message"),
-                **_container_problems(pods_by_job.get(meta.get("name", ""), [])),
-            )
-        )
-    return sorted(out, key=lambda o: o.name)
+        own_pods = pods_by_job.get(meta.get("name", ""), [])
+        if LABEL_GROUP in labels and ANNOTATION_MEMBERS in (meta.get("annotations") or {}):
+            out += _group_observations(j, own_pods)
+        elif LABEL_TASK in labels and LABEL_ATTEMPT in labels:
+            out.append(_task_observation(j, own_pods))
+    return sorted(out, key=lambda o: (o.name, o.index or 0))

@@ -51,7 +51,7 @@ def reconcile(
     spec, old, now = pipe.spec, obs.status, obs.now
     restart = plan_restart(pipe, old, obs.run.generation)
     fx = Effects(status=old, invalidate=list(restart.invalidate), events=list(restart.events))
-    records = _step_tasks(obs, pipe, restart, fx)
+    records = _step_tasks(obs, pipe, restart, fx, config)
     # Jobs of tasks the spec no longer has (fewer shards, a source removed) stop.
     fx.delete_jobs += [j.name for j in obs.jobs if j.task_id not in records and j.running]
 
@@ -75,7 +75,14 @@ def reconcile(
 
     facts = RunFacts(failed, deadline_hit, spec.active_deadline_seconds, all_done, spec.suspend, blocked)
     status_inputs = StatusInputs(
-        obs.run.name, obs.run.generation, now, obs.progress, obs.metrics, restart.key, obs.alignment
+        obs.run.name,
+        obs.run.generation,
+        now,
+        obs.progress,
+        obs.metrics,
+        restart.key,
+        obs.alignment,
+        config.server,
     )
     fx.status, events = render_status(old, pipe, records, facts, clock, status_inputs)
     checks = {CREDENTIALS_READY: obs.credentials, STORE_READABLE: obs.store_access}
@@ -86,7 +93,9 @@ def reconcile(
     return fx
 
 
-def _step_tasks(obs: Observed, pipe: Pipeline, restart: Restart, fx: Effects) -> dict[str, TaskStatus]:
+def _step_tasks(
+    obs: Observed, pipe: Pipeline, restart: Restart, fx: Effects, config: OperatorConfig
+) -> dict[str, TaskStatus]:
     """Every task's new record in DAG order (fresh starts first), accumulating their effects in fx."""
     jobs_by_task = obs.jobs_by_task()
     old = {t.id: t for t in obs.status.tasks}
@@ -96,6 +105,7 @@ def _step_tasks(obs: Observed, pipe: Pipeline, restart: Restart, fx: Effects) ->
         completed=completed_now(obs.completed, restart),
         counting=not pipe.spec.suspend,
         now=obs.now,
+        server=config.server,
     )
     records: dict[str, TaskStatus] = {}
     for task in pipe.tasks:

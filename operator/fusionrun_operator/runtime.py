@@ -1,31 +1,49 @@
-"""The running operator: its settings, its scheduler, and one reconciliation pass (observe -> reconcile ->
-apply), the I/O around the pure engine. Built once at startup (main.py) and handed to the kopf handlers
-through kopf's memo; tests build their own from an OperatorConfig.
+"""The running operator: its settings, its scheduler, its metrics and store memo, and one reconciliation
+pass (observe -> reconcile -> apply), the I/O around the pure engine. Built once at startup (main.py) and
+handed to the kopf handlers through kopf's memo; tests build their own from an OperatorConfig.
 
-A pass reads the run, its Jobs and pods (kube), parses the spec and builds the DAG once (pipeline), reads
-the store once (store_view), reconciles, then drops invalidated manifests (store_view) and applies the
-rest (kube).
+At start (`detect_server`, from kopf's startup handler) it reads the API server's version and what a
+dry-run Job keeps (capabilities.py) and puts the chosen Job shape into its config. A pass reads the run,
+its Jobs and pods (kube), parses the spec and builds the DAG once (pipeline), reads the store once
+(store_view, through the run's memo), reconciles, then drops invalidated manifests (store_view) and
+applies the rest (kube), and updates the metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import replace
 from datetime import datetime, timezone
+from typing import Any
+
+import kopf
 
 from fusionrun_operator import kube
+from fusionrun_operator.capabilities import Capabilities, from_server, from_setting, parse_version, probe_job
 from fusionrun_operator.config import OperatorConfig
 from fusionrun_operator.effects import Effects, Event
-from fusionrun_operator.k8s_objects import RunRef, artifacts_uri
+from fusionrun_operator.k8s_objects import LABEL_STAGE, RunRef, artifacts_uri
 from fusionrun_operator.logs import RateLimited
-from fusionrun_operator.observations import Access, Observed, observe_jobs
-from fusionrun_operator.pipeline import LAST_APPLIED, InvalidSpec, Pipeline, parse_pipeline
+from fusionrun_operator.metrics import Metrics
+from fusionrun_operator.observations import Access, JobObservation, Observed, observe_jobs
+from fusionrun_operator.pipeline import LAST_APPLIED, Pipeline, parse_pipeline
 from fusionrun_operator.policies.credentials import CredentialsCheck, check_secret, plan_store_read
 from fusionrun_operator.reconcile import reconcile
 from fusionrun_operator.scheduling import Scheduler
-from fusionrun_operator.store_view import StoreView, invalidate, open_run_store, read_store_view, unread
+from fusionrun_operator.store_view import (
+    RunMemo,
+    StoreView,
+    invalidate,
+    job_signatures,
+    open_run_store,
+    read_store_view,
+    spec_digest,
+    unread,
+)
 from jobs.credentials import redact
 from jobs.spec import FusionRunSpec
-from jobs.status import parse_status
+from jobs.status import FusionRunStatus, parse_status
 
 log = logging.getLogger("fusionrun_operator")
 
@@ -37,33 +55,71 @@ class Operator:
         # and problem, not once per pass.
         self.warnings = RateLimited(log)
         self.scheduler = Scheduler(self.reconcile_once, config.resync_seconds, log, self.warnings)
+        self.metrics = Metrics()
+        self.metrics.set_shape(config.server)
+        self._memos: dict[str, RunMemo] = {}  # by run uid (a re-created run starts afresh)
+        self._uids: dict[tuple[str, str], str] = {}
+
+    # ---------------------------------------------------------------------------------------------
+    # start
+
+    def detect_server(self, logger: logging.Logger) -> Capabilities:
+        """Read the API server's capabilities once and choose the Job shape (config.server)."""
+        version, kept = None, None
+        try:
+            version = parse_version(kube.server_version())
+        except Exception as err:
+            logger.warning(f"cannot read the API server's version ({type(err).__name__}: {err})")
+        namespace = self.config.namespaces[0] if self.config.namespaces else "default"
+        try:
+            kept = kube.dry_run_job(namespace, probe_job(namespace)).get("spec") or {}
+        except Exception as err:  # RBAC, a missing namespace, a webhook: decide by the version alone
+            logger.warning(f"dry-run probe Job in {namespace} failed ({type(err).__name__}): version only")
+        server = from_setting(self.config.job_shape, from_server(version, kept))
+        self.config = replace(self.config, server=server)
+        self.metrics.set_shape(server)
+        logger.info(server.describe())
+        return server
+
+    # ---------------------------------------------------------------------------------------------
+    # one pass
 
     def reconcile_once(self, namespace: str, name: str, logger: logging.Logger) -> float | None:
         """One pass over one run; returns seconds until a retry is due, if any."""
+        started = time.perf_counter()
+        try:
+            return self._pass(namespace, name, logger)
+        except Exception:
+            self.metrics.errors.labels("reconcile").inc()
+            raise
+        finally:
+            self.metrics.pass_seconds.observe(time.perf_counter() - started)
+
+    def _pass(self, namespace: str, name: str, logger: logging.Logger) -> float | None:
         fr = kube.read_run(namespace, name)
         if fr is None or fr["metadata"].get("deletionTimestamp"):
-            self.warnings.forget((namespace, name))
+            self.forget_run(namespace, name)
             return None  # ownerReferences delete the Jobs; the delete handler cleans artifacts
         meta = fr["metadata"]
-        jobs, pods = kube.list_jobs_and_pods(namespace, name, meta["uid"])
+        if self._uids.setdefault((namespace, name), meta["uid"]) != meta["uid"]:
+            self.forget_run(namespace, name)  # deleted and created again under the same name
+            self._uids[(namespace, name)] = meta["uid"]
+        jobs_raw, pods = kube.list_jobs_and_pods(namespace, name, meta["uid"])
+        jobs = observe_jobs(jobs_raw, pods)
         raw_spec = fr.get("spec") or {}
-        applied = (meta.get("annotations") or {}).get(LAST_APPLIED)
-        pipeline = parse_pipeline(raw_spec, self.config, applied)
+        pipeline = parse_pipeline(raw_spec, self.config, (meta.get("annotations") or {}).get(LAST_APPLIED))
         check, view, store_access = None, unread(), None
         if isinstance(pipeline, Pipeline):
             check = self.check_credentials(pipeline.spec, namespace)
-            view, store_access = self._read_store(pipeline, name, check)
+            view, store_access = self._read_store(pipeline, fr, jobs, check)
+        old = parse_status(fr.get("status"))
         obs = Observed(
             run=RunRef(
-                name=name,
-                namespace=namespace,
-                uid=meta["uid"],
-                generation=int(meta.get("generation", 1)),
-                labels=dict(meta.get("labels") or {}),
+                name, namespace, meta["uid"], int(meta.get("generation", 1)), dict(meta.get("labels") or {})
             ),
             spec=raw_spec,
-            status=parse_status(fr.get("status")),
-            jobs=observe_jobs(jobs, pods),
+            status=old,
+            jobs=jobs,
             now=datetime.now(timezone.utc),
             completed=view.completed,
             progress=view.progress,
@@ -75,33 +131,79 @@ class Operator:
         fx = reconcile(obs, self.config, pipeline)
         self._log_problems(namespace, name, obs)
         if fx.invalidate:
-            self._invalidate(fx, view, pipeline, f"{namespace}/{name}")
-        kube.apply_effects(fr, fx)
+            self._invalidate(view, pipeline, fx, meta["uid"], logger)
+        self._apply(fr, fx, jobs, old)
         return fx.requeue_after
 
-    def _invalidate(self, fx: Effects, view: StoreView, pipeline: Pipeline | InvalidSpec, run: str) -> None:
-        """restartFrom: drop the manifests reconcile named; without a readable store, say so."""
-        if view.store is not None and isinstance(pipeline, Pipeline):
-            invalidate(view.store, pipeline, fx.invalidate)
+    def _apply(
+        self, fr: dict[str, Any], fx: Effects, jobs: list[JobObservation], old: FusionRunStatus
+    ) -> None:
+        applied = kube.Applied()
+        try:
+            kube.apply_effects(fr, fx, applied)
+        except kopf.TemporaryError:  # a create was refused: the next pass tries the same again
+            self.metrics.errors.labels("create").inc()
+            raise
+        finally:
+            stage_of = {j.name: j.stage or "unknown" for j in jobs}
+            created = [o["metadata"]["labels"].get(LABEL_STAGE, "unknown") for o in applied.created_jobs]
+            self.metrics.jobs(created, [stage_of.get(n, "unknown") for n in applied.deleted_jobs])
+        self.metrics.tasks(old, fx.status)
+        self.metrics.run_phase((fr["metadata"]["namespace"], fr["metadata"]["name"]), fx.status.phase)
+
+    def forget_run(self, namespace: str, name: str) -> None:
+        """The run is gone: out of the metrics, its memo dropped."""
+        self.metrics.run_phase((namespace, name), None)
+        self.warnings.forget((namespace, name))
+        uid = self._uids.pop((namespace, name), None)
+        if uid is not None:
+            self._memos.pop(uid, None)
+
+    def _invalidate(
+        self, view: StoreView, pipeline: Pipeline | Any, fx: Effects, uid: str, logger: logging.Logger
+    ) -> None:
+        """restartFrom: drop the tasks' manifests and what the memo remembers of them; without a readable
+        store, say so (an event, and the log once)."""
+        if view.store is None or not isinstance(pipeline, Pipeline):
+            msg = f"restartFrom: the store was not read, so the manifests of {len(fx.invalidate)} tasks stay"
+            fx.events.append(Event("Warning", "RestartNotApplied", msg))
+            self.warnings.warning((uid, "RestartNotApplied"), msg)
             return
-        msg = f"restartFrom: the store was not read, so the manifests of {len(fx.invalidate)} tasks stay"
-        fx.events.append(Event("Warning", "RestartNotApplied", msg))
-        self.warnings.warning((*run.split("/"), "RestartNotApplied"), f"{run}: {msg}")
+        invalidate(view.store, pipeline, fx.invalidate)
+        if uid in self._memos:
+            self._memos[uid].forget(fx.invalidate)
 
     def check_credentials(self, spec: FusionRunSpec, namespace: str) -> CredentialsCheck:
         """The run's credentials Secret, read once and judged (policies.credentials.check_secret)."""
         ref = spec.store.credentials_secret
         return check_secret(namespace, ref, kube.read_secret(namespace, ref.name) if ref else None)
 
-    def _read_store(self, pipeline: Pipeline, name: str, check: CredentialsCheck) -> tuple[StoreView, Access]:
-        """The store view of this pass, read only as policies.credentials.plan_store_read allows, and the
-        StoreReadable check it gives."""
+    def _read_store(
+        self, pipeline: Pipeline, fr: dict[str, Any], jobs: list[JobObservation], check: CredentialsCheck
+    ) -> tuple[StoreView, Access]:
+        """The store view of this pass, read only as policies.credentials.plan_store_read allows (through
+        the run's memo), and the StoreReadable check it gives."""
+        name, uid = fr["metadata"]["name"], fr["metadata"]["uid"]
         plan = plan_store_read(pipeline.spec.store, self.config, check)
+        memo = None
+        if self.config.store_memo:
+            memo = self._memos.setdefault(uid, RunMemo()).for_spec(spec_digest(pipeline))
+            if memo.keys != plan.keys or not plan.read:
+                memo.store, memo.keys = None, plan.keys  # never a client with keys no longer allowed
         if not plan.read:
             return unread(), plan.skipped  # type: ignore[return-value]
         errors: list[Exception] = []
-        view = read_store_view(pipeline, name, lambda: plan.keys, on_error=errors.append)
+        view = read_store_view(
+            pipeline,
+            name,
+            lambda: plan.keys,
+            on_error=errors.append,
+            memo=memo,
+            signatures=job_signatures(jobs),
+            count=self.metrics.store_request,
+        )
         if errors:
+            self.metrics.errors.labels("store").inc()
             err = errors[0]
             reason = getattr(err, "reason", None) or (
                 "StoreDataInvalid" if isinstance(err, ValueError) else "StoreError"

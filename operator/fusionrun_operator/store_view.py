@@ -6,14 +6,27 @@ The S3 client comes from jobs.store's factory with the run's keys (read from its
 short retries and timeouts: the operator must not hang on a store that is down. Keys stay in memory only:
 never logged, never in status or events. An unreadable store is "unknown" (completed=None: reconcile then
 trusts Job states), never "nothing done".
+
+Bounded reads (FUSIONRUN_STORE_MEMO, on by default): a `RunMemo` per run (uid) remembers, for the spec it
+was read under (a digest of the effective spec), each task's completion verdict together with the state of
+the task's Jobs when it was read (`job_signatures`), and keeps the opened store. A verdict is read again
+only when the task's Jobs change (a Job of it appears, finishes, fails or vanishes: its outputs or its
+manifest may have changed), together with its inputs' and its dependants' verdicts, or when restartFrom
+drops it (`RunMemo.forget`). Training progress is read while a training Job runs and once after; metrics
+and alignment diagnostics once. So a pass in which no Job changed reads nothing (the per-pass ReadCache and
+the memo both count their requests through `count`: fusionrun_store_requests_total). What changes in the
+store behind the operator's back (a task run by hand) is seen when its Jobs change or the operator restarts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from fusionrun_operator.observations import JobObservation
 from fusionrun_operator.pipeline import Pipeline
 from jobs.registry import Layout
 from jobs.spec import FusionRunSpec
@@ -53,6 +66,84 @@ def open_run_store(spec: FusionRunSpec, run_name: str, credentials: CredentialsF
     return S3Store(spec.store, bucket, f"{prefix}/{run_name}" if prefix else run_name, client=client)
 
 
+# Store methods -> the request each makes (what fusionrun_store_requests_total counts).
+REQUESTS = {
+    "size": "head",
+    "stat": "head",
+    "exists": "head",
+    "get_bytes": "get",
+    "download": "get",
+    "put_bytes": "put",
+    "upload": "put",
+    "delete": "delete",
+    "delete_prefix": "delete",
+    "list_stats": "list",
+}
+
+
+class CountingStore:
+    """A store whose requests are counted (`count(operation)`); everything else passes through."""
+
+    def __init__(self, store: Any, count: Callable[[str], None]):
+        self._store, self._count = store, count
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name not in REQUESTS or not callable(attr):
+            return attr
+        op = REQUESTS[name]
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._count(op)
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+Signature = tuple[tuple[str, str, bool], ...]  # a task's Jobs: (name, state, being deleted), sorted
+
+
+def job_signatures(jobs: Iterable[JobObservation]) -> dict[str, Signature]:
+    """The state of each task's Jobs, as the memo compares it between passes."""
+    out: dict[str, list[tuple[str, str, bool]]] = {}
+    for j in jobs:
+        out.setdefault(j.task_id, []).append((j.name, j.state, j.deleting))
+    return {task: tuple(sorted(sig)) for task, sig in out.items()}
+
+
+@dataclass
+class RunMemo:
+    """What one run's store said, kept between passes (see the module docstring)."""
+
+    spec_digest: str = ""
+    store: Any = None  # the opened store (its S3 client and keys)
+    keys: Any = field(default=None, repr=False)  # the keys it was opened with (runtime reopens on a change)
+    verdicts: dict[str, tuple[Signature, bool]] = field(default_factory=dict)  # task -> (its Jobs, complete)
+    progress: dict[str, tuple[Signature, dict[str, Any] | None]] = field(default_factory=dict)  # train task
+    metrics: dict[str, Any] | None = None
+    alignment: tuple[frozenset[tuple[str, Signature]], dict[str, Any]] | None = None
+
+    def for_spec(self, digest: str) -> RunMemo:
+        """Everything is forgotten when the spec changes (verdicts, store settings, keys)."""
+        if digest != self.spec_digest:
+            self.spec_digest, self.store, self.metrics, self.alignment = digest, None, None, None
+            self.verdicts.clear()
+            self.progress.clear()
+        return self
+
+    def forget(self, task_ids: Iterable[str]) -> None:
+        """Read these tasks' verdicts again (their Jobs changed, or restartFrom dropped their manifests)."""
+        ids = set(task_ids)
+        for t in ids:
+            self.verdicts.pop(t, None)
+        if ids:
+            self.metrics, self.alignment = None, None
+
+
+def spec_digest(pipeline: Pipeline) -> str:
+    return hashlib.sha256(pipeline.spec.model_dump_json(by_alias=True).encode()).hexdigest()
+
+
 class ReadCache:
     """A store seen through a cache of reads for one pass: completed_tasks reads each dependency's
     manifest once per dependant, and S3 GETs are what a pass costs."""
@@ -84,32 +175,138 @@ def read_store_view(
     run_name: str,
     credentials: CredentialsFn | None = None,
     on_error: Callable[[Exception], None] | None = None,
+    memo: RunMemo | None = None,
+    signatures: Mapping[str, Signature] | None = None,
+    count: Callable[[str], None] | None = None,
 ) -> StoreView:
     """What the store says for this pass; unread() (after on_error) when it cannot be read: a StoreError, a
-    missing Secret, a malformed JSON file."""
-    from jobs.complete import completed_tasks
-    from jobs.observe import alignment_from_store
-
+    missing Secret, a malformed JSON file. memo: remember between passes (None: read everything, every
+    pass); signatures: each task's Jobs now (job_signatures); count: called once per store request."""
+    sigs = signatures or {}
     try:
-        store = open_run_store(pipeline.spec, run_name, credentials)
-        cached = ReadCache(store)
-        completed = frozenset(completed_tasks(cached, pipeline.spec, pipeline.tasks))
-        if not completed and isinstance(store, S3Store):
+        opened = memo is None or memo.store is None
+        store = open_run_store(pipeline.spec, run_name, credentials) if opened else memo.store
+        if memo is not None:
+            memo.store = store
+        cached = ReadCache(CountingStore(store, count or (lambda op: None)))
+        if memo is None:
+            from jobs.complete import completed_tasks
+
+            completed = frozenset(completed_tasks(cached, pipeline.spec, pipeline.tasks))
+        else:
+            completed = memo_completed(cached, pipeline, memo, sigs)
+        if opened and not completed and isinstance(store, S3Store):
+            (count or (lambda op: None))("head")
             store.check()  # nothing complete: tell "nothing done yet" from "no such bucket" (HEADs say 404)
-        progress: dict[str, dict[str, Any]] = {}
-        for t in pipeline.train_tasks:
-            key = Layout.progress(t.variant)
-            if store.exists(key):
-                progress[t.variant or "fused"] = json.loads(store.get_bytes(key))
-        metrics = None
-        if pipeline.any_done("evaluate", completed) and store.exists(Layout.METRICS):
-            metrics = json.loads(store.get_bytes(Layout.METRICS))
-        alignment = alignment_from_store(cached, list(pipeline.tasks), completed) or None
+        progress = read_progress(cached, pipeline, memo, sigs)
+        metrics = read_metrics(cached, pipeline, completed, memo)
+        alignment = read_alignment(cached, pipeline, completed, memo, sigs)
         return StoreView(store, completed, progress, metrics, alignment)
     except Exception as err:
+        if memo is not None:
+            memo.store = None  # reopened next pass (the Secret's keys may have changed)
         if on_error is not None:
             on_error(err)
         return unread()
+
+
+def _dependants(tasks: Sequence[Any]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for t in tasks:
+        for d in t.deps:
+            out.setdefault(d, []).append(t.id)
+    return out
+
+
+def _stale(pipeline: Pipeline, memo: RunMemo, sigs: Mapping[str, Signature]) -> set[str]:
+    """Verdicts to read again: of tasks whose Jobs changed since, their inputs and everything after."""
+    dependants = _dependants(pipeline.tasks)
+    stale: set[str] = set()
+    todo = []
+    for t in pipeline.tasks:
+        seen = memo.verdicts.get(t.id)
+        if seen is not None and seen[0] != sigs.get(t.id, ()):
+            stale.update(t.deps)
+            todo.append(t.id)
+    while todo:
+        task_id = todo.pop()
+        if task_id not in stale:
+            stale.add(task_id)
+            todo += dependants.get(task_id, [])
+    return stale
+
+
+def memo_completed(
+    cached: ReadCache, pipeline: Pipeline, memo: RunMemo, sigs: Mapping[str, Signature]
+) -> frozenset[str]:
+    """jobs.complete.completed_tasks with remembered verdicts: only tasks never read, or stale, are read."""
+    from jobs.complete import why_incomplete
+
+    memo.forget(_stale(pipeline, memo, sigs))
+    done: set[str] = set()
+    for t in pipeline.tasks:  # topological order
+        if not all(d in done for d in t.deps):
+            continue
+        if t.id not in memo.verdicts:
+            complete = why_incomplete(cached, pipeline.spec, t, pipeline.by_id) is None
+            memo.verdicts[t.id] = (sigs.get(t.id, ()), complete)
+        if memo.verdicts[t.id][1]:
+            done.add(t.id)
+    return frozenset(done)
+
+
+def read_progress(
+    cached: ReadCache, pipeline: Pipeline, memo: RunMemo | None, sigs: Mapping[str, Signature]
+) -> dict[str, dict[str, Any]]:
+    """progress.json per train variant: read while its Job runs and once after (every pass unmemoized)."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in pipeline.train_tasks:
+        sig = sigs.get(t.id, ())
+        seen = memo.progress.get(t.id) if memo is not None else None
+        if seen is None or seen[0] != sig or any(state == "Active" for _, state, _ in sig):
+            key = Layout.progress(t.variant)
+            value = json.loads(cached.get_bytes(key)) if cached.exists(key) else None
+            if memo is not None:
+                memo.progress[t.id] = (sig, value)
+        else:
+            value = seen[1]
+        if value is not None:
+            out[t.variant or "fused"] = value
+    return out
+
+
+def read_metrics(
+    cached: ReadCache, pipeline: Pipeline, completed: frozenset[str], memo: RunMemo | None
+) -> dict[str, Any] | None:
+    if not pipeline.any_done("evaluate", completed):
+        return None
+    if memo is not None and memo.metrics is not None:
+        return memo.metrics
+    metrics = json.loads(cached.get_bytes(Layout.METRICS)) if cached.exists(Layout.METRICS) else None
+    if memo is not None:
+        memo.metrics = metrics
+    return metrics
+
+
+def read_alignment(
+    cached: ReadCache,
+    pipeline: Pipeline,
+    completed: frozenset[str],
+    memo: RunMemo | None,
+    sigs: Mapping[str, Signature],
+) -> dict[str, Any] | None:
+    """Per source, once every align task is complete (jobs.observe.alignment_from_store)."""
+    from jobs.observe import alignment_from_store
+
+    aligns = frozenset((t.id, sigs.get(t.id, ())) for t in pipeline.tasks if t.stage.value == "align")
+    if memo is not None and memo.alignment is not None and memo.alignment[0] == aligns:
+        return memo.alignment[1] or None
+    if not aligns or any(task_id not in completed for task_id, _ in aligns):
+        return None
+    alignment = alignment_from_store(cached, list(pipeline.tasks), completed)
+    if memo is not None:
+        memo.alignment = (aligns, alignment)
+    return alignment or None
 
 
 def invalidate(store: Store, pipeline: Pipeline, task_ids: Iterable[str]) -> None:

@@ -242,6 +242,7 @@ class OperatorProcess:
             "FUSIONRUN_NAMESPACES": namespace,
             "FUSIONRUN_JOB_IMAGE": JOB_IMAGE,
             "FUSIONRUN_LIVENESS": "",  # no fixed port: several operators may run at once
+            "FUSIONRUN_METRICS_PORT": "",  # likewise (a test that scrapes /metrics picks a free port)
             "FUSIONRUN_RESYNC_SECONDS": "1",
             "PYTHONUNBUFFERED": "1",
             **env,

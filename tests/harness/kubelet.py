@@ -17,14 +17,20 @@ What maps to what:
   real objects through the API, `fieldRef` (metadata.name/namespace/uid/labels/annotations, status.podIP,
   spec.nodeName), `envFrom`, and `$(VAR)` expansion as Kubernetes does it;
 - cluster DNS: a value that is (or is a URL of) `<name>.<svc>.<ns>.svc[.cluster.local]` becomes 127.0.0.1,
-  which makes rank 0's headless-Service name (MASTER_ADDR) reachable for multi-node training.
+  which makes rank 0's headless-Service name (MASTER_ADDR) reachable for multi-node training;
+- the container's terminationMessagePath (default /dev/termination-log) is a file of the pod's own (an env
+  value naming that path is rewritten to it); what the process wrote there becomes the terminated state's
+  `message`, else, for a failure under terminationMessagePolicy FallbackToLogsOnError, the log's tail
+  (the last 80 lines, at most 2048 bytes), as a kubelet does;
+- a process killed by a signal exits with 128 + the signal's number (137 for SIGKILL), as in a container.
 
 The Pods are never bound to a node: unbound Pods are deleted at once by the API server, so deleting a Job
 (or its garbage collection) really removes its Pods, and the stand-in then kills their processes.
 
 Fault injection for tests: `fail(selector, exit_code, times)` fails the next matching Pods with that exit
 code without running them (a crash before doing any work); `hold(selector)` keeps matching Pods Running
-without starting them until released (to observe a run mid-flight, kill the operator, suspend, delete).
+without starting them until released (to observe a run mid-flight, kill the operator, suspend, delete);
+`kill(selector)` SIGKILLs the processes of the matching running Pods (an OOM kill, a node gone).
 """
 
 from __future__ import annotations
@@ -236,6 +242,21 @@ class StandInKubelet:
             self._holds.append(h)
         return h
 
+    def kill(self, selector: Selector, sig: int = signal.SIGKILL) -> list[str]:
+        """Send `sig` to the process groups of the running pods matching `selector`; their names."""
+        with self._lock:
+            targets = [
+                (self.runs[uid].name, proc)
+                for uid, proc in self._procs.items()
+                if matches(
+                    selector, {"metadata": {"labels": self.runs[uid].labels, "name": self.runs[uid].name}}
+                )
+            ]
+        for _, proc in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        return [name for name, _ in targets]
+
     def runs_matching(self, selector: Selector) -> list[PodRun]:
         with self._lock:
             runs = list(self.runs.values())
@@ -389,7 +410,8 @@ class StandInKubelet:
                 self._procs[uid] = proc
             try:
                 code = proc.wait(timeout=deadline)
-                message = ""
+                code = 128 - code if code < 0 else code  # killed by a signal: 128 + its number
+                message = termination_message(container, self._termination_file(pod), code, run.log_path)
             except subprocess.TimeoutExpired:
                 _terminate(proc)
                 code, message = 137, f"ran past its deadline of {deadline} s: killed by the stand-in kubelet"
@@ -464,6 +486,7 @@ class StandInKubelet:
                     src["configMapRef"]["name"], src["configMapRef"].get("optional", False)
                 )
             env.update({prefix + k: v for k, v in (data or {}).items()})
+        mounts[c.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH] = str(self._termination_file(pod))
         for var in c.get("env") or []:
             value = self._env_value(pod, var, env)
             if value is not None:
@@ -485,6 +508,12 @@ class StandInKubelet:
 
     def _pod_dir(self, pod: Pod) -> Path:
         return self.log_dir.parent / "pods" / pod["metadata"]["name"]
+
+    def _termination_file(self, pod: Pod) -> Path:
+        """The pod's own file behind its container's terminationMessagePath."""
+        path = self._pod_dir(pod) / "termination-log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _volume_dirs(self, pod: Pod) -> dict[str, str]:
         """{mountPath: local folder} for the container's emptyDir mounts: a fresh, empty folder per pod.
@@ -554,6 +583,22 @@ class StandInKubelet:
                 raise PodConfigError("CreateContainerConfigError", f'configmap "{name}" not found') from None
             raise
         return dict(cm.data or {})
+
+
+DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+LOG_TAIL_LINES, LOG_TAIL_BYTES, MESSAGE_BYTES = 80, 2048, 4096
+
+
+def termination_message(container: dict[str, Any], written: Path, code: int, log_path: Path | None) -> str:
+    """What a kubelet reports as the terminated container's message: the file at terminationMessagePath,
+    else (FallbackToLogsOnError, and the container failed) the log's tail."""
+    text = written.read_bytes()[:MESSAGE_BYTES].decode(errors="replace") if written.is_file() else ""
+    if text.strip() or code == 0 or container.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+        return text
+    if log_path is None or not log_path.is_file():
+        return ""
+    tail = log_path.read_bytes().decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    return "\n".join(tail).encode()[-LOG_TAIL_BYTES:].decode(errors="replace")
 
 
 def field_ref(pod: Pod, path: str) -> str:

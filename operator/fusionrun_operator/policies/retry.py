@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from fusionrun_operator.config import PERMANENT_EXIT_CODE, PERMANENT_WAITING_REASONS
+from fusionrun_operator.config import PERMANENT_EXIT_CODE, PERMANENT_WAITING_REASONS, PREEMPTED_EXIT_CODE
 from fusionrun_operator.effects import Event, Transition
 from fusionrun_operator.observations import JobObservation
 from fusionrun_operator.times import iso
@@ -31,7 +31,8 @@ def backoff_seconds(spec: FusionRunSpec, failures: int) -> int:
 
 def failure_of(jobs: Sequence[JobObservation]) -> Failure | None:
     """What made an attempt fail, from its Jobs; None when none failed. A container that cannot start
-    beats a permanent exit code, which beats any other failure."""
+    beats a permanent exit code, which beats any other failure. The stage's own last error line (its
+    termination message) ends the message."""
     for j in jobs:
         if j.waiting_reason in PERMANENT_WAITING_REASONS:
             msg = f"job {j.name}: container cannot start: {j.waiting_reason}"
@@ -43,7 +44,7 @@ def failure_of(jobs: Sequence[JobObservation]) -> Failure | None:
             return Failure(
                 "InvalidInput",
                 f"job {j.name} exited with code {j.exit_code} (bad input: retrying cannot "
-                "help; see its log, fix the spec or the inputs)",
+                f"help; see its log, fix the spec or the inputs){_said(j)}",
                 True,
             )
     for j in jobs:
@@ -51,7 +52,22 @@ def failure_of(jobs: Sequence[JobObservation]) -> Failure | None:
             reason = "DeadlineExceeded" if j.reason == "DeadlineExceeded" else "JobFailed"
             code = f" with exit code {j.exit_code}" if j.exit_code is not None else ""
             detail = f" ({j.reason}: {j.message})" if j.reason and j.message else ""
-            return Failure(reason, f"job {j.name} failed{code}{detail}", False)
+            return Failure(reason, f"job {j.name} failed{code}{detail}{_said(j)}", False)
+    return None
+
+
+def _said(j: JobObservation) -> str:
+    return f": {j.termination_message}" if j.termination_message else ""
+
+
+def interrupted(jobs: Sequence[JobObservation]) -> str | None:
+    """Why a failed attempt is no failure of the task's own: a pod was preempted or evicted (condition
+    DisruptionTarget), or the stage stopped on SIGTERM after saving a checkpoint (exit code 75). The task
+    reruns at once, nothing counted."""
+    if any(j.disrupted for j in jobs):
+        return "Disrupted"
+    if any(j.state == "Failed" and j.exit_code == PREEMPTED_EXIT_CODE for j in jobs):
+        return "Preempted"
     return None
 
 

@@ -4,10 +4,11 @@ summary, condition, progress and compaction policies; plus the events of its tra
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from fusionrun_operator.capabilities import Capabilities
 from fusionrun_operator.effects import Event
 from fusionrun_operator.k8s_objects import artifacts_uri
 from fusionrun_operator.pipeline import Pipeline
@@ -31,6 +32,7 @@ class StatusInputs:
     metrics: Mapping[str, Any] | None  # evaluate/metrics.json; None: not read
     restart_key: str | None
     alignment: Mapping[str, Any] | None = None  # per source; None: not read this pass (keep the last)
+    server: Capabilities = field(default_factory=Capabilities)  # the Job shape the operator uses
 
 
 def render_status(
@@ -66,5 +68,9 @@ def render_status(
         training=[training[v] for v in sorted(training)],
         metrics=dict(inp.metrics) if inp.metrics is not None else old.metrics,
         artifacts_uri=uri,
+        job_shape=inp.server.shape,
     )
-    return new, transition_events(old, new)
+    events = transition_events(old, new)
+    if old.job_shape != new.job_shape:  # at the run's start, and when a restarted operator chose another
+        events.insert(0, Event("Normal", "JobShape", inp.server.describe()))
+    return new, events

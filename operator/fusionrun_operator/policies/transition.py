@@ -8,20 +8,25 @@ task is policies.start's business).
 - A failed attempt (a Job failed, a container that cannot start, a Job that succeeded without writing its
   outputs) is counted once (lastFailedAttempt), by policies.retry; not while suspended (counting=False).
 - A Job that vanished before its task completed is rerun as a new attempt without counting a failure; so is
-  one that succeeded for an older spec generation, and a multi-node group that lost a rank.
+  one that succeeded for an older spec generation, a multi-node group that lost a rank or had one
+  disrupted (the whole gang restarts from its checkpoint), and an attempt that failed because a pod was
+  preempted or evicted, or that stopped on SIGTERM after a checkpoint (exit code 75).
+- The Jobs of an attempt are what observations.py made of them: one per task, per node rank, per Indexed
+  training Job, or per index of an Indexed shard group (then deleting "its" Job stops the whole group).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from fusionrun_operator.capabilities import Capabilities
 from fusionrun_operator.effects import Event, Transition
 from fusionrun_operator.k8s_objects import ranks_of
 from fusionrun_operator.observations import JobObservation
-from fusionrun_operator.policies.retry import Failure, count_failure, failure_of
+from fusionrun_operator.policies.retry import Failure, count_failure, failure_of, interrupted
 from fusionrun_operator.times import iso
 from jobs.spec import FusionRunSpec
 from jobs.status import TaskStatus
@@ -39,6 +44,7 @@ class TaskInputs:
     completed: frozenset[str] | None  # task ids complete in the store; None: the store was not read
     counting: bool  # count failures (not while suspended: stopping Jobs is no failure)
     now: datetime
+    server: Capabilities = field(default_factory=Capabilities)  # the Job shape: Jobs per attempt
 
 
 def step_task(task: Task, rec: TaskStatus, jobs: Sequence[JobObservation], inp: TaskInputs) -> Transition:
@@ -47,7 +53,9 @@ def step_task(task: Task, rec: TaskStatus, jobs: Sequence[JobObservation], inp: 
     rec = rec.model_copy(
         update={"attempts": attempt} | ({"job_names": sorted(j.name for j in current)} if current else {})
     )
-    done = len(current) == ranks_of(inp.spec, task) and all(j.state == "Succeeded" for j in current)
+    done = len(current) >= ranks_of(inp.spec, task, inp.server) and all(
+        j.state == "Succeeded" for j in current
+    )
     if inp.completed is not None and task.id in inp.completed:
         how = "AlreadyInStore" if attempt == 0 else "Completed"
         return _succeeded(rec, how, f"{task.id}: outputs complete ({how})", inp.now)
@@ -71,8 +79,17 @@ def step_task(task: Task, rec: TaskStatus, jobs: Sequence[JobObservation], inp: 
             False,
         )
     if failure is not None and attempt > rec.last_failed_attempt and inp.counting:
+        why = None if failure.permanent else interrupted(current)
+        if why is not None:
+            return _rerun(rec, why, current)
         return count_failure(task.id, rec, failure, current, inp.spec, inp.now)
-    return _no_new_failure(task, rec, current, inp.spec)
+    return _no_new_failure(task, rec, current, inp)
+
+
+def _rerun(rec: TaskStatus, reason: str, current: Sequence[JobObservation]) -> Transition:
+    """A new attempt at once, no failure counted; what is left of this one (other ranks) is stopped."""
+    again = rec.model_copy(update={"state": "Pending", "reason": reason, "job_names": []})
+    return Transition(again, delete=tuple(sorted({j.name for j in current if j.state == "Active"})))
 
 
 def _succeeded(rec: TaskStatus, reason: str, event: str, now: datetime) -> Transition:
@@ -87,14 +104,15 @@ def _succeeded(rec: TaskStatus, reason: str, event: str, now: datetime) -> Trans
 
 
 def _no_new_failure(
-    task: Task, rec: TaskStatus, current: Sequence[JobObservation], spec: FusionRunSpec
+    task: Task, rec: TaskStatus, current: Sequence[JobObservation], inp: TaskInputs
 ) -> Transition:
     # Active Jobs of an attempt newer than the last failure: running (also when the status still says
     # Retrying because the write after creating the retry's Job was lost).
     if current and rec.attempts > rec.last_failed_attempt and any(j.state == "Active" for j in current):
-        if len(current) < ranks_of(spec, task):  # a rank vanished: the group restarts whole
-            lost = rec.model_copy(update={"state": "Pending", "reason": "RankLost", "job_names": []})
-            return Transition(lost, delete=tuple(j.name for j in current if j.state == "Active"))
+        if len(current) < ranks_of(inp.spec, task, inp.server):  # a rank vanished: the group restarts whole
+            return _rerun(rec, "RankLost", current)
+        if task.distributed and any(j.disrupted for j in current):  # Kubernetes replaces one pod only
+            return _rerun(rec, "RankDisrupted", current)
         waiting = next((j for j in current if j.waiting_reason), None)  # e.g. its Secret does not exist yet
         note = (
             f"waiting: {waiting.waiting_reason}: {waiting.waiting_message or ''}".rstrip(": ")
