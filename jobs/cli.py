@@ -125,11 +125,15 @@ def cmd_validate(path: str) -> int:
     from jobs.plan import build_dag
     from jobs.spec import SpecError, load_fusionrun
 
+    warnings: list[str] = []
     try:
-        run = load_fusionrun(path)
+        run = load_fusionrun(path, warnings)
     except SpecError as err:
-        print(f"{path}: {err}", file=sys.stderr)
+        print(err, file=sys.stderr)  # names the file once
         return 1
+    finally:
+        for w in warnings:
+            print(f"note: {path}: {w}", file=sys.stderr)
     errors = benchmark_errors(run.spec)
     if errors:
         print(f"{path}: invalid FusionRun:\n  " + "\n  ".join(errors), file=sys.stderr)
@@ -173,7 +177,10 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
         run = load_fusionrun(path)
         spec = apply_env_overrides(run.spec)
         runner = LocalRunner(spec, run.metadata.name, workers=workers)
-    except (SpecError, StoreError) as err:
+    except SpecError as err:
+        print(err, file=sys.stderr)  # names the file once
+        return 1
+    except StoreError as err:
         print(f"{path}: {err}", file=sys.stderr)
         return 1
     errors = benchmark_errors(spec)
@@ -205,9 +212,11 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
 def open_run(args: argparse.Namespace) -> tuple[FusionRunSpec, str, Any]:
     """(spec, run name, store) of `fusionrun status/report TARGET`: TARGET is a FusionRun file (its store
     and name), or a run's name with --store (the spec its tasks recorded in the store)."""
+    from pydantic import ValidationError
+
     from jobs.observe import recorded_spec
     from jobs.registry import Layout
-    from jobs.spec import SpecError, StoreSpec, load_fusionrun
+    from jobs.spec import SpecError, StoreSpec, format_validation_error, load_fusionrun
     from jobs.store import open_store
 
     if Path(args.target).is_file():
@@ -216,9 +225,16 @@ def open_run(args: argparse.Namespace) -> tuple[FusionRunSpec, str, Any]:
         return spec, run.metadata.name, open_store(spec.store, run.metadata.name, check=spec.store.is_s3)
     if not args.store:
         raise SpecError(f"{args.target}: no such file; for a run's name, give its store with --store URI")
-    where = StoreSpec(uri=args.store, endpoint=args.endpoint, region=args.region, insecure=args.insecure)
+    try:
+        where = StoreSpec(uri=args.store, endpoint=args.endpoint, region=args.region, insecure=args.insecure)
+    except ValidationError as err:
+        msg = format_validation_error(err, root="--store").replace("invalid FusionRun", "invalid store")
+        raise SpecError(f"{args.target}: {msg}") from None
     store = open_store(apply_env_overrides_store(where), args.target, check=where.is_s3)
-    spec = recorded_spec(store)
+    try:
+        spec = recorded_spec(store)
+    except SpecError as err:
+        raise SpecError(f"{args.target}: the spec recorded in its store: {err}") from None
     if spec is None:
         raise SpecError(
             f"no run {args.target!r} at {store.base_uri}: no recorded spec ({store.uri_for(Layout.SPEC)}); "
@@ -379,7 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         command = {"status": cmd_status, "report": cmd_report, "cache": cmd_cache}[args.cmd]
         try:
             return command(args)
-        except (SpecError, StoreError) as err:
+        except SpecError as err:
+            print(err, file=sys.stderr)  # names the file or the run once
+            return 1
+        except StoreError as err:
             print(f"{args.target}: {err}", file=sys.stderr)
             return 1
     return cmd_run(args.file, args.force_stage, args.workers, args.until)

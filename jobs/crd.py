@@ -5,7 +5,9 @@ test regenerates it and fails when the committed file is out of date.
 
 Pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3 schema. The conversion:
 - `$ref`s are inlined (OpenAPI in a CRD has no `$defs`); titles dropped; descriptions kept;
-- `anyOf: [X, {type: null}]` (Optional) becomes X with `nullable: true`;
+- `anyOf: [X, {type: null}]` (Optional) becomes X with `nullable: true`, except for objects: the API server
+  publishes a nullable object to kubectl (OpenAPI v2) without its properties, so kubectl and Helm could not
+  catch a misspelt field inside it; a non-nullable object's null is pruned, which means unset, as None does;
 - `exclusiveMinimum: n` (2020-12, a number) becomes `minimum: n, exclusiveMinimum: true` (OpenAPI 3.0);
 - tuples (`prefixItems`) become arrays with `minItems`/`maxItems`;
 - `additionalProperties: false` is dropped (forbidden next to `properties`: the API server prunes unknown
@@ -125,7 +127,7 @@ def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
                 out["default"] = list(value) if isinstance(value, tuple) else value
         else:
             out[key] = value
-    if nullable:
+    if nullable and out.get("type") != "object":
         out["nullable"] = True
     if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
         out["x-kubernetes-preserve-unknown-fields"] = True

@@ -8,16 +8,20 @@ lambda=0.9, MinED, MinCE). This module must stay light: the operator imports it,
 
 from __future__ import annotations
 
+import difflib
+import math
+import types
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -31,18 +35,55 @@ API_VERSION = "v1alpha1"
 KIND = "FusionRun"
 PLURAL = "fusionruns"
 
+# Patterns are read by pydantic (Rust regex) and by the API server (Go RE2): ASCII classes only, since
+# \w and \d match non-ASCII letters and digits in Rust but not in Go.
 # DNS-1123 label: names end up in Job names, labels and store keys.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
-MODEL_URI_PATTERN = r"^(file://|s3://|pkg://|hf://|/|\./|\.\./|[A-Za-z0-9][\w.-]*/[\w.-]+$)"
-STORE_URI_PATTERN = r"^(file://|s3://|/|\./|\.\./)"
+_BUCKET = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # an S3 bucket name begins with a letter or digit
+MODEL_URI_PATTERN = (
+    rf"^(file://|s3://{_BUCKET}|pkg://|hf://|/|\./|\.\./|[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$)"
+)
+STORE_URI_PATTERN = rf"^(s3://{_BUCKET}(/.*)?|(file://)?(/|\./|\.\./).*)$"
+# http(s)://host[:port][/path]: no spaces, no user:password@ (keys belong in a Secret, not in the spec).
+ENDPOINT_PATTERN = r"^https?://[A-Za-z0-9.:\[\]-]+(/[^\s?#]*)?$"
+REGION_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_.-]*)?$"  # "" is the SDK default, as before
+# What the API server stores for `type: integer` (a larger number is refused as "must be of type integer").
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _is_int_field(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return int in typing.get_args(annotation)
+    return annotation is int
 
 
 class Spec(BaseModel):
-    """Base of every spec class: camelCase aliases, unknown fields rejected (typos fail loudly)."""
+    """Base of every spec class: camelCase aliases, unknown fields rejected (typos fail loudly), and strict
+    types as the API server applies them: no string becomes a number or a boolean, numbers are finite, and
+    integers fit in 64 bits. Documents are parsed by their YAML names only (parse_spec, parse_fusionrun);
+    Python code may build models by field name."""
 
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="forbid",
+        use_enum_values=True,
+        strict=True,
+        allow_inf_nan=False,
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integers_as_kubernetes_stores_them(cls, v: Any, info: ValidationInfo) -> Any:
+        """An integer field takes 5.0 as 5 (the API server does) and nothing beyond 64 bits (it refuses)."""
+        if info.field_name is None or not _is_int_field(cls.model_fields[info.field_name].annotation):
+            return v
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool) and not INT64_MIN <= v <= INT64_MAX:
+            raise ValueError("is beyond the 64-bit integer range the Kubernetes API accepts")
+        return v
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,7 +165,7 @@ class TextSource(Spec):
     """Where documents are read from: the training corpus and the extra evaluation texts alike."""
 
     uri: str = Field(..., description="File or folder of documents: local path, file:// or s3:// URI.")
-    format: CorpusFormat = CorpusFormat.auto
+    format: CorpusFormat = Field(CorpusFormat.auto, strict=False)  # strict takes only Enum instances
     text_field: str = Field("text", description="Field holding the text (jsonl, parquet, hf-disk).")
     glob: str | None = Field(None, description="For folders: which files to read, e.g. '**/*.py'.")
     max_documents: int | None = Field(None, ge=1)
@@ -205,7 +246,7 @@ class Training(Spec):
     warmup_ratio: float = Field(0.008, ge=0.0, le=1.0)
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     weight_decay: float = Field(0.1, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = Field((0.9, 0.95), strict=False)  # a YAML list; its items stay strict
     grad_clip: float = Field(1.0, ge=0.0)
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; default: one pass (epochs).")
     epochs: float = Field(1.0, gt=0.0)
@@ -251,7 +292,7 @@ class EvalCorpus(TextSource):
     )
 
 
-TASK_DIR_PATTERN = r"^(file://|s3://|/|\./|\.\./)"
+TASK_DIR_PATTERN = rf"^(file://|s3://{_BUCKET}|/|\./|\.\./)"
 
 
 class BenchmarkTask(Spec):
@@ -328,18 +369,34 @@ class Evaluation(Spec):
 # Where artifacts go, and Kubernetes knobs
 
 
+# A Secret a FusionRun may name carries this label with the value "true": its owner's consent that FusionRun
+# Jobs (and the operator, to read the run's store) use its keys. The operator refuses any other Secret.
+SECRET_OPT_IN_LABEL = f"{API_GROUP}/store-credentials"
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"  # a DNS-1123 subdomain, as Secret names are
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]{1,253}$"  # what a Secret's data keys may be
+
+
 class SecretKeyRef(Spec):
-    name: str = Field(..., description="Secret name in the FusionRun's namespace.")
-    access_key_key: str = "AWS_ACCESS_KEY_ID"
-    secret_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    name: str = Field(
+        ...,
+        pattern=SECRET_NAME_PATTERN,
+        description=f"Secret name in the FusionRun's namespace; it must carry the label "
+        f'{SECRET_OPT_IN_LABEL}: "true".',
+    )
+    access_key_key: str = Field("AWS_ACCESS_KEY_ID", pattern=SECRET_KEY_PATTERN)
+    secret_key_key: str = Field("AWS_SECRET_ACCESS_KEY", pattern=SECRET_KEY_PATTERN)
 
 
 class StoreSpec(Spec):
     uri: str = Field(
         "file://./runs", pattern=STORE_URI_PATTERN, description="Local folder or s3://bucket/prefix."
     )
-    endpoint: str | None = Field(None, description="S3 endpoint URL for MinIO, SeaweedFS, Ceph...")
-    region: str | None = None
+    endpoint: str | None = Field(
+        None,
+        pattern=ENDPOINT_PATTERN,
+        description="S3 endpoint URL for MinIO, SeaweedFS, Ceph...: http(s)://host[:port][/path].",
+    )
+    region: str | None = Field(None, pattern=REGION_PATTERN)
     insecure: bool = Field(False, description="Allow plain http:// endpoints.")
     credentials_secret: SecretKeyRef | None = Field(
         None, description="S3 keys from a Secret; unset: the pod's cloud identity (IRSA, workload identity)."
@@ -364,8 +421,8 @@ class Toleration(Spec):
 
 
 class StageResources(Spec):
-    cpu: str | None = Field(None, pattern=r"^\d+(\.\d+)?m?$")
-    memory: str | None = Field(None, pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    cpu: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
     gpus: int | None = Field(
         None,
         ge=0,
@@ -399,6 +456,7 @@ class Retry(Spec):
     backoff_seconds: int = Field(10, ge=0, le=3600, description="First retry delay; doubles each attempt.")
     restart_from: Stage | None = Field(
         None,
+        strict=False,  # strict takes only Enum instances
         description="Rerun from this stage: clears failures there and after; finished earlier stages stay.",
     )
     restart_nonce: str | None = Field(None, description="Change to trigger another restartFrom.")
@@ -472,20 +530,38 @@ class FusionRunSpec(Spec):
         raise KeyError(f"no model named {name!r}; known: {[m.name for m in self.models]}")
 
 
-class Metadata(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class Metadata(Spec):
+    """ObjectMeta as a FusionRun document may carry it: the API server drops any other key."""
+
+    model_config = ConfigDict(alias_generator=None)  # ObjectMeta's own names
     name: str = Field(..., pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
     namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    # Written by the API server; present in `kubectl get -o yaml` output, accepted and ignored here.
+    generateName: str | None = None
+    uid: Any = None
+    resourceVersion: Any = None
+    generation: Any = None
+    creationTimestamp: Any = None
+    deletionTimestamp: Any = None
+    deletionGracePeriodSeconds: Any = None
+    ownerReferences: Any = None
+    finalizers: Any = None
+    managedFields: Any = None
+    selfLink: Any = None
+    clusterName: Any = None
 
 
-class FusionRun(BaseModel):
+class FusionRun(Spec):
     """A whole FusionRun document as `kubectl apply -f` takes it."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    api_version: str = Field(f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
-    kind: Literal["FusionRun"] = KIND
+    model_config = ConfigDict(alias_generator=None)
+    api_version: str = Field(..., alias="apiVersion")
+    kind: Literal["FusionRun"] = Field(..., alias="kind")
     metadata: Metadata
     spec: FusionRunSpec
+    status: Any = Field(None, description="Written by the operator; ignored in a document.")
 
     @field_validator("api_version")
     @classmethod
@@ -503,44 +579,132 @@ class SpecError(ValueError):
     """A FusionRun that does not validate; the message names every bad field and what is allowed."""
 
 
-def format_validation_error(err: ValidationError, root: str = "") -> str:
+UNKNOWN_FIELD = "unknown field"
+
+
+def _fields_at(model: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The field names (YAML spelling) a mapping at `loc` under `model` may have; [] when unknown."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+        if model is None:
+            return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model inside an annotation (X, X | None, list[X]), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in typing.get_args(annotation) if (m := _model_of(a)) is not None), None)
+
+
+def _did_you_mean(root: Any, loc: tuple[Any, ...]) -> str:
+    """'; did you mean X?' for an unknown field name, when one known name is close (or its camelCase)."""
+    name = str(loc[-1])
+    known = _fields_at(root, loc[:-1])
+    close = [to_camel(name)] if to_camel(name) in known else difflib.get_close_matches(name, known, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _error_lines(err: ValidationError, root: str, model: Any) -> list[str]:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if p != "__root__")
         loc = f"{root}.{loc}" if root and loc else (root or loc or "(document)")
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = UNKNOWN_FIELD + _did_you_mean(model, tuple(e["loc"]))
         got = e.get("input")
-        got_s = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        got_s = (
+            ""
+            if isinstance(got, dict | list) or got is None or e["type"] == "extra_forbidden"
+            else f" (got {got!r})"
+        )
         lines.append(f"{loc}: {msg}{got_s}")
+    return lines
+
+
+def format_validation_error(err: ValidationError, root: str = "", model: Any = None) -> str:
+    lines = _error_lines(err, root, model or (FusionRunSpec if root == "spec" else FusionRun))
     return "invalid FusionRun:\n  " + "\n  ".join(lines)
 
 
+def _without_nulls(node: Any) -> Any:
+    """A document as the API server keeps it: a key whose value is null is absent (structural pruning)."""
+    if isinstance(node, dict):
+        return {k: _without_nulls(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [_without_nulls(v) for v in node]
+    return node
+
+
 def parse_fusionrun(doc: dict[str, Any]) -> FusionRun:
+    """A whole document, strictly and by its YAML names: what the API server and the operator accept."""
     try:
-        return FusionRun.model_validate(doc)
+        return FusionRun.model_validate(_without_nulls(doc), by_alias=True, by_name=False)
     except ValidationError as err:
         raise SpecError(format_validation_error(err)) from None
 
 
 def parse_spec(spec: dict[str, Any]) -> FusionRunSpec:
+    """A FusionRun's .spec, strictly and by its YAML names (see parse_fusionrun)."""
     try:
-        return FusionRunSpec.model_validate(spec)
+        return FusionRunSpec.model_validate(_without_nulls(spec), by_alias=True, by_name=False)
     except ValidationError as err:
         raise SpecError(format_validation_error(err, root="spec")) from None
 
 
-def load_fusionrun(path: str | Path) -> FusionRun:
-    """Read a FusionRun YAML file; relative local paths in it are resolved against the file's folder."""
+def unknown_fields(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(dotted path, "unknown field; did you mean X?") for every key of a FusionRun document that
+    FusionRun does not know (the API server prunes those). Other errors are not reported here."""
+    try:
+        FusionRun.model_validate(_without_nulls(doc), by_alias=True, by_name=False)
+    except ValidationError as err:
+        return [
+            (".".join(str(p) for p in e["loc"]), UNKNOWN_FIELD + _did_you_mean(FusionRun, tuple(e["loc"])))
+            for e in err.errors()
+            if e["type"] == "extra_forbidden"
+        ]
+    return []
+
+
+def read_document(path: str | Path, warnings: list[str] | None = None) -> Any:
+    """The YAML document in a file, read as kubectl reads it (jobs.kubeyaml: what kubectl does silently, a
+    key written twice or bytes that are not UTF-8, goes into `warnings`); SpecError, naming the file once,
+    when it cannot be read or parsed."""
+    from jobs.kubeyaml import KubeYamlError, decode, load_yaml
+
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise SpecError(f"no such FusionRun file: {path}") from None
-    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: no such FusionRun file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a folder; give the FusionRun YAML file") from None
+    except OSError as err:
+        raise SpecError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
+    try:
+        return load_yaml(decode(data, warnings), warnings)
+    except KubeYamlError as err:
         raise SpecError(f"{path}: not valid YAML: {err}") from None
+
+
+def load_fusionrun(path: str | Path, warnings: list[str] | None = None) -> FusionRun:
+    """Read a FusionRun YAML file; relative local paths in it are resolved against the file's folder.
+    Every SpecError names the file once, at the start; `warnings` as read_document."""
+    path = Path(path)
+    doc = read_document(path, warnings)
     if not isinstance(doc, dict):
         raise SpecError(f"{path}: expected a FusionRun mapping with apiVersion, kind, metadata and spec")
-    run = parse_fusionrun(doc)
+    try:
+        run = parse_fusionrun(doc)
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
     return run.model_copy(update={"spec": resolve_relative_paths(run.spec, path.parent.resolve())})
 
 

@@ -8,7 +8,10 @@ Two backends behind one small interface, with keys relative to `<store uri>/<run
   credentials from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, which Kubernetes fills from
   the run's Secret) or boto3's default chain (pod identity). S3 PUTs are atomic by nature.
 
-Failures become `StoreError` naming the endpoint, bucket or key and the fix; credentials are never logged.
+Failures become `StoreError` naming the endpoint, bucket or key and the fix, with a CamelCase `reason` a
+program can match; credentials are never logged: keys are checked when they are read (surrounding whitespace
+such as the newline of `echo key > file` is dropped; whitespace or control characters inside are refused
+without echoing the value) and error texts go through jobs.credentials.redact.
 This module imports no torch: the operator uses it.
 """
 
@@ -24,17 +27,22 @@ from pathlib import Path
 from typing import Any
 
 from fusion.atomic import PARTIAL_SUFFIX, atomic_path, copy_atomic, write_atomic
+from jobs import credentials
+from jobs.credentials import redact
 from jobs.spec import StoreSpec
 
 
 class StoreError(RuntimeError):
     """The store cannot be used as configured; the message names what and how to fix it.
 
-    permanent: retrying cannot help (no such bucket, access denied, no credentials, a malformed URI)."""
+    permanent: retrying cannot help (no such bucket, access denied, no credentials, a malformed URI).
+    reason: what went wrong in one CamelCase word (StoreUnreachable, NoCredentials, InvalidCredentials,
+    BucketNotFound, AccessDenied, ObjectNotFound, S3Error, StoreError)."""
 
-    def __init__(self, message: str, permanent: bool = False):
+    def __init__(self, message: str, permanent: bool = False, reason: str = "StoreError"):
         super().__init__(message)
         self.permanent = permanent
+        self.reason = reason
 
 
 class Store(ABC):
@@ -200,16 +208,20 @@ def _s3_error(err: Exception, endpoint: str, bucket: str, what: str) -> StoreErr
     )
 
     where = f"S3 endpoint {endpoint}, bucket {bucket!r}"
+    if isinstance(err, StoreError):
+        return err
     if isinstance(err, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
         return StoreError(
-            f"cannot reach {where} while {what} (retried): {err}; check store.endpoint "
-            "and that the server is up and reachable from here"
+            f"cannot reach {where} while {what} (retried): {redact(str(err))}; check store.endpoint "
+            "and that the server is up and reachable from here",
+            reason="StoreUnreachable",
         )
     if isinstance(err, NoCredentialsError):
         return StoreError(
             f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or store.credentialsSecret on Kubernetes), or give the pod a cloud identity",
             permanent=True,
+            reason="NoCredentials",
         )
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
@@ -218,6 +230,7 @@ def _s3_error(err: Exception, endpoint: str, bucket: str, what: str) -> StoreErr
                 f"{where}: the bucket does not exist; create it "
                 f"(e.g. `aws s3 mb s3://{bucket}`) or fix store.uri",
                 permanent=True,
+                reason="BucketNotFound",
             )
         if code in (
             "AccessDenied",
@@ -233,11 +246,15 @@ def _s3_error(err: Exception, endpoint: str, bucket: str, what: str) -> StoreErr
                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or store.credentialsSecret) "
                 "and the bucket policy",
                 permanent=True,
+                reason="AccessDenied",
             )
         if code in ("NoSuchKey", "404", "NotFound"):
-            return StoreError(f"{where}: no such object while {what}; rerun the stage that writes it")
-        return StoreError(f"{where}: S3 error {code} while {what}: {err}")
-    return StoreError(f"{where}: {type(err).__name__} while {what}: {err}")
+            return StoreError(
+                f"{where}: no such object while {what}; rerun the stage that writes it",
+                reason="ObjectNotFound",
+            )
+        return StoreError(f"{where}: S3 error {code} while {what}: {redact(str(err))}", reason="S3Error")
+    return StoreError(f"{where}: {type(err).__name__} while {what}: {redact(str(err))}")
 
 
 def unreachable_endpoint(err: Exception) -> str | None:
@@ -308,12 +325,34 @@ def make_s3_client(
         s3={"addressing_style": "path"} if ep.endpoint else {},
         region_name=ep.region or env("AWS_REGION") or env("AWS_DEFAULT_REGION") or "us-east-1",
     )
-    keys = {}
-    if credentials is not None:
-        keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]}
-    return boto3.session.Session(**keys).client(
+    return boto3.session.Session(**_session_keys(credentials, ep.label)).client(
         "s3", endpoint_url=ep.endpoint, config=cfg, verify=None if not ep.insecure else False
     )
+
+
+def clean_key(value: str, what: str) -> str:
+    """jobs.credentials.clean_key, failing as a permanent StoreError (reason InvalidCredentials)."""
+    try:
+        return credentials.clean_key(value, what)
+    except credentials.CredentialsError as err:
+        raise StoreError(str(err), permanent=True, reason="InvalidCredentials") from None
+
+
+def _session_keys(credentials: tuple[str, str] | None, label: str) -> dict[str, str]:
+    """boto3 Session arguments: the given keys, else the environment's (both checked by clean_key), else
+    nothing (boto3's default chain: pod identity, config files)."""
+    env = os.environ
+    if credentials is None and env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        credentials = (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+        if env.get("AWS_SESSION_TOKEN"):
+            token = clean_key(env["AWS_SESSION_TOKEN"], "AWS_SESSION_TOKEN")
+            return {**_session_keys(credentials, label), "aws_session_token": token}
+    if credentials is None:
+        return {}
+    return {
+        "aws_access_key_id": clean_key(credentials[0], f"the S3 access key id for {label}"),
+        "aws_secret_access_key": clean_key(credentials[1], f"the S3 secret access key for {label}"),
+    }
 
 
 class S3Store(Store):

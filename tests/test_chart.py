@@ -15,6 +15,7 @@ the API server's own validation (`kubectl apply --dry-run=server`) of every file
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import re
 import signal
@@ -371,15 +372,29 @@ def test_irsa_annotations_and_no_secret_access(rendered):
     )
 
 
-def test_secret_access_limited_to_named_secrets(rendered):
-    role = one(rendered["s3-secret"], "ClusterRole", FULLNAME)
-    (secret_rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
-    assert secret_rule == {
+def secret_rule(role: dict[str, Any]) -> dict[str, Any]:
+    (rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
+    return rule
+
+
+def test_secret_access_limited_to_named_secrets(rendered, helm, tmp_path):
+    """get on Secrets by name only, by default too (issue 15: no cluster-wide unrestricted secrets get);
+    the chart's store.credentialsSecret is added to rbac.secretNames."""
+    expected = {
         "apiGroups": [""],
         "resources": ["secrets"],
         "verbs": ["get"],
         "resourceNames": ["fusionrun-s3"],
     }
+    assert secret_rule(one(rendered["s3-secret"], "ClusterRole", FULLNAME)) == expected
+    assert secret_rule(one(rendered["default"], "ClusterRole", FULLNAME)) == expected
+    assert secret_rule(one(rendered["namespaced"], "Role", FULLNAME, "team-a")) == expected
+    values = {"store": {"credentialsSecret": "team-keys"}, "rbac": {"secretNames": ["fusionrun-s3", "more"]}}
+    role = one(render(helm, values, tmp_path), "ClusterRole", FULLNAME)
+    assert secret_rule(role)["resourceNames"] == ["fusionrun-s3", "more", "team-keys"]
+    # Only an explicitly emptied list (and no store.credentialsSecret) grants get on every Secret.
+    role = one(render(helm, {"rbac": {"secretNames": []}}, tmp_path), "ClusterRole", FULLNAME)
+    assert "resourceNames" not in secret_rule(role)
 
 
 def test_bring_your_own_identity_and_rbac(rendered):
@@ -496,7 +511,7 @@ def test_default_settings_reach_the_operator(rendered):
     ("raw", "message"),
     [
         ("[]", "FUSIONRUN_STAGE_DEFAULTS: expected a JSON object {stage: resources}, got list"),
-        ('{"trian": {}}', "FUSIONRUN_STAGE_DEFAULTS.trian: Extra inputs are not permitted"),
+        ('{"trian": {}}', "FUSIONRUN_STAGE_DEFAULTS.trian: unknown field; did you mean train?"),
         (
             '{"train": {"gpus": -1}}',
             "FUSIONRUN_STAGE_DEFAULTS.train.gpus: Input should be greater than or equal to 0",
@@ -640,6 +655,52 @@ def test_rbac_matches_operator_code(rendered):
     # ... and the chart grants exactly that (plus kopf's cluster-scoped discovery), in both modes.
     assert rule_set(one(rendered["default"], "ClusterRole", FULLNAME)) - CRD_READ == operator_api_use()
     assert rule_set(one(rendered["namespaced"], "Role", FULLNAME, "team-a")) == operator_api_use()
+
+
+def readme_permissions(text: str, section: str) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of every row of the RBAC table under `section` in a README: the operator's
+    (`| group | resource | verbs | why |`) or the chart's (`| resource.group | verbs | why |`)."""
+    body = text.split(section, 1)[1].split("\n## ", 1)[0]
+    out = set()
+    for row in re.findall(r"^\| `([^`]*)`(?: \(cluster\))? \|(.*)$", body, flags=re.M):
+        first, rest = row
+        cells = [c.strip() for c in rest.split("|")]
+        if first in ('""', "fusionrun.dev", "batch", "apiextensions.k8s.io"):  # the operator's table
+            group, resource, verbs = first.strip('"'), cells[0].strip("`"), cells[1]
+        else:  # the chart's: resource[.group]
+            resource, _, group = first.partition(".")
+            group = {"fusionrun": "fusionrun.dev"}.get(group.split(".")[0], group) if group else ""
+            if resource.startswith("fusionruns"):
+                group = "fusionrun.dev"
+            if resource == "customresourcedefinitions":
+                group = "apiextensions.k8s.io"
+            verbs = cells[0]
+        out |= {(group, resource, v) for v in re.findall(r"\b(get|list|watch|create|delete|patch)\b", verbs)}
+    return out
+
+
+def test_readmes_list_every_permission_and_when(rendered):
+    """Both READMEs name exactly what the chart grants (issue 15: they disagreed on Namespaces), and
+    kopf reads Namespaces only when it watches a list of them (kopf's namespace_observer)."""
+    granted = OPERATOR_RULES | CRD_READ | NAMESPACE_READ
+    operator_readme = (ROOT / "operator" / "fusionrun_operator" / "README.md").read_text()
+    chart_readme = (CHART / "README.md").read_text()
+    assert readme_permissions(operator_readme, "## Every Kubernetes API call") == granted
+    assert readme_permissions(chart_readme, "## RBAC: exactly what the operator calls") == granted
+    namespaces_rows = [
+        ln
+        for t in (operator_readme, chart_readme)
+        for ln in t.splitlines()
+        if re.match(r'^\| `(""` \| `)?namespaces`', ln)
+    ]
+    assert len(namespaces_rows) == 2 and all("namespaced mode only" in ln for ln in namespaces_rows)
+    assert not rule_set(one(rendered["default"], "ClusterRole", FULLNAME)) & NAMESPACE_READ  # cluster-wide
+    reads = one(rendered["namespaced"], "ClusterRole", f"{FULLNAME}-cluster-reads")
+    assert rule_set(reads) == NAMESPACE_READ | CRD_READ
+    import kopf._core.reactor.observation as observation
+
+    source = inspect.getsource(observation.namespace_observer)
+    assert "if not settings.scanning.disabled and not clusterwide:" in source  # the kopf this is about
 
 
 def test_kopf_runs_standalone():
@@ -814,11 +875,13 @@ def service_account_kubeconfig(cp: ControlPlane, namespace: str, sa: str, path: 
     return path
 
 
-def can_i(cp: ControlPlane, who: str, verb: str, resource: str, namespace: str | None) -> bool:
+def can_i(
+    cp: ControlPlane, who: str, verb: str, resource: str, namespace: str | None, name: str | None = None
+) -> bool:
     """`kubectl auth can-i` (a SubjectAccessReview: the API server's own RBAC authorizer) for a user or
-    ServiceAccount; `resource/sub` asks about a subresource."""
+    ServiceAccount; `resource/sub` asks about a subresource, `name` about one object."""
     resource, _, sub = resource.partition("/")
-    args = ["auth", "can-i", verb, resource, f"--as={who}"]
+    args = ["auth", "can-i", verb, f"{resource}/{name}" if name else resource, f"--as={who}"]
     args += [f"--subresource={sub}"] if sub else []
     args += ["-n", namespace] if namespace else ["--all-namespaces"]
     return cp.kubectl(*args, check=False).stdout.strip() == "yes"
@@ -988,10 +1051,13 @@ def test_helm_install_cluster_wide_rbac(k8s, helm, tmp_path):
             ("delete", "jobs.batch"),
             ("list", "pods"),
             ("create", "events"),
-            ("get", "secrets"),
             ("create", "services"),
         ]:
             assert can_i(k8s, sa, verb, resource, some_ns), (verb, resource)
+        # Secrets by name only: the chart's default rbac.secretNames, no other one, never all of them.
+        assert can_i(k8s, sa, "get", "secrets", some_ns, name="fusionrun-s3")
+        assert not can_i(k8s, sa, "get", "secrets", some_ns, name="db-password")
+        assert not can_i(k8s, sa, "get", "secrets", some_ns)
         assert can_i(k8s, sa, "watch", "customresourcedefinitions.apiextensions.k8s.io", None)
         for verb, resource in [
             ("create", "pods"),

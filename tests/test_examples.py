@@ -99,7 +99,7 @@ def test_validation_catches_bad_specs(crd_validator):
     ]
     with pytest.raises(SpecError) as err:
         parse_fusionrun(doc)
-    assert "spec.training.learningrate: Extra inputs are not permitted" in str(err.value)
+    assert "spec.training.learningrate: unknown field; did you mean learningRate?" in str(err.value)
 
 
 def test_paper_example_is_the_papers_setting():

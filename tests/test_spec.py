@@ -76,7 +76,7 @@ def test_examples_validate_and_resolve_relative_paths(name: str) -> None:
             "spec.fusion.strategy: Input should be 'minCE' or 'avgCE' (got 'maxCE')",
         ),
         ("training.lambda", 1.5, "spec.training.lambda: Input should be less than or equal to 1"),
-        ("extraction.topk", 5, "spec.extraction.topk: Extra inputs are not permitted"),  # a typo fails loudly
+        ("extraction.topk", 5, "spec.extraction.topk: unknown field; did you mean topK?"),  # a typo
         ("store.endpoint", "http://minio:9000", "endpoint is plain http://: set insecure: true"),
         ("sources.0.name", "tgt", "model names must be unique across target and sources; repeated: ['tgt']"),
         (

@@ -52,7 +52,14 @@ from jobs.complete import (
 )
 from jobs.plan import build_dag
 from jobs.registry import STAGES, Layout, Stage, Task
-from jobs.spec import FusionRunSpec, SpecError, load_fusionrun, parse_spec, resolve_relative_paths
+from jobs.spec import (
+    FusionRunSpec,
+    SpecError,
+    load_fusionrun,
+    parse_spec,
+    read_document,
+    resolve_relative_paths,
+)
 from jobs.store import Store, endpoint_of, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -80,17 +87,13 @@ def exit_code_for(err: Exception) -> int:
 def load_spec_and_name(spec_file: str | None, run_name: str | None) -> tuple[FusionRunSpec, str]:
     """The spec from --spec (a FusionRun YAML/JSON document, or a bare spec) or env FUSIONRUN_SPEC (JSON of
     the spec, as Kubernetes Jobs get it); the run name from --run, env FUSIONRUN_NAME or metadata.name."""
-    import yaml
-
     name = run_name or os.environ.get("FUSIONRUN_NAME")
     if spec_file:
         path = Path(spec_file)
         try:
-            doc = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise SpecError(f"--spec {path}: no such file") from None
-        except yaml.YAMLError as err:
-            raise SpecError(f"--spec {path}: not valid YAML/JSON: {err}") from None
+            doc = read_document(path)  # YAML (or JSON) read as kubectl reads it
+        except SpecError as err:
+            raise SpecError(f"--spec {err}") from None
         if isinstance(doc, dict) and "spec" in doc and "metadata" in doc:
             run = load_fusionrun(path)  # validates (errors name the field), resolves ./relative paths
             return run.spec, name or run.metadata.name

@@ -124,7 +124,9 @@ def _stage_defaults(env: Mapping[str, str]) -> dict[str, StageResources]:
     try:
         parsed = Resources.model_validate(data)  # unknown stages and fields fail here, by name
     except ValidationError as err:
-        msg = format_validation_error(err, root=key).replace("invalid FusionRun", "invalid settings")
+        msg = format_validation_error(err, root=key, model=Resources).replace(
+            "invalid FusionRun", "invalid settings"
+        )
         raise ConfigError(msg) from None
     return {stage: getattr(parsed, stage) for stage in data}
 

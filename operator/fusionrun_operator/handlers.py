@@ -41,7 +41,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.connect_timeout = 30
     if hasattr(settings.watching, "label_selectors"):  # kopf >= 1.45: filter Jobs on the server
         settings.watching.label_selectors["batch", "v1", "jobs"] = f"{LABEL_MANAGED_BY}={MANAGER}"
-    settings.posting.level = logging.WARNING  # handler warnings become events; routine logs do not
+    # kopf's own handler failures become events; problems a user must act on are posted by the operator
+    # itself (conditions and events of policies.credentials / invalid_spec), not through log records.
+    settings.posting.level = logging.WARNING
     settings.peering.standalone = True  # one replica (Deployment strategy Recreate); no peering objects
 
 
@@ -103,6 +105,8 @@ def on_run_deleted(
 
     try:
         n = operator.delete_artifacts(pipeline.spec, namespace, name)
+    except PermissionError as err:  # credentials the operator may not use (policies.credentials)
+        raise kopf.PermanentError(str(err)) from None
     except StoreError as err:
         raise kopf.TemporaryError(f"deleting artifacts failed: {err}", delay=10) from None
     logger.info(f"deleted {n} artifacts under {pipeline.spec.store.uri.rstrip('/')}/{name}/")

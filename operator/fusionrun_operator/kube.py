@@ -1,5 +1,5 @@
 """The Kubernetes API as the operator uses it: lazy clients, raw GET/LIST of a run and its objects, the
-run's store keys from its Secret, and carrying out a pass's effects (delete, create, events, status).
+Secret a run names, and carrying out a pass's effects (delete, create, events, status).
 
 Every API call of the operator is an `_api(kind).<method>(...)` here: tests/test_chart.py derives the Helm
 chart's RBAC from these calls (README.md lists them).
@@ -7,7 +7,6 @@ chart's RBAC from these calls (README.md lists them).
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import threading
@@ -19,7 +18,8 @@ import kopf
 
 from fusionrun_operator.effects import Effects
 from fusionrun_operator.k8s_objects import LABEL_MANAGED_BY, LABEL_RUN, MANAGER
-from jobs.spec import API_GROUP, API_VERSION, PLURAL, SecretKeyRef, SpecError
+from fusionrun_operator.observations import SecretRead
+from jobs.spec import API_GROUP, API_VERSION, PLURAL
 
 log = logging.getLogger("fusionrun_operator")
 
@@ -95,19 +95,17 @@ def dry_run_job(namespace: str, job: dict[str, Any]) -> dict[str, Any]:
     return _raw(_api("batch").create_namespaced_job, namespace, job, dry_run="All")
 
 
-def store_credentials(namespace: str, ref: SecretKeyRef | None) -> tuple[str, str] | None:
-    """(access key id, secret access key) from spec.store.credentialsSecret; None without one."""
-    if ref is None:
-        return None
-    data = _api("core").read_namespaced_secret(ref.name, namespace).data or {}
-    keys = []
-    for key in (ref.access_key_key, ref.secret_key_key):
-        if key not in data:
-            raise SpecError(
-                f"secret {namespace}/{ref.name} has no key {key!r} (spec.store.credentialsSecret)"
-            )
-        keys.append(base64.b64decode(data[key]).decode())
-    return keys[0], keys[1]
+def read_secret(namespace: str, name: str) -> SecretRead:
+    """The Secret a run names, as policies.credentials judges it: its labels and data, or the HTTP status
+    that kept it from us (404 not found, 403 not allowed). The data is used, never logged."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        raw = _raw(_api("core").read_namespaced_secret, name, namespace)
+    except ApiException as err:
+        return SecretRead(int(err.status or 0))
+    meta = raw.get("metadata") or {}
+    return SecretRead(200, dict(meta.get("labels") or {}), dict(raw.get("data") or {}))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ One replica only (kopf runs standalone, without peering): deploy with strategy R
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from collections.abc import Mapping
 
@@ -53,13 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     import kopf
 
     from fusionrun_operator import handlers  # noqa: F401  (registers the handlers)
+    from fusionrun_operator.logs import setup_logging
     from fusionrun_operator.runtime import Operator
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    kopf.configure(verbose=args.verbose)
+    setup_logging(args.verbose)  # one handler: kopf's (logging.basicConfig beside it wrote lines twice)
     operator = Operator(cfg)
     if cfg.metrics_port:
         operator.metrics.serve(cfg.metrics_port)  # /metrics, a daemon thread

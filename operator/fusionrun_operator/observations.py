@@ -27,6 +27,26 @@ JobState = Literal["Active", "Succeeded", "Failed"]
 
 
 @dataclass(frozen=True)
+class Access:
+    """One thing a pass checked before using it (the run's credentials, its store), as a condition says it:
+    ok True / False / None (unknown: not checked), a CamelCase reason, a message that never holds a key."""
+
+    ok: bool | None
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SecretRead:
+    """A GET of the Secret a run names: the HTTP status (200, 404 not found, 403 not allowed by RBAC, ...),
+    its labels and (base64) data. The data is never printed."""
+
+    status: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    data: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
 class JobObservation:
     name: str
     task_id: str
@@ -64,6 +84,8 @@ class Observed:
     progress: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # variant -> progress.json
     metrics: Mapping[str, Any] | None = None
     alignment: Mapping[str, Any] | None = None  # per source: jobs.status.alignment_diagnostics
+    credentials: Access | None = None  # the run's credentials Secret; None: not checked (no condition)
+    store_access: Access | None = None  # whether the store was read this pass; None: no condition
 
     def jobs_by_task(self) -> dict[str, list[JobObservation]]:
         out: dict[str, list[JobObservation]] = {}

@@ -8,7 +8,8 @@ inputs (kube, store_view) and carry out the effects (kube.apply_effects, store_v
 
 One pass: parse the spec (once; an invalid one fails the run), restartFrom / generation fresh starts, each
 task's transition, stop Jobs of tasks the spec no longer has, then either stop the run's Jobs (suspend, a
-failed task, the deadline) or start what is ready, and render the status.
+failed task, the deadline) or start what is ready (unless the run's credentials Secret may not be used),
+and render the status with the CredentialsReady / StoreReadable conditions the pass checked.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from fusionrun_operator.config import OperatorConfig
 from fusionrun_operator.effects import Effects
 from fusionrun_operator.observations import Observed
 from fusionrun_operator.pipeline import InvalidSpec, Pipeline, parse_pipeline
+from fusionrun_operator.policies.credentials import (
+    CREDENTIALS_READY,
+    STORE_READABLE,
+    access_conditions,
+    blocking,
+)
 from fusionrun_operator.policies.deadline import (
     deadline_clock,
     deadline_passed,
@@ -30,6 +37,7 @@ from fusionrun_operator.policies.restart import Restart, completed_now, fresh_st
 from fusionrun_operator.policies.start import StartInputs, start_ready
 from fusionrun_operator.policies.status import StatusInputs, render_status
 from fusionrun_operator.policies.transition import TaskInputs, step_task
+from fusionrun_operator.times import iso
 from jobs.status import TaskStatus
 
 
@@ -52,11 +60,12 @@ def reconcile(
     deadline_hit = deadline_passed(spec, clock, now, bool(failed))
     all_done = all(r.state == "Succeeded" for r in records.values())
     reason = stop_reason(spec, bool(failed), deadline_hit)
+    blocked = blocking(obs.credentials)  # Jobs already running go on; no new one gets the Secret
     if reason and not all_done:
         stopped, delete = stop_jobs(obs.jobs, records, reason)
         records.update(stopped)
         fx.delete_jobs += delete
-    elif not reason and not all_done:
+    elif not reason and not all_done and blocked is None:
         inputs = StartInputs(obs.run, spec, config, now)
         started, fx.requeue_after = start_ready(pipe.tasks, records, inputs, seconds_left(spec, clock, now))
         for tr in started:
@@ -64,7 +73,7 @@ def reconcile(
         if started:
             clock = clock.started(now)
 
-    facts = RunFacts(failed, deadline_hit, spec.active_deadline_seconds, all_done, spec.suspend)
+    facts = RunFacts(failed, deadline_hit, spec.active_deadline_seconds, all_done, spec.suspend, blocked)
     status_inputs = StatusInputs(
         obs.run.name,
         obs.run.generation,
@@ -76,7 +85,10 @@ def reconcile(
         config.server,
     )
     fx.status, events = render_status(old, pipe, records, facts, clock, status_inputs)
-    fx.events += events
+    checks = {CREDENTIALS_READY: obs.credentials, STORE_READABLE: obs.store_access}
+    conditions, access_events = access_conditions(old, checks, obs.run.generation, iso(now))
+    fx.status.conditions = [*fx.status.conditions, *conditions]
+    fx.events += [*access_events, *events]
     fx.delete_jobs = sorted(set(fx.delete_jobs))
     return fx
 

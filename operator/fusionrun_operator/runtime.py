@@ -22,11 +22,13 @@ import kopf
 from fusionrun_operator import kube
 from fusionrun_operator.capabilities import Capabilities, from_server, from_setting, parse_version, probe_job
 from fusionrun_operator.config import OperatorConfig
-from fusionrun_operator.effects import Effects
-from fusionrun_operator.k8s_objects import LABEL_STAGE, RunRef
+from fusionrun_operator.effects import Effects, Event
+from fusionrun_operator.k8s_objects import LABEL_STAGE, RunRef, artifacts_uri
+from fusionrun_operator.logs import RateLimited
 from fusionrun_operator.metrics import Metrics
-from fusionrun_operator.observations import JobObservation, Observed, observe_jobs
-from fusionrun_operator.pipeline import Pipeline, parse_pipeline
+from fusionrun_operator.observations import Access, JobObservation, Observed, observe_jobs
+from fusionrun_operator.pipeline import LAST_APPLIED, Pipeline, parse_pipeline
+from fusionrun_operator.policies.credentials import CredentialsCheck, check_secret, plan_store_read
 from fusionrun_operator.reconcile import reconcile
 from fusionrun_operator.scheduling import Scheduler
 from fusionrun_operator.store_view import (
@@ -39,6 +41,7 @@ from fusionrun_operator.store_view import (
     spec_digest,
     unread,
 )
+from jobs.credentials import redact
 from jobs.spec import FusionRunSpec
 from jobs.status import FusionRunStatus, parse_status
 
@@ -48,13 +51,14 @@ log = logging.getLogger("fusionrun_operator")
 class Operator:
     def __init__(self, config: OperatorConfig):
         self.config = config
-        self.scheduler = Scheduler(self.reconcile_once, config.resync_seconds, log)
+        # A run's problem is a condition and an event (policies.credentials); the log says it once per run
+        # and problem, not once per pass.
+        self.warnings = RateLimited(log)
+        self.scheduler = Scheduler(self.reconcile_once, config.resync_seconds, log, self.warnings)
         self.metrics = Metrics()
         self.metrics.set_shape(config.server)
         self._memos: dict[str, RunMemo] = {}  # by run uid (a re-created run starts afresh)
         self._uids: dict[tuple[str, str], str] = {}
-        # Store warnings become Kubernetes events: one per distinct problem and run, not one per pass.
-        self._store_warnings: dict[tuple[str, str], str] = {}
 
     # ---------------------------------------------------------------------------------------------
     # start
@@ -103,10 +107,11 @@ class Operator:
         jobs_raw, pods = kube.list_jobs_and_pods(namespace, name, meta["uid"])
         jobs = observe_jobs(jobs_raw, pods)
         raw_spec = fr.get("spec") or {}
-        pipeline = parse_pipeline(raw_spec, self.config)
-        view = unread()
-        if self.config.read_store and isinstance(pipeline, Pipeline):
-            view = self._read_store(pipeline, fr, jobs, logger)
+        pipeline = parse_pipeline(raw_spec, self.config, (meta.get("annotations") or {}).get(LAST_APPLIED))
+        check, view, store_access = None, unread(), None
+        if isinstance(pipeline, Pipeline):
+            check = self.check_credentials(pipeline.spec, namespace)
+            view, store_access = self._read_store(pipeline, fr, jobs, check)
         old = parse_status(fr.get("status"))
         obs = Observed(
             run=RunRef(
@@ -120,8 +125,11 @@ class Operator:
             progress=view.progress,
             metrics=view.metrics,
             alignment=view.alignment,
+            credentials=check.access if check else None,
+            store_access=store_access,
         )
         fx = reconcile(obs, self.config, pipeline)
+        self._log_problems(namespace, name, obs)
         if fx.invalidate:
             self._invalidate(view, pipeline, fx, meta["uid"], logger)
         self._apply(fr, fx, jobs, old)
@@ -146,6 +154,7 @@ class Operator:
     def forget_run(self, namespace: str, name: str) -> None:
         """The run is gone: out of the metrics, its memo dropped."""
         self.metrics.run_phase((namespace, name), None)
+        self.warnings.forget((namespace, name))
         uid = self._uids.pop((namespace, name), None)
         if uid is not None:
             self._memos.pop(uid, None)
@@ -153,48 +162,71 @@ class Operator:
     def _invalidate(
         self, view: StoreView, pipeline: Pipeline | Any, fx: Effects, uid: str, logger: logging.Logger
     ) -> None:
-        """restartFrom: drop the tasks' manifests and what the memo remembers of them."""
+        """restartFrom: drop the tasks' manifests and what the memo remembers of them; without a readable
+        store, say so (an event, and the log once)."""
         if view.store is None or not isinstance(pipeline, Pipeline):
-            logger.warning(
-                f"restartFrom: store not readable, cannot drop manifests of {len(fx.invalidate)} tasks"
-            )
+            msg = f"restartFrom: the store was not read, so the manifests of {len(fx.invalidate)} tasks stay"
+            fx.events.append(Event("Warning", "RestartNotApplied", msg))
+            self.warnings.warning((uid, "RestartNotApplied"), msg)
             return
         invalidate(view.store, pipeline, fx.invalidate)
         if uid in self._memos:
             self._memos[uid].forget(fx.invalidate)
 
+    def check_credentials(self, spec: FusionRunSpec, namespace: str) -> CredentialsCheck:
+        """The run's credentials Secret, read once and judged (policies.credentials.check_secret)."""
+        ref = spec.store.credentials_secret
+        return check_secret(namespace, ref, kube.read_secret(namespace, ref.name) if ref else None)
+
     def _read_store(
-        self, pipeline: Pipeline, fr: dict[str, Any], jobs: list[JobObservation], logger: logging.Logger
-    ) -> StoreView:
-        namespace, name, uid = fr["metadata"]["namespace"], fr["metadata"]["name"], fr["metadata"]["uid"]
-        key = (namespace, name)
-
-        def warn(err: Exception) -> None:
-            self.metrics.errors.labels("store").inc()
-            msg = f"store of {namespace}/{name} not readable, trusting Job states: {err}"
-            if self._store_warnings.get(key) != msg:
-                logger.warning(msg)
-            self._store_warnings[key] = msg
-
+        self, pipeline: Pipeline, fr: dict[str, Any], jobs: list[JobObservation], check: CredentialsCheck
+    ) -> tuple[StoreView, Access]:
+        """The store view of this pass, read only as policies.credentials.plan_store_read allows (through
+        the run's memo), and the StoreReadable check it gives."""
+        name, uid = fr["metadata"]["name"], fr["metadata"]["uid"]
+        plan = plan_store_read(pipeline.spec.store, self.config, check)
         memo = None
         if self.config.store_memo:
             memo = self._memos.setdefault(uid, RunMemo()).for_spec(spec_digest(pipeline))
-        ref = pipeline.spec.store.credentials_secret
+            if memo.keys != plan.keys or not plan.read:
+                memo.store, memo.keys = None, plan.keys  # never a client with keys no longer allowed
+        if not plan.read:
+            return unread(), plan.skipped  # type: ignore[return-value]
+        errors: list[Exception] = []
         view = read_store_view(
             pipeline,
             name,
-            lambda: kube.store_credentials(namespace, ref),
-            on_error=warn,
+            lambda: plan.keys,
+            on_error=errors.append,
             memo=memo,
             signatures=job_signatures(jobs),
             count=self.metrics.store_request,
         )
-        if view.completed is not None:
-            self._store_warnings.pop(key, None)
-        return view
+        if errors:
+            self.metrics.errors.labels("store").inc()
+            err = errors[0]
+            reason = getattr(err, "reason", None) or (
+                "StoreDataInvalid" if isinstance(err, ValueError) else "StoreError"
+            )
+            message = redact(f"store not readable, status from Jobs only: {err}", plan.keys or ())
+            return view, Access(False, reason, message[:1000])
+        return view, Access(True, "StoreRead", f"read {artifacts_uri(pipeline.spec, name)}")
+
+    def _log_problems(self, namespace: str, name: str, obs: Observed) -> None:
+        for type_, access in (("credentials", obs.credentials), ("store", obs.store_access)):
+            if access is not None and access.ok is False:
+                msg = f"{namespace}/{name}: {access.reason}: {access.message}"
+                self.warnings.warning((namespace, name, type_, access.reason), msg)
+            elif access is not None:
+                self.warnings.forget((namespace, name, type_))
 
     def delete_artifacts(self, spec: FusionRunSpec, namespace: str, name: str) -> int:
-        """Delete everything under the run's store prefix (spec.deleteArtifacts); returns how many objects."""
-        ref = spec.store.credentials_secret
-        store = open_run_store(spec, name, lambda: kube.store_credentials(namespace, ref))
+        """Delete everything under the run's store prefix (spec.deleteArtifacts); returns how many objects.
+        The same credentials rules as reading (policies.credentials); PermissionError when they forbid it."""
+        check = self.check_credentials(spec, namespace)
+        plan = plan_store_read(spec.store, self.config, check, for_status=False)
+        if not plan.read:
+            reason = plan.skipped.reason if plan.skipped else "NotAllowed"
+            raise PermissionError(f"not deleting artifacts ({reason}): {check.access.message}")
+        store = open_run_store(spec, name, lambda: plan.keys)
         return store.delete_prefix("")

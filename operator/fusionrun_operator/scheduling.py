@@ -14,13 +14,22 @@ import logging
 import threading
 from collections.abc import Callable
 
+from fusionrun_operator.logs import RateLimited, describe_error
+
 RunKey = tuple[str, str]  # (namespace, name)
 PassFn = Callable[[str, str, logging.Logger], "float | None"]  # one pass -> seconds until a retry is due
 
 
 class Scheduler:
-    def __init__(self, run_pass: PassFn, resync_seconds: float, log: logging.Logger):
+    def __init__(
+        self,
+        run_pass: PassFn,
+        resync_seconds: float,
+        log: logging.Logger,
+        warnings: RateLimited | None = None,
+    ):
         self._run_pass, self.resync_seconds, self._log = run_pass, resync_seconds, log
+        self._warnings = warnings or RateLimited(log)  # a pass failing every resync is written once
         self._locks: dict[RunKey, threading.Lock] = {}
         self._pending: set[RunKey] = set()
         self._wakeups: dict[RunKey, threading.Timer] = {}
@@ -67,7 +76,9 @@ class Scheduler:
         try:
             self.reconcile_run(*key)
         except Exception as err:
-            self._log.warning(f"retry pass of {key[0]}/{key[1]} failed: {type(err).__name__}: {err}")
+            self._warnings.warning(
+                (*key, "PassFailed"), f"retry pass of {key[0]}/{key[1]} failed: {describe_error(err)}"
+            )
 
     def track(self, namespace: str, name: str, deleted: bool) -> None:
         """Keep the set of runs the resync thread walks."""
@@ -97,4 +108,7 @@ class Scheduler:
                 try:
                     self.reconcile_run(namespace, name)
                 except Exception as err:  # one broken run must not stop the others' resync
-                    self._log.warning(f"resync of {namespace}/{name} failed: {type(err).__name__}: {err}")
+                    self._warnings.warning(
+                        (namespace, name, "PassFailed"),
+                        f"resync of {namespace}/{name} failed: {describe_error(err)}",
+                    )

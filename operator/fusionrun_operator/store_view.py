@@ -117,6 +117,7 @@ class RunMemo:
 
     spec_digest: str = ""
     store: Any = None  # the opened store (its S3 client and keys)
+    keys: Any = field(default=None, repr=False)  # the keys it was opened with (runtime reopens on a change)
     verdicts: dict[str, tuple[Signature, bool]] = field(default_factory=dict)  # task -> (its Jobs, complete)
     progress: dict[str, tuple[Signature, dict[str, Any] | None]] = field(default_factory=dict)  # train task
     metrics: dict[str, Any] | None = None
@@ -183,10 +184,8 @@ def read_store_view(
     pass); signatures: each task's Jobs now (job_signatures); count: called once per store request."""
     sigs = signatures or {}
     try:
-        if memo is not None and memo.store is not None:
-            store = memo.store
-        else:
-            store = open_run_store(pipeline.spec, run_name, credentials)
+        opened = memo is None or memo.store is None
+        store = open_run_store(pipeline.spec, run_name, credentials) if opened else memo.store
         if memo is not None:
             memo.store = store
         cached = ReadCache(CountingStore(store, count or (lambda op: None)))
@@ -196,6 +195,9 @@ def read_store_view(
             completed = frozenset(completed_tasks(cached, pipeline.spec, pipeline.tasks))
         else:
             completed = memo_completed(cached, pipeline, memo, sigs)
+        if opened and not completed and isinstance(store, S3Store):
+            (count or (lambda op: None))("head")
+            store.check()  # nothing complete: tell "nothing done yet" from "no such bucket" (HEADs say 404)
         progress = read_progress(cached, pipeline, memo, sigs)
         metrics = read_metrics(cached, pipeline, completed, memo)
         alignment = read_alignment(cached, pipeline, completed, memo, sigs)

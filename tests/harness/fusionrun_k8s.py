@@ -31,7 +31,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from jobs.spec import API_GROUP, API_VERSION, PLURAL
+from jobs.spec import API_GROUP, API_VERSION, PLURAL, SECRET_OPT_IN_LABEL
 from tests.harness.k8s import ControlPlane, wait_until
 from tests.harness.kubelet import REPO_ROOT, Pod, StandInKubelet
 from tests.harness.s3 import ACCESS_KEY, SECRET_KEY, S3Server
@@ -117,11 +117,20 @@ def upload_corpus(s3: Any, bucket: str, key: str = "corpus/docs.jsonl") -> None:
     s3.put_object(Bucket=bucket, Key=key, Body=body)
 
 
-def create_s3_secret(cp: ControlPlane, namespace: str, access_key: str, secret_key: str) -> None:
+def create_s3_secret(
+    cp: ControlPlane,
+    namespace: str,
+    access_key: str,
+    secret_key: str,
+    name: str = SECRET_NAME,
+    opt_in: bool = True,
+) -> None:
+    """The run's S3 keys as a Secret; opt_in: with the label FusionRun requires (SECRET_OPT_IN_LABEL)."""
+    labels = {SECRET_OPT_IN_LABEL: "true"} if opt_in else {}
     client.CoreV1Api(cp.api()).create_namespaced_secret(
         namespace,
         {
-            "metadata": {"name": SECRET_NAME},
+            "metadata": {"name": name, "labels": labels},
             "stringData": {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key},
         },
     )

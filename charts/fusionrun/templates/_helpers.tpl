@@ -125,12 +125,17 @@ app.kubernetes.io/component: operator
   resources: ["events"]
   verbs: ["create"]
 {{- if .Values.rbac.readSecrets }}
-# A run's S3 keys (spec.store.credentialsSecret), to read its progress from the store and to delete its
-# artifacts (spec.deleteArtifacts).
+# The Secret a run names (spec.store.credentialsSecret), by name only: the operator checks that it opts in
+# (label fusionrun.dev/store-credentials: "true") before any Job gets it, and reads the run's store with it
+# (progress, completed tasks, deleteArtifacts). Limited to rbac.secretNames and store.credentialsSecret.
+{{- $names := .Values.rbac.secretNames }}
+{{- with .Values.store.credentialsSecret }}
+{{- $names = append $names . }}
+{{- end }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-  {{- with .Values.rbac.secretNames }}
+  {{- with ($names | uniq) }}
   resourceNames:
     {{- toYaml . | nindent 4 }}
   {{- end }}
