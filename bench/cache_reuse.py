@@ -7,7 +7,7 @@
 The base run is made first (or found complete: its prepare, extract and align entries are in the store's
 shared cache, jobs.cache). Then the same FusionRun with another training.lambda runs twice under other
 names, in one invocation: once as users get it (its prepare/extract/align adopt the base run's entries) and
-once with FUSIONRUN_CACHE=off (every stage of its own, as before the cache existed). Both stop after
+once with FUSIONRUN_REUSE=off (every stage of its own, as before the cache existed). Both stop after
 `--until` (default fuse: training and evaluation are the same work either way, and lambda changes only
 training). The two variant runs are deleted afterwards (jobs.cache.release_run), so the next invocation
 measures again.
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         fresh = variant(base_doc, "noreuse-bench", args.lam)
         try:
             with_s, with_n = run(reuse, args.until, env, folder)
-            without_s, without_n = run(fresh, args.until, {**env, "FUSIONRUN_CACHE": "off"}, folder)
+            without_s, without_n = run(fresh, args.until, {**env, "FUSIONRUN_REUSE": "off"}, folder)
         finally:
             for doc in (reuse, fresh):
                 release(doc)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {'':<22} | {'seconds':>8} | tasks ran | reused |")
     for label, secs, n in (
         ("with reuse (default)", with_s, with_n),
-        ("FUSIONRUN_CACHE=off", without_s, without_n),
+        ("FUSIONRUN_REUSE=off", without_s, without_n),
     ):
         print(f"| {label:<22} | {secs:8.1f} | {n['ran']:>9} | {n['reused']:>6} |")
     print(f"ratio without / with reuse: {without_s / with_s:.1f}x")

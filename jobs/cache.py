@@ -48,8 +48,8 @@ ENTRY, LEASE, USERS = "entry.json", "lease.json", "users"
 
 def enabled(task: Task) -> bool:
     """Whether a task's outputs go to the shared cache: cacheable stages, unless turned off
-    (FUSIONRUN_CACHE=off: each run keeps its own outputs, as before the cache existed)."""
-    return task.stage in CACHEABLE and os.environ.get("FUSIONRUN_CACHE", "on") != "off"
+    (FUSIONRUN_REUSE=off: each run keeps its own outputs, as before the cache existed)."""
+    return task.stage in CACHEABLE and os.environ.get("FUSIONRUN_REUSE", "on") != "off"
 
 
 def lease_seconds() -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 from jobs.cache import located
 from jobs.complete import read_manifest
 from jobs.registry import Layout, Stage, Task
-from jobs.store import LocalStore
+from jobs.store import LocalStore, Store
 
 
 def output_file(store_root: Path, run: str, task: Task, key: str | None = None) -> Path:
@@ -18,3 +18,9 @@ def output_file(store_root: Path, run: str, task: Task, key: str | None = None) 
     path = where.local_path(physical)
     assert path is not None
     return path
+
+
+def read_output(store: Store, task: Task, key: str, dest: Path) -> Path:
+    """Download a task's output `key` (any store) to `dest`, wherever its bytes are."""
+    where, physical = located(store, read_manifest(store, task), key)
+    return where.download(physical, dest)

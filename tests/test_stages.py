@@ -30,7 +30,7 @@ from jobs.spec import Corpus, parse_spec
 from jobs.stages import align, extract, fuse, prepare
 from jobs.stages.common import StageError, run_task
 from jobs.store import open_store
-from tests.artifacts import output_file
+from tests.artifacts import output_file, read_output
 from tests.conftest import MISTRAL_URI, SMOLLM2_GGUF, SMOLLM2_URI
 from tests.harness.s3 import ENDPOINT
 
@@ -405,7 +405,8 @@ def test_prepare_reads_a_corpus_from_s3(s3_server, s3_bucket, tmp_path: Path, mo
         st = open_store(spec.store, "r")
         m = read_manifest(st, "prepare/manifest.json")
         assert m["counts"]["documents"] == n_docs and m["counts"]["heldout_documents"] == 0
-    raw = read_shard(st.download("prepare/shard-00000.safetensors", tmp_path / "s.safetensors"), "raw")
+    shard = read_output(st, _t("prepare"), "prepare/shard-00000.safetensors", tmp_path / "s.safetensors")
+    raw = read_shard(shard, "raw")
     assert unpack_texts(raw["text"], raw["doc_offsets"]) == ["file one", "file two"]
 
 
@@ -424,7 +425,9 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
 
     def prepared(st, run: str) -> tuple[dict, list[str]]:
         m = read_manifest(st, "prepare/manifest.json")
-        local = st.download("prepare/shard-00000.safetensors", tmp_path / run / "s.safetensors")
+        local = read_output(
+            st, _t("prepare"), "prepare/shard-00000.safetensors", tmp_path / run / "s.safetensors"
+        )
         raw = read_shard(local, "raw")
         return m, unpack_texts(raw["text"], raw["doc_offsets"])
 
