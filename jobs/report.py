@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.complete import read_manifest
+from jobs.observe import alignment_from_store
 from jobs.plan import build_dag, trained_variants
 from jobs.progress import TrainingHistory, read_history
 from jobs.registry import Layout, Stage
@@ -152,6 +153,9 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
         "metrics": _json(store, Layout.METRICS),
         "loss_curves": loss_curves(store, spec, log_dir),
         "mince_choices": choice,
+        "alignment": alignment_from_store(
+            store, dag, {t for t, v in tasks.items() if v["state"] == "complete"}
+        ),
         "fusion": spec.fusion.model_dump(by_alias=True),
         # Decided from the spec: every model random-init means the numbers cannot speak to fusion's worth.
         "tiny_random_init": all(m.random_init is not None for m in spec.models),
@@ -227,15 +231,82 @@ def _plot_choices(choice: dict[str, int], path: Path) -> bool:
     return True
 
 
-def _difference_line(diff: dict[str, float] | None) -> list[str]:
+BASELINE_NAMES = {"clm": "CLM-only", "self": "self-distillation", "sources": "sources only"}
+
+
+def _plot_alignment(alignment: dict[str, dict[str, Any]], path: Path) -> bool:
+    """One stacked bar per source: the share of target positions received, and lost by cause."""
+    if not alignment:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = (
+        ("received", "received"),
+        ("lost_at_boundary", "lost at a boundary"),
+        ("lost_no_boundary", "no boundary"),
+        ("lost_special", "special token"),
+        ("lost_normalised", "normalised"),
+    )
+    names = list(alignment)
+    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.5 * len(names)))
+    left = [0.0] * len(names)
+    for key, label in parts:
+        share = [alignment[n].get(key, 0) / max(alignment[n].get("positions", 0), 1) for n in names]
+        ax.barh(names, share, left=left, label=label)
+        left = [a + b for a, b in zip(left, share, strict=True)]
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of the target's predicting positions")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _difference_line(diff: dict[str, float] | None, baseline: str = "clm") -> list[str]:
     if not diff:
         return []
     return [
-        f"FuseLLM minus CLM-only: {diff['bits_per_byte']:+.4f} bits per byte (95% paired bootstrap "
-        f"interval over the held-out documents: {diff['ci95_low']:+.4f} to {diff['ci95_high']:+.4f}; "
-        "negative favours FuseLLM).",
+        f"FuseLLM minus {BASELINE_NAMES[baseline]}: {diff['bits_per_byte']:+.4f} bits per byte (95% paired "
+        "bootstrap interval over the held-out documents: "
+        f"{diff['ci95_low']:+.4f} to {diff['ci95_high']:+.4f}; negative favours FuseLLM).",
         "",
     ]
+
+
+def _difference_lines(block: dict[str, Any]) -> list[str]:
+    """FuseLLM against every baseline the run trained (evaluate's fused_minus_<baseline>)."""
+    return [line for b in BASELINE_NAMES for line in _difference_line(block.get(f"fused_minus_{b}"), b)]
+
+
+def render_alignment(alignment: dict[str, dict[str, Any]]) -> list[str]:
+    """Per source: what reached the target's positions, the byte-boundary bound, the probability mass that
+    reached the target vocabulary, the positions lost by cause (jobs.status.alignment_diagnostics)."""
+    if not alignment:
+        return []
+    lines = [
+        "## Alignment: what reached the target",
+        "",
+        "| source | method | positions | received | bound (boundaries coincide) | mass reached | lost: no "
+        "boundary | lost: at a boundary | lost: special | lost: normalised |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, d in alignment.items():
+        n = max(d.get("positions", 0), 1)
+        lost = [
+            d.get(k, 0) / n
+            for k in ("lost_no_boundary", "lost_at_boundary", "lost_special", "lost_normalised")
+        ]
+        lines.append(
+            f"| {name} | {d.get('method')} | {d.get('positions')} | {d.get('received_fraction', 0):.1%} | "
+            f"{d.get('boundary_fraction', 0):.1%} | {d.get('mass_fraction', 0):.1%} | "
+            + " | ".join(f"{x:.1%}" for x in lost)
+            + " |"
+        )
+    return [*lines, ""]
 
 
 def ordered_labels(models: dict[str, Any]) -> list[str]:
@@ -375,7 +446,7 @@ def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) 
                 f"{m.get('perplexity', float('nan')):.2f} | {m.get('tokens', '?')} |"
             )
         lines.append("")
-        lines += _difference_line(metrics.get("fused_minus_clm"))
+        lines += _difference_lines(metrics)
     else:
         lines += ["## Held-out evaluation", "", "No metrics (evaluation disabled or not run).", ""]
     for name, block in (metrics.get("corpora") or {}).items():
@@ -384,16 +455,24 @@ def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) 
             "",
             f"{block.get('documents', '?')} documents, {block.get('bytes', '?')} bytes (evaluation.corpora).",
             "",
-            "| model | bits per byte |",
-            "|---|---|",
+            "| model | bits per byte | perplexity (own tokens) |",
+            "|---|---|---|",
         ]
+        nan = float("nan")
         lines += [
-            f"| {label} | {m.get('bits_per_byte', float('nan')):.4f} |" for label, m in ordered_models(block)
+            f"| {label} | {m.get('bits_per_byte', nan):.4f} | {m.get('perplexity', nan):.2f} |"
+            for label, m in ordered_models(block)
         ]
         lines.append("")
-        lines += _difference_line(block.get("fused_minus_clm"))
+        lines += _difference_lines(block)
     lines += render_tasks(metrics)
-    titles = (("bpb", "bits per byte"), ("tasks", "benchmark tasks"), ("loss", "training loss"))
+    lines += render_alignment(data.get("alignment") or {})
+    titles = (
+        ("bpb", "bits per byte"),
+        ("tasks", "benchmark tasks"),
+        ("loss", "training loss"),
+        ("alignment", "alignment: positions by outcome, per source"),
+    )
     for key, title in (*titles, ("choices", "MinCE choices")):
         if key in plots:
             lines += [f"![{title}]({plots[key]})", ""]
@@ -429,6 +508,7 @@ def write_report(store: Store, spec: FusionRunSpec, run_name: str, out_dir: Path
         ("tasks", _plot_tasks, data["metrics"] or {}),
         ("loss", _plot_loss, data["loss_curves"]),
         ("choices", _plot_choices, data["mince_choices"]),
+        ("alignment", _plot_alignment, data["alignment"]),
     ):
         if fn(arg, out_dir / f"{key}.png"):
             plots[key] = f"{key}.png"

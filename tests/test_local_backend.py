@@ -130,3 +130,29 @@ def test_baselines_train_on_the_same_blocks_and_are_compared(tmp_path: Path) -> 
     # The same documents and tokens in every variant: the blocks training packs are identical.
     for other in (own, sources):
         assert (other["input_ids"][:] == fused["input_ids"][:]).all()
+
+
+def test_report_renders_alignment_and_every_baseline_comparison(tmp_path: Path) -> None:
+    from jobs.report import _plot_alignment, render_alignment, render_markdown
+
+    diag = {
+        "method": "exact",
+        "positions": 200,
+        "received": 170,
+        "lost_no_boundary": 24,
+        "lost_at_boundary": 0,
+        "lost_special": 4,
+        "lost_normalised": 2,
+        "received_fraction": 0.85,
+        "boundary_fraction": 0.85,
+        "mass_fraction": 0.97,
+    }
+    table = render_alignment({"gemma": diag})
+    assert table[4] == "| gemma | exact | 200 | 85.0% | 85.0% | 97.0% | 12.0% | 0.0% | 2.0% | 1.0% |"
+    assert _plot_alignment({"gemma": diag}, tmp_path / "a.png") and (tmp_path / "a.png").stat().st_size > 0
+    diff = {"bits_per_byte": -0.0123, "ci95_low": -0.02, "ci95_high": -0.005}
+    fused = {"bits_per_byte": 0.7, "perplexity": 5.0, "tokens": 9}
+    metrics = {"models": {"fused": fused}, "fused_minus_clm": diff, "fused_minus_self": diff}
+    md = render_markdown("r", {"metrics": metrics, "tasks": {}, "alignment": {"gemma": diag}}, {})
+    assert "FuseLLM minus CLM-only: -0.0123" in md and "FuseLLM minus self-distillation: -0.0123" in md
+    assert "## Alignment: what reached the target" in md
