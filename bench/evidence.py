@@ -123,7 +123,7 @@ def link_self_extraction(base_dir: Path, spec_path: Path) -> None:
         write_manifest(store, task, manifest)
 
 
-def run_variant(base_doc: dict[str, Any], store_root: Path, variant: str) -> int:
+def run_variant(base_doc: dict[str, Any], store_root: Path, variant: str, until: str | None = None) -> int:
     from jobs.spec import parse_fusionrun
 
     doc = variant_document(base_doc, variant)
@@ -140,8 +140,10 @@ def run_variant(base_doc: dict[str, Any], store_root: Path, variant: str) -> int
         link_self_extraction(base_dir, path)
     else:
         link_reused(base_dir, store_root / name)
-    rc = subprocess.call([sys.executable, "-m", "jobs.cli", "run", str(path)], cwd=ROOT)
-    if rc == 0:
+    rc = subprocess.call(
+        [sys.executable, "-m", "jobs.cli", "run", str(path), *(["--until", until] if until else [])], cwd=ROOT
+    )
+    if rc == 0 and until is None:
         for ckpt in (store_root / name / "train").glob("*/checkpoints"):
             import shutil
 
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("variants", nargs="*", help=f"a selection of {list(VARIANTS)}")
     ap.add_argument("--base", default=str(BASE_SPEC))
     ap.add_argument("--table", action="store_true", help="only print the table of what has run")
+    ap.add_argument("--until", help="stop each variant after this stage (e.g. fuse, while another trains)")
     ap.add_argument("--compare", nargs="*", default=[], help="more comparisons, as A:B labels")
     ap.add_argument("--json", type=Path, help="also write the collected scores (without per-document bits)")
     args = ap.parse_args(argv)
@@ -228,13 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     store_root = Path(run.spec.store.uri.removeprefix("file://"))
     base = run.metadata.name
-    if not (store_root / base / "evaluate" / "metrics.json").is_file():
+    if not args.until and not (store_root / base / "evaluate" / "metrics.json").is_file():
         ap.error(f"run the base first: {sys.executable} -m jobs.cli run {args.base}")
     failed = []
     if not args.table:
         for v in args.variants:
             t = time.time()
-            rc = run_variant(base_doc, store_root, v)
+            rc = run_variant(base_doc, store_root, v, args.until)
             print(f"=== {v}: exit {rc} after {time.time() - t:.0f} s", flush=True)
             failed += [v] if rc else []
     done = [v for v in VARIANTS if (store_root / f"{base}-{v}" / "evaluate" / "metrics.json").is_file()]

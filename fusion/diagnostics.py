@@ -383,7 +383,7 @@ def verdict(d: Diagnostics) -> str:
     if not helpful:
         return (
             "no source is better than the target on any document (fused view, aligned positions): "
-            "fusion cannot help"
+            "fusion cannot help (nothing to transfer; any gain would be regularisation)"
         )
     lines = []
     for s in helpful:
