@@ -66,6 +66,11 @@ def print_report(d: Diagnostics, label: str) -> None:
         print("| figure | target | source |\n|---|---|---|")
         print(f"| bits/byte as fusion uses it | {fv['target']:.4f} | {fv['source']:.4f} |")
         print(f"| bits/byte, full softmax | {full['target']:.4f} | {full['source']:.4f} |")
+        bh = src["both_hit"]
+        print(
+            f"| bits/byte where both hold the gold ({bh['rows']:.1%} of rows) | {bh['target_bpb']:.4f} | "
+            f"{bh['source_bpb']:.4f} |"
+        )
         print(
             f"| gold outside the entries | {src['miss_rate']['target']:.1%} | "
             f"{src['miss_rate']['source']:.1%} |"
@@ -76,7 +81,9 @@ def print_report(d: Diagnostics, label: str) -> None:
         )
         print(
             f"\noracle per token {fv['token_oracle']:.4f}, per document {fv['document_oracle']:.4f}, "
-            f"MinCE (this source vs the target) {fv['mince']:.4f} bits/byte"
+            f"MinCE (this source vs the target) {fv['mince']:.4f}, token-level MinCE (fusion.fuse's rule, "
+            f"picks the source on {src['token_mince']['rows_source']:.1%} of rows) "
+            f"{src['token_mince']['bpb']:.4f} bits/byte"
         )
         print(
             f"documents: source better on {src['documents_source_better']} of {src['documents']} "

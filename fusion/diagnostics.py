@@ -20,8 +20,11 @@ Per source:
 - fused view on its aligned rows: bits/byte of the target's q and of the source's q; miss rates; the share
   of rows where the source puts more mass on the gold token than the target (and the reverse); the
   per-token oracle (the better of the two per row) and the per-document oracle (the better per document);
+- the same two on the rows where both hold the gold among their entries (no floor involved);
 - MinCE (sequence level, this source against the target, on fusion.fuse's own CE) per document, its
-  bits/byte on those rows and how often it agrees with the per-document oracle;
+  bits/byte on those rows and how often it agrees with the per-document oracle; and token-level MinCE
+  (fusion.fuse's per-position rule, which decides by the full-softmax log p of each side's gold token:
+  close to an oracle at the gold token by construction, so its fused-view figure is optimistic);
 - full softmax (before truncation and projection) on the same rows: the target's log p(gold) and the
   source's log p of its own gold token at the paired position (the same text where the pair is exact);
 - where mass is lost: coverage (rows with no source distribution), top-k truncation (1 - the top-k mass at
@@ -51,6 +54,7 @@ from fusion.fuse import (
     sequence_ce,
     softmax_rows,
     target_candidate,
+    token_ce,
 )
 
 _BLOCK_ROWS = 1 << 16
@@ -72,6 +76,12 @@ class SourceFigures:
     source_misses: int = 0
     source_more: int = 0  # rows where q_source(gold) > q_target(gold)
     target_more: int = 0
+    both_hit: int = 0  # rows where both candidates hold the gold among their entries (no floor involved)
+    both_hit_bytes: int = 0
+    both_hit_target_bits: float = 0.0
+    both_hit_source_bits: float = 0.0
+    token_mince_bits: float = 0.0  # MinCE per position by fusion.fuse's own per-token CE, in the fused view
+    token_mince_source: int = 0  # rows where it picks the source
     target_full_bits: float = 0.0  # full softmax, aligned rows
     source_full_bits: float = 0.0
     source_full_more: int = 0
@@ -133,6 +143,15 @@ class SourceFigures:
                 "token_oracle": round(self.bpb(self.token_oracle_bits), 4),
                 "document_oracle": round(self.bpb(self.doc_oracle_bits), 4),
                 "mince": round(self.bpb(self.mince_bits), 4),
+            },
+            "both_hit": {
+                "rows": round(_ratio(self.both_hit, n), 4),
+                "target_bpb": round(_ratio(self.both_hit_target_bits, self.both_hit_bytes), 4),
+                "source_bpb": round(_ratio(self.both_hit_source_bits, self.both_hit_bytes), 4),
+            },
+            "token_mince": {
+                "bpb": round(self.bpb(self.token_mince_bits), 4),
+                "rows_source": round(_ratio(self.token_mince_source, n), 4),
             },
             "miss_rate": {
                 "target": round(_ratio(self.target_misses, n), 4),
@@ -246,6 +265,8 @@ def source_figures(
     full_s = -np.nan_to_num(src.gold_logprob.astype(np.float64), nan=0.0) / LN2
     n_docs = len(src.doc_nll)
     mince_source = sequence_ce(src, ce_unit) < sequence_ce(tgt, ce_unit)  # ties go to the target
+    token_pick = token_ce(src, ce_unit) < token_ce(tgt, ce_unit)  # fusion.fuse's token-level rule
+    both = rows & (q_target > 0) & (q_source > 0)
     return SourceFigures(
         name=name,
         positions=int(ctx["predicts"].sum()),
@@ -258,6 +279,12 @@ def source_figures(
         source_misses=int((q_source[rows] == 0).sum()),
         source_more=int((q_source > q_target)[rows].sum()),
         target_more=int((q_target > q_source)[rows].sum()),
+        both_hit=int(both.sum()),
+        both_hit_bytes=int(nbytes[both].sum()),
+        both_hit_target_bits=float(bt[both].sum()),
+        both_hit_source_bits=float(bs[both].sum()),
+        token_mince_bits=float(np.where(token_pick, bs, bt)[rows].sum()),
+        token_mince_source=int((token_pick & rows).sum()),
         target_full_bits=float(full_t[rows].sum()),
         source_full_bits=float(full_s[rows].sum()),
         source_full_more=int((full_s < full_t)[rows].sum()),

@@ -92,6 +92,15 @@ def test_fused_view_figures_on_the_aligned_rows(shards) -> None:
     assert s.token_oracle_bits == pytest.approx(LOG2_15 + LOG2_125, abs=TOL)
     assert (s.target_misses, s.source_misses) == (1, 0)
     assert (s.source_more, s.target_more) == (1, 1)  # row 1 the source, row 0 the target
+    # Both hold the gold only on row 0 (2 bytes): target log2(1.5) bits, source 1 bit.
+    assert (s.both_hit, s.both_hit_bytes) == (1, 2)
+    assert (s.both_hit_target_bits, s.both_hit_source_bits) == (
+        pytest.approx(LOG2_15, abs=TOL),
+        pytest.approx(1, abs=TOL),
+    )
+    # Token-level MinCE by per-byte full-softmax CE: row 0 target 1/2 vs source 2/2 bits per byte -> the
+    # target; row 1 target 4/4 vs source 1/4 -> the source.
+    assert s.token_mince_bits == pytest.approx(LOG2_15 + LOG2_125, abs=TOL) and s.token_mince_source == 1
     # Full softmax on the same rows: target 1 + 4 bits, source 2 + 1 bits; the source is ahead on row 1.
     assert (s.target_full_bits, s.source_full_bits) == (pytest.approx(5, abs=TOL), pytest.approx(3, abs=TOL))
     assert s.source_full_more == 1
