@@ -47,6 +47,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "token-level": ("MinCE per position", {"fusion": {"level": "token"}}),
     "avgce": ("AvgCE", {"fusion": {"strategy": "avgCE"}}),
     "seed-1": ("seed 1, with its own CLM-only baseline", {"training": {"seed": 1, "clmBaseline": True}}),
+    "fused-seed-1": ("FuseLLM with seed 1 (data order)", {"training": {"seed": 1}}),
     "self-seed-1": (
         "self-distillation, seed 1",
         {"fusion": {"includeTarget": False}, "training": {"seed": 1}},
