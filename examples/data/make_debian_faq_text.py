@@ -3,8 +3,8 @@ edition; GPL-2+): text no one on this project wrote, in neither the code nor the
 
 One document per numbered section ("5.1. What types of applications ..."), cut at paragraphs into pieces
 of at most --doc-bytes, its hard-wrapped lines joined back into paragraphs (separated by one newline, so a
-text-format reader keeps a piece whole), until `--max-bytes`. Deterministic for a given package version (pinned). Nothing generated is
-committed:
+text-format reader keeps a piece whole), until `--max-bytes`. Deterministic for a given package version
+(pinned). Nothing generated is committed:
 
     apt-get install debian-faq
     .venv/bin/python examples/data/make_debian_faq_text.py      # -> examples/data/generated/debian-faq.txt
