@@ -3,7 +3,7 @@ PY := .venv/bin/python
 EXAMPLE ?= examples/tiny-local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all lint fmt crds bench ablation k8s clean
+.PHONY: setup demo test test-slow test-all lint fmt crds bench ablation evidence-data evidence k8s clean
 
 setup:
 	@bash scripts/setup.sh
@@ -48,6 +48,20 @@ ablation: setup
 	bash scripts/fetch-real-models.sh
 	$(PY) -m jobs.cli run examples/real-smollm2-gemma.yaml
 	$(PY) -m bench.ablation $(VARIANTS)
+
+## Texts of the source-knowledge evidence (docs/evidence-notes.md), built from pinned installed packages
+## into examples/data/generated/ (not committed). The Debian FAQ needs `apt-get install debian-faq`.
+evidence-data: setup
+	$(PY) examples/data/make_pkg_code_corpus.py
+	$(PY) examples/data/make_debian_faq_text.py
+
+## The evidence runs: base (FuseLLM + CLM-only), its diagnostics, self-distillation (hours on CPU).
+evidence: evidence-data
+	bash scripts/fetch-real-models.sh
+	$(PY) -m jobs.cli run examples/real-pkg-code.yaml --until align
+	$(PY) -m bench.source_value --store examples/runs --run real-pkg-code
+	$(PY) -m jobs.cli run examples/real-pkg-code.yaml
+	$(PY) -m bench.evidence self $(VARIANTS)
 
 k8s:
 	bash scripts/k8s-control-plane.sh build
