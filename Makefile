@@ -55,13 +55,14 @@ evidence-data: setup
 	$(PY) examples/data/make_pkg_code_corpus.py
 	$(PY) examples/data/make_debian_faq_text.py
 
-## The evidence runs: base (FuseLLM + CLM-only), its diagnostics, self-distillation (hours on CPU).
+## The evidence (docs/results.md): the headline run (FuseLLM and its baselines), its replicates and comparisons,
+## each a real `fusionrun run` reusing the extraction through the shared cache (hours on 2 CPU cores).
 evidence: evidence-data
 	bash scripts/fetch-real-models.sh
-	$(PY) -m jobs.cli run examples/real-pkg-code.yaml --until align
-	$(PY) -m bench.source_value --store examples/runs --run real-pkg-code
-	$(PY) -m jobs.cli run examples/real-pkg-code.yaml
-	$(PY) -m bench.evidence self $(VARIANTS)
+	$(PY) -m jobs.cli run examples/evidence-pkg-code.yaml --until align
+	$(PY) -m bench.source_value --spec examples/evidence-pkg-code.yaml
+	$(PY) -m bench.evidence $(RUNS)
+	$(PY) -m bench.evidence --table docs/evidence-tables.md
 
 k8s:
 	bash scripts/k8s-control-plane.sh build

@@ -1,29 +1,27 @@
-"""Does FuseLLM transfer knowledge from ANOTHER model? The comparison that can tell (docs/evidence-notes.md).
+"""Does fusing another model's knowledge beat plain continual training and self-distillation? Every number
+of docs/results.md's evidence section, measured through the real pipeline.
 
-    .venv/bin/python examples/data/make_pkg_code_corpus.py     # the corpus (examples/data/generated/)
-    .venv/bin/python examples/data/make_debian_faq_text.py     # prose held-out text (needs debian-faq)
-    .venv/bin/python -m jobs.cli run examples/real-pkg-code.yaml           # base: FuseLLM + CLM-only
-    .venv/bin/python -m bench.evidence source-only self                   # the variants below
-    .venv/bin/python -m bench.evidence --table                            # the comparison table
+    bash scripts/fetch-real-models.sh && make evidence-data
+    .venv/bin/python -m bench.evidence                     # every run below that is not complete yet
+    .venv/bin/python -m bench.evidence seed-1 mined        # a selection
+    .venv/bin/python -m bench.evidence --table results.md  # the tables of what has run (markdown)
 
-Every variant is a real `fusionrun run` of the base FusionRun with a few fields changed, under the name
-`<base>-<variant>` in the same store, on the same data, steps, seed and schedule; it starts from hard
-links to the base run's prepare/extract/align outputs (bench.ablation's mechanism) and trains the FuseLLM
-model only. Variants:
-  source-only  the source alone as the teacher (fusion.includeTarget false)
-  self         self-distillation: the target as its own only teacher. For now a second copy of the target
-               named `self` is the only source (includeTarget false). The model list is part of prepare's
-               fingerprint, so its prepare is redone (and must come out byte-identical to the base run's);
-               both its extractions are the base run's target shards, linked, with manifests written for
-               its own spec by jobs.manifest. Alignment of a model onto itself is then 1:1 everywhere.
-  others       fusion or training settings (lambda, level, strategy, k), FuseLLM only.
+The headline run is examples/evidence-pkg-code.yaml: FuseLLM and its three baselines (CLM-only,
+self-distillation, the source alone) trained on the same blocks, in the same order, for the same steps with
+the same seed and schedule, and every model scored on the held-out split of the training domain and on two
+further held-out texts. Each other run is that FusionRun with a few fields changed (RUNS), under the name
+`<base>-<run>` in the same store; its prepare, extract and align adopt the headline run's entries in the
+store's shared cache (jobs.cache): nothing is extracted twice. Checkpoints of finished runs are deleted.
+
+Comparisons are paired per held-out document (the same documents in every run): within a run FuseLLM
+against each baseline (evaluate's fused_minus_*), across runs FuseLLM against FuseLLM (alignment, fusion
+settings) with fusion.evaluate.paired_bpb_difference.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,127 +31,96 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bench.ablation import _json, deep_merge, link_reused
+from bench.ablation import _json, deep_merge
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_SPEC = ROOT / "examples" / "real-pkg-code.yaml"
-SELF = "self"
+BASE_SPEC = ROOT / "examples" / "evidence-pkg-code.yaml"
+ALL_BASELINES = {"clmBaseline": True, "selfDistillBaseline": True, "sourcesOnlyBaseline": True}
+NO_BASELINES = {"clmBaseline": False, "selfDistillBaseline": False, "sourcesOnlyBaseline": False}
+LIGHT_EVAL = {"evaluateSources": False, "tasks": [], "taskDirs": []}  # the headline run scores those
 
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "source-only": ("the source alone as the teacher", {"fusion": {"includeTarget": False}}),
-    SELF: ("self-distillation: the target as its own only teacher", {"fusion": {"includeTarget": False}}),
-    "lambda-0p9": ("lambda 0.9 (the paper's)", {"training": {"lambda": 0.9}}),
-    "lambda-0p5": ("lambda 0.5", {"training": {"lambda": 0.5}}),
-    "token-level": ("MinCE per position", {"fusion": {"level": "token"}}),
-    "avgce": ("AvgCE", {"fusion": {"strategy": "avgCE"}}),
-    "seed-1": ("seed 1, with its own CLM-only baseline", {"training": {"seed": 1, "clmBaseline": True}}),
-    "fused-seed-1": ("FuseLLM with seed 1 (data order)", {"training": {"seed": 1}}),
-    "self-seed-1": (
-        "self-distillation, seed 1",
-        {"fusion": {"includeTarget": False}, "training": {"seed": 1}},
+# run -> (what it measures, overrides of the headline FusionRun, camelCase as in the YAML)
+RUNS: dict[str, tuple[str, dict[str, Any]]] = {
+    "seed-1": ("the headline with seed 1 (data order, initial state of training)", {"training": {"seed": 1}}),
+    "one-epoch": ("one pass over the training split (the paper's budget)", {"training": {"maxSteps": 17}}),
+    "one-epoch-seed-1": ("one pass, seed 1", {"training": {"maxSteps": 17, "seed": 1}}),
+    "mined": (
+        "the paper's alignment (DTW + MinED), everything else as the headline",
+        {"alignment": {"method": "mined"}, "training": {**NO_BASELINES, "sourcesOnlyBaseline": True}},
     ),
-    "source-only-seed-1": (
-        "the source alone, seed 1",
-        {"fusion": {"includeTarget": False}, "training": {"seed": 1}},
+    "paper-fusion": (
+        "the paper's alignment and fusion choices (MinED; CE on each model's own tokens; one-hot fallback)",
+        {
+            "alignment": {"method": "mined"},
+            "fusion": {"ceOn": "own", "fallback": "onehot"},
+            "training": NO_BASELINES,
+        },
+    ),
+    "lambda-0p9": (
+        "lambda 0.9 (the paper's), with its own self-distillation and CLM-only baselines",
+        {"training": {"lambda": 0.9, "sourcesOnlyBaseline": False}},
     ),
 }
 
 
-def is_self(variant: str) -> bool:
-    return variant == SELF or variant.startswith(SELF + "-")
-
-
-def variant_document(base_doc: dict[str, Any], variant: str) -> dict[str, Any]:
-    _, over = VARIANTS[variant]
-    common = {"training": {"clmBaseline": False}, "evaluation": {"evaluateSources": False}}
-    spec = deep_merge(deep_merge(base_doc["spec"], common), over)
-    if is_self(variant):
-        target = spec["target"]
-        spec["sources"] = [{**target, "name": SELF}]
+def run_document(base_doc: dict[str, Any], run: str) -> dict[str, Any]:
+    _, over = RUNS[run]
+    spec = deep_merge(deep_merge(base_doc["spec"], {"evaluation": LIGHT_EVAL}), over)
+    name = f"{base_doc['metadata']['name']}-{run}"
     return {
         "apiVersion": base_doc["apiVersion"],
         "kind": "FusionRun",
-        "metadata": {"name": f"{base_doc['metadata']['name']}-{variant}"},
+        "metadata": {"name": name},
         "spec": spec,
     }
 
 
-def link_self_extraction(base_dir: Path, spec_path: Path) -> None:
-    """For a self variant: its prepare must equal the base run's; then the base run's target shards serve
-    as both its extractions, with manifests for its own spec (fingerprints and input digests)."""
-    from jobs.manifest import Output, build_manifest, input_digests, manifest_key, write_manifest
-    from jobs.plan import Stage, build_dag
+def base_document(path: Path) -> dict[str, Any]:
+    """The headline FusionRun with its local URIs made absolute (run documents are written elsewhere)."""
     from jobs.spec import load_fusionrun
-    from jobs.store import open_store
 
-    rc = subprocess.call(
-        [sys.executable, "-m", "jobs.cli", "run", str(spec_path), "--until", "prepare"], cwd=ROOT
-    )
-    if rc:
-        raise SystemExit(f"prepare of {spec_path} failed")
-    run = load_fusionrun(spec_path)
-    store = open_store(run.spec.store, run.metadata.name)
-    ours = _json(Path(store.root) / "prepare" / "manifest.json")["outputs"]
-    theirs = _json(base_dir / "prepare" / "manifest.json")["outputs"]
-    if ours != theirs:
-        raise SystemExit("the self variant's prepared shards differ from the base run's: cannot reuse them")
-    dag = build_dag(run.spec)
-    by_id = {t.id: t for t in dag}
-    target = run.spec.target.name
-    for task in (t for t in dag if t.stage is Stage.extract):
-        key = manifest_key(task)
-        if (Path(store.root) / key).is_file():
-            continue
-        base_key = f"extract/{target}/shard-{task.shard:05d}"
-        base_manifest = _json(base_dir / f"{base_key}.manifest.json")
-        out_key = f"extract/{task.model}/shard-{task.shard:05d}.safetensors"
-        dst = Path(store.root) / out_key
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if not dst.exists():
-            os.link(base_dir / f"{base_key}.safetensors", dst)
-        o = base_manifest["outputs"][f"{base_key}.safetensors"]
-        manifest = build_manifest(
-            run.spec,
-            task,
-            {out_key: Output(o["sha256"], o["bytes"])},
-            input_digests(store, by_id, task),
-            time.time(),
-            base_manifest.get("counts"),
-            {**base_manifest.get("summary", {}), "linked_from": str(base_dir / base_key)},
-        )
-        write_manifest(store, task, manifest)
+    run = load_fusionrun(path)
+    spec = run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return {
+        "apiVersion": run.api_version,
+        "kind": "FusionRun",
+        "metadata": {"name": run.metadata.name},
+        "spec": spec,
+    }
 
 
-def run_variant(base_doc: dict[str, Any], store_root: Path, variant: str, until: str | None = None) -> int:
+def fusionrun(path: Path) -> int:
+    print(f"    {sys.executable} -m jobs.cli run {path}", flush=True)
+    return subprocess.call([sys.executable, "-m", "jobs.cli", "run", str(path)], cwd=ROOT)
+
+
+def run_one(base_doc: dict[str, Any], store_root: Path, run: str) -> int:
     from jobs.spec import parse_fusionrun
 
-    doc = variant_document(base_doc, variant)
+    doc = run_document(base_doc, run)
     parse_fusionrun(doc)  # a bad override fails here, naming the field
-    name = doc["metadata"]["name"]
-    base_dir = store_root / base_doc["metadata"]["name"]
-    out_dir = store_root / "evidence-specs"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.yaml"
+    folder = store_root / "evidence-specs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{doc['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    print(f"\n=== {variant}: {VARIANTS[variant][0]}\n    {sys.executable} -m jobs.cli run {path}", flush=True)
-    if is_self(variant):
-        (store_root / name).mkdir(parents=True, exist_ok=True)
-        link_self_extraction(base_dir, path)
-    else:
-        link_reused(base_dir, store_root / name)
-    rc = subprocess.call(
-        [sys.executable, "-m", "jobs.cli", "run", str(path), *(["--until", until] if until else [])], cwd=ROOT
-    )
-    if rc == 0 and until is None:
-        for ckpt in (store_root / name / "train").glob("*/checkpoints"):
-            import shutil
-
+    print(f"\n=== {run}: {RUNS[run][0]}", flush=True)
+    rc = fusionrun(path)
+    if rc == 0:  # the exported models, metrics and manifests stay; checkpoints (GBs) go
+        for ckpt in (store_root / doc["metadata"]["name"] / "train").glob("*/checkpoints"):
             shutil.rmtree(ckpt, ignore_errors=True)
     return rc
 
 
-# ------------------------------------------------------------------------------------------------
-# The table
+# --------------------------------------------------------------------------------------------------
+# Tables
+
+LABELS = {
+    "target-before": "SmolLM2 before training",
+    "clm": "CLM-only",
+    "self": "self-distillation",
+    "sources": "source only",
+    "fused": "FuseLLM",
+}
 
 
 def models_of(metrics: dict[str, Any], text: str) -> dict[str, Any]:
@@ -162,94 +129,108 @@ def models_of(metrics: dict[str, Any], text: str) -> dict[str, Any]:
     return metrics.get("corpora", {}).get(text, {}).get("models", {})
 
 
-def collect(store_root: Path, base: str, variants: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """text -> model label -> its scores (bits_per_byte, perplexity, doc_bits, doc_bytes)."""
-    base_m = _json(store_root / base / "evaluate" / "metrics.json")
-    texts = ["heldout", *base_m.get("corpora", {})]
-    out: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in texts}
-    for t in texts:
-        for label, m in models_of(base_m, t).items():
-            out[t]["FuseLLM" if label == "fused" else "CLM-only" if label == "clm" else label] = m
-        for v in variants:
-            vm = _json(store_root / f"{base}-{v}" / "evaluate" / "metrics.json")
-            for label, m in models_of(vm, t).items():
-                if label == "fused":
-                    out[t][v] = m
-                elif label == "clm":
-                    out[t][f"CLM-only ({v})"] = m
-    return out
-
-
-def difference(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+def paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> tuple[float, float, float] | None:
+    """a minus b in bits per byte with its 95% paired bootstrap interval over the held-out documents."""
     from fusion.evaluate import paired_bpb_difference
 
-    if not a or not b:
-        return "-"
-    d = paired_bpb_difference(np.array(a["doc_bits"]), np.array(b["doc_bits"]), np.array(a["doc_bytes"]))
-    return f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
+    if not a or not b or len(a.get("doc_bits", [])) != len(b.get("doc_bits", [])):
+        return None
+    return paired_bpb_difference(np.array(a["doc_bits"]), np.array(b["doc_bits"]), np.array(a["doc_bytes"]))
 
 
-COMPARISONS = (
-    ("FuseLLM", "CLM-only"),
-    ("FuseLLM", SELF),
-    ("source-only", SELF),
-    ("source-only", "CLM-only"),
-    (SELF, "CLM-only"),
-)
+def fmt(d: tuple[float, float, float] | None) -> str:
+    return "-" if d is None else f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
 
 
-def print_table(scores: dict[str, dict[str, dict[str, Any]]], extra: list[tuple[str, str]]) -> None:
-    for text, models in scores.items():
-        print(f"\n### {text}\n\n| model | bits/byte | perplexity |\n|---|---|---|")
-        for label, m in models.items():
-            ppl = "-" if label.startswith("source:") else f"{m['perplexity']:.3f}"
-            print(f"| {label} | {m['bits_per_byte']:.4f} | {ppl} |")
-        print("\n| comparison | bits/byte difference [95% paired bootstrap CI] |\n|---|---|")
-        for a, b in (*COMPARISONS, *extra):
-            if a in models and b in models:
-                print(f"| {a} minus {b} | {difference(models[a], models[b])} |")
+def run_table(metrics: dict[str, Any], text: str) -> list[str]:
+    """One held-out text of one run: every model's bits/byte and perplexity, FuseLLM minus each baseline."""
+    models = models_of(metrics, text)
+    order = [k for k in LABELS if k in models] + sorted(k for k in models if k not in LABELS)
+    lines = ["| model | bits/byte | perplexity (own tokens) |", "|---|---|---|"]
+    for k in order:
+        m = models[k]
+        name = LABELS.get(k, k.removeprefix("source:") + " (source, own tokenization)")
+        lines.append(f"| {name} | {m['bits_per_byte']:.4f} | {m['perplexity']:.3f} |")
+    lines += [
+        "",
+        "| comparison | bits/byte difference [95% paired bootstrap CI] | perplexity change |",
+        "|---|---|---|",
+    ]
+    for b in ("clm", "self", "sources"):
+        if "fused" in models and b in models:
+            change = models["fused"]["perplexity"] / models[b]["perplexity"] - 1
+            lines.append(
+                f"| FuseLLM minus {LABELS[b]} | {fmt(paired(models['fused'], models[b]))} | {change:+.1%} |"
+            )
+    return [*lines, ""]
+
+
+def cross_run(
+    metrics: dict[str, dict[str, Any]], text: str, a: str, b: str, model: str = "fused"
+) -> tuple[float, float, float] | None:
+    """`model` of run a minus the same model of run b (the same held-out documents), paired."""
+    if a not in metrics or b not in metrics:
+        return None
+    return paired(models_of(metrics[a], text).get(model), models_of(metrics[b], text).get(model))
+
+
+def tables(store_root: Path, base: str) -> str:
+    names = {"headline": base, **{r: f"{base}-{r}" for r in RUNS}}
+    metrics = {r: m for r, n in names.items() if (m := _json(store_root / n / "evaluate" / "metrics.json"))}
+    out = []
+    for run, m in metrics.items():
+        texts = ["heldout", *m.get("corpora", {})]
+        out += [f"## {run}: {RUNS[run][0] if run in RUNS else 'examples/evidence-pkg-code.yaml'}", ""]
+        for text in texts:
+            out += [f"### {text}", "", *run_table(m, text)]
+    out += [
+        "## Across runs (FuseLLM, the same held-out documents)",
+        "",
+        "| comparison | " + " | ".join(["heldout", *metrics.get("headline", {}).get("corpora", {})]) + " |",
+    ]
+    texts = ["heldout", *metrics.get("headline", {}).get("corpora", {})]
+    out.append("|---|" + "---|" * len(texts))
+    for a, b, what in (
+        ("headline", "mined", "exact alignment minus MinED (same fusion settings)"),
+        (
+            "mined",
+            "paper-fusion",
+            "CE on the target's tokens + target fallback minus the paper's choices (MinED)",
+        ),
+        ("headline", "paper-fusion", "everything the diagnostics called for minus the paper's pipeline"),
+    ):
+        out.append(f"| {what} | " + " | ".join(fmt(cross_run(metrics, t, a, b)) for t in texts) + " |")
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.spec import load_fusionrun
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("variants", nargs="*", help=f"a selection of {list(VARIANTS)}")
-    ap.add_argument("--base", default=str(BASE_SPEC))
-    ap.add_argument("--table", action="store_true", help="only print the table of what has run")
-    ap.add_argument("--until", help="stop each variant after this stage (e.g. fuse, while another trains)")
-    ap.add_argument("--compare", nargs="*", default=[], help="more comparisons, as A:B labels")
-    ap.add_argument("--json", type=Path, help="also write the collected scores (without per-document bits)")
+    ap.add_argument("runs", nargs="*", help=f"a selection of {list(RUNS)} (default: every one not done)")
+    ap.add_argument("--base", type=Path, default=BASE_SPEC)
+    ap.add_argument("--table", type=Path, help="only write the tables of what has run to this file")
     args = ap.parse_args(argv)
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
-        ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    run = load_fusionrun(args.base)
-    base_doc = {
-        "apiVersion": run.api_version,
-        "metadata": {"name": run.metadata.name},
-        "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-    }
-    store_root = Path(run.spec.store.uri.removeprefix("file://"))
-    base = run.metadata.name
-    if not args.until and not (store_root / base / "evaluate" / "metrics.json").is_file():
-        ap.error(f"run the base first: {sys.executable} -m jobs.cli run {args.base}")
+        ap.error(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
+    base_doc = base_document(args.base)
+    store_root = Path(base_doc["spec"]["store"]["uri"].removeprefix("file://"))
+    base = base_doc["metadata"]["name"]
+    if args.table:
+        args.table.write_text(tables(store_root, base))
+        print(args.table.read_text())
+        return 0
+    if fusionrun(args.base) != 0:
+        return 1
+    todo = args.runs or [
+        r for r in RUNS if not (store_root / f"{base}-{r}" / "evaluate" / "metrics.json").is_file()
+    ]
     failed = []
-    if not args.table:
-        for v in args.variants:
-            t = time.time()
-            rc = run_variant(base_doc, store_root, v, args.until)
-            print(f"=== {v}: exit {rc} after {time.time() - t:.0f} s", flush=True)
-            failed += [v] if rc else []
-    done = [v for v in VARIANTS if (store_root / f"{base}-{v}" / "evaluate" / "metrics.json").is_file()]
-    scores = collect(store_root, base, done)
-    print_table(scores, [tuple(c.split(":", 1)) for c in args.compare])  # type: ignore[misc]
-    if args.json:
-        slim = {
-            t: {k: {f: v for f, v in m.items() if not f.startswith("doc_")} for k, m in ms.items()}
-            for t, ms in scores.items()
-        }
-        args.json.write_text(json.dumps(slim, indent=1) + "\n")
+    for r in todo:
+        t = time.time()
+        rc = run_one(base_doc, store_root, r)
+        print(f"=== {r}: exit {rc} after {time.time() - t:.0f} s", flush=True)
+        failed += [r] if rc else []
+    print(tables(store_root, base))
     return 1 if failed else 0
 
 

@@ -1,11 +1,11 @@
 """Where can a source teach the target? fusion.diagnostics over a run's extract and align shards.
 
-    .venv/bin/python -m bench.source_value --store /work/evidence-store --run pkg-code
+    .venv/bin/python -m bench.source_value --spec examples/evidence-pkg-code.yaml
     .venv/bin/python -m bench.source_value --store runs --run my-run --temperature 2 --top-k 5 --json d.json
 
-The target is the model with extract shards but no align shards; every model under align/ is a source.
-Fusion settings (temperature, top-k, CE unit) default to fusion.fuse's defaults; pass the run's own to see
-what its fuse stage used. Prints one table per source, the overall figures and a one-line verdict.
+The run's shards are found through its manifests (in its own folder, or the store's shared cache entries
+they point at), its target and sources from its recorded spec. Fusion settings (temperature, top-k, CE
+unit) default to the run's own. Prints one table per source, the overall figures and a one-line verdict.
 """
 
 from __future__ import annotations
@@ -13,40 +13,43 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from fusion.diagnostics import Diagnostics, diagnose, merge
 from fusion.format import read_shard
 
 
-def run_models(run_dir: Path) -> tuple[str, list[str]]:
-    """(target, sources) of a run from its store layout."""
-    extracted = sorted(p.name for p in (run_dir / "extract").iterdir() if p.is_dir())
-    aligned = sorted(p.name for p in (run_dir / "align").iterdir() if p.is_dir())
-    targets = [m for m in extracted if m not in aligned]
-    if len(targets) != 1 or not aligned:
+def shard_file(store: Any, task: Any, scratch: Path) -> Path:
+    """A local file of a task's shard, wherever its manifest says the bytes are (jobs.cache.located)."""
+    from jobs.cache import located
+    from jobs.complete import read_manifest
+    from jobs.registry import Layout
+
+    manifest = read_manifest(store, task)
+    if manifest is None:
         raise SystemExit(
-            f"{run_dir}: expected one target (extract/ without align/) and aligned sources; found "
-            f"extract {extracted}, align {aligned}: run the pipeline through align first"
+            f"task {task.id} is not complete in {store.base_uri}: run the pipeline through align"
         )
-    return targets[0], aligned
+    where, key = located(store, manifest, Layout.shard(task))
+    return where.local_path(key) or where.download(key, scratch / key)
 
 
-def diagnose_run(
-    run_dir: Path, temperature: float, top_k: int | None, floor: float, ce_unit: str
-) -> Diagnostics:
-    target, sources = run_models(run_dir)
+def diagnose_run(store: Any, spec: Any, settings: dict[str, Any], scratch: Path) -> Diagnostics:
+    """The diagnostics of a run's every shard, merged (the target, each source's aligned and own shards)."""
+    from jobs.registry import Stage, Task
+
+    target, sources = spec.target.name, [m.name for m in spec.sources]
     parts = []
-    for path in sorted((run_dir / "extract" / target).glob("shard-*.safetensors")):
-        aligned = {s: read_shard(run_dir / "align" / s / path.name, "aligned") for s in sources}
-        own = {
-            s: read_shard(run_dir / "extract" / s / path.name, "extract")
-            for s in sources
-            if (run_dir / "extract" / s / path.name).is_file()
-        }
-        parts.append(diagnose(read_shard(path, "extract"), aligned, own, temperature, top_k, floor, ce_unit))
-    if not parts:
-        raise SystemExit(f"{run_dir}/extract/{target}: no shards")
+    for s in range(spec.extraction.shards):
+
+        def shard(stage: Stage, model: str, kind: str, s: int = s) -> Any:
+            return read_shard(shard_file(store, Task(stage, model, s), scratch), kind)
+
+        aligned = {m: shard(Stage.align, m, "aligned") for m in sources}
+        own = {m: shard(Stage.extract, m, "extract") for m in sources}
+        parts.append(diagnose(shard(Stage.extract, target, "extract"), aligned, own, **settings))
     return merge(parts)
 
 
@@ -100,23 +103,53 @@ def print_report(d: Diagnostics, label: str) -> None:
     print(f"\nverdict: {s['verdict']}")
 
 
+def runs(args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
+    """(name, store, spec) of each run asked for: --spec FILE, or --store URI --run NAME..."""
+    from jobs.observe import recorded_spec
+    from jobs.spec import StoreSpec, load_fusionrun
+    from jobs.store import open_store
+
+    if args.spec:
+        run = load_fusionrun(args.spec)
+        return [(run.metadata.name, open_store(run.spec.store, run.metadata.name), run.spec)]
+    if not args.store or not args.run:
+        raise SystemExit("give --spec FILE, or --store URI and --run NAME")
+    out = []
+    for name in args.run:
+        store = open_store(StoreSpec(uri=args.store), name)
+        spec = recorded_spec(store)
+        if spec is None:
+            raise SystemExit(f"no run {name!r} in {args.store} (no recorded spec)")
+        out.append((name, store, spec))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", type=Path, required=True, help="the local store folder (file:// URI's path)")
-    ap.add_argument("--run", nargs="+", required=True, help="run name(s) in the store")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--spec", type=Path, help="a FusionRun file (its store and name)")
+    ap.add_argument("--store", help="a store URI, with --run (the runs' recorded specs are read)")
+    ap.add_argument("--run", nargs="+", default=[], help="run name(s) in --store")
+    ap.add_argument("--temperature", type=float, help="default: the run's fusion.temperature")
+    ap.add_argument("--top-k", type=int, help="default: the run's fusion.topK")
     ap.add_argument(
         "--floor", type=float, default=1e-4, help="q(gold) charged for a gold outside the entries"
     )
-    ap.add_argument("--ce-unit", choices=("byte", "token"), default="byte", help="MinCE's CE unit")
+    ap.add_argument("--ce-unit", choices=("byte", "token"), help="MinCE's CE unit (default: the run's)")
     ap.add_argument("--json", type=Path, help="also write the summaries here")
     args = ap.parse_args(argv)
     out = {}
-    for name in args.run:
-        d = diagnose_run(args.store / name, args.temperature, args.top_k, args.floor, args.ce_unit)
-        print_report(d, name)
-        out[name] = d.summary()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, store, spec in runs(args):
+            fz = spec.fusion
+            settings = {
+                "temperature": args.temperature or fz.temperature,
+                "top_k": args.top_k or fz.top_k,
+                "floor": args.floor,
+                "ce_unit": args.ce_unit or fz.ce_unit,
+            }
+            d = diagnose_run(store, spec, settings, Path(tmp))
+            print_report(d, name)
+            out[name] = d.summary()
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0

@@ -51,8 +51,9 @@ from fusion.fuse import (
     Candidate,
     FusionError,
     aligned_candidate,
+    gold_ids,
+    gold_probability,
     sequence_ce,
-    softmax_rows,
     target_candidate,
     token_ce,
 )
@@ -212,30 +213,6 @@ class Diagnostics:
 
 def _ratio(a: float, b: float) -> float:
     return float(a) / float(b) if b else float("nan")
-
-
-def gold_ids(target: Shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per target row: the gold next id, its bytes, and whether the row predicts (not a document's last)."""
-    ids = np.asarray(target["input_ids"]).astype(np.int64)
-    nbytes = np.asarray(target["token_nbytes"]).astype(np.int64)
-    offsets = np.asarray(target["doc_offsets"])
-    predicts = np.ones(len(ids), dtype=bool)
-    predicts[offsets[1:][np.diff(offsets) > 0] - 1] = False
-    return np.append(ids[1:], -1), np.append(nbytes[1:], 0), predicts
-
-
-def gold_probability(c: Candidate, gold: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, as fusion uses the candidate: q(gold) (0 when gold is not among the entries) and the
-    full-softmax mass of the entries kept (sum of exp of their stored log-probabilities)."""
-    n = len(gold)
-    q_gold, kept = np.zeros(n), np.zeros(n)
-    for start in range(0, n, _BLOCK_ROWS):
-        stop = min(n, start + _BLOCK_ROWS)
-        ids, lp = c.block(start, stop)
-        q = softmax_rows(lp, temperature)
-        q_gold[start:stop] = np.where(ids == gold[start:stop, None], q, 0.0).sum(axis=1)
-        kept[start:stop] = np.exp(lp).sum(axis=1)
-    return q_gold, kept
 
 
 def _bits(q: np.ndarray, floor: float) -> np.ndarray:
