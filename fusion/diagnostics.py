@@ -211,6 +211,30 @@ class Diagnostics:
         }
 
 
+def to_record(d: Diagnostics) -> dict[str, Any]:
+    """A JSON-able form of one shard's diagnostics (sums and per-document arrays): what the fuse stage
+    stores beside its shard, so that a report merges shards (`merge`) without reading them again."""
+
+    def plain(obj: Any) -> dict[str, Any]:
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if f.name != "sources"}
+
+    return {**plain(d), "sources": [plain(s) for s in d.sources]}
+
+
+def from_record(record: dict[str, Any]) -> Diagnostics:
+    """The inverse of to_record."""
+    arrays = {f.name: f.default_factory().dtype for f in fields(SourceFigures) if f.name.startswith("doc_")}
+    sources = [
+        SourceFigures(**{k: np.asarray(v, dtype=arrays[k]) if k in arrays else v for k, v in s.items()})
+        for s in record["sources"]
+    ]
+    return Diagnostics(sources=sources, **{k: v for k, v in record.items() if k != "sources"})
+
+
+def _plain(v: Any) -> Any:
+    return v.tolist() if isinstance(v, np.ndarray) else v
+
+
 def _ratio(a: float, b: float) -> float:
     return float(a) / float(b) if b else float("nan")
 

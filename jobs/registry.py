@@ -199,6 +199,11 @@ class Layout:
         return f"{st.value}/manifest.json"
 
     @staticmethod
+    def source_value(task: Task) -> str:
+        """Beside a FuseLLM fuse shard: the source-value diagnostics of its shard (fusion.diagnostics)."""
+        return Layout.shard(task).removesuffix(".safetensors") + ".source-value.json"
+
+    @staticmethod
     def vocab_map(source: str) -> str:
         """A source's MinED/EM vocabulary map (a cache shared by its align tasks)."""
         return f"align/{source}/vocab-map.npz"

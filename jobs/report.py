@@ -131,6 +131,46 @@ def loss_curves(
     return curves
 
 
+def source_value(store: Store, dag: list[Any]) -> dict[str, Any] | None:
+    """The source-value diagnostics of FuseLLM's fuse tasks, merged over shards (fusion.diagnostics):
+    what each source could teach the target before any training. None when not recorded."""
+    from fusion.diagnostics import from_record, merge
+
+    parts = []
+    for t in dag:
+        if t.stage is Stage.fuse and (t.variant or "fused") == "fused":
+            record = _json(store, Layout.source_value(t))
+            if not isinstance(record, dict):
+                return None  # a shard fused before the diagnostics existed: no partial figure
+            parts.append(from_record(record))
+    return merge(parts).summary() if parts else None
+
+
+def render_source_value(summary: dict[str, Any] | None) -> list[str]:
+    if not summary:
+        return []
+    lines = [
+        "## Can the sources teach the target? (before training: fusion.diagnostics)",
+        "",
+        f"**Verdict:** {summary['verdict']}.",
+        "",
+        "On each source's aligned positions, bits per byte of the target's next tokens, as fusion uses each "
+        "distribution (its k entries, renormalised; a gold token outside them charged 1e-4) and in full:",
+        "",
+        "| source | coverage | target (fused view) | source (fused view) | target (full) | source (full) | "
+        "gold missed: target / source | per-document oracle | MinCE |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for src in summary["sources"]:
+        fv, full, miss = src["fused_view_bpb"], src["full_softmax_bpb"], src["miss_rate"]
+        lines.append(
+            f"| {src['source']} | {src['coverage']:.1%} | {fv['target']:.4f} | {fv['source']:.4f} | "
+            f"{full['target']:.4f} | {full['source']:.4f} | {miss['target']:.1%} / {miss['source']:.1%} | "
+            f"{fv['document_oracle']:.4f} | {fv['mince']:.4f} |"
+        )
+    return [*lines, ""]
+
+
 def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> dict[str, Any]:
     dag = build_dag(spec)
     tasks = {}
@@ -153,6 +193,7 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
         "metrics": _json(store, Layout.METRICS),
         "loss_curves": loss_curves(store, spec, log_dir),
         "mince_choices": choice,
+        "source_value": source_value(store, dag),
         "alignment": alignment_from_store(
             store, dag, {t for t, v in tasks.items() if v["state"] == "complete"}
         ),
@@ -351,6 +392,15 @@ def headline(data: dict[str, Any]) -> list[str]:
             "No CLM-only baseline in this run (training.clmBaseline: false): nothing isolates what fusion "
             "adds over training on the same data; FuseLLM is compared with the target before training only."
         )
+    own = metrics.get("fused_minus_self")
+    if own:
+        out.append(
+            "**FuseLLM vs self-distillation (the target as its own only teacher: what a source's knowledge "
+            f"adds beyond regularisation):** {own['bits_per_byte']:+.4f} "
+            f"(95% interval {own['ci95_low']:+.4f} to {own['ci95_high']:+.4f})."
+        )
+    if data.get("source_value"):
+        out.append(f"Before training, the sources' value: {data['source_value']['verdict']}.")
     for name, row in (metrics.get("task_summary") or {}).items():
         block = (metrics.get("tasks") or {}).get(name, {})
         d = block.get("fused_minus_clm", {}).get(row["metric"])
@@ -466,6 +516,7 @@ def render_markdown(run_name: str, data: dict[str, Any], plots: dict[str, str]) 
         lines.append("")
         lines += _difference_lines(block)
     lines += render_tasks(metrics)
+    lines += render_source_value(data.get("source_value"))
     lines += render_alignment(data.get("alignment") or {})
     titles = (
         ("bpb", "bits per byte"),

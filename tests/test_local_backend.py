@@ -156,3 +156,24 @@ def test_report_renders_alignment_and_every_baseline_comparison(tmp_path: Path) 
     md = render_markdown("r", {"metrics": metrics, "tasks": {}, "alignment": {"gemma": diag}}, {})
     assert "FuseLLM minus CLM-only: -0.0123" in md and "FuseLLM minus self-distillation: -0.0123" in md
     assert "## Alignment: what reached the target" in md
+
+
+def test_fuse_records_source_value_and_the_report_renders_it(tmp_path: Path) -> None:
+    """FuseLLM's fuse tasks keep the source-value diagnostics beside their shard; the report merges the
+    shards and says, before any training figure, what the sources could teach."""
+    from jobs.report import collect, render_markdown
+
+    spec = parse_spec(tiny_spec(tmp_path))
+    LocalRunner(spec, "sv").run(until="fuse")
+    store = LocalStore(tmp_path / "store" / "sv")
+    record = json.loads(store.get_bytes("fuse/shard-00000.source-value.json"))
+    assert [s["name"] for s in record["sources"]] == ["mis"] and record["positions"] > 0
+    manifest = json.loads(store.get_bytes("fuse/shard-00000.manifest.json"))
+    assert "fuse/shard-00000.source-value.json" in manifest["outputs"]
+    data = collect(store, spec)
+    value = data["source_value"]
+    assert value["positions"] == sum(
+        json.loads(store.get_bytes(f"fuse/shard-0000{s}.source-value.json"))["positions"] for s in (0, 1)
+    )
+    md = render_markdown("sv", {**data, "tiny_random_init": False}, {})
+    assert "## Can the sources teach the target?" in md and f"**Verdict:** {value['verdict']}" in md

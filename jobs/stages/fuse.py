@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.registry import Stage, Variant
+from jobs.registry import Layout, Stage, Variant
 from jobs.stages.common import StageContext, StageError
 
 
@@ -35,6 +35,24 @@ def choice_counts(choice: np.ndarray, names: list[str]) -> dict[str, int]:
     return {name: int(c) for name, c in zip(names, counts, strict=False)}
 
 
+def record_source_value(ctx: StageContext, target: Any, aligned: list[Any]) -> str | None:
+    """FuseLLM's fuse tasks keep the source-value diagnostics of their shard (what each source could teach
+    the target before any training; fusion.diagnostics) beside it: the report merges them. Returns the
+    shard's one-line verdict."""
+    from fusion.diagnostics import diagnose, to_record, verdict
+    from fusion.fuse import GOLD_FLOOR
+
+    if (ctx.task.variant or Variant.fused.value) != Variant.fused.value or not aligned:
+        return None
+    fz = ctx.spec.fusion
+    names = [dep.model for dep in ctx.dependencies(Stage.align)]
+    d = diagnose(
+        target, dict(zip(names, aligned, strict=True)), None, fz.temperature, fz.top_k, GOLD_FLOOR, fz.ce_unit
+    )
+    ctx.put_json(Layout.source_value(ctx.task), to_record(d))
+    return verdict(d)
+
+
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from fusion.fuse import fuse_shard
 
@@ -60,10 +78,12 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
         raise StageError(f"fusing shard {s}: {err}") from None
     names = candidate_names(ctx)
     info = ctx.write_shard(arrays, meta={"candidates": names, "strategy": fz.strategy, "level": fz.level})
+    verdict = record_source_value(ctx, target, aligned)
     width = int(arrays["target_ids"].shape[1])
     filled = float((arrays["target_ids"] >= 0).sum(axis=1).mean()) if len(arrays["target_ids"]) else 0.0
     counts = {"documents": int(target.n_docs), "tokens": int(target.n_tokens), "bytes": info.nbytes}
     return counts, {
+        **({"source_value": verdict} if verdict else {}),
         "choice_counts": choice_counts(arrays["choice"], names),
         "candidates": names,
         "width": width,
