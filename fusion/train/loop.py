@@ -53,12 +53,12 @@ __all__ = [
 
 @dataclass
 class TrainIO:
-    """Where a run reads and writes: a local work folder, and optionally the artifact store + key prefix
-    (`train/<variant>`) for checkpoints; how many checkpoints to keep."""
+    """Where a run reads and writes: a local work folder, and optionally the artifact store + the key prefix
+    of its checkpoints (the caller's layout: jobs.registry.Layout.train_prefix); how many to keep."""
 
     work_dir: Path
     store: ckpt.ArtifactStore | None = None
-    prefix: str = "train/fused"
+    prefix: str = "train"
     fingerprint: str | None = None  # what the run trains on and how; checkpoints of another are ignored
     keep_checkpoints: int = 2
 

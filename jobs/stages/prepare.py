@@ -1,7 +1,7 @@
 """prepare: corpus -> documents that fit every model, a held-out split, and `extraction.shards` shards.
 
-Writes prepare/shard-SSSSS.safetensors (kind raw: text uint8, doc_offsets int64 byte offsets, doc_index
-int64 global ids) for training documents, prepare/heldout.safetensors for evaluation, and the manifest.
+Writes each shard's training documents (Layout.documents; kind raw: text uint8, doc_offsets int64 byte
+offsets, doc_index int64 stable document ids) and the held-out documents (Layout.HELDOUT).
 """
 
 from __future__ import annotations
