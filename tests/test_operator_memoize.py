@@ -148,7 +148,10 @@ def test_a_task_another_run_makes_waits_then_adopts() -> None:
     )
     assert p.events[0] == Event("Normal", "WaitingForSharedOutput", f"prepare: {msg}")
     assert p.requeue_after == 10.0
-    assert (p.status.phase, p.status.message) == ("Pending", "prepare: 0/1 tasks done, 0 running")
+    assert (p.status.phase, p.status.message) == (
+        "Pending",
+        "prepare: 0/1 tasks done, 0 running; 1 waiting for other runs making the same outputs",
+    )
     # still waiting: said once
     still = run({"prepare": producer}, status=p.status, now=T0 + timedelta(seconds=10))
     assert still.status.task("prepare") == p.status.task("prepare")

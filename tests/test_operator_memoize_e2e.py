@@ -38,6 +38,10 @@ def job_tasks(env: RunEnv, run: str) -> dict[str, list[str]]:
     return {stage: sorted(tasks) for stage, tasks in out.items()}
 
 
+def pod_run(pod: dict[str, Any]) -> str:
+    return (pod["metadata"].get("labels") or {}).get("fusionrun.dev/run", "")
+
+
 def succeeded(env: RunEnv, run: str, task_id: str) -> bool:
     return env.task(run, task_id).get("state") == "Succeeded"
 
@@ -119,10 +123,14 @@ def test_another_lambda_runs_no_upstream_job_and_deleting_the_first_keeps_what_i
 
 def test_two_runs_applied_together_make_each_upstream_output_once(fusionrun_env: RunEnv) -> None:
     env = fusionrun_env
+    # The stand-in kubelet runs every pod on this machine: two trainings at once would both listen on the
+    # rendezvous port. b's waits until a's is done (held, then released).
+    b_train = env.kubelet.hold(lambda pod: pod_task(pod) == "train" and pod_run(pod) == "b")
     env.apply("a", spec(env, 0.9))
     env.apply("b", spec(env, 0.8))
-    for run in ("a", "b"):
-        env.wait_phase(run, "Succeeded", 600)
+    env.wait_phase("a", "Succeeded", 600)
+    b_train.release()
+    env.wait_phase("b", "Succeeded", 300)
     jobs = {run: job_tasks(env, run) for run in ("a", "b")}
     made_by: dict[str, str] = {}
     for task_id in UPSTREAM_TASKS:
