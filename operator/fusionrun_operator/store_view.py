@@ -422,7 +422,8 @@ def made_from(cached: ReadCache, task: Any, memo: RunMemo | None) -> SharedOutpu
 def lookup(
     cached: ReadCache, area: ReadCache, pipeline: Pipeline, task: Any, run_name: str, ready: Ready
 ) -> SharedOutput | None:
-    """A ready task's key, claim and entry (or producer); None when its inputs cannot be read."""
+    """A ready task's key, claim and entry (or producer); None when its inputs or the cache area cannot be
+    read (no memoization: its Job runs; the pass's view of the run itself stands)."""
     from jobs.complete import ManifestError, read_outputs
 
     memo = ready.memo
@@ -431,15 +432,15 @@ def lookup(
         return seen[1]
     try:
         inputs = read_outputs(cached, task, pipeline.by_id) if task.deps else {}
-    except (ManifestError, KeyError):
+        reference = task_key(pipeline.spec, task, Identities.by_reference(), inputs)
+        claim = f"{area.base_uri.rstrip('/')}#{reference}"
+        try:
+            key: str | None = task_key(pipeline.spec, task, Identities.recorded(area), inputs)
+        except UnknownIdentity:
+            key = None
+        found = entry_or_producer(area, task, key, claim, run_name)
+    except (ManifestError, KeyError, StoreError):
         return None
-    reference = task_key(pipeline.spec, task, Identities.by_reference(), inputs)
-    claim = f"{area.base_uri.rstrip('/')}#{reference}"
-    try:
-        key: str | None = task_key(pipeline.spec, task, Identities.recorded(area), inputs)
-    except UnknownIdentity:
-        key = None
-    found = entry_or_producer(area, task, key, claim, run_name)
     if memo is not None and not (found.hit or found.producer):
         memo.lookups[task.id] = (time.time(), found)
     return found
