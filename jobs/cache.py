@@ -82,8 +82,8 @@ class Identities:
     local runner: `Identities.live`) and recorded in the cache area, so that where they are not (the
     operator) the recorded ones stand in (`Identities.recorded`)."""
 
-    def __init__(self, where: Any, cache: Store | None, live: bool):
-        self.where, self.cache, self.live = where, cache, live
+    def __init__(self, where: Any, cache: Store | None, live: bool, references: bool = False):
+        self.where, self.cache, self.live, self.references = where, cache, live, references
 
     @classmethod
     def live_for(cls, store: Store, spec: FusionRunSpec) -> Identities:
@@ -95,8 +95,17 @@ class Identities:
     def recorded(cls, cache: Store) -> Identities:
         return cls(None, cache, live=False)
 
+    @classmethod
+    def by_reference(cls) -> Identities:
+        """Stand-ins, no I/O: each identity is its spec-level reference. A key made with them names no
+        entry; it tells the operator that two runs are about to make the same output (equal references,
+        equal inputs) before any Job has recorded what the references are."""
+        return cls(None, None, live=False, references=True)
+
     def _get(self, kind: str, ref: Mapping[str, Any], compute: Any) -> str:
         """A live identity (recorded for the operator), or the recorded one of this spec-level ref."""
+        if self.references:
+            return f"ref:{_sha({'kind': kind, 'ref': ref})}"
         record = f"identities/{kind}/{_sha(ref)}.json"
         if self.live:
             value = compute()
@@ -296,6 +305,23 @@ def try_lease(cache: Store, stage: Stage, key: str, holder: str) -> str | None:
         return holder_now
     cache.delete(lease)  # expired, or its writer died on this machine: whoever creates it next holds it
     return None if cache.create(lease, _lease_doc(holder)) else "another task"
+
+
+def lease_holder(cache: Store, stage: Stage, key: str) -> str | None:
+    """Who holds the entry's lease now (a task making it), or None: no lease, an expired one, or one whose
+    writer died on this machine. Reads only (the operator's view; try_lease takes it)."""
+    doc = _json(cache, f"{entry_prefix(stage, key)}/{LEASE}")
+    if not isinstance(doc, dict):
+        return None
+    holder = str(doc.get("holder", "another task"))
+    alive = float(doc.get("expires_at", 0)) > time.time() and not _dead_here(holder)
+    return holder if alive else None
+
+
+def holder_task(holder: str) -> tuple[str, str]:
+    """(run, task id) of a lease holder's id (holder_id)."""
+    run, _, task = holder.rpartition("@")[0].partition("/")
+    return run, task
 
 
 def _dead_here(holder: str) -> bool:

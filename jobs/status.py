@@ -28,6 +28,7 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 
 # Condition types, one per stage, come from the registry (named as states, not transitions).
 STAGE_CONDITIONS = CONDITIONS
+MEMOIZED = "Memoized"  # a task's reason when its outputs came from the shared cache (jobs.cache)
 
 
 class StatusModel(BaseModel):
@@ -47,6 +48,16 @@ class Condition(StatusModel):
     last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
 
 
+class Memoization(StatusModel):
+    """How a task was made from the shared cache (jobs.cache) instead of running, like Argo's
+    memoizationStatus."""
+
+    hit: bool = Field(True, description="True: the task's outputs are an entry another task made.")
+    key: str = Field(..., description="The content key's first 16 hex digits (`fusionrun cache ls`).")
+    from_run: str | None = Field(None, description="The run whose task made the entry.")
+    from_task: str | None = Field(None, description="That run's task.")
+
+
 class TaskStatus(StatusModel):
     """One task of the DAG (jobs.plan.Task.id), the unit of retry."""
 
@@ -62,6 +73,9 @@ class TaskStatus(StatusModel):
     job_names: list[str] = Field(default_factory=list, description="Jobs of the current attempt.")
     start_time: str | None = None
     completion_time: str | None = None
+    memoized: Memoization | None = Field(
+        None, description="Set when the task's outputs came from the shared cache (reason Memoized)."
+    )
 
 
 class StageStatus(StatusModel):
@@ -76,6 +90,9 @@ class StageStatus(StatusModel):
     job_names: list[str] = Field(default_factory=list, description="Jobs of the current attempts.")
     output_uri: str | None = Field(None, description="Where this stage's artifacts are.")
     shards: str | None = Field(None, description="Per-shard stages: shards done / total, e.g. 480/1500.")
+    memoized: int | None = Field(
+        None, description="Tasks whose outputs came from the shared cache (made by another run); unset: none."
+    )
     diagnostics: dict[str, dict[str, Any]] | None = Field(
         None,
         description="align: per source, the share of target positions that received its distribution, the "
@@ -200,6 +217,7 @@ def stage_entry(tasks: list[TaskStatus], old: StageStatus, output_uri: str, now_
         job_names=running_jobs[:STAGE_JOB_NAMES_MAX],
         output_uri=output_uri,
         shards=f"{succeeded}/{n}" if STAGES[Stage(tasks[0].stage)].per_shard else None,
+        memoized=sum(t.state == "Succeeded" and t.reason == MEMOIZED for t in tasks) or None,
     )
 
 

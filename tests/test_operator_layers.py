@@ -26,7 +26,7 @@ PURE = {
     "reconcile",
     *(f"policies.{p.stem}" for p in (PKG / "policies").glob("*.py") if p.stem != "__init__"),
 }
-IO = {"kube", "store_view", "scheduling", "runtime", "handlers", "main", "metrics", "logs"}
+IO = {"kube", "store_view", "scheduling", "runtime", "handlers", "main", "metrics", "logs", "claims"}
 
 
 def name_of(path: Path) -> str:

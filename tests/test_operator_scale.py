@@ -130,8 +130,10 @@ def test_training_progress_is_read_while_its_job_runs_and_once_after(tmp_path: P
         assert v.progress == {"fused": {"step": 3, "total_steps": 9}}
         reads.append(sum(n.values()))
     # head + get of progress.json while it runs (the first pass also finds prepare's manifest missing:
-    # a head), once more after it ended, then nothing
-    assert reads == [3, 2, 2, 0]
+    # a head, and looks prepare, ready without a Job, up in the shared cache: a get of the corpus
+    # identity record, which no Job recorded yet, so no key; that miss is remembered), once more after it
+    # ended, then nothing
+    assert reads == [4, 2, 2, 0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ passed to what needs them; nothing reads them at import time.
 | FUSIONRUN_JOB_SHAPE | auto | auto: from the API server's capabilities (capabilities.py); per-task; indexed |
 | FUSIONRUN_STORE_MEMO | true | remember task completion between passes (store_view); false: read every pass |
 | FUSIONRUN_METRICS_PORT | 8081 | Prometheus /metrics port ("" disables) |
+| FUSIONRUN_REUSE | on | share prepare/extract/align outputs across runs (jobs.cache); off: not (pods too) |
 
 Pure: `from_env(mapping)` has no side effects; bad values fail with the variable's name and what is allowed.
 """
@@ -78,6 +79,7 @@ class OperatorConfig:
     job_shape: str = "auto"  # FUSIONRUN_JOB_SHAPE: auto | indexed | per-task
     store_memo: bool = True
     metrics_port: int | None = 8081
+    reuse: bool = True  # FUSIONRUN_REUSE: the shared cache of stage outputs (jobs.cache)
     # What the API server supports (detected at start by runtime.Operator.detect_server, then put here with
     # dataclasses.replace); the default, nothing detected, gives today's one-Job-per-task shape.
     server: Capabilities = field(default_factory=Capabilities)
@@ -174,6 +176,7 @@ def from_env(env: Mapping[str, str]) -> OperatorConfig:
         stage_defaults=_stage_defaults(env),
         job_shape=shape,
         store_memo=_bool(env, "FUSIONRUN_STORE_MEMO", d.store_memo),
+        reuse=_bool(env, "FUSIONRUN_REUSE", d.reuse),
         metrics_port=int(_number(port, "FUSIONRUN_METRICS_PORT", 0, 1))
         if port["FUSIONRUN_METRICS_PORT"]
         else None,

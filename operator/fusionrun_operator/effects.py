@@ -18,6 +18,15 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Adoption:
+    """Make a task complete from the shared cache's entry of its content key (jobs.complete.adopt): its
+    manifest points at the entry; no Job runs."""
+
+    task_id: str
+    key: str
+
+
+@dataclass(frozen=True)
 class Transition:
     """One task's new record and the effects that go with it."""
 
@@ -25,16 +34,19 @@ class Transition:
     create: tuple[dict[str, Any], ...] = ()  # Services first, then Jobs
     delete: tuple[str, ...] = ()  # Job names
     events: tuple[Event, ...] = ()
+    adopt: tuple[Adoption, ...] = ()
 
 
 @dataclass
 class Effects:
-    """Everything one pass asks for. Applied in this order: invalidate, delete, create, events, status."""
+    """Everything one pass asks for. Applied in this order: invalidate, adopt, delete, create, events,
+    status."""
 
     status: FusionRunStatus
     create: list[dict[str, Any]] = field(default_factory=list)  # Services first, then Jobs
     delete_jobs: list[str] = field(default_factory=list)
     invalidate: list[str] = field(default_factory=list)  # task ids whose store manifests to drop
+    adopt: list[Adoption] = field(default_factory=list)  # tasks made from the shared cache (store writes)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None  # seconds until something is due (a retry)
 
@@ -43,4 +55,5 @@ class Effects:
         self.create += tr.create
         self.delete_jobs += tr.delete
         self.events += tr.events
+        self.adopt += tr.adopt
         return tr.record

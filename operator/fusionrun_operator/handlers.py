@@ -96,7 +96,8 @@ def on_job_event(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, **_: 
 def on_run_deleted(
     spec: kopf.Spec, name: str, namespace: str, logger: logging.Logger, memo: kopf.Memo, **_: Any
 ) -> None:
-    """Only for spec.deleteArtifacts: true (only those runs get our finalizer). Jobs go by ownerReferences."""
+    """Only for spec.deleteArtifacts: true (only those runs get our finalizer). Jobs go by ownerReferences;
+    shared cache entries the run used go only when no other run uses them (jobs.cache.release_run)."""
     operator = _operator(memo)
     pipeline = parse_pipeline(dict(spec), operator.config)
     if isinstance(pipeline, InvalidSpec):
@@ -104,9 +105,13 @@ def on_run_deleted(
     from jobs.store import StoreError
 
     try:
-        n = operator.delete_artifacts(pipeline.spec, namespace, name)
+        n, entries = operator.delete_artifacts(pipeline.spec, namespace, name)
     except PermissionError as err:  # credentials the operator may not use (policies.credentials)
         raise kopf.PermanentError(str(err)) from None
     except StoreError as err:
         raise kopf.TemporaryError(f"deleting artifacts failed: {err}", delay=10) from None
-    logger.info(f"deleted {n} artifacts under {pipeline.spec.store.uri.rstrip('/')}/{name}/")
+    uri = pipeline.spec.store.uri.rstrip("/")
+    logger.info(
+        f"deleted {n} artifacts under {uri}/{name}/ and {len(entries)} shared cache entries no other run "
+        "uses (those other runs use stay)"
+    )

@@ -205,7 +205,9 @@ def _index_env(role: PodRole) -> list[dict[str, Any]]:
     return env
 
 
-def _env(run: RunRef, spec: FusionRunSpec, task: Task, attempt: int, role: PodRole) -> list[dict[str, Any]]:
+def _env(
+    run: RunRef, spec: FusionRunSpec, task: Task, attempt: int, role: PodRole, config: OperatorConfig
+) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         *_index_env(role),
         {"name": "FUSIONRUN_NAME", "value": run.name},
@@ -222,6 +224,8 @@ def _env(run: RunRef, spec: FusionRunSpec, task: Task, attempt: int, role: PodRo
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG},
     ]
+    if not config.reuse:  # FUSIONRUN_REUSE=off reaches the stages too: no shared cache at all
+        env.append({"name": "FUSIONRUN_REUSE", "value": "off"})
     secret = spec.store.credentials_secret
     if secret is not None:
         for var, key in (
@@ -288,7 +292,7 @@ def pod_spec(
     DNS names for multi-node ranks."""
     res = stage_resources(spec, task.stage.value, config)
     multi_node = task.distributed and spec.training.nodes > 1
-    env = _env(run, spec, task, attempt, role)
+    env = _env(run, spec, task, attempt, role, config)
     if task.distributed:
         env += _rendezvous_env(run, spec, task, role, config)
     volumes = [{"name": "scratch", "emptyDir": {}}]

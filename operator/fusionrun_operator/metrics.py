@@ -7,6 +7,7 @@
 | `fusionrun_jobs_deleted_total` | counter | stage | Jobs deleted (stop, failure, suspend, lost rank, ...) |
 | `fusionrun_task_retries_total` | counter | stage | failed attempts followed by a retry (backoff) |
 | `fusionrun_task_failures_total` | counter | stage | tasks failed for good (permanent error or maxAttempts) |
+| `fusionrun_tasks_memoized_total` | counter | stage | tasks made from the shared cache by a pass (no Job) |
 | `fusionrun_reconcile_duration_seconds` | histogram | | one pass: read, reconcile, apply |
 | `fusionrun_store_requests_total` | counter | operation | store requests: head, get, put, delete, list |
 | `fusionrun_errors_total` | counter | kind | reconcile (a pass raised), store, create |
@@ -44,6 +45,9 @@ class Metrics:
         )
         self.failures = Counter(
             "fusionrun_task_failures", "Tasks failed for good, by stage", ["stage"], registry=r
+        )
+        self.memoized_tasks = Counter(
+            "fusionrun_tasks_memoized", "Tasks adopted from the shared cache, by stage", ["stage"], registry=r
         )
         self.pass_seconds = Histogram(
             "fusionrun_reconcile_duration_seconds", "One reconcile pass", buckets=PASS_BUCKETS, registry=r
@@ -91,6 +95,11 @@ class Metrics:
             self.jobs_created.labels(stage).inc()
         for stage in deleted:
             self.jobs_deleted.labels(stage).inc()
+
+    def memoized(self, stages: Iterable[str]) -> None:
+        """Stages of the tasks one pass adopted from the shared cache."""
+        for stage in stages:
+            self.memoized_tasks.labels(stage).inc()
 
     def tasks(self, old: FusionRunStatus, new: FusionRunStatus) -> None:
         retries, failures = task_outcomes(old, new)

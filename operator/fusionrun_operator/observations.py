@@ -47,6 +47,21 @@ class SecretRead:
 
 
 @dataclass(frozen=True)
+class SharedOutput:
+    """What the shared cache (jobs.cache) says of one cacheable task, as store_view and the claims of
+    runtime found it: for a complete task, the entry it was made from (when another task made it); for a
+    ready task that has not started, its content key and either an entry to adopt (hit), or another task
+    that is making the same output now (producer: wait for it), or nothing (run a Job)."""
+
+    claim: str  # what one writer is chosen by: the cache area + the key by spec-level references
+    key: str | None = None  # the content key; None: an identity is not recorded yet (no lookup)
+    hit: bool = False  # a complete entry exists (or the task was made from one)
+    from_run: str | None = None  # the run and task that made the entry
+    from_task: str | None = None
+    producer: str | None = None  # another run's task making it now (its claim or its lease)
+
+
+@dataclass(frozen=True)
 class JobObservation:
     name: str
     task_id: str
@@ -86,6 +101,8 @@ class Observed:
     alignment: Mapping[str, Any] | None = None  # per source: jobs.status.alignment_diagnostics
     credentials: Access | None = None  # the run's credentials Secret; None: not checked (no condition)
     store_access: Access | None = None  # whether the store was read this pass; None: no condition
+    shared: Mapping[str, SharedOutput] = field(default_factory=dict)  # ready task -> its shared cache lookup
+    made_from: Mapping[str, SharedOutput] = field(default_factory=dict)  # complete task -> the entry's maker
 
     def jobs_by_task(self) -> dict[str, list[JobObservation]]:
         out: dict[str, list[JobObservation]] = {}

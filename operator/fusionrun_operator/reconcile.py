@@ -8,7 +8,8 @@ inputs (kube, store_view) and carry out the effects (kube.apply_effects, store_v
 
 One pass: parse the spec (once; an invalid one fails the run), restartFrom / generation fresh starts, each
 task's transition, stop Jobs of tasks the spec no longer has, then either stop the run's Jobs (suspend, a
-failed task, the deadline) or start what is ready (unless the run's credentials Secret may not be used),
+failed task, the deadline) or start what is ready (unless the run's credentials Secret may not be used;
+what the shared cache already has is adopted instead, what another run makes now waits: policies.memoize),
 and render the status with the CredentialsReady / StoreReadable conditions the pass checked.
 """
 
@@ -66,11 +67,11 @@ def reconcile(
         records.update(stopped)
         fx.delete_jobs += delete
     elif not reason and not all_done and blocked is None:
-        inputs = StartInputs(obs.run, spec, config, now)
+        inputs = StartInputs(obs.run, spec, config, now, obs.shared)
         started, fx.requeue_after = start_ready(pipe.tasks, records, inputs, seconds_left(spec, clock, now))
         for tr in started:
             records[tr.record.id] = fx.take(tr)
-        if started:
+        if any(tr.create for tr in started):  # the deadline counts from the first Job (not an adoption)
             clock = clock.started(now)
 
     facts = RunFacts(failed, deadline_hit, spec.active_deadline_seconds, all_done, spec.suspend, blocked)
@@ -106,6 +107,7 @@ def _step_tasks(
         counting=not pipe.spec.suspend,
         now=obs.now,
         server=config.server,
+        made_from=obs.made_from,
     )
     records: dict[str, TaskStatus] = {}
     for task in pipe.tasks:

@@ -5,14 +5,16 @@ handed to the kopf handlers through kopf's memo; tests build their own from an O
 At start (`detect_server`, from kopf's startup handler) it reads the API server's version and what a
 dry-run Job keeps (capabilities.py) and puts the chosen Job shape into its config. A pass reads the run,
 its Jobs and pods (kube), parses the spec and builds the DAG once (pipeline), reads the store once
-(store_view, through the run's memo), reconciles, then drops invalidated manifests (store_view) and
-applies the rest (kube), and updates the metrics.
+(store_view, through the run's memo), claims the outputs it may make for the shared cache (claims.py),
+reconciles, then drops invalidated manifests and adopts memoized tasks' entries (store_view), applies the
+rest (kube), settles its claims (waking runs that wait for what it released), and updates the metrics.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -21,19 +23,23 @@ import kopf
 
 from fusionrun_operator import kube
 from fusionrun_operator.capabilities import Capabilities, from_server, from_setting, parse_version, probe_job
+from fusionrun_operator.claims import Claims, RunKey
 from fusionrun_operator.config import OperatorConfig
 from fusionrun_operator.effects import Effects, Event
 from fusionrun_operator.k8s_objects import LABEL_STAGE, RunRef, artifacts_uri
 from fusionrun_operator.logs import RateLimited
 from fusionrun_operator.metrics import Metrics
-from fusionrun_operator.observations import Access, JobObservation, Observed, observe_jobs
+from fusionrun_operator.observations import Access, JobObservation, Observed, SharedOutput, observe_jobs
 from fusionrun_operator.pipeline import LAST_APPLIED, Pipeline, parse_pipeline
 from fusionrun_operator.policies.credentials import CredentialsCheck, check_secret, plan_store_read
 from fusionrun_operator.reconcile import reconcile
 from fusionrun_operator.scheduling import Scheduler
 from fusionrun_operator.store_view import (
+    CountingStore,
     RunMemo,
     StoreView,
+    adopt,
+    delete_artifacts,
     invalidate,
     job_signatures,
     open_run_store,
@@ -59,6 +65,7 @@ class Operator:
         self.metrics.set_shape(config.server)
         self._memos: dict[str, RunMemo] = {}  # by run uid (a re-created run starts afresh)
         self._uids: dict[tuple[str, str], str] = {}
+        self.claims = Claims()  # one writer of a shared cache output among the runs reconciled here
 
     # ---------------------------------------------------------------------------------------------
     # start
@@ -127,12 +134,20 @@ class Operator:
             alignment=view.alignment,
             credentials=check.access if check else None,
             store_access=store_access,
+            shared=self._claim(view.shared, (namespace, name), meta["uid"]),
+            made_from=view.made_from,
         )
-        fx = reconcile(obs, self.config, pipeline)
-        self._log_problems(namespace, name, obs)
-        if fx.invalidate:
-            self._invalidate(view, pipeline, fx, meta["uid"], logger)
-        self._apply(fr, fx, jobs, old)
+        fx: Effects | None = None
+        try:
+            fx = reconcile(obs, self.config, pipeline)
+            self._log_problems(namespace, name, obs)
+            if fx.invalidate:
+                self._invalidate(view, pipeline, fx, meta["uid"], logger)
+            if fx.adopt:
+                self._adopt(view, pipeline, fx, name, meta["uid"])
+            self._apply(fr, fx, jobs, old)
+        finally:  # also when a create failed: the claims of tasks the status says are Running stay
+            self._settle((namespace, name), fx.status if fx is not None else old)
         return fx.requeue_after
 
     def _apply(
@@ -151,10 +166,49 @@ class Operator:
         self.metrics.tasks(old, fx.status)
         self.metrics.run_phase((fr["metadata"]["namespace"], fr["metadata"]["name"]), fx.status.phase)
 
+    def _claim(self, shared: Mapping[str, SharedOutput], run: RunKey, uid: str) -> dict[str, SharedOutput]:
+        """Claim every output this run's ready tasks would make (claims.py); a task whose output another
+        run's task claimed gets it as its producer (it waits: policies.memoize) and is looked up again."""
+        out, waiting = dict(shared), []
+        for task_id, found in shared.items():
+            if found.hit or found.producer:
+                continue
+            held = self.claims.take(found.claim, run, task_id)
+            if held is not None:
+                out[task_id] = replace(found, producer=held.describe(run[0]))
+                waiting.append(task_id)
+        if waiting and uid in self._memos:
+            self._memos[uid].forget_lookups(waiting)
+        return out
+
+    def _settle(self, run: RunKey, status: FusionRunStatus) -> None:
+        """Keep the claims of the run's Running tasks, release the others, wake who waited for them."""
+        running = {t.id for t in status.tasks if t.state == "Running"}
+        for namespace, name in sorted(self.claims.settle(run, running)):
+            self.scheduler.wake(namespace, name)
+
+    def _adopt(self, view: StoreView, pipeline: Pipeline | Any, fx: Effects, run: str, uid: str) -> None:
+        """Memoized tasks (policies.memoize): their manifests point at the shared entries, before anything
+        else of the pass is applied. An entry gone meanwhile skips the rest (status not written): the next
+        pass looks again and runs a Job."""
+        assert view.store is not None and isinstance(pipeline, Pipeline)  # lookups need a read store
+        ids = [a.task_id for a in fx.adopt]
+        try:
+            missed = adopt(CountingStore(view.store, self.metrics.store_request), pipeline, run, fx.adopt)
+        finally:
+            if uid in self._memos:
+                self._memos[uid].forget(ids)  # complete now: their verdicts are read again
+        self.metrics.memoized([pipeline.by_id[t].stage.value for t in ids if t not in missed])
+        if missed:
+            gone = ", ".join(missed)
+            raise kopf.TemporaryError(f"shared cache entries gone before adoption: {gone}", delay=1)
+
     def forget_run(self, namespace: str, name: str) -> None:
-        """The run is gone: out of the metrics, its memo dropped."""
+        """The run is gone: out of the metrics, its memo dropped, its claims released."""
         self.metrics.run_phase((namespace, name), None)
         self.warnings.forget((namespace, name))
+        for waiting in sorted(self.claims.release_run((namespace, name))):
+            self.scheduler.wake(*waiting)
         uid = self._uids.pop((namespace, name), None)
         if uid is not None:
             self._memos.pop(uid, None)
@@ -201,6 +255,8 @@ class Operator:
             memo=memo,
             signatures=job_signatures(jobs),
             count=self.metrics.store_request,
+            reuse=self.config.reuse,
+            recheck=self.claims.recheck((fr["metadata"]["namespace"], name)),
         )
         if errors:
             self.metrics.errors.labels("store").inc()
@@ -220,13 +276,15 @@ class Operator:
             elif access is not None:
                 self.warnings.forget((namespace, name, type_))
 
-    def delete_artifacts(self, spec: FusionRunSpec, namespace: str, name: str) -> int:
-        """Delete everything under the run's store prefix (spec.deleteArtifacts); returns how many objects.
-        The same credentials rules as reading (policies.credentials); PermissionError when they forbid it."""
+    def delete_artifacts(self, spec: FusionRunSpec, namespace: str, name: str) -> tuple[int, list[str]]:
+        """Delete everything under the run's store prefix (spec.deleteArtifacts), after letting go of the
+        shared cache entries it used (those no other run uses are deleted, store_view.delete_artifacts);
+        returns (objects deleted, entries deleted). The same credentials rules as reading
+        (policies.credentials); PermissionError when they forbid it."""
         check = self.check_credentials(spec, namespace)
         plan = plan_store_read(spec.store, self.config, check, for_status=False)
         if not plan.read:
             reason = plan.skipped.reason if plan.skipped else "NotAllowed"
             raise PermissionError(f"not deleting artifacts ({reason}): {check.access.message}")
         store = open_run_store(spec, name, lambda: plan.keys)
-        return store.delete_prefix("")
+        return delete_artifacts(CountingStore(store, self.metrics.store_request), name)

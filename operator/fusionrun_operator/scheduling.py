@@ -60,6 +60,10 @@ class Scheduler:
             self._wake_later(key, requeue)  # a retry due before the next resync: be on time for it
         return requeue
 
+    def wake(self, namespace: str, name: str) -> None:
+        """A pass of the run soon, in a thread of its own (another run released what it waits for)."""
+        self._wake_later((namespace, name), 0.0)
+
     def _wake_later(self, key: RunKey, seconds: float) -> None:
         """One pending wake-up per run (a newer one replaces it), in this context (kopf.event needs it)."""
         ctx = contextvars.copy_context()

@@ -16,21 +16,47 @@ drops it (`RunMemo.forget`). Training progress is read while a training Job runs
 and alignment diagnostics once. So a pass in which no Job changed reads nothing (the per-pass ReadCache and
 the memo both count their requests through `count`: fusionrun_store_requests_total). What changes in the
 store behind the operator's back (a task run by hand) is seen when its Jobs change or the operator restarts.
+
+The shared cache (jobs.cache, "extract once, fuse many"; `read_shared`): for each task of a cacheable stage
+that is ready (its inputs complete) and has no Job yet, its content key, made with the identities Jobs
+recorded in the cache area (`Identities.recorded`: the operator never sees model files), and whether a
+complete entry of it exists (`read_entry`) or a live lease says another run's task is making it
+(`lease_holder`); plus its claim, the key by spec-level references (`Identities.by_reference`), by which
+the runtime's claims (claims.py) let one run of this operator make an output the others wait for. An
+identity not recorded yet, or an input not readable, gives no key (no memoization: the Job runs and adopts
+inside if an entry appears). A miss nobody makes is remembered like a verdict (read again when the task's
+or its inputs' Jobs change, or when `recheck` says its claim was taken or released since); a hit or a
+producer is read every pass until adopted or made. For complete tasks, the entry their manifest points at
+when another task made it (`SharedOutput.hit`, for status: Memoized), read with the verdict. `adopt` is the
+write a pass makes for a memoized task (jobs.complete.adopt).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from fusionrun_operator.observations import JobObservation
+from fusionrun_operator.effects import Adoption
+from fusionrun_operator.observations import JobObservation, SharedOutput
 from fusionrun_operator.pipeline import Pipeline
+from jobs.cache import (
+    CACHEABLE,
+    Identities,
+    UnknownIdentity,
+    cache_of,
+    holder_task,
+    lease_holder,
+    read_entry,
+    task_key,
+)
 from jobs.registry import Layout
 from jobs.spec import FusionRunSpec
-from jobs.store import S3Store, Store, make_s3_client, open_store, parse_s3_uri
+from jobs.store import S3Store, Store, StoreError, make_s3_client, open_store, parse_s3_uri
 
 Credentials = tuple[str, str]  # (access key id, secret access key)
 CredentialsFn = Callable[[], "Credentials | None"]  # read only when the store is S3
@@ -45,6 +71,8 @@ class StoreView(NamedTuple):
     progress: dict[str, dict[str, Any]]  # train variant -> progress.json
     metrics: dict[str, Any] | None  # evaluate/metrics.json, once evaluate is complete
     alignment: dict[str, Any] | None = None  # per source, once every align task is complete
+    shared: Mapping[str, SharedOutput] = MappingProxyType({})  # ready task -> its lookup (read_shared)
+    made_from: Mapping[str, SharedOutput] = MappingProxyType({})  # complete task -> the entry's maker
 
 
 def unread() -> StoreView:
@@ -87,6 +115,10 @@ class CountingStore:
     def __init__(self, store: Any, count: Callable[[str], None]):
         self._store, self._count = store, count
 
+    def sibling(self, name: str) -> CountingStore:
+        """The shared cache area (jobs.cache.cache_of), counted too."""
+        return CountingStore(self._store.sibling(name), self._count)
+
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._store, name)
         if name not in REQUESTS or not callable(attr):
@@ -119,6 +151,8 @@ class RunMemo:
     store: Any = None  # the opened store (its S3 client and keys)
     keys: Any = field(default=None, repr=False)  # the keys it was opened with (runtime reopens on a change)
     verdicts: dict[str, tuple[Signature, bool]] = field(default_factory=dict)  # task -> (its Jobs, complete)
+    sources: dict[str, SharedOutput | None] = field(default_factory=dict)  # complete task -> made from
+    lookups: dict[str, tuple[float, SharedOutput]] = field(default_factory=dict)  # task -> (when, a miss)
     progress: dict[str, tuple[Signature, dict[str, Any] | None]] = field(default_factory=dict)  # train task
     metrics: dict[str, Any] | None = None
     alignment: tuple[frozenset[tuple[str, Signature]], dict[str, Any]] | None = None
@@ -127,17 +161,25 @@ class RunMemo:
         """Everything is forgotten when the spec changes (verdicts, store settings, keys)."""
         if digest != self.spec_digest:
             self.spec_digest, self.store, self.metrics, self.alignment = digest, None, None, None
-            self.verdicts.clear()
-            self.progress.clear()
+            for remembered in (self.verdicts, self.progress, self.sources, self.lookups):
+                remembered.clear()
         return self
 
     def forget(self, task_ids: Iterable[str]) -> None:
-        """Read these tasks' verdicts again (their Jobs changed, or restartFrom dropped their manifests)."""
+        """Read these tasks' verdicts again (their Jobs changed, restartFrom dropped their manifests, a pass
+        adopted them)."""
         ids = set(task_ids)
         for t in ids:
             self.verdicts.pop(t, None)
+            self.sources.pop(t, None)
+            self.lookups.pop(t, None)
         if ids:
             self.metrics, self.alignment = None, None
+
+    def forget_lookups(self, task_ids: Iterable[str]) -> None:
+        """Look these tasks up in the shared cache again next pass (they wait for another run)."""
+        for t in task_ids:
+            self.lookups.pop(t, None)
 
 
 def spec_digest(pipeline: Pipeline) -> str:
@@ -152,6 +194,7 @@ class ReadCache:
         self._store = store
         self._bytes: dict[str, bytes] = {}
         self._sizes: dict[str, int | None] = {}
+        self._missing: dict[str, StoreError] = {}  # GETs that failed (an identity not recorded yet, ...)
 
     def size(self, key: str) -> int | None:
         if key not in self._sizes:
@@ -162,8 +205,14 @@ class ReadCache:
         return key in self._bytes or self.size(key) is not None
 
     def get_bytes(self, key: str) -> bytes:
+        if key in self._missing:
+            raise self._missing[key]
         if key not in self._bytes:
-            self._bytes[key] = self._store.get_bytes(key)
+            try:
+                self._bytes[key] = self._store.get_bytes(key)
+            except StoreError as err:
+                self._missing[key] = err
+                raise
         return self._bytes[key]
 
     def __getattr__(self, name: str) -> Any:  # everything else (uri_for, local_path, ...) as it is
@@ -178,10 +227,13 @@ def read_store_view(
     memo: RunMemo | None = None,
     signatures: Mapping[str, Signature] | None = None,
     count: Callable[[str], None] | None = None,
+    reuse: bool = True,
+    recheck: Recheck | None = None,
 ) -> StoreView:
     """What the store says for this pass; unread() (after on_error) when it cannot be read: a StoreError, a
     missing Secret, a malformed JSON file. memo: remember between passes (None: read everything, every
-    pass); signatures: each task's Jobs now (job_signatures); count: called once per store request."""
+    pass); signatures: each task's Jobs now (job_signatures); count: called once per store request;
+    reuse: look ready tasks up in the shared cache (read_shared; recheck: see there)."""
     sigs = signatures or {}
     try:
         opened = memo is None or memo.store is None
@@ -201,7 +253,9 @@ def read_store_view(
         progress = read_progress(cached, pipeline, memo, sigs)
         metrics = read_metrics(cached, pipeline, completed, memo)
         alignment = read_alignment(cached, pipeline, completed, memo, sigs)
-        return StoreView(store, completed, progress, metrics, alignment)
+        ready = Ready(completed, sigs, memo, recheck or (lambda claim, since: False))
+        shared, made = read_shared(cached, pipeline, run_name, ready) if reuse else ({}, {})
+        return StoreView(store, completed, progress, metrics, alignment, shared, made)
     except Exception as err:
         if memo is not None:
             memo.store = None  # reopened next pass (the Secret's keys may have changed)
@@ -307,6 +361,128 @@ def read_alignment(
     if memo is not None:
         memo.alignment = (aligns, alignment)
     return alignment or None
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared cache (see the module docstring)
+
+# (claim, when a miss of it was remembered) -> look again: another run claimed it now, or released it since
+Recheck = Callable[[str, float], bool]
+
+
+class Ready(NamedTuple):
+    """What read_shared needs of the pass besides the stores."""
+
+    completed: frozenset[str]
+    sigs: Mapping[str, Signature]
+    memo: RunMemo | None
+    recheck: Recheck
+
+
+def read_shared(
+    cached: ReadCache, pipeline: Pipeline, run_name: str, ready: Ready
+) -> tuple[dict[str, SharedOutput], dict[str, SharedOutput]]:
+    """The shared cache's word on the run's cacheable tasks: (lookups of the ready ones that have no Job
+    yet; the entries complete ones were made from, when another task made them)."""
+    area = ReadCache(cache_of(cached))  # counted like the run's own store, read once per pass
+    shared: dict[str, SharedOutput] = {}
+    made: dict[str, SharedOutput] = {}
+    for t in pipeline.tasks:
+        if t.stage not in CACHEABLE:
+            continue
+        if t.id in ready.completed:
+            found, into = made_from(cached, t, ready.memo), made
+        elif not ready.sigs.get(t.id) and all(d in ready.completed for d in t.deps):
+            found, into = lookup(cached, area, pipeline, t, run_name, ready), shared
+        else:
+            continue
+        if found is not None:
+            into[t.id] = found
+    return shared, made
+
+
+def made_from(cached: ReadCache, task: Any, memo: RunMemo | None) -> SharedOutput | None:
+    """The entry a complete task's manifest points at, when another task made it (read with the verdict:
+    the manifest is in the pass's cache then; remembered after)."""
+    from jobs.complete import read_manifest
+
+    if memo is not None and task.id in memo.sources:
+        return memo.sources[task.id]
+    m = read_manifest(cached, task) or {}
+    made = (m.get("summary") or {}).get("reused_from") or {}
+    found = None
+    if m.get("entry") and isinstance(made, dict) and made.get("run"):
+        key = str(m.get("cache_key") or "")
+        found = SharedOutput(str(m["entry"]), key, True, made["run"], made.get("task"))
+    if memo is not None:
+        memo.sources[task.id] = found
+    return found
+
+
+def lookup(
+    cached: ReadCache, area: ReadCache, pipeline: Pipeline, task: Any, run_name: str, ready: Ready
+) -> SharedOutput | None:
+    """A ready task's key, claim and entry (or producer); None when its inputs or the cache area cannot be
+    read (no memoization: its Job runs; the pass's view of the run itself stands)."""
+    from jobs.complete import ManifestError, read_outputs
+
+    memo = ready.memo
+    seen = memo.lookups.get(task.id) if memo is not None else None
+    if seen is not None and not ready.recheck(seen[1].claim, seen[0]):
+        return seen[1]
+    try:
+        inputs = read_outputs(cached, task, pipeline.by_id) if task.deps else {}
+        reference = task_key(pipeline.spec, task, Identities.by_reference(), inputs)
+        claim = f"{area.base_uri.rstrip('/')}#{reference}"
+        try:
+            key: str | None = task_key(pipeline.spec, task, Identities.recorded(area), inputs)
+        except UnknownIdentity:
+            key = None
+        found = entry_or_producer(area, task, key, claim, run_name)
+    except (ManifestError, KeyError, StoreError):
+        return None
+    if memo is not None and not (found.hit or found.producer):
+        memo.lookups[task.id] = (time.time(), found)
+    return found
+
+
+def entry_or_producer(area: ReadCache, task: Any, key: str | None, claim: str, run_name: str) -> SharedOutput:
+    """The complete entry of `key`, else the task of another run that holds its lease, else a miss."""
+    if key is None:
+        return SharedOutput(claim)
+    entry = read_entry(area, task.stage, key)
+    if entry is not None:
+        made = entry.record.get("created_by") or {}
+        return SharedOutput(claim, key, True, made.get("run"), made.get("task"))
+    holder = lease_holder(area, task.stage, key)
+    run, other = holder_task(holder) if holder else ("", "")
+    if holder and run != run_name:  # this run's own lease is a Job of it that is gone (it has none now)
+        return SharedOutput(claim, key, producer=f"run {run or '?'} (task {other or '?'})")
+    return SharedOutput(claim, key)
+
+
+def adopt(store: Store, pipeline: Pipeline, run_name: str, adoptions: Iterable[Adoption]) -> list[str]:
+    """Make the tasks complete from the shared cache (jobs.complete.adopt: the run's manifest points at the
+    entry, and the run is recorded as its user). Returns the tasks whose entry was not there (gone, or
+    found corrupt and dropped): they are looked up again next pass."""
+    from jobs.complete import adopt as adopt_entry
+
+    missed = []
+    for a in adoptions:
+        task = pipeline.by_id[a.task_id]
+        if adopt_entry(store, pipeline.spec, task, pipeline.by_id, run_name, a.key) is None:
+            missed.append(a.task_id)
+    return missed
+
+
+def delete_artifacts(store: Store, run_name: str) -> tuple[int, list[str]]:
+    """spec.deleteArtifacts: first let go of the shared cache entries the run used (jobs.cache.release_run:
+    its user records go, and so do the entries no other live run points at), then delete everything under
+    the run's prefix. Returns (objects deleted, entries deleted)."""
+    from jobs.cache import release_run
+
+    released = release_run(store, run_name)  # before the prefix: its manifests say which entries it used
+    return store.delete_prefix(""), released
 
 
 def invalidate(store: Store, pipeline: Pipeline, task_ids: Iterable[str]) -> None:

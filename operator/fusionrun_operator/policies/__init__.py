@@ -7,6 +7,7 @@
 | `restart` | restartFrom + restartNonce (stages to rerun, manifests to invalidate), generation change |
 | `deadline` | suspend / failure / deadline stop reasons, the activeDeadlineSeconds clock |
 | `start` | which tasks start now and the objects of their next attempt |
+| `memoize` | ready tasks the shared cache has (adopt, Memoized) or another run makes now (wait) |
 | `status` | the new status, from `stages`, `phase`, `conditions`, `progress`, `compaction`, `events` |
 | `invalid_spec` | a spec that does not validate |
 

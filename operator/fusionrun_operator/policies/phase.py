@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from fusionrun_operator.observations import Access
 from fusionrun_operator.policies.credentials import FATAL
+from fusionrun_operator.policies.memoize import WAITING
 from fusionrun_operator.policies.stages import current_stage, last_stage, stage_state
 from jobs.status import Stages, TaskStatus
 
@@ -55,6 +56,9 @@ def summarize(facts: RunFacts, tasks: Sequence[TaskStatus], stages: Stages) -> S
     retrying = [r for r in tasks if r.state == "Retrying"]
     if retrying:
         message += f"; {retrying[0].id} retrying at {retrying[0].next_attempt_time}"
+    waiting = [r for r in tasks if r.state == "Pending" and r.reason == WAITING]
+    if waiting:
+        message += f"; {len(waiting)} waiting for other runs making the same outputs"
     if facts.blocked is not None:
         message = f"waiting: {facts.blocked.message}"
     return Summary("Running" if started else "Pending", None, message, stage)

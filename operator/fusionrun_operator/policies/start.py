@@ -13,12 +13,15 @@ How due tasks become Jobs depends on the shape (config.server, capabilities.py):
   starts a new Job only when none of its tasks is running (one Job per group at a time) and none waits
   for its retry, so the failed and missing shards of one Job are retried together in the next (after the
   longest of their backoffs).
+Before that, the memoization policy (policies.memoize) takes out the due tasks whose outputs the shared
+cache already has (adopted, no Job: an Indexed group's Job leaves them out) or that another run is making
+now (they wait).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -26,6 +29,8 @@ from fusionrun_operator.config import OperatorConfig
 from fusionrun_operator.effects import Event, Transition
 from fusionrun_operator.indexed_jobs import gang_job_names, gang_manifests, group_manifest, shard_parallelism
 from fusionrun_operator.k8s_objects import RunRef, task_job_names, task_manifests
+from fusionrun_operator.observations import SharedOutput
+from fusionrun_operator.policies.memoize import memoize
 from fusionrun_operator.times import iso, parse_time
 from jobs.registry import format_indexes
 from jobs.spec import FusionRunSpec
@@ -41,12 +46,14 @@ class StartInputs:
     spec: FusionRunSpec
     config: OperatorConfig
     now: datetime
+    shared: Mapping[str, SharedOutput] = field(default_factory=dict)  # the shared cache, by task id
 
 
 def start_ready(
     dag: Iterable[Task], tasks: Mapping[str, TaskStatus], inp: StartInputs, seconds_left: float | None
 ) -> tuple[list[Transition], float | None]:
-    """(transitions of the tasks that start now, in DAG order; seconds until the next retry is due)."""
+    """(transitions of the tasks that start now, are memoized or wait for another run, in DAG order;
+    seconds until the next retry is due or a memoized task's dependants or a waiting task are looked at)."""
     due, wait = [], None
     running: dict[str, int] = {}  # running tasks per group
     backing_off: set[str] = set()  # groups with a retry not due yet
@@ -61,10 +68,12 @@ def start_ready(
             backing_off.add(task.group)
         elif rec.state in ("Pending", "Retrying") and all(tasks[d].state == "Succeeded" for d in task.deps):
             due.append(task)
-    started: list[Transition] = []
-    for batch in batches(due, running, backing_off, inp):
+    shared = memoize(due, tasks, inp.shared, inp.now)
+    started: list[Transition] = [*shared.adopted, *shared.waiting]
+    for batch in batches(shared.rest, running, backing_off, inp):
         started += launch(batch, tasks, inp, seconds_left)
-    return started, wait
+    again = [w for w in (wait, shared.requeue_after) if w is not None]
+    return started, min(again) if again else None
 
 
 def _indexed_group(task: Task, inp: StartInputs) -> bool:

@@ -1,8 +1,10 @@
 """Task transition policy: one task's new record from its old record, its Jobs and the store (starting a
 task is policies.start's business).
 
-- Complete in the store -> Succeeded, never run again. When the store could not be read (completed=None), a
-  Job whose every rank succeeded counts, and an earlier Succeeded is remembered.
+- Complete in the store -> Succeeded, never run again; reason Memoized (with its memoization) when its
+  manifest points at a shared cache entry another task made (its Job adopted it, or a pass did: see
+  policies.memoize). When the store could not be read (completed=None), a Job whose every rank succeeded
+  counts, and an earlier Succeeded is remembered.
 - The current attempt is max(record, highest attempt among its Jobs): a crash between creating a Job and
   writing status cannot make the next pass create another Job for the same attempt.
 - A failed attempt (a Job failed, a container that cannot start, a Job that succeeded without writing its
@@ -17,7 +19,7 @@ task is policies.start's business).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -25,7 +27,8 @@ from typing import TYPE_CHECKING
 from fusionrun_operator.capabilities import Capabilities
 from fusionrun_operator.effects import Event, Transition
 from fusionrun_operator.k8s_objects import ranks_of
-from fusionrun_operator.observations import JobObservation
+from fusionrun_operator.observations import JobObservation, SharedOutput
+from fusionrun_operator.policies.memoize import memoized_record, source
 from fusionrun_operator.policies.retry import Failure, count_failure, failure_of, interrupted
 from fusionrun_operator.times import iso
 from jobs.spec import FusionRunSpec
@@ -45,6 +48,7 @@ class TaskInputs:
     counting: bool  # count failures (not while suspended: stopping Jobs is no failure)
     now: datetime
     server: Capabilities = field(default_factory=Capabilities)  # the Job shape: Jobs per attempt
+    made_from: Mapping[str, SharedOutput] = field(default_factory=dict)  # complete tasks made by another
 
 
 def step_task(task: Task, rec: TaskStatus, jobs: Sequence[JobObservation], inp: TaskInputs) -> Transition:
@@ -57,14 +61,17 @@ def step_task(task: Task, rec: TaskStatus, jobs: Sequence[JobObservation], inp: 
         j.state == "Succeeded" for j in current
     )
     if inp.completed is not None and task.id in inp.completed:
+        found = inp.made_from.get(task.id)
+        if found is not None and found.hit and rec.state != "Succeeded":
+            event = Event("Normal", "TaskSucceeded", f"{task.id}: {source(found)}")
+            return Transition(memoized_record(rec, found, inp.now), events=(event,))
         how = "AlreadyInStore" if attempt == 0 else "Completed"
         return _succeeded(rec, how, f"{task.id}: outputs complete ({how})", inp.now)
     if inp.completed is None and (done or rec.state == "Succeeded"):
         return _succeeded(rec, "Completed", f"{task.id}: job(s) succeeded", inp.now)
     if rec.state == "Succeeded":  # the store no longer vouches for it (spec changed, outputs deleted)
-        rec = rec.model_copy(
-            update={"state": "Pending", "reason": "OutputsInvalidated", "completion_time": None}
-        )
+        update = {"state": "Pending", "reason": "OutputsInvalidated", "completion_time": None}
+        rec = rec.model_copy(update=update | {"memoized": None})
     failure = failure_of(current)
     if failure is None and done:
         if any((j.generation or 0) < inp.generation for j in current):
