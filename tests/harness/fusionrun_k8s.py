@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client
+from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from jobs.spec import API_GROUP, API_VERSION, PLURAL, SECRET_OPT_IN_LABEL
@@ -189,43 +189,79 @@ def task_selector(task_id: str) -> Any:
 
 
 class StatusRecorder:
-    """Polls a FusionRun in the background and keeps every distinct phase, stage and task state it was seen
-    in, so that a test can assert exact transitions (0.1 s polling misses no state that lasts longer)."""
+    """Watches a FusionRun in the background and keeps every distinct phase, stage and task state it was
+    seen in, so that a test can assert exact transitions. A watch, not polling: the API server sends every
+    write of the object, so a state that lasts a few milliseconds (a pod that fails at once) is kept too."""
 
-    def __init__(self, cp: ControlPlane, ns: str, name: str, interval: float = 0.1) -> None:
-        self.cp, self.ns, self.name, self.interval = cp, ns, name, interval
+    def __init__(self, cp: ControlPlane, ns: str, name: str) -> None:
+        self.cp, self.ns, self.name = cp, ns, name
         self.phases: list[str] = []
         self.stages: list[str] = []
         self.tasks: dict[str, list[str]] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name=f"status-{name}")
+        self._watch = watch.Watch()
+        self._ready = threading.Event()
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._watch_run, daemon=True, name=f"status-{name}")
 
     def __enter__(self) -> StatusRecorder:
         self._thread.start()
+        self._ready.wait(10)  # the watch is open before the test creates the run
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._watch.stop()
         self._thread.join(10)
-        self._poll()  # the state the test just waited for, even if it came after the last poll
+        self._note_status(run_status(self.cp, self.ns, self.name))  # the state the test just waited for
+        if self._error is not None:  # transitions may be missing: say so rather than assert on them
+            raise RuntimeError(f"watching {self.name} failed: {self._error!r}") from self._error
 
     @staticmethod
     def _note(seq: list[str], value: str | None) -> None:
         if value and (not seq or seq[-1] != value):
             seq.append(value)
 
-    def _poll(self) -> None:
-        with contextlib.suppress(Exception):
-            st = run_status(self.cp, self.ns, self.name)
-            self._note(self.phases, st.get("phase"))
-            self._note(self.stages, st.get("stage"))
-            for t in st.get("tasks") or []:
-                self._note(self.tasks.setdefault(t["id"], []), t.get("state"))
+    def _note_status(self, st: dict[str, Any]) -> None:
+        self._note(self.phases, st.get("phase"))
+        self._note(self.stages, st.get("stage"))
+        for t in st.get("tasks") or []:
+            self._note(self.tasks.setdefault(t["id"], []), t.get("state"))
+
+    def _watch_run(self) -> None:
+        try:
+            self._run()
+        except Exception as err:  # stopping the watch closes its connection: only other errors count
+            if not self._stop.is_set():
+                self._error = err
+        finally:
+            self._ready.set()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._poll()
-            self._stop.wait(self.interval)
+        api = client.CustomObjectsApi(self.cp.api())
+        listed = api.list_namespaced_custom_object(
+            API_GROUP, API_VERSION, self.ns, PLURAL, field_selector=f"metadata.name={self.name}"
+        )
+        version = listed["metadata"]["resourceVersion"]
+        for obj in listed.get("items") or []:
+            self._note_status(obj.get("status") or {})
+        self._ready.set()
+        while not self._stop.is_set():  # a watch that times out resumes where it ended: no write is missed
+            for event in self._watch.stream(
+                api.list_namespaced_custom_object,
+                API_GROUP,
+                API_VERSION,
+                self.ns,
+                PLURAL,
+                field_selector=f"metadata.name={self.name}",
+                resource_version=version,
+                timeout_seconds=5,
+            ):
+                obj = event["object"]
+                if event["type"] == "ERROR":  # e.g. 410 Gone: too old a version to resume from
+                    raise RuntimeError(f"the watch of {self.name} ended: {obj}")
+                version = obj["metadata"]["resourceVersion"]
+                self._note_status(obj.get("status") or {})
 
 
 # --------------------------------------------------------------------------------------------------
