@@ -57,7 +57,7 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "mined": (
         "the paper's alignment (DTW + MinED), everything else as the headline",
-        {"alignment": {"method": "mined"}, "training": {**NO_BASELINES, "sourcesOnlyBaseline": True}},
+        {"alignment": {"method": "mined"}, "training": NO_BASELINES},
     ),
     "paper-fusion": (
         "the paper's alignment and fusion choices (MinED; CE on each model's own tokens; one-hot fallback)",
