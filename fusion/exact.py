@@ -372,6 +372,32 @@ def check_ids(src: Shard, tgt: Shard, src_view: TokenizerView, tgt_view: Tokeniz
             )
 
 
+def _split_continuations(
+    projected: np.ndarray,
+    src_topk: np.ndarray,
+    src_lp: np.ndarray,
+    tgt: Shard,
+    rows: np.ndarray,
+    modes: np.ndarray,
+    src_view: TokenizerView,
+    tgt_view: TokenizerView,
+) -> tuple[np.ndarray, np.ndarray]:
+    from fusion.continuation import ByteTable, split_by_target
+
+    tgt_topk = _ids(tgt, "topk_ids")[rows]
+    tgt_lp = np.asarray(tgt["topk_logprobs"])[rows]
+    return split_by_target(
+        projected,
+        src_topk,
+        src_lp,
+        tgt_topk,
+        tgt_lp,
+        ByteTable.of(src_view),
+        ByteTable.of(tgt_view),
+        modes == 0,
+    )
+
+
 def align_shard_exact(
     src: Shard,
     tgt: Shard,
@@ -381,11 +407,13 @@ def align_shard_exact(
     doc_text: np.ndarray,
     doc_text_offsets: np.ndarray,
     doc_text_index: np.ndarray,
+    continuation: bool = False,
 ) -> tuple[dict[str, np.ndarray], AlignDiagnostics]:
     """The arrays of an aligned shard (fusion.format) by exact byte-offset pairing, and its diagnostics.
 
     doc_text / doc_text_offsets / doc_text_index: the prepared shard's `text`, `doc_offsets`, `doc_index`
-    (documents joined on doc_index; it may hold more documents than the extract shards)."""
+    (documents joined on doc_index; it may hold more documents than the extract shards). continuation: a
+    source entry that the target's own entries at the row extend is split among them (fusion.continuation)."""
     projection.check(src_view, tgt_view)
     check_ids(src, tgt, src_view, tgt_view)
     missing = projection.missing(needed_source_ids(src))
@@ -400,7 +428,13 @@ def align_shard_exact(
     src_topk = _ids(src, "topk_ids")[s_rows]
     src_lp = np.asarray(src["topk_logprobs"])[s_rows]
     modes = mode_index(pairing.src.at_start[s_rows], pairing.tgt.at_start[rows])
-    ids, lp = sum_duplicates(projection.lookup(src_topk, modes), src_lp)
+    projected, projected_lp = projection.lookup(src_topk, modes), src_lp
+    if continuation:
+        projected, projected_lp = _split_continuations(
+            projected, src_topk, src_lp, tgt, rows, modes, src_view, tgt_view
+        )
+    ids, lp = sum_duplicates(projected, projected_lp)
+    ids, lp = ids[:, : src_topk.shape[1]], lp[:, : src_topk.shape[1]]  # the source's k entries, best first
     kept = ids[:, 0] >= 0  # a row none of whose entries projected carries nothing: it falls back
     arrays = aligned_arrays(src, tgt, pairing.order, rows[kept], s_rows[kept], ids[kept], lp[kept])
     tgt_input = _ids(tgt)

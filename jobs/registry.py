@@ -274,7 +274,7 @@ def fingerprint_fields(spec_json: Mapping[str, Any], task: Task) -> dict[str, An
         # One model's extraction depends on that model only: editing another redoes only that one.
         return {"models": {task.model: models[task.model]}, "topK": d["extraction"]["topK"]}
     if stage is Stage.align:
-        return {"alignment": _set_only(d["alignment"], {})}
+        return {"alignment": _set_only(d["alignment"], {"projection": "spelling"})}
     if stage is Stage.fuse:
         return {"fusion": _set_only(d["fusion"], {"topK": None, "ceOn": "own", "fallback": "onehot"})}
     if stage is Stage.train:

@@ -202,6 +202,22 @@ class Alignment(Spec):
     vocab_map: Literal["lazy", "full"] = Field(
         "lazy", description="lazy: map only source ids seen in extracted top-k; full: the whole vocab."
     )
+    projection: Literal["spelling", "continuation"] = Field(
+        "spelling",
+        description="exact only. spelling: each source token goes to the target token that spells its text "
+        "first; continuation: a source token the target's own candidates extend (' re' -> ' return', "
+        "' result') shares its probability among them in proportion to the target's probabilities (the "
+        "source decides the continuation's mass, the target how its longer tokens split it).",
+    )
+
+    @model_validator(mode="after")
+    def _projection_needs_exact(self) -> Alignment:
+        if self.projection != "spelling" and self.method != "exact":
+            raise ValueError(
+                f"projection {self.projection!r} applies to method 'exact' only (method is {self.method!r}): "
+                "set method: exact, or remove projection"
+            )
+        return self
 
 
 class Fusion(Spec):

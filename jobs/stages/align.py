@@ -88,7 +88,10 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
             from fusion.exact import align_shard_exact
 
             proj, how = load_or_build_projection(ctx, src_tok, tgt_tok, needed)
-            arrays, diag = align_shard_exact(src_shard, tgt_shard, src_view, tgt_view, proj, *text)
+            continuation = ctx.spec.alignment.projection == "continuation"
+            arrays, diag = align_shard_exact(
+                src_shard, tgt_shard, src_view, tgt_view, proj, *text, continuation=continuation
+            )
             digest = hashlib.sha256(proj.ids.tobytes() + proj.outcome.tobytes()).hexdigest()
             summary: dict[str, Any] = {"projection": how, "projection_sha256": digest}
         else:
