@@ -76,6 +76,17 @@ def test_examples_validate_and_resolve_relative_paths(name: str) -> None:
             "spec.fusion.strategy: Input should be 'minCE' or 'avgCE' (got 'maxCE')",
         ),
         ("training.lambda", 1.5, "spec.training.lambda: Input should be less than or equal to 1"),
+        (
+            "alignment",
+            {"method": "mined", "projection": "continuation"},
+            "spec.alignment: projection 'continuation' applies to method 'exact' only (method is 'mined'): "
+            "set method: exact, or remove projection",
+        ),
+        (
+            "alignment.projection",
+            "nearest",
+            "spec.alignment.projection: Input should be 'spelling' or 'continuation' (got 'nearest')",
+        ),
         ("extraction.topk", 5, "spec.extraction.topk: unknown field; did you mean topK?"),  # a typo
         ("store.endpoint", "http://minio:9000", "endpoint is plain http://: set insecure: true"),
         ("sources.0.name", "tgt", "model names must be unique across target and sources; repeated: ['tgt']"),
@@ -134,3 +145,9 @@ def test_fingerprint_fields_follow_what_decides_each_stage() -> None:
     k3 = parse_spec(_with("fusion.topK", 3))
     assert spec_fingerprint_fields(k3, "fuse")["fusion"]["topK"] == 3
     assert spec_fingerprint_fields(a, "train") == spec_fingerprint_fields(k3, "train")
+    # alignment.projection (added later) counts only when set: aligned shards made before it stay valid
+    assert spec_fingerprint_fields(a, "align") == {"alignment": {"method": "mined", "vocabMap": "lazy"}}
+    cont = parse_spec(_with("alignment", {"method": "exact", "projection": "continuation"}))
+    assert spec_fingerprint_fields(cont, "align")["alignment"]["projection"] == "continuation"
+    for stage in ("prepare", "extract", "fuse", "train"):
+        assert spec_fingerprint_fields(a, stage) == spec_fingerprint_fields(cont, stage)
