@@ -84,6 +84,19 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def absolute_document(path: Path | str) -> dict[str, Any]:
+    """A FusionRun file as a document with its local URIs made absolute (variants are written elsewhere)."""
+    from jobs.spec import load_fusionrun
+
+    run = load_fusionrun(path)
+    return {
+        "apiVersion": run.api_version,
+        "kind": "FusionRun",
+        "metadata": {"name": run.metadata.name},
+        "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+
+
 def variant_document(base_doc: dict[str, Any], variant: str) -> dict[str, Any]:
     """The variant's FusionRun document: the base one (paths resolved) with the variant's overrides, its
     own name, one checkpoint at the end (disk) and no re-scoring of the sources (the base run did that)."""
@@ -257,8 +270,6 @@ def _fmt(x: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.spec import load_fusionrun
-
     ap = argparse.ArgumentParser(
         prog="python -m bench.ablation",
         description=__doc__,
@@ -274,16 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     variants = args.variants or list(VARIANTS)
-    run = load_fusionrun(args.base)
-    base_doc = {
-        "apiVersion": run.api_version,
-        "metadata": {"name": run.metadata.name},
-        "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-    }
-    if not run.spec.store.uri.startswith("file://"):
+    base_doc = absolute_document(args.base)
+    store_uri = base_doc["spec"]["store"]["uri"]
+    if not store_uri.startswith("file://"):
         ap.error("the ablation links the base run's local outputs: use a file:// store")
-    store_root = Path(run.spec.store.uri[len("file://") :])
-    base_name = run.metadata.name
+    store_root = Path(store_uri[len("file://") :])
+    base_name = base_doc["metadata"]["name"]
     if not (store_root / base_name / "evaluate" / "metrics.json").is_file():
         ap.error(f"run the base first: {sys.executable} -m jobs.cli run {args.base}")
     failed = []

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from bench.ablation import absolute_document
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_SPEC = ROOT / "examples" / "real-smollm2-gemma.yaml"
 
@@ -59,20 +61,6 @@ def outcome_counts(stdout: str) -> dict[str, int]:
         if line.startswith("  ") and len(parts) >= 2 and parts[1] in counts:
             counts[parts[1]] += 1
     return counts
-
-
-def absolute_document(path: Path) -> dict[str, Any]:
-    """The FusionRun file as a document whose local URIs are absolute (variants are written elsewhere)."""
-    from jobs.spec import load_fusionrun
-
-    run_ = load_fusionrun(path)
-    spec = run_.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    return {
-        "apiVersion": run_.api_version,
-        "kind": "FusionRun",
-        "metadata": {"name": run_.metadata.name},
-        "spec": spec,
-    }
 
 
 def release(doc: dict[str, Any]) -> None:

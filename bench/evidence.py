@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bench.ablation import _json, deep_merge
+from bench.ablation import _json, absolute_document, deep_merge
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_SPEC = ROOT / "examples" / "evidence-pkg-code.yaml"
@@ -92,16 +92,7 @@ def run_document(base_doc: dict[str, Any], run: str) -> dict[str, Any]:
 
 def base_document(path: Path) -> dict[str, Any]:
     """The headline FusionRun with its local URIs made absolute (run documents are written elsewhere)."""
-    from jobs.spec import load_fusionrun
-
-    run = load_fusionrun(path)
-    spec = run.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    return {
-        "apiVersion": run.api_version,
-        "kind": "FusionRun",
-        "metadata": {"name": run.metadata.name},
-        "spec": spec,
-    }
+    return absolute_document(path)
 
 
 def fusionrun(path: Path) -> int:
