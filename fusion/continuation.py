@@ -1,56 +1,47 @@
-"""Continuation-aware projection: a source token that the target's own candidates extend shares its
-probability among them.
+"""Continuation-aware projection: a source token whose continuations the target spells as longer tokens shares
+its probability among those tokens.
 
 Exact pairing gives a target row the source's distribution over its next tokens at the same byte. A source
-token is the start of a continuation; the target may spell that continuation with a longer token. Gemma's
-' re' (p 0.6) is the start of ' return' and ' result', which SmolLM2 has as single tokens: projecting ' re'
-onto the target token that spells it (' re') puts 0.6 on a token the target would never emit there, and
-the gold ' return' gets nothing. Here the source decides how much mass the continuation gets (0.6) and
-the target's own distribution at the same row decides how it splits into its longer tokens:
+token is the start of a continuation; the target may spell that continuation with a longer token. Say the
+source has ' re' but no ' return' or ' result', which the target has as single tokens: the spelling
+projection puts the source's p(' re') on the target's ' re', a token the target never emits before 'turn',
+and the gold ' return' gets nothing. Here the source decides how much mass the continuation gets and the
+target's own distribution at the same row decides how it splits into the target's longer tokens:
 
-    target row: ' return' 0.30, ' result' 0.10, ' re' 0.00 (absent), ' x' 0.50
+    target row: ' return' 0.30, ' result' 0.10, ' x' 0.50
     source row: ' re' 0.60, ' x' 0.40
     projected:  ' return' 0.6 * 0.30 / 0.40 = 0.45, ' result' 0.15, ' x' 0.40
 
-A source entry is split when at least one of the target's entries at that row strictly extends its text
-(same leading bytes, longer); its share goes to those entries and to the token it spells if the target holds
-that one too, in proportion to the target's probabilities. Every other entry keeps its spelled projection.
-Only rows in mode 0 (neither side at a document start, where a dummy space changes what tokens spell) are
-split. Token texts are compared on their first BYTES_COMPARED bytes.
+Which target tokens continue a source token is decided by the source's own tokenizer: target token t
+continues source token s when the source tokenizer, encoding t's text, emits s first (`first_source`: the
+reverse projection, fusion.project.build_projection with the roles swapped). A source that has ' return'
+itself encodes ' return' as ' return', so its p(' re') is not mass for ' return' (it said ' return'
+separately) and stays on the spelled ' re'. A source entry is split when the target's entries at the row
+hold at least one token that continues it; its share goes to those and to the token it spells if the target
+holds that one too, in proportion to the target's probabilities. Only rows in mode 0 (neither side at a
+document start, where a dummy space changes what tokens spell) are split.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fusion.tokens import TokenizerView
+from fusion.project import build_projection
 
-BYTES_COMPARED = 32  # tokens are compared on this many leading bytes (longer tokens are rare)
-_ROWS_PER_BLOCK = 2048  # the [rows, k_src, k_tgt, bytes] comparison stays ~ 2048 * 10 * 10 * 32 = 6.5 MB
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+_ROWS_PER_BLOCK = 1 << 14  # the [rows, k_src, k_tgt] masks stay ~ 16384 * 10 * 10 = 1.6 M entries
 
 
-@dataclass(frozen=True)
-class ByteTable:
-    """Every token's leading bytes, zero-padded: bytes uint8 [vocab, BYTES_COMPARED], lengths int32 [vocab]
-    (0 for tokens that stand for no text)."""
-
-    bytes: np.ndarray
-    lengths: np.ndarray
-
-    @classmethod
-    def of(cls, view: TokenizerView) -> ByteTable:
-        lengths = view.nbytes.astype(np.int64)
-        blob = np.frombuffer(b"".join(view.token_bytes), dtype=np.uint8)
-        starts = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1], out=starts[1:])
-        kept = np.minimum(lengths, BYTES_COMPARED)
-        table = np.zeros((len(lengths), BYTES_COMPARED), dtype=np.uint8)
-        row = np.repeat(np.arange(len(lengths)), kept)
-        col = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
-        table[row, col] = blob[starts[row] + col]
-        return cls(bytes=table, lengths=lengths.astype(np.int32))
+def first_source_tokens(
+    src_tok: PreTrainedTokenizerBase, tgt_tok: PreTrainedTokenizerBase, tgt_ids: np.ndarray
+) -> np.ndarray:
+    """int32 [target vocab]: for each of tgt_ids, the source id the source tokenizer emits first for that
+    target token's text inside a document (-1 elsewhere): the projection with the roles swapped."""
+    return build_projection(tgt_tok, src_tok, tgt_ids).ids[0]
 
 
 def split_by_target(
@@ -59,14 +50,16 @@ def split_by_target(
     src_logprobs: np.ndarray,
     tgt_ids: np.ndarray,
     tgt_logprobs: np.ndarray,
-    src_table: ByteTable,
-    tgt_table: ByteTable,
+    first_source: np.ndarray,
     rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[R, Ks] projected target ids (-1 dropped) and the source's log-probs, the source ids they came from,
-    and the target's own [R, Kt] entries at the same rows -> [R, Ks + Kt] target ids and log-probs with
-    every source entry the target extends split as the module says (not merged: fusion.project's
-    sum_duplicates merges repeated ids). rows: bool [R], the rows that may be split (default all)."""
+    """[R, Ks] projected target ids (-1 dropped) with the source ids they came from and the source's
+    log-probs, and the target's own [R, Kt] entries at the same rows -> [R, Ks + Kt] target ids and
+    log-probs with every source entry the target continues split as the module says (not merged:
+    fusion.project.sum_duplicates merges repeated ids).
+
+    first_source: int [target vocab], the source id the source tokenizer emits first for each target
+    token's text (-1: not computed or none). rows: bool [R], the rows that may be split (default all)."""
     n = proj_ids.shape[0]
     out_ids = np.concatenate([proj_ids, np.where(tgt_ids >= 0, tgt_ids, -1)], axis=1).astype(np.int32)
     out_p = np.zeros(out_ids.shape, dtype=np.float64)
@@ -75,7 +68,7 @@ def split_by_target(
         may = np.ones(hi - lo, dtype=bool) if rows is None else np.asarray(rows[lo:hi], dtype=bool)
         out_p[lo:hi] = _split_block(
             proj_ids[lo:hi], src_ids[lo:hi], src_logprobs[lo:hi], tgt_ids[lo:hi], tgt_logprobs[lo:hi],
-            src_table, tgt_table, may,
+            first_source, may,
         )  # fmt: skip
     with np.errstate(divide="ignore"):
         out_lp = np.where(out_p > 0, np.log(np.maximum(out_p, 1e-300)), -np.inf).astype(np.float32)
@@ -94,25 +87,18 @@ def _split_block(
     src_lp: np.ndarray,
     tgt_ids: np.ndarray,
     tgt_lp: np.ndarray,
-    src_table: ByteTable,
-    tgt_table: ByteTable,
+    first_source: np.ndarray,
     may: np.ndarray,
 ) -> np.ndarray:
     """Probabilities [B, Ks + Kt]: the source entries' kept share, then what the target's entries got."""
     p_src = _probs(np.where(proj_ids >= 0, src_ids, -1), src_lp)  # dropped by the projection: nothing
     p_tgt = _probs(tgt_ids, tgt_lp)
-    s_safe, t_safe = np.maximum(src_ids, 0), np.maximum(tgt_ids, 0)
-    len_s = np.where(src_ids >= 0, np.minimum(src_table.lengths[s_safe], BYTES_COMPARED), 0)
-    len_t = np.where(tgt_ids >= 0, tgt_table.lengths[t_safe], 0)
-    # same[b, j, i]: the first len_s[b, j] bytes of target entry i are those of source entry j.
-    equal = src_table.bytes[s_safe][:, :, None, :] == tgt_table.bytes[t_safe][:, None, :, :]
-    within = np.arange(BYTES_COMPARED) < len_s[:, :, None, None]
-    prefix = (equal | ~within).all(axis=3)
-    extends = prefix & (len_t[:, None, :] > len_s[:, :, None]) & (len_s[:, :, None] > 0)
-    extends &= (p_tgt[:, None, :] > 0) & (p_src[:, :, None] > 0) & may[:, None, None]
+    starts_with = np.where(tgt_ids >= 0, first_source[np.maximum(tgt_ids, 0)], -1)  # [B, Kt] source ids
     spelled = (tgt_ids[:, None, :] == proj_ids[:, :, None]) & (proj_ids[:, :, None] >= 0)
-    split = extends.any(axis=2)
-    share = np.where((extends | spelled) & split[:, :, None], p_tgt[:, None, :], 0.0)  # [B, Ks, Kt]
+    continues = (starts_with[:, None, :] == src_ids[:, :, None]) & (src_ids[:, :, None] >= 0) & ~spelled
+    continues &= (p_tgt[:, None, :] > 0) & (p_src[:, :, None] > 0) & may[:, None, None]
+    split = continues.any(axis=2)
+    share = np.where((continues | spelled) & split[:, :, None], p_tgt[:, None, :], 0.0)  # [B, Ks, Kt]
     share /= np.maximum(share.sum(axis=2, keepdims=True), 1e-300)
     to_target = np.einsum("bj,bji->bi", p_src, share)
     return np.concatenate([np.where(split, 0.0, p_src), to_target], axis=1)

@@ -379,23 +379,13 @@ def _split_continuations(
     tgt: Shard,
     rows: np.ndarray,
     modes: np.ndarray,
-    src_view: TokenizerView,
-    tgt_view: TokenizerView,
+    first_source: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    from fusion.continuation import ByteTable, split_by_target
+    from fusion.continuation import split_by_target
 
     tgt_topk = _ids(tgt, "topk_ids")[rows]
     tgt_lp = np.asarray(tgt["topk_logprobs"])[rows]
-    return split_by_target(
-        projected,
-        src_topk,
-        src_lp,
-        tgt_topk,
-        tgt_lp,
-        ByteTable.of(src_view),
-        ByteTable.of(tgt_view),
-        modes == 0,
-    )
+    return split_by_target(projected, src_topk, src_lp, tgt_topk, tgt_lp, first_source, modes == 0)
 
 
 def align_shard_exact(
@@ -407,13 +397,14 @@ def align_shard_exact(
     doc_text: np.ndarray,
     doc_text_offsets: np.ndarray,
     doc_text_index: np.ndarray,
-    continuation: bool = False,
+    first_source: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], AlignDiagnostics]:
     """The arrays of an aligned shard (fusion.format) by exact byte-offset pairing, and its diagnostics.
 
     doc_text / doc_text_offsets / doc_text_index: the prepared shard's `text`, `doc_offsets`, `doc_index`
-    (documents joined on doc_index; it may hold more documents than the extract shards). continuation: a
-    source entry that the target's own entries at the row extend is split among them (fusion.continuation)."""
+    (documents joined on doc_index; it may hold more documents than the extract shards). first_source (the
+    continuation projection, fusion.continuation): a source entry the target's own entries at the row
+    continue is split among them."""
     projection.check(src_view, tgt_view)
     check_ids(src, tgt, src_view, tgt_view)
     missing = projection.missing(needed_source_ids(src))
@@ -429,9 +420,9 @@ def align_shard_exact(
     src_lp = np.asarray(src["topk_logprobs"])[s_rows]
     modes = mode_index(pairing.src.at_start[s_rows], pairing.tgt.at_start[rows])
     projected, projected_lp = projection.lookup(src_topk, modes), src_lp
-    if continuation:
+    if first_source is not None:
         projected, projected_lp = _split_continuations(
-            projected, src_topk, src_lp, tgt, rows, modes, src_view, tgt_view
+            projected, src_topk, src_lp, tgt, rows, modes, first_source
         )
     ids, lp = sum_duplicates(projected, projected_lp)
     ids, lp = ids[:, : src_topk.shape[1]], lp[:, : src_topk.shape[1]]  # the source's k entries, best first

@@ -205,9 +205,10 @@ class Alignment(Spec):
     projection: Literal["spelling", "continuation"] = Field(
         "spelling",
         description="exact only. spelling: each source token goes to the target token that spells its text "
-        "first; continuation: a source token the target's own candidates extend (' re' -> ' return', "
-        "' result') shares its probability among them in proportion to the target's probabilities (the "
-        "source decides the continuation's mass, the target how its longer tokens split it).",
+        "first; continuation: a source token whose continuations the target holds as longer tokens (the "
+        "source tokenizer spells them starting with it: Mistral '▁rail' -> SmolLM2 ' railroad') shares its "
+        "probability among them in proportion to the target's own probabilities (the source decides the "
+        "continuation's mass, the target how its longer tokens split it).",
     )
 
     @model_validator(mode="after")

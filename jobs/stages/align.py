@@ -88,9 +88,13 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
             from fusion.exact import align_shard_exact
 
             proj, how = load_or_build_projection(ctx, src_tok, tgt_tok, needed)
-            continuation = ctx.spec.alignment.projection == "continuation"
+            first_source = None
+            if ctx.spec.alignment.projection == "continuation":
+                from fusion.continuation import first_source_tokens
+
+                first_source = first_source_tokens(src_tok, tgt_tok, needed_source_ids(tgt_shard))
             arrays, diag = align_shard_exact(
-                src_shard, tgt_shard, src_view, tgt_view, proj, *text, continuation=continuation
+                src_shard, tgt_shard, src_view, tgt_view, proj, *text, first_source=first_source
             )
             digest = hashlib.sha256(proj.ids.tobytes() + proj.outcome.tobytes()).hexdigest()
             summary: dict[str, Any] = {"projection": how, "projection_sha256": digest}
