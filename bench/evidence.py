@@ -197,6 +197,7 @@ def tables(store_root: Path, base: str) -> str:
     texts = ["heldout", *metrics.get("headline", {}).get("corpora", {})]
     out.append("|---|" + "---|" * len(texts))
     for a, b, what in (
+        ("headline", "spelling", "continuation projection minus the spelling projection (exact alignment)"),
         ("headline", "mined", "exact alignment minus MinED (same fusion settings)"),
         (
             "mined",
