@@ -23,7 +23,7 @@ from jobs.complete import read_manifest
 from jobs.observe import alignment_from_store
 from jobs.plan import build_dag, trained_variants
 from jobs.progress import TrainingHistory, read_history
-from jobs.registry import Layout, Stage
+from jobs.registry import Layout, Stage, Variant
 from jobs.spec import FusionRunSpec
 from jobs.store import Store, StoreError
 
@@ -138,7 +138,7 @@ def source_value(store: Store, dag: list[Any]) -> dict[str, Any] | None:
 
     parts = []
     for t in dag:
-        if t.stage is Stage.fuse and (t.variant or "fused") == "fused":
+        if t.stage is Stage.fuse and t.variant in (None, Variant.fused.value):
             record = _json(store, Layout.source_value(t))
             if not isinstance(record, dict):
                 return None  # a shard fused before the diagnostics existed: no partial figure
@@ -185,7 +185,7 @@ def collect(store: Store, spec: FusionRunSpec, log_dir: Path | None = None) -> d
             "seconds": round(m["finished_at"] - m["started_at"], 2),
             "counts": m.get("counts", {}),
         }
-        if t.stage is Stage.fuse:
+        if t.stage is Stage.fuse and t.variant in (None, Variant.fused.value):  # FuseLLM's own choices
             for name, n in (m.get("summary", {}).get("choice_counts") or {}).items():
                 choice[name] = choice.get(name, 0) + int(n)
     return {

@@ -163,7 +163,7 @@ def test_fuse_records_source_value_and_the_report_renders_it(tmp_path: Path) -> 
     shards and says, before any training figure, what the sources could teach."""
     from jobs.report import collect, render_markdown
 
-    spec = parse_spec(tiny_spec(tmp_path))
+    spec = parse_spec(tiny_spec(tmp_path, selfDistillBaseline=True, sourcesOnlyBaseline=True))
     LocalRunner(spec, "sv").run(until="fuse")
     store = LocalStore(tmp_path / "store" / "sv")
     record = json.loads(store.get_bytes("fuse/shard-00000.source-value.json"))
@@ -177,3 +177,7 @@ def test_fuse_records_source_value_and_the_report_renders_it(tmp_path: Path) -> 
     )
     md = render_markdown("sv", {**data, "tiny_random_init": False}, {})
     assert "## Can the sources teach the target?" in md and f"**Verdict:** {value['verdict']}" in md
+    # MinCE's choices are FuseLLM's own (one per training document), not the baselines' fused shards.
+    fused = [json.loads(store.get_bytes(f"fuse/shard-0000{s}.manifest.json")) for s in (0, 1)]
+    documents = sum(m["counts"]["documents"] for m in fused)
+    assert sum(data["mince_choices"].values()) == documents > 0
