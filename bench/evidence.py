@@ -210,11 +210,54 @@ def tables(store_root: Path, base: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot(store_root: Path, base: str, path: Path) -> bool:
+    """FuseLLM minus each baseline per held-out text, with its 95% paired interval, for every run that
+    trained that baseline (the headline, the second seed): one panel per baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"headline": base, **{r: f"{base}-{r}" for r in RUNS}}
+    metrics = {r: m for r, n in names.items() if (m := _json(store_root / n / "evaluate" / "metrics.json"))}
+    if "headline" not in metrics:
+        return False
+    texts = ["heldout", *metrics["headline"].get("corpora", {})]
+    baselines = [b for b in ("clm", "self") if b in models_of(metrics["headline"], "heldout")]
+    fig, axes = plt.subplots(1, len(baselines), figsize=(5 * len(baselines), 3.4), squeeze=False)
+    for ax, b in zip(axes[0], baselines, strict=True):
+        runs = [
+            r
+            for r in metrics
+            if b in models_of(metrics[r], "heldout") and "fused" in models_of(metrics[r], "heldout")
+        ]
+        width = 0.8 / max(len(runs), 1)
+        for i, r in enumerate(runs):
+            d = [
+                paired(models_of(metrics[r], t).get("fused"), models_of(metrics[r], t).get(b)) for t in texts
+            ]
+            x = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(texts))]
+            mid = [v[0] if v else np.nan for v in d]
+            err = [[v[0] - v[1] if v else 0 for v in d], [v[2] - v[0] if v else 0 for v in d]]
+            ax.bar(x, mid, width, yerr=err, capsize=3, label=r)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(texts)), texts)
+        ax.set_title(f"FuseLLM minus {LABELS[b]}")
+        ax.set_ylabel("bits/byte (negative: FuseLLM better)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="*", help=f"a selection of {list(RUNS)} (default: every one not done)")
     ap.add_argument("--base", type=Path, default=BASE_SPEC)
     ap.add_argument("--table", type=Path, help="only write the tables of what has run to this file")
+    ap.add_argument("--plot", type=Path, help="with --table: also plot FuseLLM minus each baseline (PNG)")
     args = ap.parse_args(argv)
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
@@ -223,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     store_root = Path(base_doc["spec"]["store"]["uri"].removeprefix("file://"))
     base = base_doc["metadata"]["name"]
     if args.table:
+        if args.plot and plot(store_root, base, args.plot):
+            print(f"plot: {args.plot}")
         args.table.write_text(tables(store_root, base))
         print(args.table.read_text())
         return 0

@@ -79,3 +79,6 @@ def test_tables_pair_the_same_documents_within_and_across_runs(tmp_path) -> None
     assert "| FuseLLM minus CLM-only | -0.1000 [-0.1000, -0.1000] | +0.0% |" in md  # 16 - 18 bits / 20 bytes
     assert "| FuseLLM minus self-distillation | -0.2000 [-0.2000, -0.2000] | +0.0% |" in md
     assert "| exact alignment minus MinED (same fusion settings) | -0.1000 [-0.1000, -0.1000] |" in md
+    # The plot: one panel per baseline the headline trained; nothing to plot without the headline.
+    assert evidence.plot(tmp_path, "b", tmp_path / "d.png") and (tmp_path / "d.png").stat().st_size > 0
+    assert not evidence.plot(tmp_path, "missing", tmp_path / "e.png") and not (tmp_path / "e.png").exists()
