@@ -62,7 +62,7 @@ evidence: evidence-data
 	$(PY) -m jobs.cli run examples/evidence-pkg-code.yaml --until align
 	$(PY) -m bench.source_value --spec examples/evidence-pkg-code.yaml
 	$(PY) -m bench.evidence $(RUNS)
-	$(PY) -m bench.evidence --table docs/evidence-tables.md
+	$(PY) -m bench.evidence --table docs/evidence-tables.md --plot docs/img/evidence.png
 
 k8s:
 	bash scripts/k8s-control-plane.sh build

@@ -58,7 +58,7 @@ def test_each_run_reuses_the_extraction_and_changes_only_its_fields(base, run: s
         ["fused"],
     )
     seed = parse_fusionrun(evidence.run_document(doc, "seed-1")).spec
-    assert seed.training.seed == 1 and trained_variants(seed) == ["fused", "self"]
+    assert seed.training.seed == 1 and trained_variants(seed) == ["fused", "clm", "self"]
     for run in ("one-epoch", "one-epoch-seed-1"):  # the headline comparisons again, on one pass
         short = parse_fusionrun(evidence.run_document(doc, run)).spec
         assert short.training.max_steps == 17 and trained_variants(short) == ["fused", "clm", "self"]
