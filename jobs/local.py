@@ -174,7 +174,8 @@ class LocalRunner:
             for t in downstream(self.dag, Stage(force_stage)):
                 invalidate(self.store, t)
         pass_ = _Pass(result=RunResult(), notify=on_task or (lambda *_: None))
-        previous = _stop_on_sigterm()
+        stop = threading.Event()
+        previous = _stop_on_sigterm(stop)
         try:
             while True:
                 self._claim_ready(pass_)
@@ -184,6 +185,8 @@ class LocalRunner:
                     break
                 time.sleep(0.1)
                 self._reap(pass_)
+                if stop.is_set():  # here, not in the handler: every started task is in pass_.running
+                    raise RunStopped("stopped by SIGTERM; rerun to resume (complete tasks are skipped)")
         finally:
             self._stop_all(pass_.running)
             self._save_status(pass_, force=True)
@@ -347,14 +350,16 @@ class RunStopped(RuntimeError):
     """The runner was asked to stop (SIGTERM); running tasks were stopped, complete ones stay complete."""
 
 
-def _stop_on_sigterm() -> Any:
-    """Turn SIGTERM into an exception so that running tasks are stopped too (their outputs, having no
-    manifest, are redone by the next run). Only possible in the main thread; returns the old handler."""
+def _stop_on_sigterm(stop: threading.Event) -> Any:
+    """On SIGTERM set `stop`: the run loop then stops at its next step, running tasks too (their outputs,
+    having no manifest, are redone by the next run). Not an exception raised in the handler: one that
+    lands between starting a task's process and recording it would leave that process running after the
+    runner exits. Only possible in the main thread; returns the old handler."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def handler(signum: int, frame: Any) -> None:
-        raise RunStopped("stopped by SIGTERM; rerun to resume (complete tasks are skipped)")
+        stop.set()
 
     return signal.signal(signal.SIGTERM, handler)
 

@@ -312,6 +312,27 @@ def test_tiny_local_example_end_to_end(tmp_path: Path) -> None:
     assert again.returncode == 0 and " 0 ran, 16 skipped" in again.stdout
 
 
+def test_sigterm_while_a_task_starts_stops_that_task_too(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM that lands right after a task's process is started, before the runner records it: the
+    runner still stops and reaps that process (it once raised in the signal handler and leaked it)."""
+    import jobs.local
+
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen_then_sigterm(*args, **kwargs):
+        proc = real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+        started.append(proc)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, inside the runner's launch
+        return proc
+
+    monkeypatch.setattr(jobs.local.subprocess, "Popen", popen_then_sigterm)
+    with pytest.raises(jobs.local.RunStopped, match="stopped by SIGTERM"):
+        LocalRunner(parse_spec(tiny_spec(tmp_path)), "term").run()
+    assert len(started) == 1 and started[0].poll() is not None  # stopped and reaped, not left running
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the runner's handler is gone
+
+
 def test_sigterm_stops_the_runner_and_its_tasks(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(
