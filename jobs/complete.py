@@ -44,7 +44,7 @@ from jobs.cache import (
     read_entry,
     task_key,
 )
-from jobs.registry import Layout, Stage, Task, fingerprint_fields
+from jobs.registry import Layout, Stage, Task, fingerprint_fields, legacy_fingerprint_fields
 from jobs.store import LocalStore, Store, StoreError, endpoint_of
 
 if TYPE_CHECKING:
@@ -91,7 +91,18 @@ def _sha(obj: Any) -> str:
 
 def fingerprint(spec: FusionRunSpec, task: Task) -> str:
     """sha256 of the spec fields that decide this task's outputs, and of the task's identity."""
-    fields = fingerprint_fields(spec.model_dump(mode="json", by_alias=True), task)
+    return _fingerprint_of(fingerprint_fields(spec.model_dump(mode="json", by_alias=True), task), task)
+
+
+def accepted_fingerprints(spec: FusionRunSpec, task: Task) -> set[str]:
+    """The fingerprint a manifest written now gets, and those earlier releases wrote for the same
+    settings (jobs.registry.legacy_fingerprint_fields)."""
+    spec_json = spec.model_dump(mode="json", by_alias=True)
+    legacy = legacy_fingerprint_fields(spec_json, task)
+    return {fingerprint(spec, task), *(_fingerprint_of(fields, task) for fields in legacy)}
+
+
+def _fingerprint_of(fields: dict[str, Any], task: Task) -> str:
     return _sha({"fields": fields, "task": task.id, "version": MANIFEST_VERSION})
 
 
@@ -173,7 +184,7 @@ def why_incomplete(
     m = read_manifest(store, task)
     if m is None:
         return "no manifest"
-    if m.get("fingerprint") != fingerprint(spec, task):
+    if m.get("fingerprint") not in accepted_fingerprints(spec, task):
         return "spec changed"
     try:
         inputs = input_digests(store, dag_by_id, task)

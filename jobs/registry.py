@@ -278,9 +278,25 @@ def fingerprint_fields(spec_json: Mapping[str, Any], task: Task) -> dict[str, An
     if stage is Stage.fuse:
         return {"fusion": _set_only(d["fusion"], {"topK": None, "ceOn": "own", "fallback": "onehot"})}
     if stage is Stage.train:
-        skip = ("checkpointInterval", "selfDistillBaseline", "sourcesOnlyBaseline")
-        return {"training": {k: v for k, v in d["training"].items() if k not in skip}}
+        # Which baselines exist decides which tasks there are, not what any one of them trains.
+        return {"training": {k: v for k, v in d["training"].items() if k not in _TRAIN_UNFINGERPRINTED}}
     return {"evaluation": _set_only(d["evaluation"], {"corpora": [], "tasks": [], "taskDirs": []})}
+
+
+_TRAIN_UNFINGERPRINTED = ("checkpointInterval", "clmBaseline", "selfDistillBaseline", "sourcesOnlyBaseline")
+
+
+def legacy_fingerprint_fields(spec_json: Mapping[str, Any], task: Task) -> list[dict[str, Any]]:
+    """The fields earlier releases fingerprinted `task` by, where they differ from fingerprint_fields':
+    their manifests stay valid (jobs.complete accepts either), so upgrading redoes nothing.
+
+    Train: training.clmBaseline used to count in every variant's fingerprint, so turning the CLM-only
+    baseline on retrained FuseLLM and the other baselines; such a record may hold either value. (A training
+    checkpoint of such a release, mid-run at the upgrade, is not resumed: its marker names the old one.)"""
+    if task.stage is not Stage.train:
+        return []
+    current = fingerprint_fields(spec_json, task)["training"]
+    return [{"training": {**current, "clmBaseline": flag}} for flag in (True, False)]
 
 
 def _set_only(section: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ from jobs.complete import (
     completed_tasks,
     digest,
     manifest_key,
+    read_manifest,
     why_incomplete,
     write_manifest,
 )
@@ -32,6 +34,51 @@ SPEC = {
     "extraction": {"maxLength": 256},
     "training": {"seqLen": 128},
 }
+
+
+def _train_complete(tmp_path: Path, training: dict) -> tuple[LocalStore, Task]:
+    """A store where every task up to FuseLLM's training is complete (placeholder outputs)."""
+    spec = parse_spec({**SPEC, "training": {"seqLen": 128, **training}})
+    dag = build_dag(spec)
+    store = open_store(StoreSpec(uri=str(tmp_path)), "r")
+    for task in dag:
+        if task.stage is not Stage.evaluate:
+            _complete(store, spec, task, dag, {f"{task.id}.out": task.id.encode()})
+    return store, next(t for t in dag if t.id == "train")
+
+
+def test_turning_a_baseline_on_or_off_does_not_retrain_the_others(tmp_path: Path) -> None:
+    store, train = _train_complete(tmp_path, {})
+    for flags in ({"clmBaseline": True}, {"selfDistillBaseline": True}, {"sourcesOnlyBaseline": True}):
+        spec = parse_spec({**SPEC, "training": {"seqLen": 128, **flags}})
+        by_id = {t.id: t for t in build_dag(spec)}
+        assert why_incomplete(store, spec, train, by_id) is None, flags
+    with_clm = parse_spec({**SPEC, "training": {"seqLen": 128, "clmBaseline": True}})
+    by_id = {t.id: t for t in build_dag(with_clm)}
+    assert why_incomplete(store, with_clm, by_id["train-clm"], by_id) == "no manifest"
+    # What the model trains with still counts.
+    lr = parse_spec({**SPEC, "training": {"seqLen": 128, "learningRate": 0.1}})
+    assert why_incomplete(store, lr, train, {t.id: t for t in build_dag(lr)}) == "spec changed"
+
+
+def test_a_training_record_of_the_fingerprint_that_counted_clm_baseline_stays_valid(tmp_path: Path) -> None:
+    """Manifests written while training.clmBaseline was in every variant's fingerprint (the fields below,
+    as that code computed them) are complete whichever value the flag has now."""
+    store, train = _train_complete(tmp_path, {})
+    old_spec = parse_spec({**SPEC, "training": {"seqLen": 128, "clmBaseline": False}})
+    dumped = old_spec.model_dump(mode="json", by_alias=True)["training"]
+    skip = ("checkpointInterval", "selfDistillBaseline", "sourcesOnlyBaseline")
+    fields = {"training": {k: v for k, v in dumped.items() if k not in skip}}
+    m = read_manifest(store, train)
+    record = {"fields": fields, "task": "train", "version": m["version"]}
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    m["fingerprint"] = hashlib.sha256(text.encode()).hexdigest()
+    write_manifest(store, train, m)
+    for clm in (False, True):
+        spec = parse_spec({**SPEC, "training": {"seqLen": 128, "clmBaseline": clm}})
+        assert why_incomplete(store, spec, train, {t.id: t for t in build_dag(spec)}) is None
+    lr = parse_spec({**SPEC, "training": {"seqLen": 128, "learningRate": 0.1}})
+    assert why_incomplete(store, lr, train, {t.id: t for t in build_dag(lr)}) == "spec changed"
 
 
 def _s3_spec(bucket: str, prefix: str = "runs") -> StoreSpec:
