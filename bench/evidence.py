@@ -90,11 +90,6 @@ def run_document(base_doc: dict[str, Any], run: str) -> dict[str, Any]:
     }
 
 
-def base_document(path: Path) -> dict[str, Any]:
-    """The headline FusionRun with its local URIs made absolute (run documents are written elsewhere)."""
-    return absolute_document(path)
-
-
 def fusionrun(path: Path) -> int:
     print(f"    {sys.executable} -m jobs.cli run {path}", flush=True)
     return subprocess.call([sys.executable, "-m", "jobs.cli", "run", str(path)], cwd=ROOT)
@@ -262,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
         ap.error(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
-    base_doc = base_document(args.base)
+    base_doc = absolute_document(args.base)  # run documents are written elsewhere
     store_root = Path(base_doc["spec"]["store"]["uri"].removeprefix("file://"))
     base = base_doc["metadata"]["name"]
     if args.table:

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from bench import evidence
+from bench.ablation import absolute_document
 from jobs.cache import Identities, task_key
 from jobs.plan import Stage, build_dag, trained_variants
 from jobs.spec import parse_fusionrun
@@ -26,7 +27,7 @@ class SpecIdentities(Identities):
 
 @pytest.fixture(scope="module")
 def base():
-    doc = evidence.base_document(evidence.BASE_SPEC)
+    doc = absolute_document(evidence.BASE_SPEC)
     return parse_fusionrun(doc).spec, doc
 
 
