@@ -58,6 +58,8 @@ def test_each_run_reuses_the_extraction_and_changes_only_its_fields(base, run: s
         "onehot",
         ["fused"],
     )
+    token = parse_fusionrun(evidence.run_document(doc, "token-level")).spec
+    assert (token.fusion.level, token.fusion.ce_on, trained_variants(token)) == ("token", "target", ["fused"])
     seed = parse_fusionrun(evidence.run_document(doc, "seed-1")).spec
     assert seed.training.seed == 1 and trained_variants(seed) == ["fused", "clm", "self"]
     for run in ("one-epoch", "one-epoch-seed-1"):  # the headline comparisons again, on one pass
@@ -80,6 +82,10 @@ def test_tables_pair_the_same_documents_within_and_across_runs(tmp_path) -> None
     assert "| FuseLLM minus CLM-only | -0.1000 [-0.1000, -0.1000] | +0.0% |" in md  # 16 - 18 bits / 20 bytes
     assert "| FuseLLM minus self-distillation | -0.2000 [-0.2000, -0.2000] | +0.0% |" in md
     assert "| exact alignment minus MinED (same fusion settings) | -0.1000 [-0.1000, -0.1000] |" in md
+    # A fusion-only run against the headline's baselines: 18 - 20 and 18 - 18 bits over 20 bytes.
+    assert "| mined FuseLLM minus the headline's self-distillation | -0.1000 [-0.1000, -0.1000] |" in md
+    assert "| mined FuseLLM minus the headline's CLM-only | +0.0000 [+0.0000, +0.0000] |" in md
+    assert "| token-level FuseLLM minus the headline's CLM-only | - |" in md  # not run
     # The plot: one panel per baseline the headline trained; nothing to plot without the headline.
     assert evidence.plot(tmp_path, "b", tmp_path / "d.png") and (tmp_path / "d.png").stat().st_size > 0
     assert not evidence.plot(tmp_path, "missing", tmp_path / "e.png") and not (tmp_path / "e.png").exists()
