@@ -60,6 +60,8 @@ def test_each_run_reuses_the_extraction_and_changes_only_its_fields(base, run: s
     )
     token = parse_fusionrun(evidence.run_document(doc, "token-level")).spec
     assert (token.fusion.level, token.fusion.ce_on, trained_variants(token)) == ("token", "target", ["fused"])
+    lam = parse_fusionrun(evidence.run_document(doc, "lambda-0p9")).spec
+    assert lam.training.lambda_ == 0.9 and trained_variants(lam) == ["fused", "self"]  # CLM-only: lambda 1
     seed = parse_fusionrun(evidence.run_document(doc, "seed-1")).spec
     assert seed.training.seed == 1 and trained_variants(seed) == ["fused", "clm", "self"]
     for run in ("one-epoch", "one-epoch-seed-1"):  # the headline comparisons again, on one pass
