@@ -61,6 +61,8 @@ evidence: evidence-data
 	bash scripts/fetch-real-models.sh
 	$(PY) -m jobs.cli run examples/evidence-pkg-code.yaml --until align
 	$(PY) -m bench.source_value --spec examples/evidence-pkg-code.yaml
+	for knob in "--temperature 2" "--temperature 0.5" "--top-k 5" "--top-k 3" "--ce-unit token"; do \
+	  $(PY) -m bench.source_value --spec examples/evidence-pkg-code.yaml $$knob || exit 1; done
 	$(PY) -m bench.evidence $(RUNS)
 	$(PY) -m bench.evidence --table docs/evidence-tables.md --plot docs/img/evidence.png
 
