@@ -217,11 +217,16 @@ def tables(store_root: Path, base: str) -> str:
         ("headline", "paper-fusion", "everything the diagnostics called for minus the paper's pipeline"),
         ("token-level", "headline", "MinCE per token minus per document (exact + continuation)"),
     ):
-        out.append(f"| {what} | " + " | ".join(fmt(cross_run(metrics, t, a, b)) for t in texts) + " |")
+        out += _row(what, [cross_run(metrics, t, a, b) for t in texts])
     for run, b in HEADLINE_BASELINES:
-        row = [fmt(cross_run(metrics, t, run, "headline", "fused", b)) for t in texts]
-        out.append(f"| {run} FuseLLM minus the headline's {LABELS[b]} | " + " | ".join(row) + " |")
+        what = f"{run} FuseLLM minus the headline's {LABELS[b]}"
+        out += _row(what, [cross_run(metrics, t, run, "headline", "fused", b) for t in texts])
     return "\n".join(out) + "\n"
+
+
+def _row(what: str, cells: list[tuple[float, float, float] | None]) -> list[str]:
+    """A table row, or none when no run it compares has run."""
+    return [f"| {what} | " + " | ".join(map(fmt, cells)) + " |"] if any(cells) else []
 
 
 def plot(store_root: Path, base: str, path: Path) -> bool:
