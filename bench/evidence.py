@@ -243,7 +243,7 @@ def plot(store_root: Path, base: str, path: Path) -> bool:
         return False
     texts = ["heldout", *metrics["headline"].get("corpora", {})]
     baselines = [b for b in ("clm", "self") if b in models_of(metrics["headline"], "heldout")]
-    fig, axes = plt.subplots(1, len(baselines), figsize=(5 * len(baselines), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(baselines), figsize=(6.2 * len(baselines), 3.4), squeeze=False)
     for ax, b in zip(axes[0], baselines, strict=True):
         runs = [
             r
@@ -263,7 +263,7 @@ def plot(store_root: Path, base: str, path: Path) -> bool:
         ax.set_xticks(range(len(texts)), texts)
         ax.set_title(f"FuseLLM minus {LABELS[b]}")
         ax.set_ylabel("bits/byte (negative: FuseLLM better)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # off the bars
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
