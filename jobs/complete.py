@@ -97,9 +97,9 @@ def fingerprint(spec: FusionRunSpec, task: Task) -> str:
 def accepted_fingerprints(spec: FusionRunSpec, task: Task) -> set[str]:
     """The fingerprint a manifest written now gets, and those earlier releases wrote for the same
     settings (jobs.registry.legacy_fingerprint_fields)."""
-    spec_json = spec.model_dump(mode="json", by_alias=True)
-    legacy = legacy_fingerprint_fields(spec_json, task)
-    return {fingerprint(spec, task), *(_fingerprint_of(fields, task) for fields in legacy)}
+    spec_json = spec.model_dump(mode="json", by_alias=True)  # once: this runs for every task checked
+    every = [fingerprint_fields(spec_json, task), *legacy_fingerprint_fields(spec_json, task)]
+    return {_fingerprint_of(fields, task) for fields in every}
 
 
 def _fingerprint_of(fields: dict[str, Any], task: Task) -> str:

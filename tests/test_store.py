@@ -36,9 +36,9 @@ SPEC = {
 }
 
 
-def _train_complete(tmp_path: Path, training: dict) -> tuple[LocalStore, Task]:
-    """A store where every task up to FuseLLM's training is complete (placeholder outputs)."""
-    spec = parse_spec({**SPEC, "training": {"seqLen": 128, **training}})
+def _train_complete(tmp_path: Path) -> tuple[LocalStore, Task]:
+    """A store where every task of SPEC up to FuseLLM's training is complete (placeholder outputs)."""
+    spec = parse_spec(SPEC)
     dag = build_dag(spec)
     store = open_store(StoreSpec(uri=str(tmp_path)), "r")
     for task in dag:
@@ -48,7 +48,7 @@ def _train_complete(tmp_path: Path, training: dict) -> tuple[LocalStore, Task]:
 
 
 def test_turning_a_baseline_on_or_off_does_not_retrain_the_others(tmp_path: Path) -> None:
-    store, train = _train_complete(tmp_path, {})
+    store, train = _train_complete(tmp_path)
     for flags in ({"clmBaseline": True}, {"selfDistillBaseline": True}, {"sourcesOnlyBaseline": True}):
         spec = parse_spec({**SPEC, "training": {"seqLen": 128, **flags}})
         by_id = {t.id: t for t in build_dag(spec)}
@@ -64,7 +64,7 @@ def test_turning_a_baseline_on_or_off_does_not_retrain_the_others(tmp_path: Path
 def test_a_training_record_of_the_fingerprint_that_counted_clm_baseline_stays_valid(tmp_path: Path) -> None:
     """Manifests written while training.clmBaseline was in every variant's fingerprint (the fields below,
     as that code computed them) are complete whichever value the flag has now."""
-    store, train = _train_complete(tmp_path, {})
+    store, train = _train_complete(tmp_path)
     old_spec = parse_spec({**SPEC, "training": {"seqLen": 128, "clmBaseline": False}})
     dumped = old_spec.model_dump(mode="json", by_alias=True)["training"]
     skip = ("checkpointInterval", "selfDistillBaseline", "sourcesOnlyBaseline")
