@@ -2,56 +2,34 @@
 # FusionRun images, two final targets from one file:
 #   docker build --target operator -t ghcr.io/fusionrun/fusionrun-operator:0.1.0 .   (kopf, no torch: small)
 #   docker build --target job      -t ghcr.io/fusionrun/fusionrun-job:0.1.0 .        (CUDA torch + DeepSpeed)
+# A CPU flavour of the job image (no GPU needed; what scripts/images.sh builds, on local bases too):
+#   docker build --target job -t fusionrun-job:0.1.0-cpu --build-arg JOB_BASE_IMAGE=debian:12.12-slim \
+#     --build-arg JOB_PYTHON=python3.11 --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 # Both run as the numeric non-root user 10001 (runAsNonRoot can verify a number, not a name).
-# Every base tag and Python package is pinned: the pins below are the versions the test suite runs with.
+# Every base tag and Python package is pinned: constraints.txt holds the exact version of every package
+# (the ones the test suite runs with; `make pins` moves them forward), read by both images through pip -c.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 # The job image needs the NVIDIA container runtime's driver hooks (NVIDIA_* env, CUDA forward-compat),
 # not a CUDA toolkit: torch's Linux wheel on PyPI carries its own CUDA 13 libraries (nvidia-*-cu13), so
 # the `base` flavour avoids a second ~3 GB copy of cuBLAS/cuDNN that `runtime` would add.
-ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
-
-# ------------------------------------------------------------------------------------------------
-# Exact pins of everything FusionRun imports, shared by both images (pip -c): ranges in pyproject.toml
-# say what is compatible, this says what is shipped.
-FROM ${PYTHON_IMAGE} AS pins
-COPY <<EOF /pins/constraints.txt
-pydantic==2.14.4
-pyyaml==6.0.4
-boto3==1.44.8
-numpy==2.4.6
-kopf==1.45.2
-kubernetes==36.0.3
-prometheus_client==0.26.0
-torch==2.13.0
-deepspeed==0.19.8
-transformers==5.24.0
-tokenizers==0.23.3
-safetensors==0.8.0
-accelerate==1.15.0
-sentencepiece==0.2.3
-protobuf==7.36.2
-gguf==0.19.0
-rapidfuzz==3.14.6
-tqdm==4.70.1
-matplotlib==3.11.2
-lm-eval==0.4.13
-datasets==5.2.0
-EOF
+ARG JOB_BASE_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
 # ------------------------------------------------------------------------------------------------
 # Operator: build a virtualenv with the `operator` extra only (kopf, kubernetes client, prometheus_client;
 # never torch).
 FROM ${PYTHON_IMAGE} AS operator-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/fusionrun
-COPY --from=pins /pins/constraints.txt /pins/constraints.txt
+COPY constraints.txt /pins/constraints.txt
+# The pinned pip first: its --build-constraint keeps the build environments of sdists on the pins too.
+RUN python -m venv /opt/fusionrun \
+ && /opt/fusionrun/bin/pip install -c /pins/constraints.txt pip setuptools wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY fusion ./fusion
 COPY jobs ./jobs
 COPY operator ./operator
-RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt '.[operator]' \
+RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt --build-constraint /pins/constraints.txt '.[operator]' \
  && ! /opt/fusionrun/bin/pip show torch >/dev/null 2>&1
 
 FROM ${PYTHON_IMAGE} AS operator
@@ -74,15 +52,18 @@ ENTRYPOINT ["fusionrun-operator"]
 
 # ------------------------------------------------------------------------------------------------
 # Job: the stage entrypoint (`fusionrun`, `python -m jobs <stage>`) with CUDA torch and DeepSpeed.
-FROM ${CUDA_IMAGE} AS job-build
+FROM ${JOB_BASE_IMAGE} AS job-build
+# The base's own Python: python3.12 on Ubuntu 24.04 (CUDA), python3.11 on Debian 12 (the CPU flavour).
+ARG JOB_PYTHON=python3.12
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN apt-get update && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+RUN apt-get update && apt-get install -y --no-install-recommends ${JOB_PYTHON} ${JOB_PYTHON}-venv \
  && rm -rf /var/lib/apt/lists/*
-RUN python3.12 -m venv /opt/fusionrun
-COPY --from=pins /pins/constraints.txt /pins/constraints.txt
+COPY constraints.txt /pins/constraints.txt
+RUN ${JOB_PYTHON} -m venv /opt/fusionrun \
+ && /opt/fusionrun/bin/pip install -c /pins/constraints.txt pip setuptools wheel
 # torch first, from an explicit index: PyPI's torch 2.13.0 Linux x86_64 wheels are the CUDA 13 builds
 # (they require nvidia-cudnn-cu13, nvidia-nccl-cu13, ...). For another CUDA, point TORCH_INDEX_URL at
-# e.g. https://download.pytorch.org/whl/cu130 and keep the same version.
+# e.g. https://download.pytorch.org/whl/cu130 and keep the same version; .../whl/cpu for the CPU flavour.
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 RUN /opt/fusionrun/bin/pip install --index-url "${TORCH_INDEX_URL}" -c /pins/constraints.txt torch==2.13.0
 WORKDIR /src
@@ -93,9 +74,11 @@ COPY operator ./operator
 # DS_BUILD_OPS=0: no DeepSpeed C++/CUDA ops at build time (no nvcc here); the training loop uses torch's
 # AdamW, so no fused op is JIT-compiled at run time either.
 # eval: lm-evaluation-harness for evaluation.tasks (benchmarks); torch is already there, so it adds no CUDA.
-RUN DS_BUILD_OPS=0 /opt/fusionrun/bin/pip install -c /pins/constraints.txt '.[jobs,eval]'
+RUN DS_BUILD_OPS=0 /opt/fusionrun/bin/pip install -c /pins/constraints.txt --build-constraint /pins/constraints.txt \
+    '.[jobs,eval]'
 
-FROM ${CUDA_IMAGE} AS job
+FROM ${JOB_BASE_IMAGE} AS job
+ARG JOB_PYTHON=python3.12
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="fusionrun-job" \
@@ -106,7 +89,7 @@ LABEL org.opencontainers.image.title="fusionrun-job" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.vendor="FusionRun"
 ENV DEBIAN_FRONTEND=noninteractive
-RUN apt-get update && apt-get install -y --no-install-recommends python3.12 ca-certificates \
+RUN apt-get update && apt-get install -y --no-install-recommends ${JOB_PYTHON} ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 fusionrun && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin fusionrun
 COPY --from=job-build /opt/fusionrun /opt/fusionrun

@@ -3,10 +3,18 @@ PY := .venv/bin/python
 EXAMPLE ?= examples/tiny-local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all lint fmt crds bench ablation evidence-data evidence k8s clean
+.PHONY: setup pins demo test test-slow test-all lint fmt crds bench ablation evidence-data evidence k8s images clean
 
 setup:
 	@bash scripts/setup.sh
+
+## Move the exact pins (constraints.txt) forward: resolve pyproject.toml's ranges afresh, write, run the tests.
+pins:
+	bash scripts/update-pins.sh
+
+## Build both images (operator, CPU job) with podman from the Dockerfile, on local Debian bases if needed.
+images:
+	bash scripts/images.sh build
 
 ## Run a tiny fusion end to end on this machine (no cluster, local artifacts).
 demo: setup
