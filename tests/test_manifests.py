@@ -132,7 +132,11 @@ def test_extract_job_shape() -> None:
         "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"},
         "limits": {"memory": "64Gi", "nvidia.com/gpu": "2"},
     }
-    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def test_env_carries_spec_and_secret_refs_but_no_secret_values() -> None:

@@ -308,7 +308,12 @@ def pod_spec(
         "env": env,
         "resources": _resources(res),
         "volumeMounts": mounts,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        # Read-only root: a stage writes only to its volumes (HOME, TMPDIR and caches point at /scratch).
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
         # The stage's last error line (FUSIONRUN_TERMINATION_LOG), else the log's tail on an error.
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
