@@ -16,6 +16,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +51,12 @@ def ready(endpoint: str, buckets: list[str]) -> bool:
         return False
 
 
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
 def start(args: argparse.Namespace) -> int:
     data = Path(args.dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
@@ -61,6 +68,12 @@ def start(args: argparse.Namespace) -> int:
             "s3_local: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the keys the server will accept)"
         )
     endpoint = f"http://{args.ip}:{PORT}"
+    # weed mini serves S3 on IP and on 127.0.0.1 with fixed ports: a second instance would half start.
+    for host in sorted({args.ip, "127.0.0.1"}):
+        if port_in_use(host, PORT):
+            sys.exit(
+                f"s3_local: port {PORT} is in use on {host} (another SeaweedFS or S3 server): stop it first"
+            )
     with open(data / "weed.log", "ab") as log:
         proc = subprocess.Popen(
             [
@@ -70,6 +83,7 @@ def start(args: argparse.Namespace) -> int:
                 f"-ip={args.ip}",
                 f"-ip.bind={args.ip}",
                 "-admin.ui=false",
+                "-master.telemetry=false",  # it would report usage to a server on the internet
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -95,6 +95,7 @@ class S3Server:
                 f"-ip={HOST}",
                 f"-ip.bind={HOST}",
                 "-admin.ui=false",
+                "-master.telemetry=false",  # no usage reports to a server on the internet
             ],
             env=env,
             stdout=log,
