@@ -211,7 +211,7 @@ def test_the_readme_run_succeeds_in_containers_under_a_real_kubelet(cluster: Clu
     )
     described = cluster.kubectl("describe", "fusionrun", "tiny")
     assert "Succeeded" in described and "Events:" in described
-    assert "tiny/train/fused/model/config.json" in cluster.keys("runs/tiny/train/fused/model/")
+    assert "runs/tiny/train/fused/model/config.json" in cluster.keys("runs/tiny/train/fused/model/")
 
     # The operator ran in its own image, non-root on a read-only root, and never restarted.
     (op,) = cluster.get("pods", "-l", "app.kubernetes.io/component=operator")["items"]
