@@ -31,6 +31,16 @@ def backoff_seconds(retry: Retry, failures: int) -> int:
     return retry.backoff_seconds * 2 ** max(0, failures - 1)
 
 
+def retry_after(retry: Retry, *, permanent: bool, failures: int) -> int | None:
+    """Seconds before the next attempt of a task whose attempt just failed, with `failures` counted
+    failures (this one included), or None when it has failed for good: retrying cannot help (`permanent`:
+    bad input, exit code 2) or spec.retry.maxAttempts attempts failed. The one retry decision of both
+    backends (jobs.transitions.count_failure)."""
+    if permanent or failures >= retry.max_attempts:
+        return None
+    return backoff_seconds(retry, failures)
+
+
 def retry_delay(retry: Retry, exit_code: int, failures: int) -> float | None:
     """Seconds to wait before the next attempt of a task whose attempt just ended with `exit_code` after
     `failures` counted failures (this one included), or None when the task has failed for good.
