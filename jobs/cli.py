@@ -251,7 +251,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status.to_k8s(), indent=1, sort_keys=True))
         return 0
-    print(f"{name}: {status.phase} ({status.progress} tasks) - {status.message}")
+    print(f"{name}: {status.phase} ({status.progress}) - {status.message}")
     for stage in STAGES:
         st = getattr(status.stages, stage)
         if st.state != "Skipped":

@@ -1,11 +1,21 @@
-"""The one status derivation (jobs.derive) both backends use: the exact status fields for given records."""
+"""The one status derivation (jobs.derive) and task-record transitions (jobs.transitions) both backends use:
+the exact status fields for given records, and one task history fed to the local backend (jobs.local.TaskBook)
+and to the operator (reconcile passes over the same Jobs) giving the same status document."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from fusionrun_operator.config import OperatorConfig
+from fusionrun_operator.k8s_objects import LABEL_ATTEMPT, LABEL_TASK, RunRef
+from fusionrun_operator.observations import JobObservation, Observed
+from fusionrun_operator.reconcile import reconcile
+
 from jobs import derive
+from jobs.local import TaskBook
+from jobs.plan import build_dag
+from jobs.spec import parse_spec
 from jobs.status import (
     Condition,
     FusionRunStatus,
@@ -16,7 +26,9 @@ from jobs.status import (
     conditions,
     stage_entry,
 )
+from jobs.transitions import exit_failure
 from tests.test_operator_policies import pipeline
+from tests.test_reconcile import spec as run_spec
 
 T0 = datetime(2026, 11, 25, 1, 0, 0, tzinfo=timezone.utc)
 NOW_S, EARLIER = "2026-11-25T01:00:00Z", "2026-11-25T00:00:00Z"
@@ -255,3 +267,123 @@ def test_derive_status_keeps_what_was_last_seen() -> None:
         old=old, dag=p.tasks, records=records, now=T0, artifacts_uri=URI, metrics={}, alignment={"x": {}}
     )
     assert (seen.metrics, seen.stages.align.diagnostics) == ({}, {"x": {}})
+
+
+# --------------------------------------------------------------------------------------------------
+# one history, two backends
+
+
+def portable(status: FusionRunStatus) -> dict[str, Any]:
+    """The status document without what only a cluster has: the spec generation it was computed for, the
+    deadline clock, restartFrom applied, the Job shape and the Jobs' names."""
+    doc = status.to_k8s()
+    for key in ("observedGeneration", "startTime", "activeSince", "observedRestart", "jobShape"):
+        doc.pop(key, None)
+    for c in doc["conditions"]:
+        c.pop("observedGeneration", None)
+    for entry in [*doc["tasks"], *doc["stages"].values()]:
+        entry.pop("jobNames", None)
+    return doc
+
+
+class Cluster:
+    """The operator, one reconcile pass per step, over Jobs that did what the history says."""
+
+    def __init__(self) -> None:
+        self.status, self.jobs = FusionRunStatus(), {}
+
+    def step(self, now: datetime, completed: set[str], **finished: JobObservation) -> FusionRunStatus:
+        self.jobs.update(finished)
+        obs = Observed(
+            run=RunRef("demo", "ml", "uid-1", 1),
+            spec=run_spec(),
+            status=self.status,
+            jobs=list(self.jobs.values()),
+            now=now,
+            completed=frozenset(completed),
+        )
+        fx = reconcile(obs, OperatorConfig(job_image="img:1"))
+        for o in fx.create:  # the Jobs it asked for are there at the next pass
+            meta = o["metadata"]
+            task, attempt = meta["labels"][LABEL_TASK], int(meta["labels"][LABEL_ATTEMPT])
+            self.jobs[meta["name"]] = JobObservation(meta["name"], task, attempt, None, "Active", 1)
+        self.status = fx.status
+        return fx.status
+
+
+def ended(name: str, task: str, attempt: int, code: int, said: str | None = None) -> dict[str, Any]:
+    state = "Succeeded" if code == 0 else "Failed"
+    code_seen = code or None
+    job = JobObservation(name, task, attempt, None, state, 1, exit_code=code_seen, termination_message=said)
+    return {name: job}
+
+
+def test_the_same_task_history_gives_both_backends_the_same_status() -> None:
+    """prepare fails once (exit 1) and succeeds on its retry; the four extractions start; the target's
+    fails with bad input (exit 2), which fails the run and stops the other three."""
+    spec = parse_spec(run_spec())
+    book = TaskBook(build_dag(spec), spec.retry, URI)
+    cluster = Cluster()
+    extracts = [x.id for x in book.dag if x.stage.value == "extract"]
+    store_down = "prepare: the store did not answer"
+    bad_model = "extract: model target (/models/nothing) will not load"
+    at = [T0 + timedelta(seconds=s) for s in (0, 5, 15, 20, 30)]
+
+    def local(now: datetime) -> FusionRunStatus:
+        return book.derive(now=now)
+
+    steps: list[tuple[FusionRunStatus, FusionRunStatus]] = []
+    book.started("prepare", now=at[0])
+    steps.append((local(at[0]), cluster.step(at[0], set())))
+    book.exited("prepare", exit_code=1, said=store_down, now=at[1])
+    first = ended("demo-prepare-1", "prepare", 1, 1, store_down)
+    steps.append((local(at[1]), cluster.step(at[1], set(), **first)))
+    book.started("prepare", now=at[2])
+    steps.append((local(at[2]), cluster.step(at[2], set())))
+    book.completed("prepare", now=at[3])
+    for x in extracts:
+        book.started(x, now=at[3])
+    second = ended("demo-prepare-2", "prepare", 2, 0)
+    steps.append((local(at[3]), cluster.step(at[3], {"prepare"}, **second)))
+    book.exited(extracts[0], exit_code=2, said=bad_model, now=at[4])
+    book.stopped(reason="RunFailed")
+    failed = ended(f"demo-{extracts[0]}-1", extracts[0], 1, 2, bad_model)
+    steps.append((local(at[4]), cluster.step(at[4], {"prepare"}, **failed)))
+
+    for mine, theirs in steps:
+        assert portable(mine) == portable(theirs)
+    said = [(s.phase, s.stage, s.progress, s.message) for s, _ in steps]
+    assert said == [
+        ("Running", "prepare", "0/11", "prepare: 0/1 tasks done, 1 running"),
+        (
+            "Running",
+            "prepare",
+            "0/11",
+            "prepare: 0/1 tasks done, 0 running; prepare retrying at 2026-11-25T01:00:15Z",
+        ),
+        ("Running", "prepare", "0/11", "prepare: 0/1 tasks done, 1 running"),
+        ("Running", "extract", "1/11", "extract: 0/4 tasks done, 4 running"),
+        (
+            "Failed",
+            "extract",
+            "1/11",
+            "extract-target-00000: attempt 1 exited with code 2 (bad input: retrying cannot help; see its "
+            f"log, fix the spec or the inputs): {bad_model} (permanent error)",
+        ),
+    ]
+    retried, last = steps[1][0].task("prepare"), steps[-1][0]
+    assert retried.message == f"attempt 1 failed with exit code 1: {store_down}; retry 2 of 3 in 10s"
+    assert exit_failure(attempt=1, exit_code=1, said=store_down).reason == retried.reason == "JobFailed"
+    done = last.task("prepare")
+    assert (done.state, done.reason, done.attempts, done.failures, done.start_time, done.completion_time) == (
+        "Succeeded",
+        "Completed",
+        2,
+        1,
+        NOW_S,
+        "2026-11-25T01:00:20Z",
+    )
+    assert [(r.id, r.state, r.reason) for r in last.tasks[2:5]] == [
+        (x, "Pending", "RunFailed") for x in extracts[1:]
+    ]
+    assert (last.condition("Failed").reason, last.completion_time) == ("InvalidInput", "2026-11-25T01:00:30Z")
