@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from jobs.registry import STAGE_NAMES, Stage, Task
+from jobs.registry import STAGE_NAMES, STAGE_ORDER, Layout, Stage, Task
 from jobs.status import (
     WAITING,
     FusionRunStatus,
@@ -68,8 +68,13 @@ def stage_entries(tasks: Sequence[TaskStatus], old: Stages, uri: str, now_s: str
     """status.stages: each stage's entry from its tasks' records (jobs.status.stage_entry)."""
     return Stages(
         **{
-            s: stage_entry([t for t in tasks if t.stage == s], stage_state(old, s), f"{uri}{s}/", now_s)
-            for s in STAGE_NAMES
+            s.value: stage_entry(
+                [t for t in tasks if t.stage == s.value],
+                stage_state(old, s.value),
+                uri + Layout.stage_prefix(s),
+                now_s,
+            )
+            for s in STAGE_ORDER
         }
     )
 

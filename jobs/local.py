@@ -36,7 +36,7 @@ from jobs.complete import (
     why_incomplete,
 )
 from jobs.derive import derive_status
-from jobs.observe import read_json, training_from_store
+from jobs.observe import artifacts_uri, read_json, training_from_store
 from jobs.plan import STAGE_ORDER, Stage, Task, TaskState, build_dag, downstream, ready_tasks
 from jobs.registry import Layout
 from jobs.retry import EXIT_PREEMPTED, TERMINATION_LOG_ENV, backoff_seconds
@@ -264,7 +264,7 @@ class LocalRunner:
         if force_stage:
             for t in downstream(self.dag, Stage(force_stage)):
                 invalidate(self.store, t)
-        book = TaskBook(self.dag, self.spec.retry, self.store.base_uri.rstrip("/") + "/")
+        book = TaskBook(self.dag, self.spec.retry, artifacts_uri(self.store))
         pass_ = _Pass(result=RunResult(), notify=on_task or (lambda *_: None), book=book)
         stop = threading.Event()
         previous = _stop_on_sigterm(stop)

@@ -58,6 +58,11 @@ def alignment_from_store(store: Store, dag: list[Any], done: set[str] | frozense
     return alignment_diagnostics(per_source)
 
 
+def artifacts_uri(store: Store) -> str:
+    """Where the run's artifacts are (status.artifactsUri): <store uri>/<run>/."""
+    return store.base_uri.rstrip("/") + "/"
+
+
 def training_from_store(store: Store, spec: FusionRunSpec) -> dict[str, TrainingProgress]:
     """Variant -> its training progress, for the variants whose train task wrote one."""
     found = {v: read_progress(store, v) for v in trained_variants(spec)}
@@ -84,7 +89,7 @@ def store_status(
         dag=dag,
         records=records,
         now=when,
-        artifacts_uri=store.base_uri.rstrip("/") + "/",
+        artifacts_uri=artifacts_uri(store),
         progress=training_from_store(store, spec),
         metrics=read_json(store, Layout.METRICS) if evaluated else None,
         alignment=alignment_from_store(store, dag, done),
