@@ -77,48 +77,37 @@ def _check_task_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def stage_main(argv: list[str] | None = None) -> int:
     """Entry of `python -m jobs`: run one task; exit codes as jobs.retry says (0 done or skipped, 1 failed,
-    2 bad input: no retry can help), the message on stderr."""
-    from jobs.complete import ManifestError
-    from jobs.retry import write_termination_message
-    from jobs.spec import SpecError
-    from jobs.stages.common import (
-        InputError,
-        StageError,
-        exit_code_for,
-        load_spec_and_name,
-        log_event,
-        run_task,
-    )
-    from jobs.store import StoreError
+    2 bad input: no retry can help), the message on stderr (jobs.stages.common.run_guarded)."""
+    from jobs.stages.common import run_guarded
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = stage_parser()
     args = ap.parse_args(argv)
     _check_task_args(ap, args)
     if args.stage == "train":
-        # Training owns its own process layout (DeepSpeed ranks, checkpoints, manifest).
+        # Training owns its own process layout (DeepSpeed ranks, checkpoints, manifest); it ends a failure
+        # as every stage does (run_guarded).
         train = importlib.import_module("jobs.stages.train")
         return int(train.main(argv[1:]) or 0)
-    try:
-        spec, name = load_spec_and_name(args.spec, args.run)
-        from jobs.registry import Stage, Task
+    return run_guarded(args.stage, lambda: _run_stage(args))
 
-        if args.model and args.model not in {m.name for m in spec.models}:
-            raise InputError(
-                f"--model {args.model}: no such model in the spec; known: {[m.name for m in spec.models]}"
-            )
-        if args.stage == "align" and args.model == spec.target.name:
-            raise InputError(f"--model {args.model} is the target; align takes a source model")
-        if args.shard is not None and not 0 <= args.shard < spec.extraction.shards:
-            raise InputError(f"--shard {args.shard}: the run has extraction.shards={spec.extraction.shards}")
-        task = Task(Stage(args.stage), model=args.model, shard=args.shard, variant=args.variant)
-        module = importlib.import_module(f"jobs.stages.{args.stage}")
-        return run_task(module.run, task, spec, name, force=args.force)
-    except (SpecError, StageError, StoreError, ManifestError) as err:
-        log_event("failed", stage=args.stage, error=str(err))
-        print(f"error: {err}", file=sys.stderr)
-        write_termination_message(f"{args.stage}: {err}")
-        return exit_code_for(err)
+
+def _run_stage(args: argparse.Namespace) -> int:
+    from jobs.registry import Stage, Task
+    from jobs.stages.common import InputError, load_spec_and_name, run_task
+
+    spec, name = load_spec_and_name(args.spec, args.run)
+    if args.model and args.model not in {m.name for m in spec.models}:
+        raise InputError(
+            f"--model {args.model}: no such model in the spec; known: {[m.name for m in spec.models]}"
+        )
+    if args.stage == "align" and args.model == spec.target.name:
+        raise InputError(f"--model {args.model} is the target; align takes a source model")
+    if args.shard is not None and not 0 <= args.shard < spec.extraction.shards:
+        raise InputError(f"--shard {args.shard}: the run has extraction.shards={spec.extraction.shards}")
+    task = Task(Stage(args.stage), model=args.model, shard=args.shard, variant=args.variant)
+    module = importlib.import_module(f"jobs.stages.{args.stage}")
+    return run_task(module.run, task, spec, name, force=args.force)
 
 
 def cmd_validate(path: str) -> int:
@@ -251,7 +240,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status.to_k8s(), indent=1, sort_keys=True))
         return 0
-    print(f"{name}: {status.phase} ({status.progress} tasks) - {status.message}")
+    print(f"{name}: {status.phase} ({status.progress}) - {status.message}")
     for stage in STAGES:
         st = getattr(status.stages, stage)
         if st.state != "Skipped":

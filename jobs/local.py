@@ -18,8 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +35,38 @@ from jobs.complete import (
     read_manifest,
     why_incomplete,
 )
+from jobs.derive import derive_status
+from jobs.observe import artifacts_uri, read_json, training_from_store
 from jobs.plan import STAGE_ORDER, Stage, Task, TaskState, build_dag, downstream, ready_tasks
 from jobs.registry import Layout
-from jobs.retry import EXIT_PREEMPTED, retry_delay
-from jobs.spec import FusionRunSpec
-from jobs.status import FusionRunStatus, TaskStatus
+from jobs.retry import EXIT_PREEMPTED, TERMINATION_LOG_ENV, backoff_seconds
+from jobs.spec import FusionRunSpec, Retry
+from jobs.status import FusionRunStatus, Memoization, TaskStatus, TrainingProgress
 from jobs.store import LocalStore, Store, StoreError, open_store
+from jobs.transitions import (
+    MEMO_KEY_CHARS,
+    completed,
+    count_failure,
+    exit_failure,
+    memoized,
+    rerun,
+    started,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STATUS_EVERY_SECONDS = 5.0
 
 
-def _iso_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 class RunFailed(RuntimeError):
-    """A task failed; the message names it and its log."""
+    """A task failed for good; the message is the run's status message (jobs.derive), then its log."""
 
-    def __init__(self, task_id: str, log: Path, rc: int, tail: str):
+    def __init__(self, task_id: str, log: Path, rc: int, message: str, tail: str):
         self.task_id, self.log, self.rc = task_id, log, rc
-        super().__init__(f"task {task_id} failed (exit {rc}); log: {log}\n{tail}")
+        super().__init__(f"{task_id}: {message}; log: {log}\n{tail}")
 
 
 @dataclass
@@ -89,17 +102,83 @@ class _Running:
 
 
 @dataclass
+class TaskBook:
+    """The local runner's task records and the run's status from them (pure: the runner brings the time
+    and what it read from the store). Each outcome of a task's process moves its record by
+    jobs.transitions, as the operator moves it from the task's Jobs, and the status is jobs.derive's: the
+    same history gives the same status document as `kubectl get fusionrun` shows."""
+
+    dag: list[Task]
+    retry: Retry
+    artifacts_uri: str
+    records: dict[str, TaskStatus] = field(default_factory=dict)
+    status: FusionRunStatus = field(default_factory=FusionRunStatus)  # the last derived
+
+    @cached_property
+    def _stage_of(self) -> dict[str, str]:
+        return {t.id: t.stage.value for t in self.dag}
+
+    def record(self, tid: str) -> TaskStatus:
+        return self.records.get(tid) or TaskStatus(id=tid, stage=self._stage_of[tid])
+
+    def _put(self, rec: TaskStatus) -> TaskStatus:
+        self.records[rec.id] = rec
+        return rec
+
+    def started(self, tid: str, *, now: datetime) -> TaskStatus:
+        return self._put(started(self.record(tid), now=now))
+
+    def completed(self, tid: str, *, now: datetime, memo: Memoization | None = None) -> TaskStatus:
+        """Its outputs are complete: skipped, made by its attempt, or adopted from the shared cache (memo)."""
+        rec = self.record(tid)
+        return self._put(memoized(rec, memo, now=now) if memo else completed(rec, now=now))
+
+    def exited(self, tid: str, *, exit_code: int, said: str | None, now: datetime) -> TaskStatus:
+        """An attempt ended with a non-zero exit code: preempted (rerun at once, Pending), or a failure
+        counted (Retrying, or Failed). said: the stage's last error line (its termination message)."""
+        rec = self.record(tid)
+        if exit_code == EXIT_PREEMPTED:
+            return self._put(rerun(rec, reason="Preempted"))
+        failure = exit_failure(attempt=rec.attempts, exit_code=exit_code, said=said)
+        return self._put(count_failure(rec, failure, retry=self.retry, now=now))
+
+    def stopped(self, *, reason: str) -> None:
+        """The runner stopped its running tasks (a failure, SIGTERM): Pending, as stopped Jobs are."""
+        for tid, rec in list(self.records.items()):
+            if rec.state == "Running":
+                self.records[tid] = rerun(rec, reason=reason)
+
+    def derive(
+        self,
+        *,
+        now: datetime,
+        progress: Mapping[str, TrainingProgress] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> FusionRunStatus:
+        """The run's status now (progress: by variant, as the store has it; metrics: evaluate's)."""
+        self.status = derive_status(
+            old=self.status,
+            dag=self.dag,
+            records={t.id: self.record(t.id) for t in self.dag},
+            now=now,
+            artifacts_uri=self.artifacts_uri,
+            progress=progress,
+            metrics=metrics,
+        )
+        return self.status
+
+
+@dataclass
 class _Pass:
     """The state of one `LocalRunner.run`."""
 
     result: RunResult
     notify: Callable[[str, str, float], None]
+    book: TaskBook  # what `fusionrun status` shows
     states: dict[str, TaskState] = field(default_factory=dict)
     running: dict[str, _Running] = field(default_factory=dict)
     queued: list[Task] = field(default_factory=list)
-    failures: dict[str, int] = field(default_factory=dict)
     not_before: dict[str, float] = field(default_factory=dict)  # task id -> earliest retry time
-    records: dict[str, TaskStatus] = field(default_factory=dict)  # what `fusionrun status` shows
     saved_at: float = 0.0
 
 
@@ -144,6 +223,8 @@ class LocalRunner:
     def _launch(self, task: Task, threads: int) -> _Running:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{task.id}.log"
+        said = self._termination_log(task.id)
+        said.unlink(missing_ok=True)
         with open(log, "ab") as fh:
             fh.write(
                 f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m jobs {' '.join(task.args())} "
@@ -151,12 +232,22 @@ class LocalRunner:
             )
             proc = subprocess.Popen(
                 [self.python, "-m", "jobs", *task.args()],
-                env=self.env(threads),
+                env={**self.env(threads), TERMINATION_LOG_ENV: str(said)},
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 cwd=str(PROJECT_ROOT),
             )
         return _Running(task, proc, log, time.time())
+
+    def _termination_log(self, tid: str) -> Path:
+        """Where a task's process leaves its last error line (jobs.retry), as a pod's termination message."""
+        return self.log_dir / f"{tid}.termination"
+
+    def _said(self, tid: str) -> str | None:
+        try:
+            return self._termination_log(tid).read_text(errors="replace").strip() or None
+        except OSError:
+            return None
 
     def run(
         self,
@@ -173,7 +264,8 @@ class LocalRunner:
         if force_stage:
             for t in downstream(self.dag, Stage(force_stage)):
                 invalidate(self.store, t)
-        pass_ = _Pass(result=RunResult(), notify=on_task or (lambda *_: None))
+        book = TaskBook(self.dag, self.spec.retry, artifacts_uri(self.store))
+        pass_ = _Pass(result=RunResult(), notify=on_task or (lambda *_: None), book=book)
         stop = threading.Event()
         previous = _stop_on_sigterm(stop)
         try:
@@ -189,6 +281,8 @@ class LocalRunner:
                     raise RunStopped("stopped by SIGTERM; rerun to resume (complete tasks are skipped)")
         finally:
             self._stop_all(pass_.running)
+            failed = any(r.state == "Failed" for r in book.records.values())
+            book.stopped(reason="RunFailed" if failed else "Stopped")
             self._save_status(pass_, force=True)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
@@ -209,18 +303,31 @@ class LocalRunner:
                 claimed = True
                 t0 = time.time()
                 if self._complete(t):
-                    p.states[t.id] = TaskState.succeeded
-                    p.result.skipped += 1
-                    p.result.outcomes[t.id] = "skipped"
-                    self._outcome(p, t.id, "skipped", time.time() - t0)
-                elif (source := self._adopt(t)) is not None:
-                    p.states[t.id] = TaskState.succeeded
-                    p.result.reused += 1
-                    p.result.outcomes[t.id] = "reused"
-                    self._outcome(p, t.id, f"reused (from {source})", time.time() - t0)
+                    self._done(p, t.id, time.time() - t0, skipped=True)
+                elif (memo := self._adopt(t)) is not None:
+                    self._done(p, t.id, time.time() - t0, memo=memo)
                 else:
                     p.queued.append(t)
                     p.states[t.id] = TaskState.running  # claimed: not offered again
+
+    def _done(
+        self, p: _Pass, tid: str, seconds: float, *, skipped: bool = False, memo: Memoization | None = None
+    ) -> None:
+        """A task whose outputs are complete: skipped, ran, or reused (memo: made by another run)."""
+        p.states[tid] = TaskState.succeeded
+        p.book.completed(tid, now=_now(), memo=memo)
+        if memo is not None:
+            p.result.reused += 1
+            p.result.outcomes[tid] = "reused"
+            self._outcome(p, tid, f"reused (from {memo.from_run}/{memo.from_task})", seconds)
+        elif skipped:
+            p.result.skipped += 1
+            p.result.outcomes[tid] = "skipped"
+            self._outcome(p, tid, "skipped", seconds)
+        else:
+            p.result.ran += 1
+            p.result.outcomes[tid] = "ran"
+            self._outcome(p, tid, "ran", seconds)
 
     def _reap(self, p: _Pass) -> None:
         """Collect finished tasks: success, a retry after its backoff (jobs.retry), or the run's failure."""
@@ -231,59 +338,42 @@ class LocalRunner:
             del p.running[tid]
             secs = time.time() - r.started
             p.result.seconds[tid] = secs
-            if rc == 0:
-                p.states[tid] = TaskState.succeeded
-                source = self._made_by_another(self.by_id[tid])
-                if source is None:
-                    p.result.ran += 1
-                    p.result.outcomes[tid] = "ran"
-                    self._outcome(p, tid, "ran", secs)
-                else:  # it waited for another run writing the same entry, then adopted it
-                    p.result.reused += 1
-                    p.result.outcomes[tid] = "reused"
-                    self._outcome(p, tid, f"reused (from {source})", secs)
+            if rc == 0:  # it may have waited for another run writing the same entry, then adopted it
+                self._done(p, tid, secs, memo=self._made_by_another(r.task))
                 continue
-            if rc != EXIT_PREEMPTED:
-                p.failures[tid] = p.failures.get(tid, 0) + 1
-            delay = retry_delay(self.spec.retry, rc, p.failures.get(tid, 0))
-            if delay is None:
+            rec = p.book.exited(tid, exit_code=rc, said=self._said(tid), now=_now())
+            if rec.state == "Failed":
                 p.states[tid] = TaskState.failed
                 self._outcome(p, tid, "FAILED", secs)
-                raise RunFailed(tid, r.log, rc, _tail(r.log))
-            attempt = f"{p.failures.get(tid, 0) + 1}/{self.spec.retry.max_attempts}"
-            self._outcome(p, tid, f"retry {attempt} in {delay:.0f}s", secs)
+                raise RunFailed(tid, r.log, rc, rec.message or "", _tail(r.log))
+            if rec.state == "Retrying":
+                delay = backoff_seconds(self.spec.retry, rec.failures)
+                limit = self.spec.retry.max_attempts
+                self._outcome(p, tid, f"retry {rec.failures + 1} of {limit} in {delay}s", secs)
+            else:  # preempted (a checkpoint was saved): again at once, no failure counted
+                delay = 0
+                self._outcome(p, tid, "preempted: again at once", secs)
             p.not_before[tid] = time.time() + delay
             p.queued.append(r.task)
 
     def _outcome(self, p: _Pass, tid: str, outcome: str, seconds: float) -> None:
-        self._record(p, tid, outcome)
+        self._save_status(p)
         p.notify(tid, outcome, seconds)
 
-    def _record(self, p: _Pass, tid: str, outcome: str) -> None:
-        """Keep the task's status record (the operator's model: jobs.status.TaskStatus) and save it."""
-        now = _iso_now()
-        rec = p.records.get(tid) or TaskStatus(id=tid, stage=self.by_id[tid].stage.value)
-        if outcome == "started":
-            update = {"state": "Running", "attempts": rec.attempts + 1, "start_time": rec.start_time or now}
-        elif outcome in ("ran", "skipped"):
-            update = {"state": "Succeeded", "reason": "Completed", "completion_time": now}
-        elif outcome.startswith("reused"):  # adopted from the shared cache: what the operator calls Memoized
-            update = {"state": "Succeeded", "reason": "Memoized", "message": outcome, "completion_time": now}
-        elif outcome == "FAILED":
-            update = {"state": "Failed", "failures": p.failures.get(tid, 0), "reason": "TaskFailed"}
-            update["message"] = f"see {self.log_dir / (tid + '.log')}"
-        else:  # a retry is scheduled
-            update = {"state": "Retrying", "failures": p.failures.get(tid, 0), "message": outcome}
-        p.records[tid] = rec.model_copy(update=update)
-        self._save_status(p)
-
     def _save_status(self, p: _Pass, force: bool = False) -> None:
-        """Write the task records to the store (at most every few seconds: one object, rewritten)."""
+        """Write the run's status (jobs.derive, from the task records) to the store, at most every few
+        seconds: one object, rewritten."""
         if not force and time.time() - p.saved_at < STATUS_EVERY_SECONDS:
             return
         p.saved_at = time.time()
-        status = FusionRunStatus(tasks=[p.records[t.id] for t in self.dag if t.id in p.records])
         with contextlib.suppress(StoreError):  # informational; the run itself goes on
+            done = {tid for tid, r in p.book.records.items() if r.state == "Succeeded"}
+            evaluated = any(t.stage is Stage.evaluate and t.id in done for t in self.dag)
+            status = p.book.derive(
+                now=_now(),
+                progress=training_from_store(self.store, self.spec),
+                metrics=read_json(self.store, Layout.METRICS) if evaluated else None,
+            )
             self.store.put_bytes(Layout.STATUS, json.dumps(status.to_k8s(), sort_keys=True).encode())
 
     def _check_finished(self, states: dict[str, TaskState]) -> None:
@@ -291,9 +381,9 @@ class LocalRunner:
         if missing:
             raise RuntimeError(f"run stalled with tasks not done: {missing}")  # a DAG bug
 
-    def _adopt(self, task: Task) -> str | None:
+    def _adopt(self, task: Task) -> Memoization | None:
         """Adopt the shared cache's entry for the task when one exists (jobs.cache): nothing is launched.
-        Returns the run that made the entry, or None on a miss."""
+        Returns where the entry came from, or None on a miss."""
         if not cache_enabled(task):
             return None
         try:
@@ -305,11 +395,14 @@ class LocalRunner:
             return None
         return self._made_by_another(task)
 
-    def _made_by_another(self, task: Task) -> str | None:
-        """The run/task that made the shared entry a finished task's manifest points at, when not this run."""
-        manifest = read_manifest(self.store, task) if cache_enabled(task) else None
-        made = ((manifest or {}).get("summary") or {}).get("reused_from") or {}
-        return f"{made.get('run')}/{made.get('task')}" if made.get("run") else None
+    def _made_by_another(self, task: Task) -> Memoization | None:
+        """Where the shared entry a complete task's manifest points at came from, when another run made it."""
+        manifest = (read_manifest(self.store, task) if cache_enabled(task) else None) or {}
+        made = (manifest.get("summary") or {}).get("reused_from") or {}
+        if not made.get("run"):
+            return None
+        key = str(manifest.get("cache_key") or "")[:MEMO_KEY_CHARS]
+        return Memoization(key=key, from_run=made.get("run"), from_task=made.get("task"))
 
     def _complete(self, task: Task) -> bool:
         return why_incomplete(self.store, self.spec, task, self.by_id, self.policy) is None
@@ -331,7 +424,8 @@ class LocalRunner:
             n_parallel = min(self.workers, len(p.running) + len(due))
             p.queued.remove(nxt)
             p.running[nxt.id] = self._launch(nxt, threads_for(nxt, n_parallel, self.cpus))
-            self._record(p, nxt.id, "started")
+            p.book.started(nxt.id, now=_now())
+            self._save_status(p)
 
     def _stop_all(self, running: dict[str, _Running]) -> None:
         """On failure or interrupt: stop the other tasks (their outputs have no manifest: redone later)."""

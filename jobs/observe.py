@@ -13,23 +13,20 @@ from datetime import datetime, timezone
 from typing import Any
 
 from jobs.complete import Policy, completed_tasks, read_manifest
+from jobs.derive import derive_status
 from jobs.plan import build_dag, trained_variants
 from jobs.progress import read_progress
-from jobs.registry import STAGE_NAMES, Layout, Stage
+from jobs.registry import Layout, Stage
 from jobs.spec import FusionRunSpec, parse_spec
 from jobs.status import (
     FusionRunStatus,
     TaskStatus,
+    TrainingProgress,
     alignment_diagnostics,
-    conditions,
     parse_status,
-    stage_entry,
 )
 from jobs.store import Store, StoreError
-
-
-def iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+from jobs.transitions import completed, invalidated
 
 
 def read_json(store: Store, key: str) -> Any:
@@ -61,72 +58,47 @@ def alignment_from_store(store: Store, dag: list[Any], done: set[str] | frozense
     return alignment_diagnostics(per_source)
 
 
+def artifacts_uri(store: Store) -> str:
+    """Where the run's artifacts are (status.artifactsUri): <store uri>/<run>/."""
+    return store.base_uri.rstrip("/") + "/"
+
+
+def training_from_store(store: Store, spec: FusionRunSpec) -> dict[str, TrainingProgress]:
+    """Variant -> its training progress, for the variants whose train task wrote one."""
+    found = {v: read_progress(store, v) for v in trained_variants(spec)}
+    return {v: rec.to_status(v) for v, rec in found.items() if rec is not None}
+
+
 def store_status(
     store: Store, spec: FusionRunSpec, recorded: FusionRunStatus | None = None, now: datetime | None = None
 ) -> FusionRunStatus:
-    """The run's status: task records (the local runner's, when it left some) updated by the store's
-    completion records, per-stage entries, conditions, training progress and final metrics."""
-    now_s = iso(now or datetime.now(timezone.utc))
+    """The run's status (jobs.derive): task records (the local runner's, when it left some) updated by
+    the store's completion records (jobs.transitions), training progress and final metrics."""
+    when = now or datetime.now(timezone.utc)
     old = recorded or parse_status(read_json(store, Layout.STATUS))
     dag = build_dag(spec)
     done = completed_tasks(store, spec, dag, Policy())
     known = {t.id: t for t in old.tasks}
-    tasks = [_task_record(t.id, t.stage, known.get(t.id), t.id in done, now_s) for t in dag]
-    uri = store.base_uri.rstrip("/") + "/"
-    stages_model = type(old.stages)
-    stages = stages_model(
-        **{
-            name: stage_entry(
-                [r for r in tasks if r.stage == name], getattr(old.stages, name), uri + name + "/", now_s
-            )
-            for name in STAGE_NAMES
-        }
-    )
-    stages.align.diagnostics = alignment_from_store(store, dag, done) or None
-    phase, message = _phase(tasks)
-    current = next((n for n in STAGE_NAMES if getattr(stages, n).state not in ("Succeeded", "Skipped")), None)
-    training = [
-        rec.to_status(v) for v in trained_variants(spec) if (rec := read_progress(store, v)) is not None
-    ]
+    records = {
+        t.id: _with_store(known.get(t.id) or TaskStatus(id=t.id, stage=t.stage.value), t.id in done, when)
+        for t in dag
+    }
     evaluated = any(t.stage is Stage.evaluate and t.id in done for t in dag)
-    failed = next((r for r in tasks if r.state == "Failed"), None)
-    return old.model_copy(
-        update={
-            "phase": phase,
-            "stage": failed.stage if failed else current,
-            "progress": f"{len(done)}/{len(dag)}",
-            "message": message,
-            "conditions": conditions(
-                old, phase, failed.reason if failed else None, message, stages, None, now_s
-            ),
-            "stages": stages,
-            "tasks": tasks,
-            "training": training,
-            "metrics": read_json(store, Layout.METRICS) if evaluated else None,
-            "artifacts_uri": uri,
-        }
+    return derive_status(
+        old=old,
+        dag=dag,
+        records=records,
+        now=when,
+        artifacts_uri=artifacts_uri(store),
+        progress=training_from_store(store, spec),
+        metrics=read_json(store, Layout.METRICS) if evaluated else None,
+        alignment=alignment_from_store(store, dag, done),
     )
 
 
-def _task_record(
-    task_id: str, stage: Stage, old: TaskStatus | None, complete: bool, now_s: str
-) -> TaskStatus:
-    rec = old or TaskStatus(id=task_id, stage=stage.value)
-    if complete and rec.state != "Succeeded":
-        return rec.model_copy(update={"state": "Succeeded", "reason": "Completed", "completion_time": now_s})
-    if not complete and rec.state == "Succeeded":  # the store no longer vouches for it
-        return rec.model_copy(update={"state": "Pending", "reason": "OutputsInvalidated"})
-    return rec
-
-
-def _phase(tasks: list[TaskStatus]) -> tuple[str, str]:
-    states = [r.state for r in tasks]
-    n_done = states.count("Succeeded")
-    failed = next((r for r in tasks if r.state == "Failed"), None)
-    if failed is not None:
-        return "Failed", f"{failed.id}: {failed.message or failed.reason or 'failed'}"
-    if n_done == len(tasks):
-        return "Succeeded", f"all {len(tasks)} tasks succeeded"
-    if any(s in ("Running", "Retrying") for s in states) or n_done:
-        return "Running", f"{n_done}/{len(tasks)} tasks done"
-    return "Pending", "nothing has run yet"
+def _with_store(rec: TaskStatus, complete: bool, now: datetime) -> TaskStatus:
+    """A record as the store's completion records have it: complete ones succeeded, a success the store
+    no longer vouches for is to be done again."""
+    if complete:
+        return completed(rec, now=now)
+    return invalidated(rec) if rec.state == "Succeeded" else rec

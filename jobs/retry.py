@@ -21,7 +21,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
 PERMANENT_EXIT_CODES = frozenset({EXIT_USAGE})
 # Where a failing stage leaves its last error line for whoever started it: the operator sets it to the
 # container's terminationMessagePath (/dev/termination-log), so the pod's terminated state carries the
-# message and the run's Failed condition quotes it. Unset (local runs): nothing is written.
+# message and the run's Failed condition quotes it; the local runner sets it to logs/<task>.termination and
+# quotes it alike. Unset: nothing is written.
 TERMINATION_LOG_ENV = "FUSIONRUN_TERMINATION_LOG"
 TERMINATION_MESSAGE_MAX = 4096  # bytes Kubernetes keeps of a container's termination message
 
@@ -31,15 +32,14 @@ def backoff_seconds(retry: Retry, failures: int) -> int:
     return retry.backoff_seconds * 2 ** max(0, failures - 1)
 
 
-def retry_delay(retry: Retry, exit_code: int, failures: int) -> float | None:
-    """Seconds to wait before the next attempt of a task whose attempt just ended with `exit_code` after
-    `failures` counted failures (this one included), or None when the task has failed for good.
-    A preempted attempt is not a failure: it resumes at once."""
-    if exit_code == EXIT_PREEMPTED:
-        return 0.0
-    if exit_code in PERMANENT_EXIT_CODES or failures >= retry.max_attempts:
+def retry_after(retry: Retry, *, permanent: bool, failures: int) -> int | None:
+    """Seconds before the next attempt of a task whose attempt just failed, with `failures` counted
+    failures (this one included), or None when it has failed for good: retrying cannot help (`permanent`:
+    bad input, exit code 2) or spec.retry.maxAttempts attempts failed. The one retry decision of both
+    backends (jobs.transitions.count_failure)."""
+    if permanent or failures >= retry.max_attempts:
         return None
-    return float(backoff_seconds(retry, failures))
+    return backoff_seconds(retry, failures)
 
 
 def write_termination_message(message: str) -> None:

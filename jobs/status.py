@@ -29,6 +29,7 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 # Condition types, one per stage, come from the registry (named as states, not transitions).
 STAGE_CONDITIONS = CONDITIONS
 MEMOIZED = "Memoized"  # a task's reason when its outputs came from the shared cache (jobs.cache)
+WAITING = "WaitingForSharedOutput"  # a Pending task's reason while another run makes the same outputs
 
 
 class StatusModel(BaseModel):

@@ -15,7 +15,7 @@ import yaml
 from jobs.cli import main as cli_main
 from jobs.local import LocalRunner, RunFailed, ignored_locally
 from jobs.registry import Layout
-from jobs.retry import retry_delay
+from jobs.retry import retry_after
 from jobs.spec import Retry, parse_spec
 from jobs.store import LocalStore
 from tests.test_local_pipeline import tiny_spec
@@ -37,9 +37,8 @@ def _flaky_python(tmp_path: Path, failures: int, code: int) -> str:
 
 def test_retry_policy_is_pure_and_shared() -> None:
     retry = Retry(maxAttempts=3, backoffSeconds=10)
-    assert [retry_delay(retry, 1, n) for n in (1, 2, 3)] == [10.0, 20.0, None]
-    assert retry_delay(retry, 2, 1) is None  # bad input: never retried
-    assert retry_delay(retry, 75, 0) == 0.0  # preempted: resume at once, no failure counted
+    assert [retry_after(retry, permanent=False, failures=n) for n in (1, 2, 3)] == [10, 20, None]
+    assert retry_after(retry, permanent=True, failures=1) is None  # bad input: never retried
 
 
 def test_a_failed_task_is_retried_after_its_backoff(tmp_path: Path) -> None:
@@ -47,11 +46,12 @@ def test_a_failed_task_is_retried_after_its_backoff(tmp_path: Path) -> None:
     seen: list[tuple[str, str]] = []
     runner = LocalRunner(spec, "flaky", python=_flaky_python(tmp_path, failures=2, code=1))
     result = runner.run(until="prepare", on_task=lambda tid, outcome, _: seen.append((tid, outcome)))
-    assert seen == [("prepare", "retry 2/3 in 1s"), ("prepare", "retry 3/3 in 2s"), ("prepare", "ran")]
+    assert seen == [("prepare", "retry 2 of 3 in 1s"), ("prepare", "retry 3 of 3 in 2s"), ("prepare", "ran")]
     assert result.outcomes == {"prepare": "ran"}
     status = json.loads(LocalStore(tmp_path / "store" / "flaky").get_bytes(Layout.STATUS))
     [rec] = status["tasks"]
     assert (rec["id"], rec["state"], rec["attempts"], rec["failures"]) == ("prepare", "Succeeded", 3, 2)
+    assert (rec["reason"], status["phase"], status["progress"]) == ("Completed", "Succeeded", "1/1")
 
 
 def test_bad_input_fails_at_once_and_attempts_run_out(tmp_path: Path) -> None:
@@ -65,6 +65,11 @@ def test_bad_input_fails_at_once_and_attempts_run_out(tmp_path: Path) -> None:
     assert err.value.rc == 1 and int((tmp_path / "launches").read_text()) == 3  # maxAttempts
     status = json.loads(LocalStore(tmp_path / "store" / "bad").get_bytes(Layout.STATUS))
     assert status["tasks"][0]["state"] == "Failed" and status["tasks"][0]["failures"] == 3
+    # the words of the operator's status for the same history (jobs.derive)
+    message = "prepare: attempt 3 failed with exit code 1 (3 of 3 attempts failed)"
+    assert (status["phase"], status["stage"], status["message"]) == ("Failed", "prepare", message)
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Failed"] == "JobFailed"
+    assert str(err.value).startswith(f"{message}; log: {tmp_path / 'store' / 'bad' / 'logs' / 'prepare.log'}")
 
 
 def test_status_and_report_from_the_store_by_file_or_by_name(tmp_path: Path, capsys) -> None:
@@ -75,7 +80,7 @@ def test_status_and_report_from_the_store_by_file_or_by_name(tmp_path: Path, cap
     capsys.readouterr()
     assert cli_main(["status", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "seen: Running (1/11 tasks)" in out
+    assert "seen: Running (1/11) - extract: 0/4 tasks done, 0 running" in out
     assert "  prepare   Succeeded  1/1 tasks" in out and "  extract   Pending    0/4 tasks" in out
     store = str(tmp_path / "store")
     assert cli_main(["status", "seen", "--store", store, "--json"]) == 0
@@ -116,6 +121,17 @@ def test_baselines_train_on_the_same_blocks_and_are_compared(tmp_path: Path) -> 
     store = LocalStore(tmp_path / "store" / "base")
     metrics = json.loads(store.get_bytes(Layout.METRICS))
     assert set(metrics["models"]) == {"target-before", "fused", "clm", "self", "sources", "source:mis"}
+    # the status the runner leaves: the operator's derivation (jobs.derive), training and metrics included
+    status = json.loads(store.get_bytes(Layout.STATUS))
+    n = len(result.outcomes)
+    assert (status["phase"], status["stage"], status["progress"]) == ("Succeeded", "evaluate", f"{n}/{n}")
+    assert status["message"] == f"all {n} tasks succeeded" and status["metrics"] == metrics
+    assert [(p["variant"], p["percent"]) for p in status["training"]] == [
+        ("clm", 100.0),
+        ("fused", 100.0),
+        ("self", 100.0),
+        ("sources", 100.0),
+    ]
     for baseline in ("clm", "self", "sources"):
         diff = metrics[f"fused_minus_{baseline}"]
         assert diff["ci95_low"] <= diff["bits_per_byte"] <= diff["ci95_high"]

@@ -79,7 +79,7 @@ def test_permanent_failure_fails_fast_with_the_reason(fusionrun_env: RunEnv) -> 
     failed = condition(st, "Failed")
     assert failed is not None and failed["status"] == "True"
     assert failed["reason"] == "InvalidInput"
-    assert "job broken-prepare-1 exited with code 2 (bad input: retrying cannot help" in failed["message"]
+    assert "attempt 1 exited with code 2 (bad input: retrying cannot help" in failed["message"]
     assert condition(st, "Succeeded")["status"] == "False"
     prepare = env.task("broken", "prepare")
     assert (prepare["state"], prepare["attempts"], prepare["failures"]) == ("Failed", 1, 1)

@@ -14,10 +14,11 @@ from fusionrun_operator.k8s_objects import RunRef
 from fusionrun_operator.observations import JobObservation
 from fusionrun_operator.pipeline import InvalidSpec, Pipeline, parse_pipeline
 from fusionrun_operator.policies import deadline, restart, retry, start, transition
-from fusionrun_operator.policies.retry import Failure
 from fusionrun_operator.policies.transition import TaskInputs
 
+from jobs.retry import backoff_seconds
 from jobs.status import FusionRunStatus, TaskStatus
+from jobs.transitions import Failure
 
 T0 = datetime(2026, 11, 25, 1, 0, 0, tzinfo=timezone.utc)
 NOW_S = "2026-11-25T01:00:00Z"
@@ -213,19 +214,19 @@ def test_failure_classification_order() -> None:
     crash = job("c", 1, "Failed", exit_code=137, reason="BackoffLimitExceeded", message="limit")
     late = job("d", 1, "Failed", reason="DeadlineExceeded", message="too long")
     assert retry.failure_of([crash, usage, pull]) == Failure(
-        "ErrImagePull", "job demo-a-1: container cannot start: ErrImagePull: not found", True
+        "ErrImagePull", "attempt 1: container cannot start: ErrImagePull: not found", True
     )
     assert retry.failure_of([crash, usage]) == Failure(
         "InvalidInput",
-        "job demo-b-1 exited with code 2 (bad input: retrying cannot help; see its log, fix the spec or "
+        "attempt 1 exited with code 2 (bad input: retrying cannot help; see its log, fix the spec or "
         "the inputs)",
         True,
     )
     assert retry.failure_of([crash]) == Failure(
-        "JobFailed", "job demo-c-1 failed with exit code 137 (BackoffLimitExceeded: limit)", False
+        "JobFailed", "attempt 1 failed with exit code 137 (BackoffLimitExceeded: limit)", False
     )
     assert retry.failure_of([late]) == Failure(
-        "DeadlineExceeded", "job demo-d-1 failed (DeadlineExceeded: too long)", False
+        "DeadlineExceeded", "attempt 1 failed (DeadlineExceeded: too long)", False
     )
     config_error = job("e", 1, waiting_reason="CreateContainerConfigError")
     assert retry.failure_of([job("f", 1), job("g", 1, "Succeeded"), config_error]) is None
@@ -233,12 +234,12 @@ def test_failure_classification_order() -> None:
 
 def test_backoff_doubles() -> None:
     spec = pipeline().spec
-    assert [retry.backoff_seconds(spec, n) for n in (0, 1, 2, 3, 4)] == [10, 10, 20, 40, 80]
+    assert [backoff_seconds(spec.retry, n) for n in (0, 1, 2, 3, 4)] == [10, 10, 20, 40, 80]
 
 
 def test_count_failure_retries_then_fails() -> None:
     spec = pipeline().spec
-    boom = Failure("JobFailed", "job demo-prepare-2 failed with exit code 1", False)
+    boom = Failure("JobFailed", "attempt 2 failed with exit code 1", False)
     current = [job("prepare", 2, "Failed"), job("prepare", 2, rank=1)]
     tr = retry.count_failure(
         "prepare", rec(attempts=2, failures=1, last_failed_attempt=1), boom, current, spec, T0
@@ -249,12 +250,12 @@ def test_count_failure_retries_then_fails() -> None:
         failures=2,
         last_failed_attempt=2,
         reason="JobFailed",
-        message="job demo-prepare-2 failed with exit code 1; retry 3 of 3 in 20s",
+        message="attempt 2 failed with exit code 1; retry 3 of 3 in 20s",
         next_attempt_time="2026-11-25T01:00:20Z",
     )
     assert tr.delete == ("demo-prepare-2-r1",)
     assert tr.events == (
-        Event("Warning", "TaskFailed", "prepare attempt 2: job demo-prepare-2 failed with exit code 1"),
+        Event("Warning", "TaskFailed", "prepare: attempt 2 failed with exit code 1"),
         Event("Normal", "RetryScheduled", "prepare: attempt 3 in 20s"),
     )
     last = retry.count_failure(
@@ -262,7 +263,7 @@ def test_count_failure_retries_then_fails() -> None:
     )
     assert (last.record.state, last.record.message, last.record.completion_time) == (
         "Failed",
-        "job demo-prepare-2 failed with exit code 1 (3 of 3 attempts failed)",
+        "attempt 2 failed with exit code 1 (3 of 3 attempts failed)",
         NOW_S,
     )
     assert [e.reason for e in last.events] == ["TaskFailed"]

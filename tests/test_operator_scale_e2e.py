@@ -130,7 +130,7 @@ def test_an_unresolvable_store_endpoint_fails_the_run_once_with_its_message(fusi
     assert (failed["status"], failed["reason"]) == ("True", "InvalidInput")
     # the stage's own last error line, from its termination message
     assert failed["message"] == (
-        "prepare: job nostore-prepare-1 exited with code 2 (bad input: retrying cannot help; see its log, "
+        "prepare: attempt 1 exited with code 2 (bad input: retrying cannot help; see its log, "
         f"fix the spec or the inputs): prepare: S3 endpoint {endpoint}: its host name does not resolve "
         "(checked before any work, for 30 s); fix store.endpoint (scheme, host, port) or start the store "
         "(permanent error)"

@@ -179,7 +179,7 @@ def test_failed_task_with_attempts_left_retries_after_doubling_backoff() -> None
     t = failed.status.task("prepare")
     assert (t.state, t.failures, t.last_failed_attempt, t.reason) == ("Retrying", 1, 1, "JobFailed")
     assert t.next_attempt_time == "2026-11-25T01:00:15Z"
-    assert t.message == "job demo-prepare-1 failed with exit code 1; retry 2 of 3 in 10s"
+    assert t.message == "attempt 1 failed with exit code 1; retry 2 of 3 in 10s"
     assert created(failed) == [] and failed.requeue_after == 10.0
     assert ev(failed) == [("Warning", "TaskFailed"), ("Normal", "RetryScheduled")]
     assert (
@@ -210,7 +210,7 @@ def test_exhausted_attempts_fail_the_run() -> None:
     p = run(st, [job("prepare", 2, "Failed", exit_code=137)], retry={"maxAttempts": 2})
     t = p.status.task("prepare")
     assert t.state == "Failed"
-    assert t.message == "job demo-prepare-2 failed with exit code 137 (2 of 2 attempts failed)"
+    assert t.message == "attempt 2 failed with exit code 137 (2 of 2 attempts failed)"
     assert p.status.phase == "Failed" and p.status.stage == "prepare"
     assert cond(p, "Failed") == ("True", "JobFailed")
     assert cond(p, "Running") == ("False", "Failed")
@@ -241,7 +241,7 @@ def test_permanent_exit_code_fails_at_once_and_stops_the_other_jobs() -> None:
     )
     t = p.status.task("extract-target-00000")
     assert (t.state, t.failures, t.reason) == ("Failed", 1, "InvalidInput")
-    assert t.message.startswith("job demo-extract-target-00000-1 exited with code 2 (bad input")
+    assert t.message.startswith("attempt 1 exited with code 2 (bad input")
     assert p.status.phase == "Failed" and cond(p, "Failed") == ("True", "InvalidInput")
     assert p.delete_jobs == ["demo-extract-smol-00001-1", "demo-extract-target-00001-1"]
     assert created(p) == []
@@ -253,7 +253,7 @@ def test_image_pull_failure_is_permanent_and_deletes_the_stuck_job() -> None:
     t = p.status.task("prepare")
     assert (t.state, t.reason) == ("Failed", "ErrImagePull")
     assert t.message == (
-        "job demo-prepare-1: container cannot start: ErrImagePull: not found: img:1 (permanent error)"
+        "attempt 1: container cannot start: ErrImagePull: not found: img:1 (permanent error)"
     )
     assert p.delete_jobs == ["demo-prepare-1"] and p.status.phase == "Failed"
 

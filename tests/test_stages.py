@@ -338,6 +338,77 @@ def test_missing_input_and_unloadable_model(tmp_path: Path) -> None:
         run_task(extract.run, _t("extract", "mis", 0), bad_tok, "r")
 
 
+def test_a_model_that_will_not_load_fails_every_stage_that_loads_it_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """extract, train and evaluate load the target by one loader (common.load_spec_model): a bad target
+    URI is bad input in each, exit 2 (never retried) with the same message, on stderr and in the
+    termination message the operator and the local runner quote."""
+    from jobs.cli import stage_main
+    from jobs.complete import Output, build_manifest, write_manifest
+    from jobs.plan import build_dag
+    from jobs.registry import Layout
+
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    target = {"name": "tgt", "uri": str(broken), "tokenizer": SMOLLM2_URI, "ggufFile": SMOLLM2_GGUF}
+    spec = _spec(tmp_path, target=target)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.model_dump_json(by_alias=True, exclude_none=True))
+    assert run_task(prepare.run, _t("prepare"), spec, "r") == 0  # tokenizers only: fine
+    store = open_store(spec.store, "r")
+
+    def made(stage: Stage) -> None:
+        """The stage's tasks done, as far as their dependants' manifests check (train reads the fused
+        shards' manifests before it loads the target; evaluate needs train's manifest)."""
+        for task in build_dag(spec):
+            if task.stage is stage:
+                key = Layout.shard(task) if stage is Stage.fuse else Layout.model_prefix(task.variant) + "x"
+                store.put_bytes(key, b"made upstream")
+                output = {key: Output(sha256_bytes(b"made upstream"), len(b"made upstream"))}
+                write_manifest(store, task, build_manifest(spec, task, output, {}, 0.0))
+
+    made(Stage.fuse)
+    # a rank of its own, so that training starts no launcher (and leaves this process's environment alone)
+    for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    monkeypatch.setenv("FUSIONRUN_WORK_DIR", str(tmp_path / "work"))
+    said = {}
+    for stage, args in {
+        "extract": ["--model", "tgt", "--shard", "0"],
+        "train": [],
+        "evaluate": [],
+    }.items():
+        termination = tmp_path / f"{stage}.termination"
+        monkeypatch.setenv("FUSIONRUN_TERMINATION_LOG", str(termination))
+        assert stage_main([stage, *args, "--spec", str(spec_file), "--run", "r"]) == 2, stage
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, (stage, errors)
+        message = errors[0].removeprefix("error: ")
+        assert termination.read_text() == f"{stage}: {message}"
+        said[stage] = message
+        if stage == "train":
+            made(Stage.train)
+    assert said["extract"] == said["train"] == said["evaluate"]
+    assert said["train"].startswith(f"model tgt ({broken}) will not load: model '{broken}/{SMOLLM2_GGUF}'")
+    assert said["train"].endswith(". Fix uri/ggufFile/randomInit of model tgt in the spec")
+    # the model a train task made goes through the same loader, and the same rule
+    good = tmp_path / "good.json"
+    good.write_text(_spec(tmp_path).model_dump_json(by_alias=True, exclude_none=True))
+    assert stage_main(["evaluate", "--spec", str(good), "--run", "r"]) == 2
+    where = store.uri_for(Layout.model_prefix("fused"))
+    trained = (tmp_path / "evaluate.termination").read_text()
+    assert trained.startswith(f"evaluate: trained model fused at {where} will not load: model ")
+    assert trained.endswith(". Rerun train --variant fused")
+
+
+def sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def test_report_pieces() -> None:
     from jobs.report import loss_curve, loss_curve_from_log, ordered_models, render_markdown
 

@@ -37,6 +37,7 @@ from jobs.cache import (
 )
 from jobs.cache import enabled as cache_enabled
 from jobs.complete import (
+    ManifestError,
     Output,
     Policy,
     adopt,
@@ -52,6 +53,7 @@ from jobs.complete import (
 )
 from jobs.plan import build_dag
 from jobs.registry import STAGES, Layout, Stage, Task
+from jobs.retry import write_termination_message
 from jobs.spec import (
     FusionRunSpec,
     SpecError,
@@ -60,7 +62,7 @@ from jobs.spec import (
     read_document,
     resolve_relative_paths,
 )
-from jobs.store import Store, endpoint_of, open_store
+from jobs.store import Store, StoreError, endpoint_of, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -77,11 +79,23 @@ class InputError(StageError):
 
 def exit_code_for(err: Exception) -> int:
     """The process exit code of a stage that failed with `err` (jobs.retry's contract)."""
-    from jobs.store import StoreError
-
     if isinstance(err, SpecError | InputError) or (isinstance(err, StoreError) and err.permanent):
         return EXIT_USAGE
     return EXIT_FAILED
+
+
+def run_guarded(stage: str, body: Callable[[], int]) -> int:
+    """Run a stage's process body (`python -m jobs <stage>`, training's launcher and ranks included) and
+    end a failure every stage knows the same way: the message on stderr and as a JSON event, the
+    termination message the operator and the local runner quote (`<stage>: <message>`), and the exit
+    code jobs.retry's contract gives it (exit_code_for)."""
+    try:
+        return body()
+    except (SpecError, StageError, StoreError, ManifestError) as err:
+        log_event("failed", stage=stage, error=str(err))
+        print(f"error: {err}", file=sys.stderr)
+        write_termination_message(f"{stage}: {err}")
+        return exit_code_for(err)
 
 
 def load_spec_and_name(spec_file: str | None, run_name: str | None) -> tuple[FusionRunSpec, str]:
@@ -424,7 +438,6 @@ def model_location(ctx: StageContext, uri: str | None) -> str | None:
     if uri is None:
         return None
     from jobs.locations import fetch
-    from jobs.store import StoreError
 
     try:
         return fetch(uri, ctx.s3, kind="model")
@@ -459,35 +472,64 @@ def adds_bos(ctx: StageContext, name: str, tok: Any) -> bool:
     return adds_bos_by_default(tok) if flag is None else flag
 
 
-def load_spec_model(ctx: StageContext, name: str, vocab_size: int, eos_id: int) -> Any:
-    """The spec model `name` (weights or randomInit) on the configured device and dtype."""
-    from fusion.models import load_model
-
+def load_spec_model(
+    ctx: StageContext,
+    name: str,
+    *,
+    vocab_size: int,
+    eos_id: int | None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> Any:
+    """The spec model `name` (weights or randomInit) on `device` in `dtype` (default: extraction's):
+    every stage that loads a spec model (extract, train, evaluate) loads it here, so a model that will
+    not load fails each of them with the same message and exit code (load_model_at)."""
     m = ctx.spec.model(name)
     ri = m.random_init.model_dump() if m.random_init is not None else None
-    path = None if ri is not None else model_location(ctx, m.uri)
+    return load_model_at(
+        None if ri is not None else model_location(ctx, m.uri),
+        what=f"model {name} ({m.uri or 'randomInit'})",
+        fix=f"Fix uri/ggufFile/randomInit of model {name} in the spec",
+        gguf_file=m.gguf_file if ri is None else None,
+        random_init=ri,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        device=device or ctx.spec.extraction.device,
+        dtype=dtype or ctx.spec.extraction.dtype,
+    )
+
+
+def load_model_at(
+    path: str | None,
+    *,
+    what: str,
+    fix: str,
+    vocab_size: int,
+    device: str,
+    dtype: str,
+    eos_id: int | None = None,
+    gguf_file: str | None = None,
+    random_init: dict[str, Any] | None = None,
+) -> Any:
+    """THE model loader of the stages (a spec model, or a model this run trained), with THE rule for a
+    model that will not load: out of memory may pass on another node or after others finish (StageError,
+    retried); anything else is a wrong path, file or architecture (InputError, exit 2: retrying cannot
+    help). The message: `<what> will not load: <why>. <fix>`."""
+    from fusion.models import load_model
+
     try:
         return load_model(
             path,
-            m.gguf_file if ri is None else None,
-            random_init=ri,
+            gguf_file,
+            random_init=random_init,
             vocab_size=vocab_size,
-            device=ctx.spec.extraction.device,
-            dtype=ctx.spec.extraction.dtype,
+            device=device,
+            dtype=dtype,
             eos_token_id=eos_id,
         )
     except Exception as err:
-        raise _load_error(err)(
-            f"model {name} ({m.uri or 'randomInit'}) will not load: {err}. Fix uri/ggufFile/"
-            f"randomInit of model {name} in the spec"
-        ) from None
-
-
-def _load_error(err: Exception) -> type[StageError]:
-    """Out of memory may pass on another node or after others finish (retry); anything else about a model
-    that will not load is bad input (a wrong path, file or architecture)."""
-    oom = isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
-    return StageError if oom else InputError
+        oom = isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+        raise (StageError if oom else InputError)(f"{what} will not load: {err}. {fix}") from None
 
 
 def set_threads() -> int:

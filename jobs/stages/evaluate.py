@@ -24,6 +24,7 @@ from jobs.stages.common import (
     StageContext,
     StageError,
     adds_bos,
+    load_model_at,
     load_model_tokenizer,
     load_spec_model,
     log_event,
@@ -49,6 +50,19 @@ def trained_model_dir(ctx: StageContext, variant: str) -> str:
     for k in keys:
         ctx.store.download(k, dest / k[len(prefix) :])
     return str(dest)
+
+
+def trained_model(ctx: StageContext, variant: str, vocab_size: int) -> Any:
+    """The model the train task of `variant` made, by the stages' one loader (common.load_model_at)."""
+    where = ctx.store.uri_for(Layout.model_prefix(variant))
+    return load_model_at(
+        trained_model_dir(ctx, variant),
+        what=f"trained model {variant} at {where}",
+        fix=f"Rerun train --variant {variant}",
+        vocab_size=vocab_size,
+        device=ctx.spec.extraction.device,
+        dtype=ctx.spec.extraction.dtype,
+    )
 
 
 def score(model: Any, view: Any, docs: list[np.ndarray], batch_tokens: int) -> dict[str, float]:
@@ -95,7 +109,6 @@ def eval_corpus_texts(ctx: StageContext, i: int) -> list[str]:
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from fusion.benchmarks import private_tokenizer
-    from fusion.models import load_model
     from fusion.tokens import encode_documents
     from jobs.stages.evaluate_tasks import prepare_tasks, score_model
 
@@ -133,29 +146,17 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
         if plan is not None:  # addBos as set, else lm-eval's default (the tokenizer's own)
             task_scores[label] = score_model(ctx, plan, label, model, hf_tok, ctx.spec.model(name).add_bos)
 
-    add("target-before", load_spec_model(ctx, tgt, view.vocab_size, view.eos_id), view, docs, hf_tgt, tgt)
+    target = load_spec_model(ctx, tgt, vocab_size=view.vocab_size, eos_id=view.eos_id)
+    add("target-before", target, view, docs, hf_tgt, tgt)
     for variant in [dep.variant or "fused" for dep in ctx.dependencies(Stage.train)]:
-        path = trained_model_dir(ctx, variant)
-        try:
-            model = load_model(
-                path,
-                vocab_size=view.vocab_size,
-                device=ctx.spec.extraction.device,
-                dtype=ctx.spec.extraction.dtype,
-            )
-        except Exception as err:
-            where = ctx.store.uri_for(Layout.model_prefix(variant))
-            raise StageError(
-                f"trained model {variant} at {where} will not load ({err}); rerun train --variant {variant}"
-            ) from None
-        add(variant, model, view, docs, hf_tgt, tgt)
+        add(variant, trained_model(ctx, variant, view.vocab_size), view, docs, hf_tgt, tgt)
     if ctx.spec.evaluation.evaluate_sources:
         for m in ctx.spec.sources:
             stok, sview = load_model_tokenizer(ctx, m.name)
             bos = adds_bos(ctx, m.name, stok)
             add(
                 f"source:{m.name}",
-                load_spec_model(ctx, m.name, sview.vocab_size, sview.eos_id),
+                load_spec_model(ctx, m.name, vocab_size=sview.vocab_size, eos_id=sview.eos_id),
                 sview,
                 {name: encode_documents(stok, t, add_bos=bos) for name, t in sets.items()},
                 private_tokenizer(stok) if plan is not None else None,

@@ -40,7 +40,7 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
             f"under {name}'s tokenizer, over extraction.maxLength={max_len}: the prepare stage "
             "was run for other tokenizers; rerun prepare"
         )
-    model = load_spec_model(ctx, name, view.vocab_size, view.eos_id)
+    model = load_spec_model(ctx, name, vocab_size=view.vocab_size, eos_id=view.eos_id)
     progress = Progress(int(lengths.sum()), ctx.task.id, unit="tokens")
     arrays = extract_documents(
         model,

@@ -254,14 +254,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.complete import ManifestError
-    from jobs.plan import trained_variants
-    from jobs.spec import SpecError
-    from jobs.stages.common import InputError, StageError, exit_code_for, load_spec_and_name, log_event
-    from jobs.store import StoreError
+    """`python -m jobs train ...`: a failure ends as every stage's does (common.run_guarded)."""
+    from jobs.stages.common import run_guarded
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    return run_guarded(Stage.train.value, lambda: _train(args, argv))
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    """This process's part: the node's launcher (it starts the ranks) or a rank."""
+    from jobs.plan import trained_variants
+    from jobs.spec import SpecError
+    from jobs.stages.common import InputError, StageError, load_spec_and_name
+
     try:
         spec, name = load_spec_and_name(args.spec, args.run)
         if args.variant not in trained_variants(spec):
@@ -276,13 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         if envs is not None:
             os.environ.update(envs[0])
         return run_rank(spec, name, args.variant, args.force)
-    except (SpecError, StageError, StoreError, ManifestError, ValueError) as err:
-        from jobs.retry import write_termination_message
-
-        log_event("failed", task=f"train-{args.variant}", error=str(err))
-        print(f"error: {err}", file=sys.stderr)
-        write_termination_message(f"train: {err}")
-        return exit_code_for(err)
+    except SpecError:
+        raise
+    except ValueError as err:  # the launcher's environment; a training config or data fusion cannot use
+        raise StageError(str(err)) from None
 
 
 def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int:
@@ -457,30 +460,20 @@ def train_summary(result: Any) -> dict[str, Any]:
 
 
 def _load_target(ctx: Any, vocab_size: int, eos_id: int | None) -> Any:
-    """The target model on the CPU in its training dtype (DeepSpeed moves it to the rank's device)."""
+    """The target model on the CPU in its training dtype (DeepSpeed moves it to the rank's device), by the
+    stages' one loader (common.load_spec_model: a target that will not load is bad input, as in extract)."""
     import torch
 
-    from fusion.models import load_model
     from fusion.train.config import use_bf16
-    from jobs.stages.common import StageError, model_location
+    from jobs.stages.common import load_spec_model
 
-    m = ctx.spec.target
     on_gpu = torch.cuda.is_available()
     bf16 = use_bf16(ctx.spec.training.dtype, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
-    ri = m.random_init.model_dump() if m.random_init is not None else None
-    path = None if ri is not None else model_location(ctx, m.uri)
-    try:
-        return load_model(
-            path,
-            m.gguf_file if ri is None else None,
-            random_init=ri,
-            vocab_size=vocab_size,
-            device="cpu",
-            dtype="bfloat16" if bf16 else "float32",
-            eos_token_id=eos_id,
-        )
-    except Exception as err:
-        raise StageError(
-            f"target {m.name} ({m.uri or 'randomInit'}) will not load: {err}. Fix uri/ggufFile/"
-            f"randomInit of the target in the spec"
-        ) from None
+    return load_spec_model(
+        ctx,
+        ctx.spec.target.name,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        device="cpu",
+        dtype="bfloat16" if bf16 else "float32",
+    )

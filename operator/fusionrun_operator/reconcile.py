@@ -23,6 +23,7 @@ from fusionrun_operator.policies.credentials import (
     CREDENTIALS_READY,
     STORE_READABLE,
     access_conditions,
+    blocked_run,
     blocking,
 )
 from fusionrun_operator.policies.deadline import (
@@ -33,12 +34,12 @@ from fusionrun_operator.policies.deadline import (
     stop_reason,
 )
 from fusionrun_operator.policies.invalid_spec import invalid_spec
-from fusionrun_operator.policies.phase import RunFacts
 from fusionrun_operator.policies.restart import Restart, completed_now, fresh_start, plan_restart
 from fusionrun_operator.policies.start import StartInputs, start_ready
 from fusionrun_operator.policies.status import StatusInputs, render_status
 from fusionrun_operator.policies.transition import TaskInputs, step_task
 from fusionrun_operator.times import iso
+from jobs.derive import RunFacts
 from jobs.status import TaskStatus
 
 
@@ -74,7 +75,7 @@ def reconcile(
         if any(tr.create for tr in started):  # the deadline counts from the first Job (not an adoption)
             clock = clock.started(now)
 
-    facts = RunFacts(failed, deadline_hit, spec.active_deadline_seconds, all_done, spec.suspend, blocked)
+    facts = RunFacts(deadline_hit, spec.active_deadline_seconds, spec.suspend, blocked_run(blocked))
     status_inputs = StatusInputs(
         obs.run.name,
         obs.run.generation,

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fusionrun_operator.policies.memoize import WAITING
-from jobs.status import MEMOIZED, TaskStatus
+from jobs.status import MEMOIZED, WAITING, TaskStatus
 
 COMPACT_TASKS_ABOVE = 256
 KEPT_REASONS = frozenset({MEMOIZED, WAITING})

@@ -24,6 +24,7 @@ from fusionrun_operator.config import OperatorConfig
 from fusionrun_operator.effects import Event
 from fusionrun_operator.observations import Access, SecretRead
 from jobs.credentials import CredentialsError, clean_key
+from jobs.derive import Blocked
 from jobs.spec import SECRET_OPT_IN_LABEL, SecretKeyRef, StoreSpec
 from jobs.status import Condition, FusionRunStatus
 
@@ -119,6 +120,11 @@ def _key(where: str, read: SecretRead, key: str) -> str:
 def blocking(credentials: Access | None) -> Access | None:
     """The credentials problem that keeps the run from starting Jobs, if any."""
     return credentials if credentials is not None and credentials.ok is False else None
+
+
+def blocked_run(problem: Access | None) -> Blocked | None:
+    """The credentials problem as the run's summary takes it (jobs.derive): fatal problems fail the run."""
+    return None if problem is None else Blocked(problem.reason, problem.message, problem.reason in FATAL)
 
 
 def is_operator_store(store: StoreSpec, config: OperatorConfig) -> bool:

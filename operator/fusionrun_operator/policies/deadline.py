@@ -15,6 +15,7 @@ from fusionrun_operator.observations import JobObservation
 from fusionrun_operator.times import parse_time
 from jobs.spec import FusionRunSpec
 from jobs.status import FusionRunStatus, TaskStatus
+from jobs.transitions import rerun
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,5 @@ def stop_jobs(
     for j in stopping:
         rec = changed.get(j.task_id, tasks[j.task_id])
         if rec.state == "Running":
-            changed[j.task_id] = rec.model_copy(
-                update={"state": "Pending", "reason": reason, "job_names": []}
-            )
+            changed[j.task_id] = rerun(rec, reason=reason)
     return changed, [j.name for j in stopping]

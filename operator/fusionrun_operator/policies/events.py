@@ -7,7 +7,7 @@ from typing import Literal
 
 from fusionrun_operator.effects import Event
 from fusionrun_operator.pipeline import STAGES
-from fusionrun_operator.policies.stages import stage_state
+from jobs.derive import stage_state
 from jobs.status import STAGE_CONDITIONS, FusionRunStatus
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from fusionrun_operator.effects import Effects, Event
 from fusionrun_operator.observations import Observed
-from fusionrun_operator.policies.conditions import condition
 from fusionrun_operator.times import iso
+from jobs.status import condition
 
 
 def invalid_spec(obs: Observed, error: str) -> Effects:

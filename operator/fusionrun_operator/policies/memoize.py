@@ -24,16 +24,14 @@ from typing import TYPE_CHECKING
 
 from fusionrun_operator.effects import Adoption, Event, Transition
 from fusionrun_operator.observations import SharedOutput
-from fusionrun_operator.times import iso
-from jobs.status import MEMOIZED, Memoization, TaskStatus
+from jobs.status import WAITING, Memoization, TaskStatus
+from jobs.transitions import MEMO_KEY_CHARS, memo_source, memoized
 
 if TYPE_CHECKING:
     from jobs.plan import Task
 
-WAITING = "WaitingForSharedOutput"
 EVENTS_PER_STAGE = 5
 WAIT_POLL_SECONDS = 10.0  # a waiting run looks again this often (a released claim wakes it at once)
-KEY_CHARS = 16  # of the content key, in status and events
 
 
 @dataclass(frozen=True)
@@ -52,20 +50,13 @@ class Shared:
 
 def memoization(found: SharedOutput) -> Memoization:
     return Memoization(
-        hit=True, key=(found.key or "")[:KEY_CHARS], from_run=found.from_run, from_task=found.from_task
+        hit=True, key=(found.key or "")[:MEMO_KEY_CHARS], from_run=found.from_run, from_task=found.from_task
     )
 
 
 def source(found: SharedOutput) -> str:
-    """Where an entry came from, for people."""
-    made = f"{found.from_run}/{found.from_task}" if found.from_run else "another run"
-    return f"outputs of {made} (shared cache, key {(found.key or '')[:KEY_CHARS]})"
-
-
-def memoized_record(rec: TaskStatus, found: SharedOutput, now: datetime) -> TaskStatus:
-    update = {"state": "Succeeded", "reason": MEMOIZED, "message": source(found)}
-    update |= {"next_attempt_time": None, "completion_time": iso(now), "memoized": memoization(found)}
-    return rec.model_copy(update=update)
+    """Where an entry came from, for people (jobs.transitions.memo_source)."""
+    return memo_source(memoization(found))
 
 
 def waiting_record(rec: TaskStatus, found: SharedOutput) -> TaskStatus:
@@ -83,7 +74,7 @@ def memoize(
         found, rec = shared.get(task.id), tasks[task.id]
         if found is not None and found.hit and found.key:
             adoption = (Adoption(task.id, found.key),)
-            adopted.append((task, Transition(memoized_record(rec, found, now), adopt=adoption)))
+            adopted.append((task, Transition(memoized(rec, memoization(found), now=now), adopt=adoption)))
         elif found is not None and found.producer:
             waiting.append((task, Transition(waiting_record(rec, found))))
         else:

@@ -1,5 +1,5 @@
-"""Status policy, training progress: status.training from the train jobs' progress.json, and the progress
-column (tasks done / total, or the slowest running variant's training percent)."""
+"""Status policy, training progress: the train jobs' progress.json files as status entries (status.training
+and the progress column are jobs.derive's)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from jobs.progress import parse_progress as read_record
-from jobs.status import TaskStatus, TrainingProgress
+from jobs.status import TrainingProgress
 
 if TYPE_CHECKING:
     from jobs.plan import Task
@@ -20,29 +20,12 @@ def parse_progress(variant: str, raw: Mapping[str, Any]) -> TrainingProgress | N
     return rec.to_status(variant) if rec is not None else None
 
 
-def training_entries(
-    old: Sequence[TrainingProgress], train_tasks: Sequence[Task], raw: Mapping[str, Mapping[str, Any]]
+def progress_entries(
+    train_tasks: Sequence[Task], raw: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, TrainingProgress]:
-    """Progress by variant: what the store has now, else the last one seen (kept after training)."""
-    out = {p.variant: p for p in old}
+    """Variant -> its progress read this pass (the usable ones)."""
+    out = {}
     for t in train_tasks:
-        if t.variant in raw:
-            p = parse_progress(t.variant, raw[t.variant])
-            if p is not None:
-                out[t.variant] = p
+        if t.variant in raw and (p := parse_progress(t.variant, raw[t.variant])) is not None:
+            out[t.variant] = p
     return out
-
-
-def progress_column(
-    phase: str,
-    tasks: Sequence[TaskStatus],
-    train_tasks: Sequence[Task],
-    training: Mapping[str, TrainingProgress],
-    records: Mapping[str, TaskStatus],
-) -> str:
-    running = [
-        training[t.variant] for t in train_tasks if t.variant in training and records[t.id].state == "Running"
-    ]
-    if phase == "Running" and running:  # the slowest variant decides
-        return f"train {min(p.percent for p in running):.0f}%"
-    return f"{sum(r.state == 'Succeeded' for r in tasks)}/{len(tasks)}"

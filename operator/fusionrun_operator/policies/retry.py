@@ -1,32 +1,21 @@
-"""Retry policy: what a failed attempt was (permanent or not), and what follows it: a retry after
-backoffSeconds * 2**(failures-1), or a failed task once maxAttempts attempts failed or at once when retrying
-cannot help (exit code PERMANENT_EXIT_CODE = bad input, an image that cannot be pulled)."""
+"""Retry policy: what a failed attempt was (permanent or not), from its Jobs, and what follows it
+(jobs.transitions.count_failure, the local backend's too: a retry after backoffSeconds * 2**(failures-1),
+or a failed task once maxAttempts attempts failed or at once when retrying cannot help: exit code
+PERMANENT_EXIT_CODE = bad input, an image that cannot be pulled)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from datetime import datetime
 
 from fusionrun_operator.config import PERMANENT_EXIT_CODE, PERMANENT_WAITING_REASONS, PREEMPTED_EXIT_CODE
 from fusionrun_operator.effects import Event, Transition
 from fusionrun_operator.observations import JobObservation
-from fusionrun_operator.times import iso
-from jobs.retry import backoff_seconds as retry_backoff
+from jobs.retry import backoff_seconds
 from jobs.spec import FusionRunSpec
 from jobs.status import TaskStatus
-
-
-class Failure(NamedTuple):
-    reason: str
-    message: str
-    permanent: bool
-
-
-def backoff_seconds(spec: FusionRunSpec, failures: int) -> int:
-    """Delay before the retry that follows the `failures`-th failure: backoffSeconds doubling (the local
-    backend's too: jobs.retry.backoff_seconds)."""
-    return retry_backoff(spec.retry, failures)
+from jobs.transitions import Failure, exit_failure
+from jobs.transitions import count_failure as count_on_record
 
 
 def failure_of(jobs: Sequence[JobObservation]) -> Failure | None:
@@ -35,29 +24,21 @@ def failure_of(jobs: Sequence[JobObservation]) -> Failure | None:
     termination message) ends the message."""
     for j in jobs:
         if j.waiting_reason in PERMANENT_WAITING_REASONS:
-            msg = f"job {j.name}: container cannot start: {j.waiting_reason}"
+            msg = f"attempt {j.attempt}: container cannot start: {j.waiting_reason}"
             return Failure(
                 j.waiting_reason, msg + (f": {j.waiting_message}" if j.waiting_message else ""), True
             )
-    for j in jobs:
-        if j.state == "Failed" and j.exit_code == PERMANENT_EXIT_CODE:
-            return Failure(
-                "InvalidInput",
-                f"job {j.name} exited with code {j.exit_code} (bad input: retrying cannot "
-                f"help; see its log, fix the spec or the inputs){_said(j)}",
-                True,
-            )
-    for j in jobs:
-        if j.state == "Failed":
-            reason = "DeadlineExceeded" if j.reason == "DeadlineExceeded" else "JobFailed"
-            code = f" with exit code {j.exit_code}" if j.exit_code is not None else ""
-            detail = f" ({j.reason}: {j.message})" if j.reason and j.message else ""
-            return Failure(reason, f"job {j.name} failed{code}{detail}{_said(j)}", False)
-    return None
-
-
-def _said(j: JobObservation) -> str:
-    return f": {j.termination_message}" if j.termination_message else ""
+    failed = [j for j in jobs if j.state == "Failed"]
+    first = next((j for j in failed if j.exit_code == PERMANENT_EXIT_CODE), failed[0] if failed else None)
+    if first is None:
+        return None
+    detail = f" ({first.reason}: {first.message})" if first.reason and first.message else ""
+    failure = exit_failure(
+        attempt=first.attempt, exit_code=first.exit_code, said=first.termination_message, detail=detail
+    )
+    if not failure.permanent and first.reason == "DeadlineExceeded":
+        return failure._replace(reason="DeadlineExceeded")
+    return failure
 
 
 def interrupted(jobs: Sequence[JobObservation]) -> str | None:
@@ -79,29 +60,11 @@ def count_failure(
     spec: FusionRunSpec,
     now: datetime,
 ) -> Transition:
-    """Count the failure of attempt rec.attempts (once): Retrying with its due time, or Failed. The
-    attempt's Jobs still active (other ranks, a stuck container) are deleted."""
-    attempt, failures, limit = rec.attempts, rec.failures + 1, spec.retry.max_attempts
-    events = [Event("Warning", "TaskFailed", f"{task_id} attempt {attempt}: {failure.message}")]
-    update: dict[str, Any] = {"failures": failures, "last_failed_attempt": attempt, "reason": failure.reason}
-    if failure.permanent or failures >= limit:
-        why = "permanent error" if failure.permanent else f"{failures} of {limit} attempts failed"
-        update |= {
-            "state": "Failed",
-            "message": f"{failure.message} ({why})",
-            "next_attempt_time": None,
-            "completion_time": iso(now),
-        }
-    else:
-        delay = backoff_seconds(spec, failures)
-        update |= {
-            "state": "Retrying",
-            "message": f"{failure.message}; retry {failures + 1} of {limit} in {delay}s",
-            "next_attempt_time": iso(now + timedelta(seconds=delay)),
-        }
-        events.append(Event("Normal", "RetryScheduled", f"{task_id}: attempt {attempt + 1} in {delay}s"))
-    return Transition(
-        rec.model_copy(update=update),
-        delete=tuple(j.name for j in current if j.state == "Active"),
-        events=tuple(events),
-    )
+    """Count the failure of attempt rec.attempts (once): the record as jobs.transitions.count_failure
+    says, the attempt's Jobs still active (other ranks, a stuck container) deleted, and its events."""
+    new = count_on_record(rec, failure, retry=spec.retry, now=now)
+    events = [Event("Warning", "TaskFailed", f"{task_id}: {failure.message}")]
+    if new.state == "Retrying":
+        delay = backoff_seconds(spec.retry, new.failures)
+        events.append(Event("Normal", "RetryScheduled", f"{task_id}: attempt {rec.attempts + 1} in {delay}s"))
+    return Transition(new, delete=tuple(j.name for j in current if j.state == "Active"), events=tuple(events))

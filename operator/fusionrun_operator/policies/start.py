@@ -31,10 +31,11 @@ from fusionrun_operator.indexed_jobs import gang_job_names, gang_manifests, grou
 from fusionrun_operator.k8s_objects import RunRef, task_job_names, task_manifests
 from fusionrun_operator.observations import SharedOutput
 from fusionrun_operator.policies.memoize import memoize
-from fusionrun_operator.times import iso, parse_time
+from fusionrun_operator.times import parse_time
 from jobs.registry import format_indexes
 from jobs.spec import FusionRunSpec
 from jobs.status import TaskStatus
+from jobs.transitions import started
 
 if TYPE_CHECKING:
     from jobs.plan import Task
@@ -125,15 +126,12 @@ def launch(
         objects = task_manifests(run, spec, first, attempts[0], cfg, active_deadline_seconds=seconds_left)
         names = task_job_names(run.name, spec, first, attempts[0])
         events = [f"{first.id}: attempt {attempts[0]}: {', '.join(names)}"]
-    now_s = iso(inp.now)
     out = []
-    for i, (task, attempt) in enumerate(zip(batch, attempts, strict=True)):
-        rec = tasks[task.id]
-        update = {"state": "Running", "attempts": attempt, "job_names": names, "next_attempt_time": None}
-        update |= {"reason": None, "message": None, "start_time": rec.start_time or now_s}
+    for i, task in enumerate(batch):
+        rec = started(tasks[task.id], now=inp.now).model_copy(update={"job_names": names})
         out.append(
             Transition(
-                rec.model_copy(update=update),
+                rec,
                 create=tuple(objects) if i == 0 else (),
                 events=tuple(Event("Normal", "TaskStarted", e) for e in events) if i == 0 else (),
             )

@@ -28,11 +28,11 @@ from fusionrun_operator.capabilities import Capabilities
 from fusionrun_operator.effects import Event, Transition
 from fusionrun_operator.k8s_objects import ranks_of
 from fusionrun_operator.observations import JobObservation, SharedOutput
-from fusionrun_operator.policies.memoize import memoized_record, source
-from fusionrun_operator.policies.retry import Failure, count_failure, failure_of, interrupted
-from fusionrun_operator.times import iso
+from fusionrun_operator.policies.memoize import memoization, source
+from fusionrun_operator.policies.retry import count_failure, failure_of, interrupted
 from jobs.spec import FusionRunSpec
 from jobs.status import TaskStatus
+from jobs.transitions import COMPLETED, Failure, completed, invalidated, memoized, rerun, succeeded
 
 if TYPE_CHECKING:
     from jobs.plan import Task
@@ -64,21 +64,18 @@ def step_task(task: Task, rec: TaskStatus, jobs: Sequence[JobObservation], inp: 
         found = inp.made_from.get(task.id)
         if found is not None and found.hit and rec.state != "Succeeded":
             event = Event("Normal", "TaskSucceeded", f"{task.id}: {source(found)}")
-            return Transition(memoized_record(rec, found, inp.now), events=(event,))
-        how = "AlreadyInStore" if attempt == 0 else "Completed"
-        return _succeeded(rec, how, f"{task.id}: outputs complete ({how})", inp.now)
+            return Transition(memoized(rec, memoization(found), now=inp.now), events=(event,))
+        new = completed(rec, now=inp.now)
+        return _succeeded(rec, new, f"{task.id}: outputs complete ({new.reason})")
     if inp.completed is None and (done or rec.state == "Succeeded"):
-        return _succeeded(rec, "Completed", f"{task.id}: job(s) succeeded", inp.now)
+        return _succeeded(rec, succeeded(rec, reason=COMPLETED, now=inp.now), f"{task.id}: job(s) succeeded")
     if rec.state == "Succeeded":  # the store no longer vouches for it (spec changed, outputs deleted)
-        update = {"state": "Pending", "reason": "OutputsInvalidated", "completion_time": None}
-        rec = rec.model_copy(update=update | {"memoized": None})
+        rec = invalidated(rec)
     failure = failure_of(current)
     if failure is None and done:
         if any((j.generation or 0) < inp.generation for j in current):
             # Ran for an older spec whose outputs the current spec does not accept: a new attempt.
-            return Transition(
-                rec.model_copy(update={"state": "Pending", "reason": "SpecChanged", "job_names": []})
-            )
+            return Transition(rerun(rec, reason="SpecChanged"))
         failure = Failure(
             "OutputMissing",
             f"job(s) {', '.join(j.name for j in current)} succeeded but the store has "
@@ -95,19 +92,15 @@ def step_task(task: Task, rec: TaskStatus, jobs: Sequence[JobObservation], inp: 
 
 def _rerun(rec: TaskStatus, reason: str, current: Sequence[JobObservation]) -> Transition:
     """A new attempt at once, no failure counted; what is left of this one (other ranks) is stopped."""
-    again = rec.model_copy(update={"state": "Pending", "reason": reason, "job_names": []})
+    again = rerun(rec, reason=reason)
     return Transition(again, delete=tuple(sorted({j.name for j in current if j.state == "Active"})))
 
 
-def _succeeded(rec: TaskStatus, reason: str, event: str, now: datetime) -> Transition:
+def _succeeded(old: TaskStatus, new: TaskStatus, event: str) -> Transition:
     """Succeeded (once: an already Succeeded record stays as it is, without another event)."""
-    if rec.state == "Succeeded":
-        return Transition(rec)
-    update = {"state": "Succeeded", "reason": reason, "message": None, "next_attempt_time": None}
-    return Transition(
-        rec.model_copy(update=update | {"completion_time": iso(now)}),
-        events=(Event("Normal", "TaskSucceeded", event),),
-    )
+    if old.state == "Succeeded":
+        return Transition(old)
+    return Transition(new, events=(Event("Normal", "TaskSucceeded", event),))
 
 
 def _no_new_failure(
@@ -131,5 +124,5 @@ def _no_new_failure(
         )
     if rec.state == "Running" and not current:
         # Deleted before finishing (suspend, TTL, by hand): run it again as a new attempt, not a failure.
-        return Transition(rec.model_copy(update={"state": "Pending", "reason": "JobGone", "job_names": []}))
+        return Transition(rerun(rec, reason="JobGone"))
     return Transition(rec)  # Failed and Retrying records wait (retry due time, a spec change)
