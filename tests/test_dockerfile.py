@@ -281,7 +281,7 @@ def test_operator_stage_installs_only_the_operator_extra(parsed):
     assert installs == [
         ["-c", "/pins/constraints.txt", "pip", "setuptools", "wheel"],
         [*pinned, "-r", "/pins/requirements.txt"],
-        [*pinned, "--no-deps", ".[operator]"],
+        ["-c", "/pins/constraints.txt", "--no-build-isolation", "--no-deps", ".[operator]"],
     ]
     # The dependencies come from pyproject.toml's operator extra alone (before the sources are copied).
     assert requirement_extras(build) == [["operator"]]
@@ -341,7 +341,7 @@ def test_job_stage_installs_pinned_cuda_torch_from_an_explicit_index(parsed):
     default = next(a.args for a in build.all("ARG") if a.args.startswith("TORCH_INDEX_URL="))
     assert default == "TORCH_INDEX_URL=https://pypi.org/simple"
     package_installs = [a for a in pip_installs(build) if a[-1].startswith(".")]
-    assert [a[-2:] for a in package_installs] == [["--no-deps", ".[jobs,eval]"]]
+    assert [a[-3:] for a in package_installs] == [["--no-build-isolation", "--no-deps", ".[jobs,eval]"]]
     assert requirement_extras(build) == [["jobs", "eval"]]
 
 
