@@ -41,6 +41,11 @@ RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt --no-build-isolation
  && ! /opt/fusionrun/bin/pip show torch >/dev/null 2>&1
 
 FROM ${PYTHON_IMAGE} AS operator
+RUN groupadd --gid 10001 fusionrun && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin fusionrun
+COPY --from=operator-build /opt/fusionrun /opt/fusionrun
+# The chart mounts the root filesystem read-only with an emptyDir on /tmp: no byte-code writes.
+ENV PATH=/opt/fusionrun/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp
+# Labels last: the revision changes with every commit and would void the cache of every layer after it.
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="fusionrun-operator" \
@@ -50,10 +55,6 @@ LABEL org.opencontainers.image.title="fusionrun-operator" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.vendor="FusionRun"
-RUN groupadd --gid 10001 fusionrun && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin fusionrun
-COPY --from=operator-build /opt/fusionrun /opt/fusionrun
-# The chart mounts the root filesystem read-only with an emptyDir on /tmp: no byte-code writes.
-ENV PATH=/opt/fusionrun/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp
 USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["fusionrun-operator"]
@@ -95,15 +96,6 @@ RUN /opt/fusionrun/bin/pip install -c /pins/constraints.txt -c /pins/data-packag
 
 FROM ${JOB_BASE_IMAGE} AS job
 ARG JOB_PYTHON=python3.12
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-LABEL org.opencontainers.image.title="fusionrun-job" \
-      org.opencontainers.image.description="FusionRun stage jobs: extraction, alignment, fusion, DeepSpeed training, evaluation (CUDA 13)" \
-      org.opencontainers.image.source="https://github.com/fusionrun/fusionrun" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.vendor="FusionRun"
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update && apt-get install -y --no-install-recommends ${JOB_PYTHON} ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
@@ -119,6 +111,16 @@ ENV PATH=/opt/fusionrun/bin:$PATH PYTHONUNBUFFERED=1 HOME=/home/fusionrun \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     HF_HOME=/scratch/huggingface HF_DATASETS_CACHE=/scratch/huggingface/datasets
 RUN mkdir -p /scratch && chown 10001:10001 /scratch
+# Labels last: the revision changes with every commit and would void the cache of every layer after it.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="fusionrun-job" \
+      org.opencontainers.image.description="FusionRun stage jobs: extraction, alignment, fusion, DeepSpeed training, evaluation (CUDA 13)" \
+      org.opencontainers.image.source="https://github.com/fusionrun/fusionrun" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.vendor="FusionRun"
 USER 10001:10001
 WORKDIR /home/fusionrun
 ENTRYPOINT ["fusionrun"]

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -137,6 +138,7 @@ def tear_down(env: dict[str, str]) -> None:
     py = str(ROOT / ".venv" / "bin" / "python")
     subprocess.run([py, "scripts/s3_local.py", "stop", ".cluster/s3"], cwd=ROOT, env=env, capture_output=True)
     subprocess.run(["bash", "scripts/k8s-cluster.sh", "stop", ".cluster"], cwd=ROOT, env=env, check=False)
+    shutil.rmtree(STATE, ignore_errors=True)  # etcd's data too: the next start is a new cluster
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +155,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "HELM_DATA_HOME": str(helm_home / "data"),
         **readme_env(block),
         "KUBECONFIG": str(STATE / "kubeconfig"),
-        "PS4": "+[$SECONDS s] ",  # bash -x stamps each line: the log tells how long each step took
     }
     tear_down(env)  # a cluster left by an interrupted session
     log = tmp_path_factory.mktemp("cluster") / "readme.log"
     started = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.run(
-            ["bash", "-euo", "pipefail", "-xc", block],
+            # bash -x stamps each line (PS4 is never read from the environment of a root shell).
+            ["bash", "-euo", "pipefail", "-c", "PS4='+[$SECONDS s] '; set -x\n" + block],
             cwd=ROOT,
             env=env,
             stdout=out,
