@@ -422,3 +422,23 @@ def test_build_context_holds_what_the_copies_need(parsed):
     }
     assert sources == included
     assert all((ROOT / p).exists() for p in sources)
+
+
+def test_no_heredocs_debian_buildah_cannot_parse(parsed):
+    """Debian 12's buildah (1.28, what `make images` runs) predates `COPY <<EOF`: the pins live in a file."""
+    assert [i.keyword for s in parsed[1] for i in s.instructions if i.heredocs] == []
+
+
+def check_labels_last(stage: Stage) -> list[str]:
+    """The revision label changes with every commit: a RUN after it would be rebuilt every time."""
+    kinds = [i.keyword for i in stage.instructions]
+    if "LABEL" in kinds and "RUN" in kinds[kinds.index("LABEL") :]:
+        return [f"stage {stage.name}: RUN after LABEL (every commit rebuilds it)"]
+    return []
+
+
+@pytest.mark.parametrize("name", FINAL_STAGES)
+def test_labels_come_after_every_run(parsed, name):
+    assert check_labels_last(stage(parsed, name)) == []
+    _, bad = parse_dockerfile('FROM x:1.0 AS s\nLABEL a="1"\nRUN true\n')
+    assert check_labels_last(bad[0]) == ["stage s: RUN after LABEL (every commit rebuilds it)"]
