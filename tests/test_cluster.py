@@ -281,13 +281,16 @@ def test_operator_and_training_pod_deleted_mid_run(cluster: Cluster):
     wait_for(f"{name} Succeeded", lambda: cluster.phase(name) == "Succeeded", 1200, every=5)
     st = cluster.run(name)["status"]
     tasks = {t["id"]: t for t in st["tasks"]}
-    assert (tasks["train"]["attempts"], tasks["train"]["failures"]) == (2, 1), tasks["train"]
+    # The deleted pod stopped on SIGTERM after a checkpoint (exit 75): a preemption, rerun without a failure.
+    assert (tasks["train"]["attempts"], tasks["train"]["failures"]) == (2, 0), tasks["train"]
     assert all(t["attempts"] == 1 for tid, t in tasks.items() if tid != "train"), tasks
     jobs = cluster.jobs(name)
     ran = {j["metadata"]["labels"]["fusionrun.dev/task"] for j in jobs.values()}
     # The source's shards were made by the README's run: memoized here, no Job of their own.
     assert not any(t.startswith(("extract-qwen", "prepare")) for t in ran), sorted(ran)
-    assert sorted(n for n in jobs if "train" in n) == [f"{name}-train-1", f"{name}-train-2"]
+    # Attempt 1's Job is gone: on this 1.20 server it would have started a replacement pod, a second
+    # training beside attempt 2 (capabilities.failed_jobs_final; seen here before the fix).
+    assert sorted(n for n in jobs if "train" in n) == [f"{name}-train-2"]
     per_task = [
         j["metadata"]["labels"]["fusionrun.dev/task"]
         for j in jobs.values()

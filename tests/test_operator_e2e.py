@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -18,6 +20,7 @@ from tests.harness.fusionrun_k8s import (  # noqa: F401  (fixtures)
     StatusRecorder,
     condition,
     fusionrun_env_fixture,
+    s3_keys,
 )
 from tests.harness.k8s import k8s_fixture, k8s_namespace_fixture, kubelet_fixture, wait_until  # noqa: F401
 
@@ -139,3 +142,36 @@ def test_two_node_training_rendezvous_through_the_headless_service(fusionrun_env
     assert '"world_size": 2' in env.kubelet.log_of(ranks[0].name)
     assert "runs/mn/train/fused/model/config.json" in env.keys("runs/mn/train/fused/model/")
     assert env.operator.errors() == []
+
+
+def test_the_k8s_tiny_example_runs_on_the_stand_in_kubelet(fusionrun_env: RunEnv) -> None:
+    """examples/k8s-tiny.yaml exactly as users apply it (the chart's default store, the tokenizers the job
+    image carries as pkg://), on the fast loop: the same example README's "Try it on a cluster" runs on a
+    real kubelet in tests/test_cluster.py. Prints apply -> Succeeded for docs/results.md."""
+    env = fusionrun_env
+    env.operator.stop()
+    env.operator.env |= {
+        "FUSIONRUN_DEFAULT_STORE_URI": "s3://fusionrun/runs",
+        "FUSIONRUN_DEFAULT_STORE_ENDPOINT": env.s3.endpoint,
+        "FUSIONRUN_DEFAULT_STORE_INSECURE": "true",
+        "FUSIONRUN_DEFAULT_STORE_SECRET": "fusionrun-s3",
+    }
+    env.operator.start()
+    root = Path(__file__).resolve().parents[1]
+    env.s3.make_bucket("fusionrun")
+    env.s3.client().upload_file(
+        str(root / "examples" / "data" / "stdlib-docstrings.txt"),
+        "fusionrun",
+        "corpora/stdlib-docstrings.txt",
+    )
+    started = time.monotonic()
+    out = env.k8s.kubectl("apply", "-f", str(root / "examples" / "k8s-tiny.yaml"), namespace=env.ns).stdout
+    assert out.strip() == "fusionrun.fusionrun.dev/tiny created"
+    st = env.wait_phase("tiny", "Succeeded", 900)
+    print(f"stand-in kubelet: k8s-tiny apply -> Succeeded in {time.monotonic() - started:.0f} s")
+    assert len(st["tasks"]) == 12
+    assert all((t["state"], t["attempts"]) == ("Succeeded", 1) for t in st["tasks"]), st["tasks"]
+    assert st["artifactsUri"].rstrip("/") == "s3://fusionrun/runs/tiny"
+    assert "runs/tiny/train/fused/model/config.json" in s3_keys(
+        env.s3.client(), "fusionrun", "runs/tiny/train/"
+    )

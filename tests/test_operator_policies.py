@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from fusionrun_operator.capabilities import Capabilities
 from fusionrun_operator.config import OperatorConfig
 from fusionrun_operator.effects import Event, Transition
 from fusionrun_operator.k8s_objects import RunRef
@@ -193,7 +194,8 @@ def test_a_lost_rank_restarts_the_whole_group() -> None:
     failed = step(
         p, "train", running, [job("train", 1, rank=0), job("train", 1, "Failed", rank=1, exit_code=1)]
     )
-    assert failed.record.state == "Retrying" and failed.delete == ("demo-train-1-r0",)
+    # (an unknown server: the failed rank's Job goes too, since before 1.26 it could restart its pod)
+    assert failed.record.state == "Retrying" and failed.delete == ("demo-train-1-r0", "demo-train-1-r1")
 
 
 def test_a_vanished_job_is_rerun_without_a_failure() -> None:
@@ -232,6 +234,28 @@ def test_failure_classification_order() -> None:
     assert retry.failure_of([job("f", 1), job("g", 1, "Succeeded"), config_error]) is None
 
 
+MODERN = Capabilities(version=(1, 30))  # a Failed Job stays failed
+
+
+def test_superseded_jobs_include_failed_ones_where_a_failed_job_can_come_back() -> None:
+    """Seen on a real 1.20 kubelet: a training pod deleted mid-run (exit 75, a preemption) made the
+    operator start attempt 2, while attempt 1's Job, forgetting its failed pod, started a replacement:
+    two trainings at once. Before 1.26 the failed Job is deleted with the attempt; from 1.26 it is kept
+    (its pod's log stays readable) since the Job controller keeps it failed."""
+    current = [
+        job("train", 1, "Failed", exit_code=75),
+        job("train", 1, rank=1),
+        job("train", 1, "Succeeded", rank=2),
+    ]
+    assert retry.superseded(current, MODERN) == ("demo-train-1-r1",)
+    for old in (Capabilities(version=(1, 20)), Capabilities(version=(1, 25)), Capabilities()):
+        assert retry.superseded(current, old) == ("demo-train-1", "demo-train-1-r1")
+    assert (
+        Capabilities(version=(1, 26)).failed_jobs_final
+        and not Capabilities(version=(1, 25)).failed_jobs_final
+    )
+
+
 def test_backoff_doubles() -> None:
     spec = pipeline().spec
     assert [backoff_seconds(spec.retry, n) for n in (0, 1, 2, 3, 4)] == [10, 10, 20, 40, 80]
@@ -242,7 +266,13 @@ def test_count_failure_retries_then_fails() -> None:
     boom = Failure("JobFailed", "attempt 2 failed with exit code 1", False)
     current = [job("prepare", 2, "Failed"), job("prepare", 2, rank=1)]
     tr = retry.count_failure(
-        "prepare", rec(attempts=2, failures=1, last_failed_attempt=1), boom, current, spec, T0
+        "prepare",
+        rec(attempts=2, failures=1, last_failed_attempt=1),
+        boom,
+        current,
+        spec=spec,
+        server=MODERN,
+        now=T0,
     )
     assert tr.record == rec(
         state="Retrying",
@@ -259,7 +289,13 @@ def test_count_failure_retries_then_fails() -> None:
         Event("Normal", "RetryScheduled", "prepare: attempt 3 in 20s"),
     )
     last = retry.count_failure(
-        "prepare", rec(attempts=3, failures=2, last_failed_attempt=2), boom, [], spec, T0
+        "prepare",
+        rec(attempts=3, failures=2, last_failed_attempt=2),
+        boom,
+        [],
+        spec=spec,
+        server=MODERN,
+        now=T0,
     )
     assert (last.record.state, last.record.message, last.record.completion_time) == (
         "Failed",
@@ -267,7 +303,9 @@ def test_count_failure_retries_then_fails() -> None:
         NOW_S,
     )
     assert [e.reason for e in last.events] == ["TaskFailed"]
-    permanent = retry.count_failure("prepare", rec(attempts=1), boom._replace(permanent=True), [], spec, T0)
+    permanent = retry.count_failure(
+        "prepare", rec(attempts=1), boom._replace(permanent=True), [], spec=spec, server=MODERN, now=T0
+    )
     assert permanent.record.state == "Failed" and permanent.record.message.endswith("(permanent error)")
     assert permanent.record.failures == 1
 

@@ -11,6 +11,7 @@ the probe could run, the server kept its field; otherwise its fallback applies.
 | Indexed shard groups: + backoffLimitPerIndex (a failed shard stops no other) | 1.29 | a Job per shard |
 | podFailurePolicy: exit code 2 -> FailJob, DisruptionTarget -> Ignore | 1.26 | not sent |
 | podReplacementPolicy: Failed (a new pod only once the old one is gone) | 1.29 | not sent |
+| a Failed Job stays failed (Job tracking with finalizers) | 1.26 | failed Jobs deleted with their attempt |
 
 `FUSIONRUN_JOB_SHAPE` overrides the choice: `per-task` (today's shape everywhere) or `indexed` (as if
 the server had every feature: for benchmarks and servers that hide their version).
@@ -29,6 +30,8 @@ INDEXED_JOBS: Version = (1, 24)  # completionMode Indexed GA, with stable pod ho
 POD_FAILURE_POLICY: Version = (1, 26)  # beta, on by default
 POD_REPLACEMENT_POLICY: Version = (1, 29)  # beta, on by default
 BACKOFF_LIMIT_PER_INDEX: Version = (1, 29)  # beta, on by default
+# Job tracking with finalizers (GA): before it, a Job whose failed pod is deleted forgets the failure.
+FAILED_JOBS_FINAL: Version = (1, 26)
 
 SHAPES = ("auto", "indexed", "per-task")
 
@@ -43,6 +46,14 @@ class Capabilities:
     pod_replacement_policy: bool = False
     backoff_limit_per_index: bool = False
     source: str = "not detected"  # how it was decided: probe, version, setting, not detected
+
+    @property
+    def failed_jobs_final(self) -> bool:
+        """Whether a Failed Job stays failed. Before 1.26 the Job controller counts failures from the pods
+        it can still see: delete the failed pod (`kubectl delete pod`, an eviction) and the Job starts a
+        replacement, even with backoffLimit 0 (seen on 1.20: a deleted training pod came back beside the
+        operator's next attempt). Unknown version: assume not."""
+        return self.version is not None and self.version >= FAILED_JOBS_FINAL
 
     @property
     def indexed_training(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from fusionrun_operator.capabilities import FAILED_JOBS_FINAL, Capabilities
 from fusionrun_operator.config import PERMANENT_EXIT_CODE, PERMANENT_WAITING_REASONS, PREEMPTED_EXIT_CODE
 from fusionrun_operator.effects import Event, Transition
 from fusionrun_operator.observations import JobObservation
@@ -52,19 +53,31 @@ def interrupted(jobs: Sequence[JobObservation]) -> str | None:
     return None
 
 
+def superseded(current: Sequence[JobObservation], server: Capabilities) -> tuple[str, ...]:
+    """The Jobs of an attempt that is over, to delete before the next one starts: those still active
+    (other ranks, a stuck container) and, where a Failed Job can come back to life (before 1.26, see
+    Capabilities.failed_jobs_final), the failed ones too: else two attempts could run at once."""
+    legacy = not server.failed_jobs_final
+    return tuple(sorted(j.name for j in current if j.state == "Active" or (legacy and j.state == "Failed")))
+
+
 def count_failure(
     task_id: str,
     rec: TaskStatus,
     failure: Failure,
     current: Sequence[JobObservation],
+    *,
     spec: FusionRunSpec,
+    server: Capabilities,
     now: datetime,
 ) -> Transition:
     """Count the failure of attempt rec.attempts (once): the record as jobs.transitions.count_failure
-    says, the attempt's Jobs still active (other ranks, a stuck container) deleted, and its events."""
+    says, its events, and the attempt's Jobs that could run beside a retry deleted."""
     new = count_on_record(rec, failure, retry=spec.retry, now=now)
     events = [Event("Warning", "TaskFailed", f"{task_id}: {failure.message}")]
     if new.state == "Retrying":
         delay = backoff_seconds(spec.retry, new.failures)
         events.append(Event("Normal", "RetryScheduled", f"{task_id}: attempt {rec.attempts + 1} in {delay}s"))
-    return Transition(new, delete=tuple(j.name for j in current if j.state == "Active"), events=tuple(events))
+    # A failed task keeps its failed Jobs (their pods' logs): no next attempt could run beside them.
+    stop = superseded(current, server if new.state == "Retrying" else Capabilities(version=FAILED_JOBS_FINAL))
+    return Transition(new, delete=stop, events=tuple(events))

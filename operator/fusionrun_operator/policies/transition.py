@@ -29,7 +29,7 @@ from fusionrun_operator.effects import Event, Transition
 from fusionrun_operator.k8s_objects import ranks_of
 from fusionrun_operator.observations import JobObservation, SharedOutput
 from fusionrun_operator.policies.memoize import memoization, source
-from fusionrun_operator.policies.retry import count_failure, failure_of, interrupted
+from fusionrun_operator.policies.retry import count_failure, failure_of, interrupted, superseded
 from jobs.spec import FusionRunSpec
 from jobs.status import TaskStatus
 from jobs.transitions import COMPLETED, Failure, completed, invalidated, memoized, rerun, succeeded
@@ -85,15 +85,16 @@ def step_task(task: Task, rec: TaskStatus, jobs: Sequence[JobObservation], inp: 
     if failure is not None and attempt > rec.last_failed_attempt and inp.counting:
         why = None if failure.permanent else interrupted(current)
         if why is not None:
-            return _rerun(rec, why, current)
-        return count_failure(task.id, rec, failure, current, inp.spec, inp.now)
+            return _rerun(rec, why, current, inp.server)
+        return count_failure(task.id, rec, failure, current, spec=inp.spec, server=inp.server, now=inp.now)
     return _no_new_failure(task, rec, current, inp)
 
 
-def _rerun(rec: TaskStatus, reason: str, current: Sequence[JobObservation]) -> Transition:
+def _rerun(
+    rec: TaskStatus, reason: str, current: Sequence[JobObservation], server: Capabilities
+) -> Transition:
     """A new attempt at once, no failure counted; what is left of this one (other ranks) is stopped."""
-    again = rerun(rec, reason=reason)
-    return Transition(again, delete=tuple(sorted({j.name for j in current if j.state == "Active"})))
+    return Transition(rerun(rec, reason=reason), delete=superseded(current, server))
 
 
 def _succeeded(old: TaskStatus, new: TaskStatus, event: str) -> Transition:
@@ -110,9 +111,9 @@ def _no_new_failure(
     # Retrying because the write after creating the retry's Job was lost).
     if current and rec.attempts > rec.last_failed_attempt and any(j.state == "Active" for j in current):
         if len(current) < ranks_of(inp.spec, task, inp.server):  # a rank vanished: the group restarts whole
-            return _rerun(rec, "RankLost", current)
+            return _rerun(rec, "RankLost", current, inp.server)
         if task.distributed and any(j.disrupted for j in current):  # Kubernetes replaces one pod only
-            return _rerun(rec, "RankDisrupted", current)
+            return _rerun(rec, "RankDisrupted", current, inp.server)
         waiting = next((j for j in current if j.waiting_reason), None)  # e.g. its Secret does not exist yet
         note = (
             f"waiting: {waiting.waiting_reason}: {waiting.waiting_message or ''}".rstrip(": ")
