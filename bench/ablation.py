@@ -32,6 +32,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from fusion.uris import is_s3, local_path
+from jobs.spec import SpecError, load_fusionrun, parse_fusionrun
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_SPEC = ROOT / "examples" / "real-smollm2-gemma.yaml"
 
@@ -86,8 +89,6 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def absolute_document(path: Path | str) -> dict[str, Any]:
     """A FusionRun file as a document with its local URIs made absolute (variants are written elsewhere)."""
-    from jobs.spec import load_fusionrun
-
     run = load_fusionrun(path)
     return {
         "apiVersion": run.api_version,
@@ -115,8 +116,6 @@ def variant_document(base_doc: dict[str, Any], variant: str) -> dict[str, Any]:
 
 
 def run_variant(base_doc: dict[str, Any], store_root: Path, variant: str, out_dir: Path) -> int:
-    from jobs.spec import SpecError, parse_fusionrun
-
     doc = variant_document(base_doc, variant)
     try:
         parse_fusionrun(doc)  # a bad override fails here, naming the field
@@ -287,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants or list(VARIANTS)
     base_doc = absolute_document(args.base)
     store_uri = base_doc["spec"]["store"]["uri"]
-    if not store_uri.startswith("file://"):
+    if is_s3(store_uri):
         ap.error("the ablation links the base run's local outputs: use a file:// store")
-    store_root = Path(store_uri[len("file://") :])
+    store_root = local_path(store_uri)
     base_name = base_doc["metadata"]["name"]
     if not (store_root / base_name / "evaluate" / "metrics.json").is_file():
         ap.error(f"run the base first: {sys.executable} -m jobs.cli run {args.base}")

@@ -32,6 +32,8 @@ import numpy as np
 import yaml
 
 from bench.ablation import _json, absolute_document, deep_merge
+from fusion.uris import local_path
+from jobs.spec import parse_fusionrun
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_SPEC = ROOT / "examples" / "evidence-pkg-code.yaml"
@@ -100,8 +102,6 @@ def fusionrun(path: Path) -> int:
 
 
 def run_one(base_doc: dict[str, Any], store_root: Path, run: str) -> int:
-    from jobs.spec import parse_fusionrun
-
     doc = run_document(base_doc, run)
     parse_fusionrun(doc)  # a bad override fails here, naming the field
     folder = store_root / "evidence-specs"
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
     base_doc = absolute_document(args.base)  # run documents are written elsewhere
-    store_root = Path(base_doc["spec"]["store"]["uri"].removeprefix("file://"))
+    store_root = local_path(base_doc["spec"]["store"]["uri"])
     base = base_doc["metadata"]["name"]
     if args.table:
         if args.plot and plot(store_root, base, args.plot):

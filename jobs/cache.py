@@ -34,8 +34,11 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from jobs.registry import Stage, Task
-from jobs.store import Store, StoreError
+from fusion.paths import hub_id
+from jobs.corpus import corpus_stamp
+from jobs.locations import stamp
+from jobs.registry import Layout, Stage, Task
+from jobs.store import Store, StoreError, endpoint_of
 
 if TYPE_CHECKING:
     from jobs.spec import FusionRunSpec, ModelRef
@@ -87,7 +90,6 @@ class Identities:
 
     @classmethod
     def live_for(cls, store: Store, spec: FusionRunSpec) -> Identities:
-        from jobs.store import endpoint_of
 
         return cls(endpoint_of(store, spec.store), cache_of(store), live=True)
 
@@ -129,7 +131,6 @@ class Identities:
         return self._get("model", fields, lambda: model_identity(ref, self.where))
 
     def corpus(self, corpus: Any) -> str | None:
-        from jobs.corpus import corpus_stamp
 
         fields = corpus.model_dump(mode="json")
         return self._get("corpus", fields, lambda: corpus_stamp(corpus, self.where))
@@ -137,7 +138,6 @@ class Identities:
 
 def tokenizer_identity(ref: ModelRef, where: Any) -> str:
     """The tokenizer a model uses, by content: the stamp of its files (jobs.locations.stamp)."""
-    from jobs.locations import stamp
 
     uri = ref.tokenizer_uri
     if _is_hub(uri):
@@ -150,7 +150,6 @@ def tokenizer_identity(ref: ModelRef, where: Any) -> str:
 def model_identity(ref: ModelRef, where: Any) -> str:
     """A model by content: randomInit's shape and seed, or the stamp of its weights (the GGUF file, the
     folder's files, the S3 objects' ETags), or a hub id and revision; plus its tokenizer's identity."""
-    from jobs.locations import stamp
 
     tok = tokenizer_identity(ref, where)
     if ref.random_init is not None:
@@ -163,7 +162,6 @@ def model_identity(ref: ModelRef, where: Any) -> str:
 
 
 def _is_hub(uri: str) -> bool:
-    from fusion.paths import hub_id
 
     return hub_id(uri) is not None
 
@@ -370,7 +368,6 @@ def entry_file(stage: Stage, logical_key: str) -> str:
 
 def logical_key(stage: Stage, name: str, task: Task) -> str:
     """The inverse of entry_file for one run's task."""
-    from jobs.registry import Layout
 
     return f"{Stage.prepare.value}/{name}" if stage is Stage.prepare else Layout.shard(task)
 

@@ -20,7 +20,25 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.registry import STAGE_NAMES, Variant
+from jobs.benchmarks import light_errors
+from jobs.cache import CACHE_AREA, list_entries, live_users, prune
+from jobs.complete import ManifestError
+from jobs.local import LocalRunner, RunFailed, RunStopped, ignored_locally
+from jobs.observe import recorded_spec, store_status
+from jobs.plan import build_dag
+from jobs.registry import STAGE_NAMES, Layout, Stage, Task, Variant, shard_at_index
+from jobs.report import write_report
+from jobs.retry import write_termination_message
+from jobs.spec import SpecError, StoreSpec, format_validation_error, load_fusionrun
+from jobs.stages.common import (
+    InputError,
+    StageError,
+    exit_code_for,
+    load_spec_and_name,
+    log_event,
+    run_task,
+)
+from jobs.store import StoreError, open_store
 
 if TYPE_CHECKING:
     from jobs.spec import FusionRunSpec
@@ -51,8 +69,6 @@ def stage_parser(prog: str = "python -m jobs") -> argparse.ArgumentParser:
 
 def _check_task_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.shard_from_index:
-        from jobs.registry import shard_at_index
-
         if args.shard is not None:
             ap.error("give --shard N or --shard-from-index, not both")
         try:
@@ -78,18 +94,6 @@ def _check_task_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> N
 def stage_main(argv: list[str] | None = None) -> int:
     """Entry of `python -m jobs`: run one task; exit codes as jobs.retry says (0 done or skipped, 1 failed,
     2 bad input: no retry can help), the message on stderr."""
-    from jobs.complete import ManifestError
-    from jobs.retry import write_termination_message
-    from jobs.spec import SpecError
-    from jobs.stages.common import (
-        InputError,
-        StageError,
-        exit_code_for,
-        load_spec_and_name,
-        log_event,
-        run_task,
-    )
-    from jobs.store import StoreError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = stage_parser()
@@ -101,7 +105,6 @@ def stage_main(argv: list[str] | None = None) -> int:
         return int(train.main(argv[1:]) or 0)
     try:
         spec, name = load_spec_and_name(args.spec, args.run)
-        from jobs.registry import Stage, Task
 
         if args.model and args.model not in {m.name for m in spec.models}:
             raise InputError(
@@ -122,8 +125,6 @@ def stage_main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(path: str) -> int:
-    from jobs.plan import build_dag
-    from jobs.spec import SpecError, load_fusionrun
 
     warnings: list[str] = []
     try:
@@ -148,7 +149,6 @@ def cmd_validate(path: str) -> int:
 
 
 def _note_ignored(spec: FusionRunSpec) -> None:
-    from jobs.local import ignored_locally
 
     ignored = ignored_locally(spec)
     if ignored:
@@ -163,15 +163,11 @@ def benchmark_errors(spec: FusionRunSpec) -> list[str]:
     """evaluation.tasks / taskDirs problems found before anything runs (jobs.benchmarks.light_errors)."""
     if not spec.evaluation.enabled or not spec.evaluation.tasks:
         return []
-    from jobs.benchmarks import light_errors
 
     return light_errors(spec)
 
 
 def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str | None = None) -> int:
-    from jobs.local import LocalRunner, RunFailed, RunStopped
-    from jobs.spec import SpecError, load_fusionrun
-    from jobs.store import StoreError
 
     try:
         run = load_fusionrun(path)
@@ -214,11 +210,6 @@ def open_run(args: argparse.Namespace) -> tuple[FusionRunSpec, str, Any]:
     and name), or a run's name with --store (the spec its tasks recorded in the store)."""
     from pydantic import ValidationError
 
-    from jobs.observe import recorded_spec
-    from jobs.registry import Layout
-    from jobs.spec import SpecError, StoreSpec, format_validation_error, load_fusionrun
-    from jobs.store import open_store
-
     if Path(args.target).is_file():
         run = load_fusionrun(args.target)
         spec = apply_env_overrides(run.spec)
@@ -244,7 +235,6 @@ def open_run(args: argparse.Namespace) -> tuple[FusionRunSpec, str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from jobs.observe import store_status
 
     spec, name, store = open_run(args)
     status = store_status(store, spec)
@@ -267,7 +257,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from jobs.report import write_report
 
     spec, name, store = open_run(args)
     out = Path(args.out) if args.out else Path.cwd() / "runs" / name / "report"
@@ -290,9 +279,6 @@ def parse_age(text: str) -> float:
 
 def open_cache(args: argparse.Namespace) -> Any:
     """The shared cache area (jobs.cache) of a store given as a FusionRun file or a store URI."""
-    from jobs.cache import CACHE_AREA
-    from jobs.spec import StoreSpec, load_fusionrun
-    from jobs.store import open_store
 
     if Path(args.target).is_file():
         where = apply_env_overrides(load_fusionrun(args.target).spec).store
@@ -302,7 +288,6 @@ def open_cache(args: argparse.Namespace) -> Any:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from jobs.cache import list_entries, live_users, prune
 
     cache = open_cache(args)
     if args.action == "ls":
@@ -389,9 +374,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "validate":
         return cmd_validate(args.file)
     if args.cmd in ("status", "report", "cache"):
-        from jobs.spec import SpecError
-        from jobs.store import StoreError
-
         command = {"status": cmd_status, "report": cmd_report, "cache": cmd_cache}[args.cmd]
         try:
             return command(args)

@@ -44,6 +44,8 @@ from jobs.cache import (
     read_entry,
     task_key,
 )
+from jobs.corpus import corpus_stamp
+from jobs.locations import stamp
 from jobs.registry import Layout, Stage, Task, fingerprint_fields, legacy_fingerprint_fields
 from jobs.store import LocalStore, Store, StoreError, endpoint_of
 
@@ -313,8 +315,6 @@ def object_sha256(store: Store, key: str) -> str:
 def text_stamps(store: Store, spec: FusionRunSpec, task: Task) -> dict[str, Any]:
     """What a task records in its summary about the texts it reads, taken BEFORE reading them (an edit
     during the read then makes the next run redo it). prepare: the corpus; evaluate: evaluation.corpora."""
-    from jobs.corpus import corpus_stamp
-    from jobs.locations import stamp
 
     s3 = endpoint_of(store, spec.store)
     if task.stage is Stage.prepare:

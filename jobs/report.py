@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fusion.diagnostics import from_record, merge
 from jobs.complete import read_manifest
 from jobs.observe import alignment_from_store
 from jobs.plan import build_dag, trained_variants
@@ -134,7 +135,6 @@ def loss_curves(
 def source_value(store: Store, dag: list[Any]) -> dict[str, Any] | None:
     """The source-value diagnostics of FuseLLM's fuse tasks, merged over shards (fusion.diagnostics):
     what each source could teach the target before any training. None when not recorded."""
-    from fusion.diagnostics import from_record, merge
 
     parts = []
     for t in dag:

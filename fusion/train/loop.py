@@ -32,6 +32,7 @@ from fusion.train.engine import (
     init_distributed,
     seed_everything,
 )
+from fusion.train.export import export_hf, weights_digest
 from fusion.train.losses import TrainLoss, make_loss
 from fusion.train.reporting import NullReporter, StepMetrics, Throughput, TrainReporter
 from fusion.train.step import StepResult, train_step
@@ -215,7 +216,6 @@ class Trainer:
 
     def _finish(self, setup: TrainSetup, dist: DistContext, result: TrainResult, export: bool) -> None:
         """Fingerprint the full weights (every rank) and export the HF folder (rank 0 writes it)."""
-        from fusion.train.export import export_hf, weights_digest
 
         result.weights_digest = weights_digest(setup.engine)
         if export:

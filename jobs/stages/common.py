@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from fusion.format import ShardError, read_shard, sha256_file, write_shard
 from jobs.cache import (
     add_user,
     cache_of,
@@ -60,7 +61,7 @@ from jobs.spec import (
     read_document,
     resolve_relative_paths,
 )
-from jobs.store import Store, endpoint_of, open_store
+from jobs.store import Store, StoreError, endpoint_of, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -77,7 +78,6 @@ class InputError(StageError):
 
 def exit_code_for(err: Exception) -> int:
     """The process exit code of a stage that failed with `err` (jobs.retry's contract)."""
-    from jobs.store import StoreError
 
     if isinstance(err, SpecError | InputError) or (isinstance(err, StoreError) and err.permanent):
         return EXIT_USAGE
@@ -183,7 +183,6 @@ class StageContext:
 
         A missing, corrupt or foreign shard drops the producer's manifest, so that the next run redoes the
         producer (nothing complete is deleted: only the bad artifact's claim to be complete)."""
-        from fusion.format import ShardError, read_shard
 
         kind = STAGES[producer.stage].shard_kind
         m = read_manifest(self.store, producer)
@@ -224,7 +223,6 @@ class StageContext:
 
     def add_output(self, key: str, path: Path, sha256: str | None = None) -> None:
         """Record an output written at `path` (from output_path) and upload it when the store is remote."""
-        from fusion.format import sha256_file
 
         digest = sha256 or sha256_file(path)
         where, physical = self._physical(key)
@@ -234,7 +232,6 @@ class StageContext:
 
     def write_shard(self, arrays: dict[str, Any], meta: dict[str, Any], key: str | None = None) -> Any:
         """Write one of this task's shards (default: the task's own shard key) and record it."""
-        from fusion.format import write_shard
 
         key = key or Layout.shard(self.task)
         path = self.output_path(key)

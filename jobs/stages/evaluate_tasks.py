@@ -18,8 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fusion.benchmarks import (
+    LM_EVAL_VERSION,
+    installed_version,
+    metric_from_docs,
+    needs_builtin,
+    paired_difference,
+    scan_task_dirs,
+    score_task,
+    task_dir_digest,
+    task_manager,
+    wrap_model,
+)
+from jobs.benchmarks import dir_errors, exact_errors, requests
+from jobs.complete import read_manifest
 from jobs.registry import Layout, Stage
 from jobs.stages.common import StageContext, StageError, log_event
+from jobs.stages.prepare import text_path
 
 LABEL_ORDER = ("target-before", "clm", "fused")
 
@@ -38,7 +53,6 @@ class TaskPlan:
 
 def task_dir_paths(ctx: StageContext) -> list[Path]:
     """Local folders of evaluation.taskDirs, s3:// ones downloaded (again when their objects change)."""
-    from jobs.stages.prepare import text_path
 
     return [
         text_path(ctx, uri, f"evaluation.taskDirs[{i}]")
@@ -56,15 +70,6 @@ def prepare_tasks(ctx: StageContext) -> TaskPlan | None:
     before anything is scored."""
     if not ctx.spec.evaluation.tasks:
         return None
-    from fusion.benchmarks import (
-        LM_EVAL_VERSION,
-        installed_version,
-        needs_builtin,
-        scan_task_dirs,
-        task_dir_digest,
-        task_manager,
-    )
-    from jobs.benchmarks import dir_errors, exact_errors, requests
 
     if installed_version() is None:
         raise StageError(
@@ -100,7 +105,6 @@ def prepare_tasks(ctx: StageContext) -> TaskPlan | None:
 def model_identity(ctx: StageContext, label: str) -> dict[str, Any]:
     """What decides a model's outputs: the trained weights' digests (fused, clm), else its spec entry; and
     the device and dtype it runs in."""
-    from jobs.complete import read_manifest
 
     spec = ctx.spec
     common = {"device": spec.extraction.device, "dtype": spec.extraction.dtype}
@@ -121,7 +125,6 @@ def model_identity(ctx: StageContext, label: str) -> dict[str, Any]:
 
 
 def settings_of(plan: TaskPlan, req: Any, add_bos: bool | None) -> dict[str, Any]:
-    from fusion.benchmarks import installed_version
 
     return {
         "name": req.name,
@@ -158,7 +161,6 @@ def score_model(
 ) -> dict[str, dict[str, Any]]:
     """Every requested task of one model: reused from the store when its key matches, else scored and
     written at once. Returns {request name: entry}."""
-    from fusion.benchmarks import score_task, wrap_model
 
     doc = read_scores(ctx, label)
     identity = model_identity(ctx, label)
@@ -241,7 +243,6 @@ def fused_minus_clm(
 def paired_interval(docs_f: dict[str, Any], docs_c: dict[str, Any], metric: str, reported: float) -> dict:
     """The 95% paired bootstrap interval of the difference over the same documents; empty when the
     documents differ, a value is missing, or the per-document values do not give lm-eval's figure."""
-    from fusion.benchmarks import metric_from_docs, paired_difference
 
     if not docs_f.get("doc_ids") or docs_f["doc_ids"] != docs_c.get("doc_ids"):
         return {}
