@@ -36,7 +36,6 @@ from fusion.vocab import METHODS, VocabMap
 
 # Every alignment method: the two of the paper (DTW + a vocabulary map, fusion.vocab) and exact (byte-offset
 # pairing + projection by spelling, fusion.exact / fusion.project).
-ALIGNMENT_METHODS = (*METHODS, "exact")
 _ROWS_PER_BLOCK = 1 << 16  # accepted rows mapped at a time: [rows, k, k] bool masks stay <= 64 MB (k <= 32)
 
 

@@ -382,7 +382,6 @@ def _split_continuations(
     modes: np.ndarray,
     first_source: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-
     tgt_topk = _ids(tgt, "topk_ids")[rows]
     tgt_lp = np.asarray(tgt["topk_logprobs"])[rows]
     return split_by_target(projected, src_topk, src_lp, tgt_topk, tgt_lp, first_source, modes == 0)

@@ -473,9 +473,6 @@ class S3Store(Store):
             raise self._err(err, f"listing s3://{self.bucket}/{full_prefix}") from None
         return out
 
-    def _iter_keys(self, full_prefix: str) -> list[str]:
-        return [o["Key"] for o in self._iter_objects(full_prefix)]
-
     def list(self, prefix: str = "") -> list[str]:
         return [k for k, _, _ in self.list_stats(prefix)]
 

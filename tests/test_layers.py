@@ -170,3 +170,22 @@ def test_functions_fit_on_a_screen() -> None:
         if fn.end_lineno - fn.lineno + 1 > MAX_LINES
     }
     assert set(long) <= LONG_FUNCTIONS, long
+
+
+# Strings equal to a stage's name that are not the stage (a dataset's split, a shard's split).
+NOT_STAGES = {("jobs.corpus", "train"), ("jobs.stages.prepare", "train")}
+
+
+def test_stage_names_are_spelled_in_the_registry_only() -> None:
+    """Adding or renaming a stage is an edit of jobs/registry.py: elsewhere in jobs/ and the operator a
+    stage is a `Stage` member or comes from `STAGES` (fusion's shard kinds are fusion's own words)."""
+    from jobs.registry import STAGE_NAMES
+
+    spelled = sorted(
+        (module, node.value)
+        for module, tree in TREES.items()
+        if module.startswith(("jobs", "fusionrun_operator")) and module != "jobs.registry"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in STAGE_NAMES
+    )
+    assert not [s for s in spelled if s not in NOT_STAGES], spelled

@@ -28,7 +28,6 @@ from jobs.stages.common import StageContext, StageError, load_model_tokenizer, l
 
 def load_or_build_map(ctx: StageContext, src_view: Any, tgt_view: Any, needed: Any) -> tuple[Any, str]:
     """The source's vocabulary map covering `needed` source ids, from the store's cache when it fits."""
-
     method = ctx.spec.alignment.method
     key = Layout.vocab_map(ctx.task.model or "")
     vmap = None
@@ -57,7 +56,6 @@ def load_or_build_map(ctx: StageContext, src_view: Any, tgt_view: Any, needed: A
 def load_or_build_projection(ctx: StageContext, src_tok: Any, tgt_tok: Any, needed: Any) -> tuple[Any, str]:
     """The source's projection onto the target vocabulary (exact alignment) covering `needed` source ids,
     from the store's cache when it was built for these tokenizers (fusion.project.ensure_projection)."""
-
     key = Layout.projection(ctx.task.model or "")
     cached = None
     if ctx.store.exists(key):
@@ -74,7 +72,6 @@ def load_or_build_projection(ctx: StageContext, src_tok: Any, tgt_tok: Any, need
 
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
-
     src, s = ctx.task.model, ctx.task.shard
     assert src is not None
     tgt, method = ctx.spec.target.name, ctx.spec.alignment.method

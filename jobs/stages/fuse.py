@@ -41,7 +41,6 @@ def record_source_value(ctx: StageContext, target: Any, aligned: list[Any]) -> s
     """FuseLLM's fuse tasks keep the source-value diagnostics of their shard (what each source could teach
     the target before any training; fusion.diagnostics) beside it: the report merges them. Returns the
     shard's one-line verdict."""
-
     if (ctx.task.variant or Variant.fused.value) != Variant.fused.value or not aligned:
         return None
     fz = ctx.spec.fusion
@@ -54,7 +53,6 @@ def record_source_value(ctx: StageContext, target: Any, aligned: list[Any]) -> s
 
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
-
     s = ctx.task.shard
     fz = ctx.spec.fusion
     target = ctx.input_shard(Stage.extract, model=ctx.spec.target.name)

@@ -37,7 +37,6 @@ def text_path(ctx: StageContext, uri: str, field: str) -> Path:
 
 
 def load_tokenizers(ctx: StageContext) -> list[Any]:
-
     toks = []
     for m in ctx.spec.models:
         try:
@@ -69,7 +68,6 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     train_ids, held_ids = heldout_split(len(docs), spec.corpus.heldout_fraction, spec.corpus.seed)
     toks = load_tokenizers(ctx)
     # A model whose documents start with BOS (addBos, or its tokenizer's default) needs one more token.
-
     bos = [
         m.add_bos if m.add_bos is not None else adds_bos_by_default(t)
         for m, t in zip(spec.models, toks, strict=True)

@@ -301,7 +301,7 @@ def pod_spec(
         env += _rendezvous_env(run, spec, task, role, config)
     volumes = [{"name": "scratch", "emptyDir": {}}]
     mounts = [{"name": "scratch", "mountPath": "/scratch"}]
-    if task.stage.value in ("extract", "train", "evaluate"):  # torch workers and NCCL need a real /dev/shm
+    if task.definition.accelerated:  # torch workers and NCCL need a real /dev/shm
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     container: dict[str, Any] = {
