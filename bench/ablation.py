@@ -32,6 +32,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from fusion.uris import is_s3, local_path
+from jobs.registry import Layout, Stage, Task
+from jobs.spec import SpecError, load_fusionrun, parse_fusionrun
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_SPEC = ROOT / "examples" / "real-smollm2-gemma.yaml"
 
@@ -86,8 +90,6 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def absolute_document(path: Path | str) -> dict[str, Any]:
     """A FusionRun file as a document with its local URIs made absolute (variants are written elsewhere)."""
-    from jobs.spec import load_fusionrun
-
     run = load_fusionrun(path)
     return {
         "apiVersion": run.api_version,
@@ -115,8 +117,6 @@ def variant_document(base_doc: dict[str, Any], variant: str) -> dict[str, Any]:
 
 
 def run_variant(base_doc: dict[str, Any], store_root: Path, variant: str, out_dir: Path) -> int:
-    from jobs.spec import SpecError, parse_fusionrun
-
     doc = variant_document(base_doc, variant)
     try:
         parse_fusionrun(doc)  # a bad override fails here, naming the field
@@ -129,7 +129,7 @@ def run_variant(base_doc: dict[str, Any], store_root: Path, variant: str, out_di
     print(f"\n=== {variant}: {VARIANTS[variant][0]}\n    {sys.executable} -m jobs.cli run {path}", flush=True)
     rc = subprocess.call([sys.executable, "-m", "jobs.cli", "run", str(path)], cwd=ROOT)
     if rc == 0:
-        for ckpt in (store_root / name / "train").glob("*/checkpoints"):
+        for ckpt in (store_root / name).glob(Layout.checkpoints("*")):
             shutil.rmtree(ckpt, ignore_errors=True)
     return rc
 
@@ -160,6 +160,12 @@ def _difference(
     )
 
 
+def fuse_manifests(run_dir: Path) -> list[Path]:
+    """The manifests of a run's FuseLLM fuse tasks, one per shard (its recorded spec says how many)."""
+    shards = _json(run_dir / Layout.SPEC).get("extraction", {}).get("shards", 0)
+    return [run_dir / Layout.manifest(Task(Stage.fuse, shard=s)) for s in range(shards)]
+
+
 def row(
     store_root: Path,
     name: str,
@@ -168,11 +174,11 @@ def row(
     texts: tuple[str, ...] = ("heldout",),
 ) -> dict[str, Any] | None:
     """One line of the table: FuseLLM and CLM-only (the run's own, else the base run's) on each text."""
-    metrics = _json(store_root / name / "evaluate" / "metrics.json")
+    metrics = _json(store_root / name / Layout.METRICS)
     if not metrics.get("models"):
         return None
     picks: dict[str, int] = {}
-    for m in sorted((store_root / name / "fuse").glob("shard-*.manifest.json")):
+    for m in fuse_manifests(store_root / name):
         for k, v in _json(m).get("summary", {}).get("choice_counts", {}).items():
             picks[k] = picks.get(k, 0) + v
     total = sum(picks.values())
@@ -194,14 +200,14 @@ def row(
 
 
 def table(store_root: Path, base_name: str, variants: list[str]) -> list[dict[str, Any]]:
-    base = _json(store_root / base_name / "evaluate" / "metrics.json")
+    base = _json(store_root / base_name / Layout.METRICS)
     texts = ("heldout", *base.get("corpora", {}))
     base_clm = {t: _models(base, t).get("clm") for t in texts}
     rows = [row(store_root, base_name, "base: lambda 0.9, MinCE, sequence, per-byte, k 10", None, texts)]
     for v in variants:
         ref = base_clm
         if v in CLM_FROM:
-            other = _json(store_root / f"{base_name}-{CLM_FROM[v]}" / "evaluate" / "metrics.json")
+            other = _json(store_root / f"{base_name}-{CLM_FROM[v]}" / Layout.METRICS)
             ref = {t: _models(other, t).get("clm") for t in texts}
         rows.append(row(store_root, f"{base_name}-{v}", v, ref, texts))
     return [r for r in rows if r]
@@ -287,11 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants or list(VARIANTS)
     base_doc = absolute_document(args.base)
     store_uri = base_doc["spec"]["store"]["uri"]
-    if not store_uri.startswith("file://"):
+    if is_s3(store_uri):
         ap.error("the ablation links the base run's local outputs: use a file:// store")
-    store_root = Path(store_uri[len("file://") :])
+    store_root = local_path(store_uri)
     base_name = base_doc["metadata"]["name"]
-    if not (store_root / base_name / "evaluate" / "metrics.json").is_file():
+    if not (store_root / base_name / Layout.METRICS).is_file():
         ap.error(f"run the base first: {sys.executable} -m jobs.cli run {args.base}")
     failed = []
     if not args.table:

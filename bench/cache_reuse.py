@@ -27,6 +27,10 @@ from typing import Any
 import yaml
 
 from bench.ablation import absolute_document
+from jobs.cache import release_run
+from jobs.registry import Stage
+from jobs.spec import parse_fusionrun
+from jobs.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_SPEC = ROOT / "examples" / "real-smollm2-gemma.yaml"
@@ -65,10 +69,6 @@ def outcome_counts(stdout: str) -> dict[str, int]:
 
 def release(doc: dict[str, Any]) -> None:
     """Delete a variant run: its user records in the shared cache, then its own artifacts."""
-    from jobs.cache import release_run
-    from jobs.spec import parse_fusionrun
-    from jobs.store import open_store
-
     spec = parse_fusionrun(doc).spec
     store = open_store(spec.store, doc["metadata"]["name"])
     release_run(store, doc["metadata"]["name"])
@@ -78,7 +78,7 @@ def release(doc: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.cache_reuse", description=__doc__.split("\n")[0])
     ap.add_argument("--base", type=Path, default=BASE_SPEC, help="the base FusionRun (run first if needed)")
-    ap.add_argument("--until", default="fuse", help="stop each run after this stage (default fuse)")
+    ap.add_argument("--until", default=Stage.fuse.value, help="stop each run after this stage (default fuse)")
     ap.add_argument("--lambda", dest="lam", type=float, default=0.8, help="the second run's training.lambda")
     args = ap.parse_args(argv)
     base_doc = absolute_document(args.base)

@@ -32,6 +32,9 @@ import numpy as np
 import yaml
 
 from bench.ablation import _json, absolute_document, deep_merge
+from fusion.uris import local_path
+from jobs.registry import Layout
+from jobs.spec import parse_fusionrun
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_SPEC = ROOT / "examples" / "evidence-pkg-code.yaml"
@@ -100,8 +103,6 @@ def fusionrun(path: Path) -> int:
 
 
 def run_one(base_doc: dict[str, Any], store_root: Path, run: str) -> int:
-    from jobs.spec import parse_fusionrun
-
     doc = run_document(base_doc, run)
     parse_fusionrun(doc)  # a bad override fails here, naming the field
     folder = store_root / "evidence-specs"
@@ -111,7 +112,7 @@ def run_one(base_doc: dict[str, Any], store_root: Path, run: str) -> int:
     print(f"\n=== {run}: {RUNS[run][0]}", flush=True)
     rc = fusionrun(path)
     if rc == 0:  # the exported models, metrics and manifests stay; checkpoints (GBs) go
-        for ckpt in (store_root / doc["metadata"]["name"] / "train").glob("*/checkpoints"):
+        for ckpt in (store_root / doc["metadata"]["name"]).glob(Layout.checkpoints("*")):
             shutil.rmtree(ckpt, ignore_errors=True)
     return rc
 
@@ -192,7 +193,7 @@ HEADLINE_BASELINES = [
 
 def tables(store_root: Path, base: str) -> str:
     names = {"headline": base, **{r: f"{base}-{r}" for r in RUNS}}
-    metrics = {r: m for r, n in names.items() if (m := _json(store_root / n / "evaluate" / "metrics.json"))}
+    metrics = {r: m for r, n in names.items() if (m := _json(store_root / n / Layout.METRICS))}
     out = []
     for run, m in metrics.items():
         texts = ["heldout", *m.get("corpora", {})]
@@ -238,7 +239,7 @@ def plot(store_root: Path, base: str, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     names = {"headline": base, **{r: f"{base}-{r}" for r in RUNS}}
-    metrics = {r: m for r, n in names.items() if (m := _json(store_root / n / "evaluate" / "metrics.json"))}
+    metrics = {r: m for r, n in names.items() if (m := _json(store_root / n / Layout.METRICS))}
     if "headline" not in metrics:
         return False
     texts = ["heldout", *metrics["headline"].get("corpora", {})]
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
     base_doc = absolute_document(args.base)  # run documents are written elsewhere
-    store_root = Path(base_doc["spec"]["store"]["uri"].removeprefix("file://"))
+    store_root = local_path(base_doc["spec"]["store"]["uri"])
     base = base_doc["metadata"]["name"]
     if args.table:
         if args.plot and plot(store_root, base, args.plot):
@@ -292,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if fusionrun(args.base) != 0:
         return 1
-    todo = args.runs or [
-        r for r in RUNS if not (store_root / f"{base}-{r}" / "evaluate" / "metrics.json").is_file()
-    ]
+    todo = args.runs or [r for r in RUNS if not (store_root / f"{base}-{r}" / Layout.METRICS).is_file()]
     failed = []
     for r in todo:
         t = time.time()

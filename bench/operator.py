@@ -41,7 +41,10 @@ from typing import Any
 
 from kubernetes import client
 
-from jobs.spec import API_GROUP, API_VERSION, PLURAL
+from jobs.complete import build_manifest, write_manifest
+from jobs.registry import Stage, Task
+from jobs.spec import API_GROUP, API_VERSION, PLURAL, parse_spec
+from jobs.store import LocalStore
 from tests.harness.fusionrun_k8s import LABEL_RUN, OperatorProcess, fusionrun_yaml, tiny_spec
 from tests.harness.k8s import ControlPlane, binaries_ready, start_control_plane, stop_control_plane
 
@@ -140,17 +143,12 @@ def scale_spec(store: Path, shards: int, models: int) -> dict[str, Any]:
     ]
     spec["sources"] = spec["sources"] + extra
     spec["extraction"] = {**spec["extraction"], "shards": shards}
-    spec["resources"] = {"extract": {"parallelism": shards}}
+    spec["resources"] = {Stage.extract.value: {"parallelism": shards}}
     return spec
 
 
 def prepare_done(spec: dict[str, Any], store: Path, run: str) -> None:
     """prepare's real manifest in the run's store: every extraction task is due."""
-    from jobs.complete import build_manifest, write_manifest
-    from jobs.registry import Stage, Task
-    from jobs.spec import parse_spec
-    from jobs.store import LocalStore
-
     parsed, task = parse_spec(spec), Task(Stage.prepare)
     write_manifest(LocalStore(store / run), task, build_manifest(parsed, task, {}, {}, 0.0))
 

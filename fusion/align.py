@@ -36,7 +36,6 @@ from fusion.vocab import METHODS, VocabMap
 
 # Every alignment method: the two of the paper (DTW + a vocabulary map, fusion.vocab) and exact (byte-offset
 # pairing + projection by spelling, fusion.exact / fusion.project).
-ALIGNMENT_METHODS = (*METHODS, "exact")
 _ROWS_PER_BLOCK = 1 << 16  # accepted rows mapped at a time: [rows, k, k] bool masks stay <= 64 MB (k <= 32)
 
 
@@ -206,54 +205,12 @@ def align_shard_dtw(
 ) -> tuple[dict[str, np.ndarray], AlignStats, np.ndarray, np.ndarray]:
     """align_shard_with_stats, plus the target rows that carry the source's distribution and the source
     rows they took it from (for fusion.exact's diagnostics)."""
-    if method == "exact":
-        raise AlignmentError(
-            "alignment method 'exact' takes no vocabulary map: use fusion.exact.align_shard_exact with a "
-            "fusion.project.Projection"
-        )
-    if method not in METHODS:
-        raise AlignmentError(f"alignment method {method!r}: expected one of {METHODS}")
-    if method == "mined" and vocab_map.method != "mined":
-        raise AlignmentError("MinED alignment needs a MinED vocabulary map; this one was built with EM")
-    vocab_map.check(src_view, tgt_view)
-    src_topk = np.asarray(src["topk_ids"]).astype(np.int64)
-    src_input = np.asarray(src["input_ids"]).astype(np.int64)
-    tgt_input = np.asarray(tgt["input_ids"]).astype(np.int64)
-    for name, ids, view in (
-        ("source", src_input, src_view),
-        ("source top-k", src_topk, src_view),
-        ("target", tgt_input, tgt_view),
-    ):
-        if ids.size and ids.max() >= view.vocab_size:
-            raise AlignmentError(
-                f"{name} ids reach {int(ids.max())}, beyond {view.name}'s {view.vocab_size} "
-                "tokens: the shard was extracted with another tokenizer"
-            )
-    needed = needed_source_ids(src)
-    not_computed = vocab_map.missing(needed)
-    if not_computed.size:
-        raise AlignmentError(
-            f"vocabulary map lacks {not_computed.size} source ids of {src.path} (e.g. "
-            f"{not_computed[:5].tolist()}); build it with src_ids=needed_source_ids(shard)"
-        )
-
+    src_topk, src_input, tgt_input = _checked_ids(src, tgt, src_view, tgt_view, vocab_map, method)
     order = _document_order(src, tgt)
     src_off = np.asarray(src["doc_offsets"])
     tgt_off = np.asarray(tgt["doc_offsets"])
     n_tgt = int(tgt_off[-1])
-    pair = np.full(n_tgt, -1, dtype=np.int64)  # global source row paired 1:1 with each target row
-    src_text, tgt_text = src_view.token_text, tgt_view.token_text
-    for d, sd in enumerate(order.tolist()):
-        s0, s1 = int(src_off[sd]), int(src_off[sd + 1])
-        t0, t1 = int(tgt_off[d]), int(tgt_off[d + 1])
-        if s1 == s0 or t1 == t0:
-            raise AlignmentError(f"document {int(tgt['doc_index'][d])} has no tokens in one of the shards")
-        sp, tp = dtw_path_from_text(
-            list(map(src_text.__getitem__, src_input[s0:s1].tolist())),
-            list(map(tgt_text.__getitem__, tgt_input[t0:t1].tolist())),
-        )
-        local = one_to_one(sp, tp, s1 - s0, t1 - t0)
-        pair[t0:t1] = np.where(local >= 0, local + s0, -1)
+    pair = _dtw_pairs(src, tgt, order, (src_input, tgt_input), (src_view, tgt_view))
 
     is_last = np.zeros(n_tgt, dtype=bool)
     is_last[tgt_off[1:] - 1] = True
@@ -295,6 +252,72 @@ def align_shard_dtw(
         source_entries=int((src_topk[s_rows] >= 0).sum()),
     )
     return arrays, stats, rows, s_rows
+
+
+def _checked_ids(
+    src: Shard, tgt: Shard, src_view: TokenizerView, tgt_view: TokenizerView, vocab_map: VocabMap, method: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The source's top-k ids, the source's and the target's token ids (int64), once the method, the
+    vocabulary map and the ids are known to fit together; AlignmentError naming what does not."""
+    if method == "exact":
+        raise AlignmentError(
+            "alignment method 'exact' takes no vocabulary map: use fusion.exact.align_shard_exact with a "
+            "fusion.project.Projection"
+        )
+    if method not in METHODS:
+        raise AlignmentError(f"alignment method {method!r}: expected one of {METHODS}")
+    if method == "mined" and vocab_map.method != "mined":
+        raise AlignmentError("MinED alignment needs a MinED vocabulary map; this one was built with EM")
+    vocab_map.check(src_view, tgt_view)
+    src_topk = np.asarray(src["topk_ids"]).astype(np.int64)
+    src_input = np.asarray(src["input_ids"]).astype(np.int64)
+    tgt_input = np.asarray(tgt["input_ids"]).astype(np.int64)
+    for name, ids, view in (
+        ("source", src_input, src_view),
+        ("source top-k", src_topk, src_view),
+        ("target", tgt_input, tgt_view),
+    ):
+        if ids.size and ids.max() >= view.vocab_size:
+            raise AlignmentError(
+                f"{name} ids reach {int(ids.max())}, beyond {view.name}'s {view.vocab_size} "
+                "tokens: the shard was extracted with another tokenizer"
+            )
+    needed = needed_source_ids(src)
+    not_computed = vocab_map.missing(needed)
+    if not_computed.size:
+        raise AlignmentError(
+            f"vocabulary map lacks {not_computed.size} source ids of {src.path} (e.g. "
+            f"{not_computed[:5].tolist()}); build it with src_ids=needed_source_ids(shard)"
+        )
+    return src_topk, src_input, tgt_input
+
+
+def _dtw_pairs(
+    src: Shard,
+    tgt: Shard,
+    order: np.ndarray,
+    ids: tuple[np.ndarray, np.ndarray],
+    views: tuple[TokenizerView, TokenizerView],
+) -> np.ndarray:
+    """The global source row paired 1:1 with each target row (-1: none), document by document along the
+    DTW path of the two tokenizations' texts. ids, views: the source's and the target's."""
+    (src_input, tgt_input), (src_view, tgt_view) = ids, views
+    src_off = np.asarray(src["doc_offsets"])
+    tgt_off = np.asarray(tgt["doc_offsets"])
+    pair = np.full(int(tgt_off[-1]), -1, dtype=np.int64)
+    src_text, tgt_text = src_view.token_text, tgt_view.token_text
+    for d, sd in enumerate(order.tolist()):
+        s0, s1 = int(src_off[sd]), int(src_off[sd + 1])
+        t0, t1 = int(tgt_off[d]), int(tgt_off[d + 1])
+        if s1 == s0 or t1 == t0:
+            raise AlignmentError(f"document {int(tgt['doc_index'][d])} has no tokens in one of the shards")
+        sp, tp = dtw_path_from_text(
+            list(map(src_text.__getitem__, src_input[s0:s1].tolist())),
+            list(map(tgt_text.__getitem__, tgt_input[t0:t1].tolist())),
+        )
+        local = one_to_one(sp, tp, s1 - s0, t1 - t0)
+        pair[t0:t1] = np.where(local >= 0, local + s0, -1)
+    return pair
 
 
 def aligned_arrays(

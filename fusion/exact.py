@@ -36,6 +36,7 @@ from fusion.align import (
     aligned_arrays,
     needed_source_ids,
 )
+from fusion.continuation import split_by_target
 from fusion.format import Shard
 from fusion.project import SPECIAL, Projection, mode_index, sum_duplicates
 from fusion.tokens import TokenizerView
@@ -381,8 +382,6 @@ def _split_continuations(
     modes: np.ndarray,
     first_source: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    from fusion.continuation import split_by_target
-
     tgt_topk = _ids(tgt, "topk_ids")[rows]
     tgt_lp = np.asarray(tgt["topk_logprobs"])[rows]
     return split_by_target(projected, src_topk, src_lp, tgt_topk, tgt_lp, first_source, modes == 0)

@@ -145,29 +145,7 @@ def forward_logprobs(
     Returns flat per-row arrays in document order: gold_logprob float32 [N] (0 on last rows), and with
     top_k > 0 topk_ids int64 [N, k] / topk_logprobs float32 [N, k]; plus offsets int64 [D+1].
     check_head: first verify on a few tokens that the split forward reproduces the model's own logits."""
-    head_weight = getattr(model.get_output_embeddings(), "weight", None)
-    # The LM head's rows are the logits (config.vocab_size can be absent or nested in composite configs).
-    model_vocab = int(head_weight.shape[0]) if head_weight is not None else int(model.config.vocab_size)
-    if vocab_size > model_vocab:
-        raise ExtractionError(
-            f"{what}: tokenizer has {vocab_size} tokens but the model only {model_vocab} output rows: "
-            "pair the model with its own tokenizer"
-        )
-    if top_k > vocab_size:
-        raise ExtractionError(
-            f"{what}: top_k={top_k} exceeds the vocabulary size {vocab_size}; "
-            f"set extraction.topK to at most {vocab_size}"
-        )
-    if batch_tokens < 1:
-        raise ExtractionError(f"{what}: batch_tokens must be positive, got {batch_tokens}")
-    flat = _flatten(docs, vocab_size, what)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and int(flat.lengths.max()) > max_pos:
-        longest = int(np.argmax(flat.lengths))
-        raise ExtractionError(
-            f"{what}: document {longest} has {int(flat.lengths[longest])} tokens, more than the model's "
-            f"max_position_embeddings ({max_pos}); lower extraction.maxLength so prepare splits documents"
-        )
+    flat, model_vocab = _checked_inputs(model, docs, vocab_size, top_k, batch_tokens, what)
     if check_head:
         check_head_matches_forward(model, np.asarray(docs[0]))
     n = len(flat.ids)
@@ -212,6 +190,37 @@ def forward_logprobs(
     out["predicts"] = flat.predicts
     out["input_ids"] = flat.ids
     return out
+
+
+def _checked_inputs(
+    model: Any, docs: list[np.ndarray], vocab_size: int, top_k: int, batch_tokens: int, what: str
+) -> tuple[_Flat, int]:
+    """The documents flattened (_flatten) and the model's output rows, once the tokenizer, top_k,
+    batch_tokens and the documents' lengths are known to fit the model; ExtractionError naming the fix."""
+    head_weight = getattr(model.get_output_embeddings(), "weight", None)
+    # The LM head's rows are the logits (config.vocab_size can be absent or nested in composite configs).
+    model_vocab = int(head_weight.shape[0]) if head_weight is not None else int(model.config.vocab_size)
+    if vocab_size > model_vocab:
+        raise ExtractionError(
+            f"{what}: tokenizer has {vocab_size} tokens but the model only {model_vocab} output rows: "
+            "pair the model with its own tokenizer"
+        )
+    if top_k > vocab_size:
+        raise ExtractionError(
+            f"{what}: top_k={top_k} exceeds the vocabulary size {vocab_size}; "
+            f"set extraction.topK to at most {vocab_size}"
+        )
+    if batch_tokens < 1:
+        raise ExtractionError(f"{what}: batch_tokens must be positive, got {batch_tokens}")
+    flat = _flatten(docs, vocab_size, what)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and int(flat.lengths.max()) > max_pos:
+        longest = int(np.argmax(flat.lengths))
+        raise ExtractionError(
+            f"{what}: document {longest} has {int(flat.lengths[longest])} tokens, more than the model's "
+            f"max_position_embeddings ({max_pos}); lower extraction.maxLength so prepare splits documents"
+        )
+    return flat, model_vocab
 
 
 def check_head_matches_forward(model: Any, ids: np.ndarray, atol: float = 1e-3) -> None:

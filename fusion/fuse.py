@@ -363,6 +363,8 @@ def fuse_shard(
     # Decisions first, from per-document / per-row figures: which candidate (MinCE) or what weights (AvgCE).
     ce, eligible = _decision_ce(cands, target, temperature, ce_unit, level, ce_on)
     widths = [c.width for c in cands]
+    per_row: np.ndarray | None = None  # MinCE: the candidate of each row
+    weights: np.ndarray | None = None  # AvgCE: each candidate's weight [C, N]
     if strategy == "minCE":
         pick = np.argmin(ce, axis=0)  # first minimum: ties go to the lowest index (the target)
         per_row = np.repeat(pick, lengths) if level == "sequence" else pick
@@ -375,27 +377,7 @@ def fuse_shard(
         out_width = sum(widths)
 
     # Then the distributions, a block of rows at a time (memory bounded by the block, not the shard).
-    out_ids = np.full((n, out_width), -1, dtype=np.int32)
-    out_p = np.zeros((n, out_width), dtype=np.float16)
-    for start in range(0, n, _BLOCK_ROWS):
-        stop = min(n, start + _BLOCK_ROWS)
-        blocks = [c.block(start, stop) for c in cands]
-        probs = [softmax_rows(lp, temperature) for _, lp in blocks]
-        if strategy == "minCE":
-            ids_b = np.full((stop - start, out_width), -1, dtype=np.int32)
-            p_b = np.zeros((stop - start, out_width))
-            for j, ((ids, _), p) in enumerate(zip(blocks, probs, strict=True)):  # over candidates only
-                rows = per_row[start:stop] == j
-                ids_b[rows, : ids.shape[1]] = ids[rows]
-                p_b[rows, : ids.shape[1]] = p[rows]
-            p_b[ids_b < 0] = 0.0
-        else:
-            ids_all = np.concatenate([ids for ids, _ in blocks], axis=1)
-            p_all = np.concatenate([p * weights[j, start:stop, None] for j, p in enumerate(probs)], axis=1)
-            ids_b, p_b = merge_rows(ids_all, p_all)
-        out_ids[start:stop] = ids_b
-        out_p[start:stop] = p_b
-
+    out_ids, out_p = _distributions(cands, temperature, (n, out_width), per_row, weights)
     return {
         "doc_index": np.asarray(target["doc_index"]),
         "doc_offsets": offsets,
@@ -404,3 +386,38 @@ def fuse_shard(
         "target_probs": out_p,
         "choice": choice,
     }
+
+
+def _distributions(
+    cands: list[Candidate],
+    temperature: float,
+    shape: tuple[int, int],
+    per_row: np.ndarray | None,
+    weights: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fused (ids, probabilities) [N, width] of every row, a block of rows at a time: the chosen
+    candidate's distribution per row (MinCE: per_row), else the weighted mixture of all (AvgCE: weights
+    [C, N])."""
+    n, out_width = shape
+    out_ids = np.full((n, out_width), -1, dtype=np.int32)
+    out_p = np.zeros((n, out_width), dtype=np.float16)
+    for start in range(0, n, _BLOCK_ROWS):
+        stop = min(n, start + _BLOCK_ROWS)
+        blocks = [c.block(start, stop) for c in cands]
+        probs = [softmax_rows(lp, temperature) for _, lp in blocks]
+        if per_row is not None:
+            ids_b = np.full((stop - start, out_width), -1, dtype=np.int32)
+            p_b = np.zeros((stop - start, out_width))
+            for j, ((ids, _), p) in enumerate(zip(blocks, probs, strict=True)):  # over candidates only
+                rows = per_row[start:stop] == j
+                ids_b[rows, : ids.shape[1]] = ids[rows]
+                p_b[rows, : ids.shape[1]] = p[rows]
+            p_b[ids_b < 0] = 0.0
+        else:
+            assert weights is not None
+            ids_all = np.concatenate([ids for ids, _ in blocks], axis=1)
+            p_all = np.concatenate([p * weights[j, start:stop, None] for j, p in enumerate(probs)], axis=1)
+            ids_b, p_b = merge_rows(ids_all, p_all)
+        out_ids[start:stop] = ids_b
+        out_p[start:stop] = p_b
+    return out_ids, out_p

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusion.paths import HF_ID, hub_id, resolve_path  # noqa: F401  (part of this module's API)
+from fusion.tokens import BYTE_TO_UNICODE
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -183,8 +184,6 @@ def tiktoken_tokenizer(
     """A byte-level BPE fast tokenizer equivalent to tiktoken's encoding of the ranks file."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from fusion.tokens import BYTE_TO_UNICODE
 
     ranks = read_tiktoken_ranks(path)
     table = str.maketrans({chr(b): c for b, c in enumerate(BYTE_TO_UNICODE)})

@@ -100,11 +100,6 @@ def _scaled_softmax(flat: torch.Tensor, lse: torch.Tensor, coeff: torch.Tensor) 
     return grad
 
 
-def logsumexp_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """fp32 logsumexp over the vocabulary (last dim) of logits of any float dtype."""
-    return _lse_fp32(logits.reshape(-1, logits.shape[-1])).reshape(logits.shape[:-1])
-
-
 def _check_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] to match logits {tuple(logits.shape)}")

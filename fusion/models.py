@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from fusion.uris import strip_file
+
 ARCHITECTURES = ("llama", "gpt_neox", "gemma3", "qwen2", "mistral")
 
 
@@ -198,7 +200,7 @@ def load_model(
         return model.to(device=dev, dtype=dt).eval()
     if not path:
         raise ModelLoadError("model has neither a path (uri) nor randomInit: set one of them")
-    path = str(path).removeprefix("file://")
+    path = strip_file(str(path))
     if gguf_file is None and path.endswith(".gguf") and Path(path).is_file():
         path, gguf_file = str(Path(path).parent), Path(path).name
     try:

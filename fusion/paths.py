@@ -14,6 +14,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+from fusion.uris import FILE, is_s3, local_path
+
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -30,15 +32,15 @@ def hub_id(uri: str) -> str | None:
 
 def resolve_path(uri: str) -> Path:
     """A local path for a local, file:// or pkg:// URI (existence is not checked; callers name the file)."""
-    if uri.startswith("s3://"):
+    if is_s3(uri):
         raise ValueError(
             f"{uri}: s3:// URIs are not read by fusion.hub; download the object to a local folder first "
             "(the jobs store does) and pass that path"
         )
     if uri.startswith("hf://"):
         raise ValueError(f"{uri}: a Hugging Face id has no local path; pass it to load_tokenizer as is")
-    if uri.startswith("file://"):
-        return Path(uri[len("file://") :])
+    if uri.startswith(FILE):
+        return local_path(uri)
     if uri.startswith("pkg://"):
         package, _, sub = uri[len("pkg://") :].partition("/")
         if not package:

@@ -54,10 +54,6 @@ class VocabMap:
     src_fingerprint: str
     tgt_fingerprint: str
 
-    @property
-    def src_vocab_size(self) -> int:
-        return len(self.ids)
-
     def check(self, src: TokenizerView, tgt: TokenizerView, where: str = "vocabulary map") -> None:
         """Raise StaleVocabMapError unless this map was built for exactly these two vocabularies."""
         if self.src_fingerprint != src.fingerprint() or len(self.ids) != src.vocab_size:

@@ -17,8 +17,10 @@ from fusion.benchmarks import (
     load_check,
     missing_files,
     scan_task_dirs,
+    task_manager,
     unknown_name_message,
 )
+from fusion.uris import is_s3, local_path
 from jobs.spec import FusionRunSpec
 
 
@@ -28,9 +30,7 @@ def requests(spec: FusionRunSpec) -> list[TaskRequest]:
 
 def local_task_dir(uri: str) -> Path | None:
     """The local folder of a taskDirs entry; None for s3:// (downloaded by the evaluate stage)."""
-    if uri.startswith("s3://"):
-        return None
-    return Path(uri.removeprefix("file://"))
+    return None if is_s3(uri) else local_path(uri)
 
 
 def dir_errors(dirs: list[Path | None]) -> tuple[list[str], dict[str, TaskDef]]:
@@ -80,8 +80,6 @@ def light_errors(spec: FusionRunSpec, dirs: list[Path | None] | None = None) -> 
         if t.name not in index and t.name not in builtin
     ]
     if missing:
-        from fusion.benchmarks import task_manager
-
         known = task_manager([d for d in dirs if d is not None]).all_tasks
         errors += [
             f"evaluation.tasks[{i}].name: {unknown_name_message(n, known)}"

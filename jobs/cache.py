@@ -34,16 +34,18 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from jobs.registry import Stage, Task
-from jobs.store import Store, StoreError
+from fusion.paths import hub_id
+from jobs.corpus import corpus_stamp
+from jobs.locations import stamp
+from jobs.registry import STAGES, CacheLayout, Stage, Task
+from jobs.store import Store, StoreError, endpoint_of
 
 if TYPE_CHECKING:
     from jobs.spec import FusionRunSpec, ModelRef
 
-CACHE_AREA = "_cache"  # beside the runs' prefixes; not a valid run name (DNS label), so never a run's
 CACHE_VERSION = 1  # bump when a cacheable stage's outputs change for the same inputs
-CACHEABLE = frozenset({Stage.prepare, Stage.extract, Stage.align})
-ENTRY, LEASE, USERS = "entry.json", "lease.json", "users"
+CACHEABLE = frozenset(s for s, d in STAGES.items() if d.cacheable)
+ENTRY, USERS = CacheLayout.ENTRY, CacheLayout.USERS
 
 
 def enabled(task: Task) -> bool:
@@ -66,7 +68,7 @@ def _sha(obj: Any) -> str:
 
 def cache_of(store: Store) -> Store:
     """The shared cache area of the store a run's store belongs to."""
-    return store.sibling(CACHE_AREA)
+    return store.sibling(CacheLayout.AREA)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,8 +89,6 @@ class Identities:
 
     @classmethod
     def live_for(cls, store: Store, spec: FusionRunSpec) -> Identities:
-        from jobs.store import endpoint_of
-
         return cls(endpoint_of(store, spec.store), cache_of(store), live=True)
 
     @classmethod
@@ -106,7 +106,7 @@ class Identities:
         """A live identity (recorded for the operator), or the recorded one of this spec-level ref."""
         if self.references:
             return f"ref:{_sha({'kind': kind, 'ref': ref})}"
-        record = f"identities/{kind}/{_sha(ref)}.json"
+        record = CacheLayout.identity(kind, _sha(ref))
         if self.live:
             value = compute()
             if self.cache is not None:
@@ -129,16 +129,12 @@ class Identities:
         return self._get("model", fields, lambda: model_identity(ref, self.where))
 
     def corpus(self, corpus: Any) -> str | None:
-        from jobs.corpus import corpus_stamp
-
         fields = corpus.model_dump(mode="json")
         return self._get("corpus", fields, lambda: corpus_stamp(corpus, self.where))
 
 
 def tokenizer_identity(ref: ModelRef, where: Any) -> str:
     """The tokenizer a model uses, by content: the stamp of its files (jobs.locations.stamp)."""
-    from jobs.locations import stamp
-
     uri = ref.tokenizer_uri
     if _is_hub(uri):
         return _sha({"hub": uri, "revision": ref.revision})
@@ -150,8 +146,6 @@ def tokenizer_identity(ref: ModelRef, where: Any) -> str:
 def model_identity(ref: ModelRef, where: Any) -> str:
     """A model by content: randomInit's shape and seed, or the stamp of its weights (the GGUF file, the
     folder's files, the S3 objects' ETags), or a hub id and revision; plus its tokenizer's identity."""
-    from jobs.locations import stamp
-
     tok = tokenizer_identity(ref, where)
     if ref.random_init is not None:
         return _sha({"randomInit": ref.random_init.model_dump(mode="json"), "tokenizer": tok})
@@ -163,8 +157,6 @@ def model_identity(ref: ModelRef, where: Any) -> str:
 
 
 def _is_hub(uri: str) -> bool:
-    from fusion.paths import hub_id
-
     return hub_id(uri) is not None
 
 
@@ -202,10 +194,6 @@ def task_key(spec: FusionRunSpec, task: Task, ids: Identities, inputs: Mapping[s
     return _sha({"stage": task.stage.value, "what": what, "inputs": dict(inputs), "v": CACHE_VERSION})
 
 
-def entry_prefix(stage: Stage, key: str) -> str:
-    return f"{stage.value}/{key[:2]}/{key}"
-
-
 # --------------------------------------------------------------------------------------------------
 # Entries
 
@@ -218,24 +206,25 @@ class Entry:
 
     @property
     def prefix(self) -> str:
-        return entry_prefix(self.stage, self.key)
+        return CacheLayout.entry(self.stage, self.key)
 
     def file(self, name: str) -> str:
-        return f"{self.prefix}/{name}"
+        return CacheLayout.at(self.prefix, name)
 
 
 def read_entry(cache: Store, stage: Stage, key: str) -> Entry | None:
     """The complete entry of `key` (its entry.json readable and every file there with its size), or None."""
-    prefix = entry_prefix(stage, key)
+    prefix = CacheLayout.entry(stage, key)
+    record_key = CacheLayout.at(prefix, ENTRY)
     try:
-        raw = cache.get_bytes(f"{prefix}/{ENTRY}") if cache.exists(f"{prefix}/{ENTRY}") else None
+        raw = cache.get_bytes(record_key) if cache.exists(record_key) else None
         record = json.loads(raw) if raw else None
     except (StoreError, ValueError):
         return None
     if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict):
         return None
     for name, o in record["outputs"].items():
-        if cache.size(f"{prefix}/{name}") != o.get("bytes"):
+        if cache.size(CacheLayout.at(prefix, name)) != o.get("bytes"):
             return None
     return Entry(stage, key, record)
 
@@ -258,23 +247,26 @@ def publish(
         **made,
         "created_at": time.time(),
     }
-    cache.put_bytes(
-        f"{entry_prefix(stage, key)}/{ENTRY}", json.dumps(record, indent=1, sort_keys=True).encode()
-    )
-    return Entry(stage, key, record)
+    entry = Entry(stage, key, record)
+    cache.put_bytes(entry.file(ENTRY), json.dumps(record, indent=1, sort_keys=True).encode())
+    return entry
 
 
 def add_user(cache: Store, entry: Entry, run: str, manifest_key: str) -> None:
     """Record that `run` uses the entry through its manifest at `manifest_key` (what `cache ls` shows; a
     run's deletion and `cache prune` check that manifest before deleting an entry)."""
     doc = {"run": run, "manifest": manifest_key, "at": time.time()}
-    cache.put_bytes(f"{entry.prefix}/{USERS}/{run}", json.dumps(doc).encode())
+    cache.put_bytes(CacheLayout.user(entry.prefix, run), json.dumps(doc).encode())
 
 
 def drop_entry(cache: Store, stage: Stage, key: str) -> None:
     """Make an entry unusable (a corrupt file found by a reader): entry.json first, then the rest."""
-    prefix = entry_prefix(stage, key)
-    cache.delete(f"{prefix}/{ENTRY}")
+    _delete_entry(cache, CacheLayout.entry(stage, key))
+
+
+def _delete_entry(cache: Store, prefix: str) -> None:
+    """entry.json first (a half-deleted entry is never adopted), then the rest."""
+    cache.delete(CacheLayout.at(prefix, ENTRY))
     cache.delete_prefix(f"{prefix}/")
 
 
@@ -290,10 +282,14 @@ def _lease_doc(holder: str) -> bytes:
     return json.dumps({"holder": holder, "expires_at": time.time() + lease_seconds()}).encode()
 
 
+def _lease(stage: Stage, key: str) -> str:
+    return CacheLayout.at(CacheLayout.entry(stage, key), CacheLayout.LEASE)
+
+
 def try_lease(cache: Store, stage: Stage, key: str, holder: str) -> str | None:
     """Take the entry's lease: None when taken (by this call, or a takeover of an expired one), else the
     live holder's id."""
-    lease = f"{entry_prefix(stage, key)}/{LEASE}"
+    lease = _lease(stage, key)
     if cache.create(lease, _lease_doc(holder)):
         return None
     try:
@@ -310,7 +306,7 @@ def try_lease(cache: Store, stage: Stage, key: str, holder: str) -> str | None:
 def lease_holder(cache: Store, stage: Stage, key: str) -> str | None:
     """Who holds the entry's lease now (a task making it), or None: no lease, an expired one, or one whose
     writer died on this machine. Reads only (the operator's view; try_lease takes it)."""
-    doc = _json(cache, f"{entry_prefix(stage, key)}/{LEASE}")
+    doc = _json(cache, _lease(stage, key))
     if not isinstance(doc, dict):
         return None
     holder = str(doc.get("holder", "another task"))
@@ -342,7 +338,7 @@ def _dead_here(holder: str) -> bool:
 @contextmanager
 def held_lease(cache: Store, stage: Stage, key: str, holder: str) -> Iterator[None]:
     """Renew the (already taken) lease in the background while the block runs; release it after."""
-    lease = f"{entry_prefix(stage, key)}/{LEASE}"
+    lease = _lease(stage, key)
     stop = threading.Event()
 
     def renew() -> None:
@@ -362,26 +358,13 @@ def held_lease(cache: Store, stage: Stage, key: str, holder: str) -> Iterator[No
             cache.delete(lease)
 
 
-def entry_file(stage: Stage, logical_key: str) -> str:
-    """The file name in an entry of a task's output. Per-shard stages have one output, named the same
-    whatever the run calls its model or shard; prepare's keys name no model (Layout.documents, HELDOUT)."""
-    return logical_key.rsplit("/", 1)[-1] if stage is Stage.prepare else "shard.safetensors"
-
-
-def logical_key(stage: Stage, name: str, task: Task) -> str:
-    """The inverse of entry_file for one run's task."""
-    from jobs.registry import Layout
-
-    return f"{Stage.prepare.value}/{name}" if stage is Stage.prepare else Layout.shard(task)
-
-
 def located(store: Store, manifest: Mapping[str, Any] | None, key: str) -> tuple[Store, str]:
     """Where the bytes of a task's output `key` (its logical key, jobs.registry.Layout) are: in the shared
     cache when the task's manifest points at an entry, else in the run's own store."""
     entry = (manifest or {}).get("entry")
     if not entry:
         return store, key
-    return cache_of(store), f"{entry}/{entry_file(Stage(manifest['stage']), key)}"
+    return cache_of(store), CacheLayout.at(entry, CacheLayout.file(Stage(manifest["stage"]), key))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,21 +387,21 @@ def list_entries(cache: Store) -> list[EntryInfo]:
     groups: dict[str, list[str]] = {}
     for key in cache.list(""):
         parts = key.split("/")
-        if len(parts) >= 4:
+        if len(parts) >= 4:  # <stage>/<kk>/<key>/<file> (CacheLayout.entry); not identities/<kind>/<ref>
             groups.setdefault("/".join(parts[:3]), []).append("/".join(parts[3:]))
     return [_info(cache, prefix, names) for prefix, names in sorted(groups.items())]
 
 
 def _info(cache: Store, prefix: str, names: list[str]) -> EntryInfo:
-    record = _json(cache, f"{prefix}/{ENTRY}") if ENTRY in names else None
+    record = _json(cache, CacheLayout.at(prefix, ENTRY)) if ENTRY in names else None
     users = {}
     times = [record.get("created_at")] if record else []
     for name in names:
         if name.startswith(f"{USERS}/"):
-            doc = _json(cache, f"{prefix}/{name}") or {}
+            doc = _json(cache, CacheLayout.at(prefix, name)) or {}
             users[name.split("/", 1)[1]] = str(doc.get("manifest", ""))
             times.append(doc.get("at"))
-    size = sum(cache.size(f"{prefix}/{n}") or 0 for n in names if not n.startswith(f"{USERS}/"))
+    size = sum(cache.size(CacheLayout.at(prefix, n)) or 0 for n in names if not n.startswith(f"{USERS}/"))
     stamps = [float(t) for t in times if isinstance(t, int | float)]
     return EntryInfo(
         prefix=prefix,
@@ -469,8 +452,7 @@ def prune(
         if prunable(info, live_users(cache, info), now, older_than, keep_used):
             gone.append(info)
             if not dry_run:
-                cache.delete(f"{info.prefix}/{ENTRY}")  # first: a half-deleted entry is never adopted
-                cache.delete_prefix(f"{info.prefix}/")
+                _delete_entry(cache, info.prefix)
     return gone
 
 
@@ -487,10 +469,9 @@ def release_run(run_store: Store, run: str) -> list[str]:
         and isinstance(m.get("entry"), str)
     }
     for prefix in sorted(prefixes):
-        cache.delete(f"{prefix}/{USERS}/{run}")
+        cache.delete(CacheLayout.user(prefix, run))
         info = _info(cache, prefix, [k[len(prefix) + 1 :] for k in cache.list(f"{prefix}/")])
         if not [u for u in live_users(cache, info) if u != run]:
-            cache.delete(f"{prefix}/{ENTRY}")
-            cache.delete_prefix(f"{prefix}/")
+            _delete_entry(cache, prefix)
             deleted.append(prefix)
     return deleted

@@ -20,17 +20,39 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.registry import STAGE_NAMES, Variant
+from jobs.benchmarks import light_errors
+from jobs.cache import list_entries, live_users, prune
+from jobs.local import LocalRunner, RunFailed, RunStopped, ignored_locally
+from jobs.observe import recorded_spec, store_status
+from jobs.plan import build_dag
+from jobs.registry import (
+    STAGE_NAMES,
+    STAGES,
+    CacheLayout,
+    Layout,
+    Stage,
+    StageDef,
+    Task,
+    Variant,
+    shard_at_index,
+)
+from jobs.report import write_report
+from jobs.spec import SpecError, StoreSpec, format_validation_error, load_fusionrun
+from jobs.stages.common import (
+    InputError,
+    load_spec_and_name,
+    run_guarded,
+    run_task,
+)
+from jobs.store import StoreError, open_store
 
 if TYPE_CHECKING:
     from jobs.spec import FusionRunSpec
 
-STAGES = list(STAGE_NAMES)
-
 
 def stage_parser(prog: str = "python -m jobs") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Run one FusionRun task (as a Kubernetes Job)")
-    ap.add_argument("stage", choices=STAGES)
+    ap.add_argument("stage", choices=STAGE_NAMES)
     ap.add_argument("--model", help="extract: any model; align: a source model")
     ap.add_argument("--shard", type=int, help="shard number (extract, align, fuse)")
     ap.add_argument(
@@ -51,69 +73,59 @@ def stage_parser(prog: str = "python -m jobs") -> argparse.ArgumentParser:
 
 def _check_task_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.shard_from_index:
-        from jobs.registry import shard_at_index
-
         if args.shard is not None:
             ap.error("give --shard N or --shard-from-index, not both")
         try:
             args.shard = shard_at_index(os.environ)
         except ValueError as err:
             ap.error(str(err))
-    need_model = args.stage in ("extract", "align")
-    need_shard = args.stage in ("extract", "align", "fuse")
-    if need_model and not args.model:
+    d = STAGES[Stage(args.stage)]
+    if d.per_model and not args.model:
         ap.error(f"{args.stage} needs --model NAME")
-    if need_shard and args.shard is None:
+    if d.per_shard and args.shard is None:
         ap.error(f"{args.stage} needs --shard N")
-    if not need_model and args.model:
+    if not d.per_model and args.model:
         ap.error(f"{args.stage} takes no --model")
-    if not need_shard and args.shard is not None:
+    if not d.per_shard and args.shard is not None:
         ap.error(f"{args.stage} takes no --shard")
-    if args.variant and args.stage not in ("train", "fuse"):
-        ap.error("--variant is for train and fuse only")
-    if args.stage == "fuse" and args.variant == "clm":
-        ap.error("fuse --variant clm: CLM-only training reads the fused variant's shards; fuse has no clm")
+    if args.variant and not d.per_variant:
+        with_variants = " and ".join(s.value for s, sd in STAGES.items() if sd.per_variant)
+        ap.error(f"--variant is for {with_variants} only")
+    if args.variant and Variant(args.variant) not in d.variants:
+        has = ", ".join(v.value for v in d.variants)
+        ap.error(f"{args.stage} --variant {args.variant}: {args.stage} has the variants {has} only")
 
 
 def stage_main(argv: list[str] | None = None) -> int:
     """Entry of `python -m jobs`: run one task; exit codes as jobs.retry says (0 done or skipped, 1 failed,
     2 bad input: no retry can help), the message on stderr (jobs.stages.common.run_guarded)."""
-    from jobs.stages.common import run_guarded
-
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = stage_parser()
     args = ap.parse_args(argv)
     _check_task_args(ap, args)
-    if args.stage == "train":
+    d = STAGES[Stage(args.stage)]
+    if d.distributed:
         # Training owns its own process layout (DeepSpeed ranks, checkpoints, manifest); it ends a failure
         # as every stage does (run_guarded).
-        train = importlib.import_module("jobs.stages.train")
-        return int(train.main(argv[1:]) or 0)
-    return run_guarded(args.stage, lambda: _run_stage(args))
+        return int(importlib.import_module(d.module).main(argv[1:]) or 0)
+    return run_guarded(args.stage, lambda: _run_stage(args, d))
 
 
-def _run_stage(args: argparse.Namespace) -> int:
-    from jobs.registry import Stage, Task
-    from jobs.stages.common import InputError, load_spec_and_name, run_task
-
+def _run_stage(args: argparse.Namespace, d: StageDef) -> int:
     spec, name = load_spec_and_name(args.spec, args.run)
     if args.model and args.model not in {m.name for m in spec.models}:
         raise InputError(
             f"--model {args.model}: no such model in the spec; known: {[m.name for m in spec.models]}"
         )
-    if args.stage == "align" and args.model == spec.target.name:
-        raise InputError(f"--model {args.model} is the target; align takes a source model")
+    if d.sources_only and args.model == spec.target.name:
+        raise InputError(f"--model {args.model} is the target; {args.stage} takes a source model")
     if args.shard is not None and not 0 <= args.shard < spec.extraction.shards:
         raise InputError(f"--shard {args.shard}: the run has extraction.shards={spec.extraction.shards}")
     task = Task(Stage(args.stage), model=args.model, shard=args.shard, variant=args.variant)
-    module = importlib.import_module(f"jobs.stages.{args.stage}")
-    return run_task(module.run, task, spec, name, force=args.force)
+    return run_task(importlib.import_module(d.module).run, task, spec, name, force=args.force)
 
 
 def cmd_validate(path: str) -> int:
-    from jobs.plan import build_dag
-    from jobs.spec import SpecError, load_fusionrun
-
     warnings: list[str] = []
     try:
         run = load_fusionrun(path, warnings)
@@ -137,8 +149,6 @@ def cmd_validate(path: str) -> int:
 
 
 def _note_ignored(spec: FusionRunSpec) -> None:
-    from jobs.local import ignored_locally
-
     ignored = ignored_locally(spec)
     if ignored:
         print(
@@ -152,16 +162,10 @@ def benchmark_errors(spec: FusionRunSpec) -> list[str]:
     """evaluation.tasks / taskDirs problems found before anything runs (jobs.benchmarks.light_errors)."""
     if not spec.evaluation.enabled or not spec.evaluation.tasks:
         return []
-    from jobs.benchmarks import light_errors
-
     return light_errors(spec)
 
 
 def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str | None = None) -> int:
-    from jobs.local import LocalRunner, RunFailed, RunStopped
-    from jobs.spec import SpecError, load_fusionrun
-    from jobs.store import StoreError
-
     try:
         run = load_fusionrun(path)
         spec = apply_env_overrides(run.spec)
@@ -203,11 +207,6 @@ def open_run(args: argparse.Namespace) -> tuple[FusionRunSpec, str, Any]:
     and name), or a run's name with --store (the spec its tasks recorded in the store)."""
     from pydantic import ValidationError
 
-    from jobs.observe import recorded_spec
-    from jobs.registry import Layout
-    from jobs.spec import SpecError, StoreSpec, format_validation_error, load_fusionrun
-    from jobs.store import open_store
-
     if Path(args.target).is_file():
         run = load_fusionrun(args.target)
         spec = apply_env_overrides(run.spec)
@@ -233,15 +232,13 @@ def open_run(args: argparse.Namespace) -> tuple[FusionRunSpec, str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from jobs.observe import store_status
-
     spec, name, store = open_run(args)
     status = store_status(store, spec)
     if args.json:
         print(json.dumps(status.to_k8s(), indent=1, sort_keys=True))
         return 0
     print(f"{name}: {status.phase} ({status.progress}) - {status.message}")
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         st = getattr(status.stages, stage)
         if st.state != "Skipped":
             print(f"  {stage:<9} {st.state:<10} {st.succeeded}/{st.tasks} tasks")
@@ -256,8 +253,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from jobs.report import write_report
-
     spec, name, store = open_run(args)
     out = Path(args.out) if args.out else Path.cwd() / "runs" / name / "report"
     path = write_report(store, spec, name, out)
@@ -279,20 +274,14 @@ def parse_age(text: str) -> float:
 
 def open_cache(args: argparse.Namespace) -> Any:
     """The shared cache area (jobs.cache) of a store given as a FusionRun file or a store URI."""
-    from jobs.cache import CACHE_AREA
-    from jobs.spec import StoreSpec, load_fusionrun
-    from jobs.store import open_store
-
     if Path(args.target).is_file():
         where = apply_env_overrides(load_fusionrun(args.target).spec).store
     else:
         where = StoreSpec(uri=args.target, endpoint=args.endpoint, region=args.region, insecure=args.insecure)
-    return open_store(apply_env_overrides_store(where), CACHE_AREA, check=where.is_s3)
+    return open_store(apply_env_overrides_store(where), CacheLayout.AREA, check=where.is_s3)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from jobs.cache import list_entries, live_users, prune
-
     cache = open_cache(args)
     if args.action == "ls":
         now = time.time()
@@ -342,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a whole FusionRun on this machine")
     r.add_argument("file")
-    r.add_argument("--force-stage", choices=STAGES, help="redo this stage and everything after it")
+    r.add_argument("--force-stage", choices=STAGE_NAMES, help="redo this stage and everything after it")
     r.add_argument("--workers", type=int, help="parallel tasks (default: fits the CPU cores)")
-    r.add_argument("--until", choices=STAGES, help="stop after this stage (e.g. inspect fused shards)")
+    r.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage (e.g. inspect fused shards)")
     v = sub.add_parser("validate", help="check a FusionRun file")
     v.add_argument("file")
     for name, what in (("status", "show a run's status"), ("report", "write a run's report")):
@@ -378,9 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "validate":
         return cmd_validate(args.file)
     if args.cmd in ("status", "report", "cache"):
-        from jobs.spec import SpecError
-        from jobs.store import StoreError
-
         command = {"status": cmd_status, "report": cmd_report, "cache": cmd_cache}[args.cmd]
         try:
             return command(args)

@@ -40,11 +40,12 @@ from jobs.cache import (
     cache_of,
     drop_entry,
     located,
-    logical_key,
     read_entry,
     task_key,
 )
-from jobs.registry import Layout, Stage, Task, fingerprint_fields, legacy_fingerprint_fields
+from jobs.corpus import corpus_stamp
+from jobs.locations import stamp
+from jobs.registry import CacheLayout, Layout, Stage, Task, fingerprint_fields, legacy_fingerprint_fields
 from jobs.store import LocalStore, Store, StoreError, endpoint_of
 
 if TYPE_CHECKING:
@@ -233,7 +234,7 @@ def read_outputs(store: Store, task: Task, dag_by_id: dict[str, Task]) -> dict[s
     out: dict[str, str] = {}
     wanted = [dag_by_id[d] for d in task.deps]
     if task.stage is Stage.align:  # exact alignment reads the documents through its extractions
-        wanted.append(dag_by_id[Stage.prepare.value])
+        wanted.append(dag_by_id[Task(Stage.prepare).id])
     for dep in wanted:
         m = read_manifest(store, dep)
         if m is None:
@@ -261,7 +262,7 @@ def adopt(
     entry = read_entry(cache, task.stage, key)
     if entry is None:
         return None
-    outputs = {logical_key(task.stage, n, task): o for n, o in entry_outputs(entry).items()}
+    outputs = {CacheLayout.logical_key(task, n): o for n, o in entry_outputs(entry).items()}
     if isinstance(store, LocalStore) and any(
         object_sha256(cache, entry.file(n)) != o.sha256 for n, o in entry_outputs(entry).items()
     ):
@@ -313,9 +314,6 @@ def object_sha256(store: Store, key: str) -> str:
 def text_stamps(store: Store, spec: FusionRunSpec, task: Task) -> dict[str, Any]:
     """What a task records in its summary about the texts it reads, taken BEFORE reading them (an edit
     during the read then makes the next run redo it). prepare: the corpus; evaluate: evaluation.corpora."""
-    from jobs.corpus import corpus_stamp
-    from jobs.locations import stamp
-
     s3 = endpoint_of(store, spec.store)
     if task.stage is Stage.prepare:
         return {"corpus_stamp": corpus_stamp(spec.corpus, s3)}

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jobs.locations import stamp
 from jobs.spec import TextSource
+from jobs.store import StoreError
 
 
 class CorpusError(ValueError):
@@ -49,8 +52,6 @@ def detect_format(path: Path, fmt: str) -> str:
 
 def split_paragraphs(text: str) -> list[str]:
     """Blank-line-separated paragraphs, stripped, empty ones dropped."""
-    import re
-
     return [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
 
 
@@ -129,35 +130,10 @@ def corpus_stamp(corpus: TextSource, s3: Any = None) -> str | None:
     """A cheap fingerprint of the corpus's files (jobs.locations.stamp of corpus.uri with corpus.glob): an
     edited corpus makes the prepare task stale although the spec is unchanged. None when nothing is there.
     `s3`: the run store, its spec or an S3Endpoint (None: AWS's default chain); StoreError on S3 failure."""
-    from jobs.locations import stamp
-    from jobs.store import StoreError
-
     try:
         return stamp(corpus.uri, s3, corpus.glob)
     except StoreError as err:
         raise StoreError(f"corpus.uri {corpus.uri}: {err}", permanent=err.permanent) from None
-
-
-def glob_match(relpath: str, pattern: str) -> bool:
-    """Whether a '/'-separated relative path matches a pathlib glob pattern as `Path.glob` finds files:
-    '**' spans any number of folders (none included), other parts match one name (fnmatch, case-sensitive,
-    leading dots included)."""
-    import fnmatch
-    import sys
-
-    parts = relpath.split("/")
-    pats = [p for p in pattern.split("/") if p not in ("", ".")]
-    if pats and pats[-1] == "**" and sys.version_info < (3, 13):
-        return False  # a trailing '**' finds folders only before Python 3.13
-
-    def match(i: int, j: int) -> bool:
-        if j == len(pats):
-            return i == len(parts)
-        if pats[j] == "**":
-            return any(match(k, j + 1) for k in range(i, len(parts) + 1))
-        return i < len(parts) and fnmatch.fnmatchcase(parts[i], pats[j]) and match(i + 1, j + 1)
-
-    return match(0, 0)
 
 
 def read_documents(path: Path, corpus: TextSource) -> list[str]:

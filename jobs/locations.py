@@ -8,45 +8,22 @@ URIs in a FusionRun spec (models, tokenizers, the corpus, evaluation texts, task
                                 and credentials, downloaded into the cache (FUSIONRUN_CACHE)
   org/name, hf://org/name       a Hugging Face hub id (passed through: clusters with hub access)
 
-The pure helpers at the top import nothing heavy (jobs.spec uses them); `fetch` downloads.
+The pure helpers (what kind a URI is, its local path) are fusion.uris, which imports nothing of ours;
+`fetch` downloads, `stamp` fingerprints.
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fusion.paths import resolve_path
+from fusion.uris import glob_match, is_s3, local_path
+from jobs.store import S3Endpoint, S3Store, Store, download_model, endpoint_of, objects_digest, parse_s3_uri
 
 if TYPE_CHECKING:
     from jobs.spec import StoreSpec
-    from jobs.store import S3Endpoint, Store
-
-_RELATIVE = re.compile(r"^(file://)?\.\.?/")
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def is_relative(uri: str) -> bool:
-    """./x, ../x, file://./x: relative to the FusionRun file (meaningless inside a cluster)."""
-    return bool(_RELATIVE.match(uri))
-
-
-def absolute_uri(uri: str | None, base: Path) -> str | None:
-    """A relative local URI made absolute against `base` (the FusionRun file's folder); others unchanged."""
-    if uri is None or not is_relative(uri):
-        return uri
-    if uri.startswith("file://"):
-        return "file://" + str((base / uri[len("file://") :]).resolve())
-    return str((base / uri).resolve())
-
-
-def local_path(uri: str) -> Path:
-    """The path of a local URI (file:// or a plain path), without fetching anything."""
-    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
 
 
 def fetch(
@@ -61,8 +38,6 @@ def fetch(
     change). kind "text": an s3:// object (downloaded into `scratch`) or folder (cached by its objects'
     ETags, so an edited corpus is fetched again). `where`: the run store, whose endpoint and credentials
     reach every s3:// URI of the run; StoreError when S3 cannot be read."""
-    from jobs.store import S3Store, download_model, endpoint_of, parse_s3_uri
-
     if is_s3(uri):
         if kind == "text":
             bucket, key = parse_s3_uri(uri)
@@ -84,8 +59,6 @@ def stamp(uri: str, where: Any = None, glob: str | None = None) -> str | None:
     the URI, size, ETag) of the object the URI names, else of those under it (a folder) matching `glob`,
     listed with `where`'s endpoint and credentials (jobs.store.endpoint_of). None when nothing is there;
     StoreError when S3 cannot be listed."""
-    import hashlib
-
     if is_s3(uri):
         return _s3_stamp(uri, where, glob)
     path = Path(resolve_path(uri)) if uri.startswith(("pkg://", "file://")) else local_path(uri)
@@ -103,9 +76,6 @@ def stamp(uri: str, where: Any = None, glob: str | None = None) -> str | None:
 
 
 def _s3_stamp(uri: str, where: Any, glob: str | None) -> str | None:
-    from jobs.corpus import glob_match
-    from jobs.store import S3Store, endpoint_of, objects_digest, parse_s3_uri
-
     bucket, key = parse_s3_uri(uri)
     src = S3Store(endpoint_of(where), bucket, "")
     if key and (st := src.stat(key)) is not None:  # one object (as it is read)

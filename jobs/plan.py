@@ -49,8 +49,9 @@ def build_dag(spec: FusionRunSpec) -> list[Task]:
     variants = trained_variants(spec)
     fuse_variants = list(dict.fromkeys(_fused_by(v) for v in variants))
     tasks: list[Task] = [Task(Stage.prepare)]
+    prepared = tasks[0].id
     for m in spec.models:
-        tasks += [Task(Stage.extract, model=m.name, shard=s, deps=("prepare",)) for s in shards]
+        tasks += [Task(Stage.extract, model=m.name, shard=s, deps=(prepared,)) for s in shards]
     for src in spec.sources:
         for s in shards:
             deps = (Task(Stage.extract, target, s).id, Task(Stage.extract, src.name, s).id)
@@ -67,7 +68,7 @@ def build_dag(spec: FusionRunSpec) -> list[Task]:
         tasks.append(task)
         train_ids.append(task.id)
     if spec.evaluation.enabled:
-        tasks.append(Task(Stage.evaluate, deps=("prepare", *train_ids)))
+        tasks.append(Task(Stage.evaluate, deps=(prepared, *train_ids)))
     return tasks
 
 

@@ -37,7 +37,8 @@ class Variant(str, Enum):
     sources = "sources"  # the sources alone as teachers (the target's own distribution left out)
 
 
-# Variants whose training needs fused shards of their own (clm trains on the fused variant's blocks).
+# Variants whose training needs fused shards of their own (clm trains on the fused variant's blocks: CLM-only
+# training reads the fused variant's shards, so fuse has no clm).
 FUSE_VARIANTS: tuple[Variant, ...] = (Variant.fused, Variant.self, Variant.sources)
 
 
@@ -46,12 +47,23 @@ class StageDef:
     stage: Stage
     condition: str  # status condition type when the stage is done (a state, not a transition)
     per_model: bool = False  # one task per model (extract: every model; align: every source)
+    sources_only: bool = False  # per_model over the sources only (align: the target is what they meet)
     per_shard: bool = False  # one task per shard
-    per_variant: bool = False  # one task per variant (fuse: FUSE_VARIANTS; train: every trained variant)
+    variants: tuple[Variant, ...] = ()  # one task per variant it has (fuse: FUSE_VARIANTS; train: all)
     accelerated: bool = False  # runs model forward/backward passes: a GPU helps, /dev/shm is needed
-    distributed: bool = False  # several ranks (DeepSpeed) that start and fail together
+    distributed: bool = False  # several ranks (DeepSpeed) that start and fail together: it starts them
+    cacheable: bool = False  # outputs shared across runs by content (jobs.cache: extract once, fuse many)
     shard_kind: str | None = None  # the fusion.format kind of the shards it writes
     doc: str = ""
+
+    @property
+    def per_variant(self) -> bool:
+        return bool(self.variants)
+
+    @property
+    def module(self) -> str:
+        """The stage's entrypoint module (`run(ctx)`; a distributed stage: `main(argv)`)."""
+        return f"jobs.stages.{self.stage.value}"
 
 
 STAGES: Mapping[Stage, StageDef] = {
@@ -60,6 +72,7 @@ STAGES: Mapping[Stage, StageDef] = {
         StageDef(
             Stage.prepare,
             "Prepared",
+            cacheable=True,
             shard_kind="raw",
             doc="corpus -> documents that fit every model, held-out split",
         ),
@@ -69,6 +82,7 @@ STAGES: Mapping[Stage, StageDef] = {
             per_model=True,
             per_shard=True,
             accelerated=True,
+            cacheable=True,
             shard_kind="extract",
             doc="one model's top-k next-token log-probabilities over one shard",
         ),
@@ -76,17 +90,24 @@ STAGES: Mapping[Stage, StageDef] = {
             Stage.align,
             "Aligned",
             per_model=True,
+            sources_only=True,
             per_shard=True,
+            cacheable=True,
             shard_kind="aligned",
             doc="one source's predictions moved onto the target's tokens",
         ),
         StageDef(
-            Stage.fuse, "Fused", per_shard=True, per_variant=True, shard_kind="fused", doc="training targets"
+            Stage.fuse,
+            "Fused",
+            per_shard=True,
+            variants=FUSE_VARIANTS,
+            shard_kind="fused",
+            doc="training targets",
         ),
         StageDef(
             Stage.train,
             "Trained",
-            per_variant=True,
+            variants=tuple(Variant),
             accelerated=True,
             distributed=True,
             doc="continual training of the target (DeepSpeed)",
@@ -169,6 +190,7 @@ class Layout:
 
     @staticmethod
     def stage_prefix(stage: Stage) -> str:
+        """Every key of a stage (of the run's tasks) starts with it."""
         return f"{stage.value}/"
 
     @staticmethod
@@ -243,6 +265,46 @@ class Layout:
     @staticmethod
     def log(task_id: str) -> str:
         return f"{Layout.LOGS}/{task_id}.log"
+
+
+class CacheLayout:
+    """The keys of the shared cache area (jobs.cache: outputs of the cacheable stages shared across runs by
+    content), relative to `<store uri>/_cache/`. An entry is `<stage>/<kk>/<key>/`: its output files, then
+    `entry.json` last, its users `users/<run>`, and while a task makes it `lease.json`."""
+
+    AREA = "_cache"  # beside the runs' prefixes; not a valid run name (DNS label), so never a run's
+    ENTRY, LEASE, USERS = "entry.json", "lease.json", "users"
+
+    @staticmethod
+    def entry(stage: Stage, key: str) -> str:
+        return f"{stage.value}/{key[:2]}/{key}"
+
+    @staticmethod
+    def file(stage: Stage, logical_key: str) -> str:
+        """The file name in an entry of a task's output (`logical_key`, the run's Layout key). A per-shard
+        task has one output, named the same whatever the run calls its model or shard; a stage's other
+        outputs keep their names (prepare's name no model: Layout.documents, HELDOUT)."""
+        return "shard.safetensors" if STAGES[stage].per_shard else logical_key.rsplit("/", 1)[-1]
+
+    @staticmethod
+    def logical_key(task: Task, name: str) -> str:
+        """The inverse of `file` for one run's task: the run's Layout key of the entry's file `name`."""
+        return Layout.shard(task) if task.definition.per_shard else Layout.stage_prefix(task.stage) + name
+
+    @staticmethod
+    def at(entry: str, name: str) -> str:
+        """A file or record (ENTRY, LEASE, a user) of the entry at `entry` (CacheLayout.entry)."""
+        return f"{entry}/{name}"
+
+    @staticmethod
+    def user(entry: str, run: str) -> str:
+        """The record that `run` uses the entry."""
+        return f"{entry}/{CacheLayout.USERS}/{run}"
+
+    @staticmethod
+    def identity(kind: str, ref_digest: str) -> str:
+        """A recorded content identity (a model, a tokenizer, the corpus) of a spec-level reference."""
+        return f"identities/{kind}/{ref_digest}.json"
 
 
 def _variant_dir(variant: str | None) -> str:

@@ -19,11 +19,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fusion.diagnostics import from_record, merge
 from jobs.complete import read_manifest
 from jobs.observe import alignment_from_store
 from jobs.plan import build_dag, trained_variants
 from jobs.progress import TrainingHistory, read_history
-from jobs.registry import Layout, Stage, Variant
+from jobs.registry import Layout, Stage, Task, Variant
 from jobs.spec import FusionRunSpec
 from jobs.store import Store, StoreError
 
@@ -121,7 +122,7 @@ def loss_curves(
             continue
         pts = loss_curve(_json(store, Layout.progress(v)))
         if not pts and log_dir is not None:
-            log = log_dir / f"train{'' if v == 'fused' else '-' + v}.log"
+            log = log_dir / f"{Task(Stage.train, variant=v).id}.log"
             if log.is_file():
                 text = log.read_text(errors="replace")
                 pts = loss_curve_from_log(text)
@@ -134,8 +135,6 @@ def loss_curves(
 def source_value(store: Store, dag: list[Any]) -> dict[str, Any] | None:
     """The source-value diagnostics of FuseLLM's fuse tasks, merged over shards (fusion.diagnostics):
     what each source could teach the target before any training. None when not recorded."""
-    from fusion.diagnostics import from_record, merge
-
     parts = []
     for t in dag:
         if t.stage is Stage.fuse and t.variant in (None, Variant.fused.value):

@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from fusion.uris import absolute_uri, is_s3
+from jobs.kubeyaml import KubeYamlError, decode, load_yaml
 from jobs.registry import STAGE_ORDER, Stage
 
 API_GROUP = "fusionrun.dev"
@@ -427,7 +429,7 @@ class StoreSpec(Spec):
 
     @property
     def is_s3(self) -> bool:
-        return self.uri.startswith("s3://")
+        return is_s3(self.uri)
 
 
 class Toleration(Spec):
@@ -694,8 +696,6 @@ def read_document(path: str | Path, warnings: list[str] | None = None) -> Any:
     """The YAML document in a file, read as kubectl reads it (jobs.kubeyaml: what kubectl does silently, a
     key written twice or bytes that are not UTF-8, goes into `warnings`); SpecError, naming the file once,
     when it cannot be read or parsed."""
-    from jobs.kubeyaml import KubeYamlError, decode, load_yaml
-
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -727,7 +727,6 @@ def load_fusionrun(path: str | Path, warnings: list[str] | None = None) -> Fusio
 
 def resolve_relative_paths(spec: FusionRunSpec, base: Path) -> FusionRunSpec:
     """Make ./relative local URIs absolute so that a run does not depend on the caller's directory."""
-    from jobs.locations import absolute_uri
 
     def fix(uri: str | None) -> str | None:
         return absolute_uri(uri, base)

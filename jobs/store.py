@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion.atomic import PARTIAL_SUFFIX, atomic_path, copy_atomic, write_atomic
+from fusion.uris import S3, is_s3, strip_file
 from jobs import credentials
 from jobs.credentials import redact
 from jobs.spec import StoreSpec
@@ -472,9 +473,6 @@ class S3Store(Store):
             raise self._err(err, f"listing s3://{self.bucket}/{full_prefix}") from None
         return out
 
-    def _iter_keys(self, full_prefix: str) -> list[str]:
-        return [o["Key"] for o in self._iter_objects(full_prefix)]
-
     def list(self, prefix: str = "") -> list[str]:
         return [k for k, _, _ in self.list_stats(prefix)]
 
@@ -534,9 +532,9 @@ def objects_digest(objects: Iterable[tuple[str, int, str]]) -> str:
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """s3://bucket/some/prefix -> ("bucket", "some/prefix")."""
-    if not uri.startswith("s3://"):
+    if not is_s3(uri):
         raise StoreError(f"not an s3:// URI: {uri!r}", permanent=True)
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    bucket, _, prefix = uri[len(S3) :].partition("/")
     if not bucket:
         raise StoreError(f"{uri!r} names no bucket: use s3://BUCKET/optional/prefix", permanent=True)
     return bucket, prefix.strip("/")
@@ -555,7 +553,7 @@ def open_store(store_spec: StoreSpec, run_name: str, check: bool = False) -> Sto
         if check:
             store.check()
         return store
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    path = strip_file(uri)
     if not os.path.isabs(path):
         raise StoreError(
             f"store.uri {uri!r} is relative: load the spec with jobs.spec.load_fusionrun (which "
@@ -594,7 +592,7 @@ def download_model(where: Store | S3Endpoint | StoreSpec | None, uri: str, fresh
     is not expected to change): the objects are listed every time and the cache entry is keyed by their
     (key, size, ETag), so a folder whose objects changed is downloaded again, into a new entry (older
     entries stay until the cache, FUSIONRUN_CACHE, is cleared: another process may still be reading one)."""
-    if not uri.startswith("s3://"):
+    if not is_s3(uri):
         return uri
     ep = endpoint_of(where)
     bucket, prefix = parse_s3_uri(uri)

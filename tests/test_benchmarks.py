@@ -369,9 +369,9 @@ def test_evaluate_stage_scores_tasks_as_lm_eval_does_keeps_and_reuses_scores(
 ) -> None:
     from fusion.hub import load_tokenizer
     from jobs.plan import Stage, Task
+    from jobs.registry import Layout
     from jobs.stages import evaluate
     from jobs.stages.common import StageError, run_task
-    from jobs.stages.evaluate_tasks import task_scores_key
 
     tasks, spec, store = _run_with_tasks(tmp_path)
     ev = Task(Stage.evaluate)
@@ -383,15 +383,15 @@ def test_evaluate_stage_scores_tasks_as_lm_eval_does_keeps_and_reuses_scores(
         run_task(evaluate.run, ev, spec, "b")
     first = _events(capsys.readouterr().err)
     assert first == [(m, t, False) for m in ("target-before", "fused") for t in ("stdlib_pick", "stdlib_ppl")]
-    kept = {m: store.get_bytes(task_scores_key(m)) for m in ("target-before", "fused")}
-    assert not store.exists(task_scores_key("clm"))
+    kept = {m: store.get_bytes(Layout.task_scores(m)) for m in ("target-before", "fused")}
+    assert not store.exists(Layout.task_scores("clm"))
 
     # A data file gone: evaluate fails at its start, naming the field; nothing scored, nothing lost.
     (tasks / "data" / "text.jsonl").rename(tmp_path / "text.jsonl")
     with pytest.raises(StageError, match=r"evaluation.taskDirs\[0\]: task 'stdlib_ppl' .* does not exist"):
         run_task(evaluate.run, ev, spec, "b")
     assert _events(capsys.readouterr().err) == []
-    assert {m: store.get_bytes(task_scores_key(m)) for m in kept} == kept
+    assert {m: store.get_bytes(Layout.task_scores(m)) for m in kept} == kept
     (tmp_path / "text.jsonl").rename(tasks / "data" / "text.jsonl")
 
     # Fixed: only what is missing is scored.

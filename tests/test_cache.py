@@ -15,9 +15,7 @@ import pytest
 import yaml
 
 from jobs.cache import (
-    CACHE_AREA,
     cache_of,
-    entry_prefix,
     list_entries,
     live_users,
     prune,
@@ -29,7 +27,7 @@ from jobs.cli import main as cli_main
 from jobs.complete import read_manifest
 from jobs.corpus import CUT, PIECE, shard_pieces
 from jobs.local import LocalRunner
-from jobs.registry import Layout, Stage, Task
+from jobs.registry import CacheLayout, Layout, Stage, Task
 from jobs.spec import parse_spec
 from jobs.store import LocalStore, open_store
 from tests.artifacts import output_file
@@ -81,7 +79,7 @@ def test_the_lease_has_one_holder_and_dead_ones_are_taken_over(kind, tmp_path, r
     assert try_lease(cache, Stage.extract, stale, "a/t@elsewhere:1") is None
     monkeypatch.delenv("FUSIONRUN_CACHE_LEASE_SECONDS")
     assert try_lease(cache, Stage.extract, stale, "b/t@elsewhere:2") is None  # taken over
-    lease = json.loads(cache.get_bytes(f"{entry_prefix(Stage.extract, stale)}/lease.json"))
+    lease = json.loads(cache.get_bytes(f"{CacheLayout.entry(Stage.extract, stale)}/lease.json"))
     assert lease["holder"] == "b/t@elsewhere:2"
     # A holder that was a process on this machine and is gone: taken over at once, no expiry wait.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -232,10 +230,32 @@ def test_reuse_on_the_real_s3_server(s3_server, s3_bucket, tmp_path: Path) -> No
     second = LocalRunner(parse_spec(_spec(tmp_path, store, **{"lambda": 0.5})), "b", local_dir=tmp_path / "b")
     result = second.run(until="align")
     assert _ran(result) == set() and result.reused == 7
-    objects = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix=f"runs/{CACHE_AREA}/")["Contents"]
+    area = f"runs/{CacheLayout.AREA}/"
+    objects = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix=area)["Contents"]
     assert sum(o["Key"].endswith("/entry.json") for o in objects) == 7
     assert not any(
         "safetensors" in o["Key"]
         for o in s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="runs/b/").get("Contents", [])
     )
     assert np.isfinite(time.time())
+
+
+def test_the_cache_layout_keeps_the_keys_of_existing_entries() -> None:
+    """Entries written before the layout moved into the registry (jobs.registry.CacheLayout) are found."""
+    key = "ab" + "c" * 62
+    assert CacheLayout.AREA == "_cache"
+    assert CacheLayout.entry(Stage.extract, key) == f"extract/ab/{key}"
+    assert (
+        CacheLayout.at(CacheLayout.entry(Stage.align, key), CacheLayout.ENTRY) == f"align/ab/{key}/entry.json"
+    )
+    assert CacheLayout.at("p/ab/k", CacheLayout.LEASE) == "p/ab/k/lease.json"
+    assert CacheLayout.user("p/ab/k", "run-1") == "p/ab/k/users/run-1"
+    assert CacheLayout.identity("model", "d" * 64) == f"identities/model/{'d' * 64}.json"
+    extract, prepare = Task(Stage.extract, model="m", shard=3), Task(Stage.prepare)
+    for task, key_in_run, name in (
+        (extract, "extract/m/shard-00003.safetensors", "shard.safetensors"),
+        (prepare, Layout.documents(2), "shard-00002.safetensors"),
+        (prepare, Layout.HELDOUT, "heldout.safetensors"),
+    ):
+        assert CacheLayout.file(task.stage, key_in_run) == name
+        assert CacheLayout.logical_key(task, name) == key_in_run

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion.loss import fusion_loss, logsumexp_fp32
+from fusion.loss import _lse_fp32, fusion_loss
 
 
 def _case(seed: int = 0, b: int = 2, t: int = 5, v: int = 11, k: int = 4):
@@ -135,11 +135,14 @@ def test_chunked_logsumexp_matches_torch(monkeypatch: pytest.MonkeyPatch) -> Non
     x = (torch.randn(3, 7, 20, dtype=torch.float64) * 4).requires_grad_(True)
     y = x.detach().clone().requires_grad_(True)
     w = torch.randn(3, 7, dtype=torch.float64)
-    (logsumexp_fp32(x) * w).sum().backward()
+
+    def lse(t: torch.Tensor) -> torch.Tensor:  # over the last dim, as fusion_loss takes it: [N, V] rows
+        return _lse_fp32(t.reshape(-1, t.shape[-1])).reshape(t.shape[:-1])
+
+    (lse(x) * w).sum().backward()
     (torch.logsumexp(y, -1) * w).sum().backward()
-    torch.testing.assert_close(
-        logsumexp_fp32(x.detach()).double(), torch.logsumexp(y.detach(), -1), atol=1e-5, rtol=1e-6
-    )
+    want = torch.logsumexp(y.detach(), -1)
+    torch.testing.assert_close(lse(x.detach()).double(), want, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-5)
 
 

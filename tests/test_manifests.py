@@ -200,6 +200,23 @@ def test_single_node_training_has_local_rendezvous_and_no_service() -> None:
     ]
 
 
+def test_the_run_adopts_its_objects_as_kopf_adopt_does() -> None:
+    """k8s_objects stays free of kopf (a pure module, below the operator's I/O): RunRef.adopt does what
+    kopf.adopt did to each Job and Service."""
+    kopf = pytest.importorskip("kopf")
+    owner = {
+        "apiVersion": "fusionrun.dev/v1alpha1",
+        "kind": "FusionRun",
+        "metadata": {"name": RUN.name, "namespace": RUN.namespace, "uid": RUN.uid, "labels": RUN.labels},
+    }
+    for meta in ({"name": "j", "namespace": "ml", "labels": {"a": "1", "team": "mine"}}, {"name": "s"}):
+        ours, theirs = {"metadata": json.loads(json.dumps(meta))}, {"metadata": json.loads(json.dumps(meta))}
+        RUN.adopt(ours)
+        RUN.adopt(ours)  # once only
+        kopf.adopt(theirs, owner=owner)
+        assert ours == theirs
+
+
 def test_multi_node_training_is_a_job_per_rank_behind_a_headless_service() -> None:
     spec = make_spec(training={"nodes": 3, "procsPerNode": 1}, resources={"train": {"gpus": 8}})
     objs = m.task_manifests(RUN, spec, Task(Stage.train, variant="clm"), 2, CONFIG)

@@ -22,7 +22,7 @@ from fusionrun_operator.observations import JobObservation, Observed, SharedOutp
 from fusionrun_operator.policies.compaction import compact
 from fusionrun_operator.reconcile import reconcile
 
-from jobs.registry import Stage
+from jobs.registry import CacheLayout, Stage
 from jobs.status import FusionRunStatus, Memoization, TaskStatus
 from tests.test_reconcile import CONFIG, T0, created, ev, job, spec, states
 
@@ -367,7 +367,7 @@ def test_the_store_view_keys_ready_tasks_as_their_jobs_do_and_finds_entries_leas
 
     from fusionrun_operator.store_view import RunMemo, adopt, read_store_view
 
-    from jobs.cache import cache_of, entry_prefix, try_lease
+    from jobs.cache import cache_of, try_lease
     from jobs.store import open_store
 
     lam8 = _pipeline(tmp_path)
@@ -396,7 +396,7 @@ def test_the_store_view_keys_ready_tasks_as_their_jobs_do_and_finds_entries_leas
     cache = cache_of(open_store(m48.spec.store, "m48"))
     assert try_lease(cache, Stage.prepare, miss.key, "other/prepare@elsewhere:1") is None
     assert read_store_view(m48, "m48").shared["prepare"].producer == "run other (task prepare)"
-    cache.delete(f"{entry_prefix(Stage.prepare, miss.key)}/lease.json")
+    cache.delete(f"{CacheLayout.entry(Stage.prepare, miss.key)}/lease.json")
     assert try_lease(cache, Stage.prepare, miss.key, "m48/prepare@elsewhere:1") is None
     assert read_store_view(m48, "m48").shared["prepare"].producer is None  # its own (a Job of it gone)
 

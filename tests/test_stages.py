@@ -588,7 +588,7 @@ def test_an_unreachable_s3_corpus_is_a_clear_store_error(tmp_path: Path, monkeyp
 
 def test_s3_corpus_glob_matches_what_path_glob_finds(tmp_path: Path) -> None:
     """An s3:// folder's objects are filtered by corpus.glob as a local folder's files are."""
-    from jobs.corpus import glob_match
+    from fusion.uris import glob_match
 
     names = ["a.txt", "b.md", ".hidden.txt", "sub/c.txt", "sub/deep/d.txt", "sub/deep/e.py", "Sub2/F.TXT"]
     for n in names:

@@ -35,6 +35,7 @@ def rank_main(config_path: str) -> int:
     from fusion.train.config import TrainConfig
     from fusion.train.data import FusedBlocks, ShardSource
     from fusion.train.loop import TrainIO, exit_code, train
+    from jobs.registry import Layout
     from jobs.stages.train import StoreRecorder
     from jobs.store import LocalStore
 
@@ -58,7 +59,10 @@ def rank_main(config_path: str) -> int:
     )
     store = LocalStore(Path(c["store_root"]))
     io = TrainIO(
-        Path(c["work_dir"]), store, prefix=f"train/{cfg.variant}", keep_checkpoints=c["keep_checkpoints"]
+        Path(c["work_dir"]),
+        store,
+        store_checkpoints=Layout.checkpoints(cfg.variant),
+        keep_checkpoints=c["keep_checkpoints"],
     )
     # the train stage's reporter: progress.json and history.jsonl in the store
     reporter = StoreRecorder(store, cfg.variant, interval_s=c["progress_interval_s"])

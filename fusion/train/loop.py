@@ -32,6 +32,7 @@ from fusion.train.engine import (
     init_distributed,
     seed_everything,
 )
+from fusion.train.export import export_hf, weights_digest
 from fusion.train.losses import TrainLoss, make_loss
 from fusion.train.reporting import NullReporter, StepMetrics, Throughput, TrainReporter
 from fusion.train.step import StepResult, train_step
@@ -54,21 +55,17 @@ __all__ = [
 @dataclass
 class TrainIO:
     """Where a run reads and writes: a local work folder, and optionally the artifact store + the key prefix
-    of its checkpoints (the caller's layout: jobs.registry.Layout.train_prefix); how many to keep."""
+    of its checkpoints there (the caller's layout: jobs.registry.Layout.checkpoints); how many to keep."""
 
     work_dir: Path
     store: ckpt.ArtifactStore | None = None
-    prefix: str = "train"
+    store_checkpoints: str = "checkpoints"
     fingerprint: str | None = None  # what the run trains on and how; checkpoints of another are ignored
     keep_checkpoints: int = 2
 
     @property
     def local_checkpoints(self) -> Path:
         return self.work_dir / "checkpoints"
-
-    @property
-    def store_checkpoints(self) -> str:
-        return f"{self.prefix}/checkpoints"
 
 
 @dataclass
@@ -215,8 +212,6 @@ class Trainer:
 
     def _finish(self, setup: TrainSetup, dist: DistContext, result: TrainResult, export: bool) -> None:
         """Fingerprint the full weights (every rank) and export the HF folder (rank 0 writes it)."""
-        from fusion.train.export import export_hf, weights_digest
-
         result.weights_digest = weights_digest(setup.engine)
         if export:
             result.export_dir = export_hf(setup.engine, self.tokenizer, self.io.work_dir / "model")

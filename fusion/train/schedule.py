@@ -43,17 +43,6 @@ def lr_factor(
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
-def lr_at(
-    step: int,
-    base_lr: float,
-    total_steps: int,
-    warmup_ratio: float,
-    kind: ScheduleKind,
-    min_lr_ratio: float = 0.0,
-) -> float:
-    return base_lr * lr_factor(step, total_steps, warmup_ratio, kind, min_lr_ratio)
-
-
 def make_scheduler(
     optimizer, total_steps: int, warmup_ratio: float, kind: ScheduleKind, min_lr_ratio: float = 0.0
 ):

@@ -17,14 +17,17 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from fusion.align import needed_source_ids
+from fusion.continuation import first_source_tokens
+from fusion.exact import align_shard_exact, align_shard_with_diagnostics
+from fusion.project import Projection, ProjectionError, ensure_projection
+from fusion.vocab import StaleVocabMapError, VocabMap, build_vocab_map, extend_vocab_map
 from jobs.registry import Layout, Stage
 from jobs.stages.common import StageContext, StageError, load_model_tokenizer, log_event
 
 
 def load_or_build_map(ctx: StageContext, src_view: Any, tgt_view: Any, needed: Any) -> tuple[Any, str]:
     """The source's vocabulary map covering `needed` source ids, from the store's cache when it fits."""
-    from fusion.vocab import StaleVocabMapError, VocabMap, build_vocab_map, extend_vocab_map
-
     method = ctx.spec.alignment.method
     key = Layout.vocab_map(ctx.task.model or "")
     vmap = None
@@ -53,8 +56,6 @@ def load_or_build_map(ctx: StageContext, src_view: Any, tgt_view: Any, needed: A
 def load_or_build_projection(ctx: StageContext, src_tok: Any, tgt_tok: Any, needed: Any) -> tuple[Any, str]:
     """The source's projection onto the target vocabulary (exact alignment) covering `needed` source ids,
     from the store's cache when it was built for these tokenizers (fusion.project.ensure_projection)."""
-    from fusion.project import Projection, ProjectionError, ensure_projection
-
     key = Layout.projection(ctx.task.model or "")
     cached = None
     if ctx.store.exists(key):
@@ -71,8 +72,6 @@ def load_or_build_projection(ctx: StageContext, src_tok: Any, tgt_tok: Any, need
 
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    from fusion.align import needed_source_ids
-
     src, s = ctx.task.model, ctx.task.shard
     assert src is not None
     tgt, method = ctx.spec.target.name, ctx.spec.alignment.method
@@ -85,13 +84,9 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     needed = needed_source_ids(src_shard)
     try:
         if method == "exact":
-            from fusion.exact import align_shard_exact
-
             proj, how = load_or_build_projection(ctx, src_tok, tgt_tok, needed)
             first_source = None
             if ctx.spec.alignment.projection == "continuation":
-                from fusion.continuation import first_source_tokens
-
                 first_source = first_source_tokens(src_tok, tgt_tok, needed_source_ids(tgt_shard))
             arrays, diag = align_shard_exact(
                 src_shard, tgt_shard, src_view, tgt_view, proj, *text, first_source=first_source
@@ -99,8 +94,6 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
             digest = hashlib.sha256(proj.ids.tobytes() + proj.outcome.tobytes()).hexdigest()
             summary: dict[str, Any] = {"projection": how, "projection_sha256": digest}
         else:
-            from fusion.exact import align_shard_with_diagnostics
-
             vmap, how = load_or_build_map(ctx, src_view, tgt_view, needed)
             arrays, stats, diag = align_shard_with_diagnostics(
                 src_shard, tgt_shard, src_view, tgt_view, vmap, method, *text

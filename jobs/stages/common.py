@@ -22,12 +22,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from fusion.format import ShardError, read_shard, sha256_file, write_shard
 from jobs.cache import (
     add_user,
     cache_of,
     drop_entry,
-    entry_file,
-    entry_prefix,
     held_lease,
     holder_id,
     located,
@@ -52,7 +51,7 @@ from jobs.complete import (
     write_manifest,
 )
 from jobs.plan import build_dag
-from jobs.registry import STAGES, Layout, Stage, Task
+from jobs.registry import STAGES, CacheLayout, Layout, Stage, Task
 from jobs.retry import write_termination_message
 from jobs.spec import (
     FusionRunSpec,
@@ -186,7 +185,7 @@ class StageContext:
     def documents(self) -> Any:
         """The prepared documents (text) of this task's shard, whether prepare is a direct dependency or
         reached through extraction (align reads the text both models tokenized)."""
-        return self.verified_shard(self.by_id[Stage.prepare.value], Layout.documents(self.task.shard))
+        return self.verified_shard(self.by_id[Task(Stage.prepare).id], Layout.documents(self.task.shard))
 
     def heldout(self) -> Any:
         """The held-out documents prepare set aside for evaluation."""
@@ -197,8 +196,6 @@ class StageContext:
 
         A missing, corrupt or foreign shard drops the producer's manifest, so that the next run redoes the
         producer (nothing complete is deleted: only the bad artifact's claim to be complete)."""
-        from fusion.format import ShardError, read_shard
-
         kind = STAGES[producer.stage].shard_kind
         m = read_manifest(self.store, producer)
         if m is None or key not in m["outputs"]:
@@ -223,7 +220,7 @@ class StageContext:
         """Where an output goes: the task's entry in the shared cache (cacheable stages), else the run."""
         if self.entry_prefix is None:
             return self.store, key
-        return cache_of(self.store), f"{self.entry_prefix}/{entry_file(self.task.stage, key)}"
+        return cache_of(self.store), CacheLayout.at(self.entry_prefix, CacheLayout.file(self.task.stage, key))
 
     def output_path(self, key: str) -> Path:
         """Where to write an output: its final place in a local store (writers are atomic), else scratch."""
@@ -238,8 +235,6 @@ class StageContext:
 
     def add_output(self, key: str, path: Path, sha256: str | None = None) -> None:
         """Record an output written at `path` (from output_path) and upload it when the store is remote."""
-        from fusion.format import sha256_file
-
         digest = sha256 or sha256_file(path)
         where, physical = self._physical(key)
         if where.local_path(physical) != path:
@@ -248,8 +243,6 @@ class StageContext:
 
     def write_shard(self, arrays: dict[str, Any], meta: dict[str, Any], key: str | None = None) -> Any:
         """Write one of this task's shards (default: the task's own shard key) and record it."""
-        from fusion.format import write_shard
-
         key = key or Layout.shard(self.task)
         path = self.output_path(key)
         info = write_shard(path, STAGES[self.task.stage].shard_kind, arrays, meta=meta)
@@ -360,10 +353,10 @@ def _run_cached(stage_fn: StageFn, ctx: StageContext, inputs: dict[str, str], fo
         log_event("waiting", task=task.id, key=key[:16], holder=busy)
         time.sleep(poll_seconds())
     with held_lease(cache, task.stage, key, holder):
-        ctx.entry_prefix = entry_prefix(task.stage, key)
+        ctx.entry_prefix = CacheLayout.entry(task.stage, key)
         stamps = text_stamps(store, spec, task)
         counts, summary = stage_fn(ctx)
-        files = {entry_file(task.stage, k): o for k, o in ctx.outputs.items()}
+        files = {CacheLayout.file(task.stage, k): o for k, o in ctx.outputs.items()}
         made = {
             "counts": counts,
             "summary": summary | stamps,

@@ -2,7 +2,7 @@
 
 Checked first (before any model is scored): the task folders, their data files, the task names, and each
 task built once by lm-eval. Then, per model, each task's score is kept in the store as soon as it is done,
-in one object per model (`task_scores_key`), each entry keyed by what decides the score: the model's
+in one object per model (`Layout.task_scores`), each entry keyed by what decides the score: the model's
 identity (its spec, or the trained weights' digests) and the task's settings (name, few-shot, limit, the
 digest of the folder defining it, lm-eval's version, length, batch size, BOS). A failure keeps the scores
 already made; a rerun scores only what is missing or changed.
@@ -18,13 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fusion.benchmarks import (
+    LM_EVAL_VERSION,
+    installed_version,
+    metric_from_docs,
+    needs_builtin,
+    paired_difference,
+    scan_task_dirs,
+    score_task,
+    task_dir_digest,
+    task_manager,
+    wrap_model,
+)
+from jobs.benchmarks import dir_errors, exact_errors, requests
+from jobs.complete import read_manifest
 from jobs.registry import Layout, Stage
 from jobs.stages.common import StageContext, StageError, log_event
-
-LABEL_ORDER = ("target-before", "clm", "fused")
-
-
-task_scores_key = Layout.task_scores  # one model's benchmark scores (the registry's layout)
+from jobs.stages.prepare import text_path
 
 
 @dataclass
@@ -38,8 +48,6 @@ class TaskPlan:
 
 def task_dir_paths(ctx: StageContext) -> list[Path]:
     """Local folders of evaluation.taskDirs, s3:// ones downloaded (again when their objects change)."""
-    from jobs.stages.prepare import text_path
-
     return [
         text_path(ctx, uri, f"evaluation.taskDirs[{i}]")
         for i, uri in enumerate(ctx.spec.evaluation.task_dirs)
@@ -56,16 +64,6 @@ def prepare_tasks(ctx: StageContext) -> TaskPlan | None:
     before anything is scored."""
     if not ctx.spec.evaluation.tasks:
         return None
-    from fusion.benchmarks import (
-        LM_EVAL_VERSION,
-        installed_version,
-        needs_builtin,
-        scan_task_dirs,
-        task_dir_digest,
-        task_manager,
-    )
-    from jobs.benchmarks import dir_errors, exact_errors, requests
-
     if installed_version() is None:
         raise StageError(
             f"evaluation.tasks needs lm-evaluation-harness: install FusionRun's eval extra (pip install "
@@ -100,8 +98,6 @@ def prepare_tasks(ctx: StageContext) -> TaskPlan | None:
 def model_identity(ctx: StageContext, label: str) -> dict[str, Any]:
     """What decides a model's outputs: the trained weights' digests (fused, clm), else its spec entry; and
     the device and dtype it runs in."""
-    from jobs.complete import read_manifest
-
     spec = ctx.spec
     common = {"device": spec.extraction.device, "dtype": spec.extraction.dtype}
     trained = {t.variant or "fused": t for t in ctx.dag if t.stage is Stage.train}
@@ -121,8 +117,6 @@ def model_identity(ctx: StageContext, label: str) -> dict[str, Any]:
 
 
 def settings_of(plan: TaskPlan, req: Any, add_bos: bool | None) -> dict[str, Any]:
-    from fusion.benchmarks import installed_version
-
     return {
         "name": req.name,
         "numFewshot": req.num_fewshot,
@@ -141,7 +135,7 @@ def score_key(identity: dict[str, Any], settings: dict[str, Any]) -> str:
 
 
 def read_scores(ctx: StageContext, label: str) -> dict[str, Any]:
-    key = task_scores_key(label)
+    key = Layout.task_scores(label)
     if not ctx.store.exists(key):
         return {"model": label, "tasks": {}}
     try:
@@ -158,8 +152,6 @@ def score_model(
 ) -> dict[str, dict[str, Any]]:
     """Every requested task of one model: reused from the store when its key matches, else scored and
     written at once. Returns {request name: entry}."""
-    from fusion.benchmarks import score_task, wrap_model
-
     doc = read_scores(ctx, label)
     identity = model_identity(ctx, label)
     lm = None
@@ -176,7 +168,7 @@ def score_model(
             entry = {"key": key, "settings": settings, **score_task(lm, req, plan.manager)}
             entry["seconds"] = round(time.time() - t0, 2)
             doc["tasks"][req.name] = entry
-            ctx.put_json(task_scores_key(label), doc)  # at once: a later failure keeps this score
+            ctx.put_json(Layout.task_scores(label), doc)  # at once: a later failure keeps this score
             log_event(
                 "benchmark",
                 task=ctx.task.id,
@@ -186,7 +178,7 @@ def score_model(
                 seconds=entry["seconds"],
             )
         out[req.name] = entry
-    ctx.put_json(task_scores_key(label), doc)  # records it as an output of this task (also when all reused)
+    ctx.put_json(Layout.task_scores(label), doc)  # an output of this task (also when all reused)
     return out
 
 
@@ -241,8 +233,6 @@ def fused_minus_clm(
 def paired_interval(docs_f: dict[str, Any], docs_c: dict[str, Any], metric: str, reported: float) -> dict:
     """The 95% paired bootstrap interval of the difference over the same documents; empty when the
     documents differ, a value is missing, or the per-document values do not give lm-eval's figure."""
-    from fusion.benchmarks import metric_from_docs, paired_difference
-
     if not docs_f.get("doc_ids") or docs_f["doc_ids"] != docs_c.get("doc_ids"):
         return {}
     if metric not in docs_f or metric not in docs_c:

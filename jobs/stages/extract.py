@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from fusion.tokens import encode_documents
 from jobs.corpus import unpack_texts
 from jobs.registry import Stage
 from jobs.stages.common import (
@@ -22,7 +23,6 @@ from jobs.stages.common import (
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from fusion.extract import extract_documents
-    from fusion.tokens import encode_documents
 
     threads = set_threads()
     name, s = ctx.task.model, ctx.task.shard

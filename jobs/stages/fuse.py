@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from fusion.diagnostics import diagnose, to_record, verdict
+from fusion.fuse import GOLD_FLOOR, fuse_shard
 from jobs.registry import Layout, Stage, Variant
 from jobs.stages.common import StageContext, StageError
 
@@ -39,9 +41,6 @@ def record_source_value(ctx: StageContext, target: Any, aligned: list[Any]) -> s
     """FuseLLM's fuse tasks keep the source-value diagnostics of their shard (what each source could teach
     the target before any training; fusion.diagnostics) beside it: the report merges them. Returns the
     shard's one-line verdict."""
-    from fusion.diagnostics import diagnose, to_record, verdict
-    from fusion.fuse import GOLD_FLOOR
-
     if (ctx.task.variant or Variant.fused.value) != Variant.fused.value or not aligned:
         return None
     fz = ctx.spec.fusion
@@ -54,8 +53,6 @@ def record_source_value(ctx: StageContext, target: Any, aligned: list[Any]) -> s
 
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    from fusion.fuse import fuse_shard
-
     s = ctx.task.shard
     fz = ctx.spec.fusion
     target = ctx.input_shard(Stage.extract, model=ctx.spec.target.name)

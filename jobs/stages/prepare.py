@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from fusion.hub import load_tokenizer
+from fusion.tokens import adds_bos_by_default
 from jobs.corpus import (
     CorpusError,
     heldout_split,
@@ -35,8 +37,6 @@ def text_path(ctx: StageContext, uri: str, field: str) -> Path:
 
 
 def load_tokenizers(ctx: StageContext) -> list[Any]:
-    from fusion.hub import load_tokenizer
-
     toks = []
     for m in ctx.spec.models:
         try:
@@ -68,8 +68,6 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     train_ids, held_ids = heldout_split(len(docs), spec.corpus.heldout_fraction, spec.corpus.seed)
     toks = load_tokenizers(ctx)
     # A model whose documents start with BOS (addBos, or its tokenizer's default) needs one more token.
-    from fusion.tokens import adds_bos_by_default
-
     bos = [
         m.add_bos if m.add_bos is not None else adds_bos_by_default(t)
         for m, t in zip(spec.models, toks, strict=True)

@@ -139,7 +139,7 @@ def launch_ranks(argv: list[str], envs: list[dict[str, str]]) -> int:
     """Start one process per rank environment (this same command), forward SIGTERM, stop the group when a
     rank fails, and return the group's exit code."""
     procs = [
-        subprocess.Popen([sys.executable, "-m", "jobs", "train", *argv], env={**os.environ, **e})
+        subprocess.Popen([sys.executable, "-m", "jobs", Stage.train.value, *argv], env={**os.environ, **e})
         for e in envs
     ]
 
@@ -388,7 +388,7 @@ def _work_dir(store: Any, run_name: str, task_id: str) -> Path:
 def _train_io(work: Path, store: Any, variant: str, fingerprint: str) -> Any:
     from fusion.train.loop import TrainIO
 
-    return TrainIO(work, store, prefix=Layout.train_prefix(variant), fingerprint=fingerprint)
+    return TrainIO(work, store, store_checkpoints=Layout.checkpoints(variant), fingerprint=fingerprint)
 
 
 def checkpoint_fingerprint(spec: Any, task: Any, inputs: dict[str, str]) -> str:

@@ -17,6 +17,7 @@ from fusionrun_operator.k8s_objects import LABEL_MANAGED_BY, LABEL_RUN, MANAGER
 from fusionrun_operator.pipeline import InvalidSpec, parse_pipeline
 from fusionrun_operator.runtime import Operator
 from jobs.spec import API_GROUP, API_VERSION, PLURAL
+from jobs.store import StoreError
 
 FINALIZER = f"{API_GROUP}/finalizer"
 
@@ -102,7 +103,6 @@ def on_run_deleted(
     pipeline = parse_pipeline(dict(spec), operator.config)
     if isinstance(pipeline, InvalidSpec):
         raise kopf.PermanentError(f"cannot delete artifacts: the spec does not validate: {pipeline.message}")
-    from jobs.store import StoreError
 
     try:
         n, entries = operator.delete_artifacts(pipeline.spec, namespace, name)

@@ -24,12 +24,10 @@ the pods' priorityClassName for the workload's priority when it is unset).
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import kopf
-
+from fusion.uris import is_relative
 from fusionrun_operator.capabilities import Capabilities
 from fusionrun_operator.config import PERMANENT_EXIT_CODE, OperatorConfig
 from jobs.registry import INDEX_ENV, SHARDS_ENV, format_indexes
@@ -74,7 +72,7 @@ class PodRole:
 
 @dataclass(frozen=True)
 class RunRef:
-    """The FusionRun that owns the objects (what kopf.adopt needs, plus the generation)."""
+    """The FusionRun that owns the objects (its identity, labels and generation)."""
 
     name: str
     namespace: str
@@ -82,17 +80,27 @@ class RunRef:
     generation: int = 1
     labels: dict[str, str] = field(default_factory=dict)
 
-    def owner_body(self) -> dict[str, Any]:
-        return {
-            "apiVersion": f"{API_GROUP}/{API_VERSION}",
-            "kind": KIND,
-            "metadata": {
-                "name": self.name,
-                "namespace": self.namespace,
-                "uid": self.uid,
-                "labels": dict(self.labels),
-            },
-        }
+    def adopt(self, obj: dict[str, Any]) -> None:
+        """Make the run own `obj` as kopf.adopt does, without kopf (this module stays pure): the run is its
+        controller (deleting the run deletes it), it lives in the run's namespace, and it carries the run's
+        labels that it does not set itself."""
+        meta = obj.setdefault("metadata", {})
+        refs = meta.setdefault("ownerReferences", [])
+        if not any(ref.get("uid") == self.uid for ref in refs):
+            refs.append(
+                {
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                    "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                    "kind": KIND,
+                    "name": self.name,
+                    "uid": self.uid,
+                }
+            )
+        meta.setdefault("namespace", self.namespace)
+        labels = meta.setdefault("labels", {})
+        for key, value in self.labels.items():
+            labels.setdefault(key, value)
 
 
 def k8s_name(*parts: str | int, limit: int = MAX_NAME) -> str:
@@ -122,14 +130,10 @@ def pod_hostname(run: str, task_id: str, rank: int) -> str:
     return k8s_name(run, task_id, rank)
 
 
-def is_relative_local(uri: str) -> bool:
-    return bool(re.match(r"^(file://)?\.\.?/", uri))
-
-
 def effective_spec(spec: FusionRunSpec, config: OperatorConfig) -> FusionRunSpec:
     """The spec the Jobs run with: a relative local store (the spec default, meaningless in a cluster)
     becomes the operator's default store when one is configured."""
-    if not (config.default_store_uri and is_relative_local(spec.store.uri)):
+    if not (config.default_store_uri and is_relative(spec.store.uri)):
         return spec
     secret = {"name": config.default_store_secret} if config.default_store_secret else None
     store = StoreSpec.model_validate(
@@ -297,7 +301,7 @@ def pod_spec(
         env += _rendezvous_env(run, spec, task, role, config)
     volumes = [{"name": "scratch", "emptyDir": {}}]
     mounts = [{"name": "scratch", "mountPath": "/scratch"}]
-    if task.stage.value in ("extract", "train", "evaluate"):  # torch workers and NCCL need a real /dev/shm
+    if task.definition.accelerated:  # torch workers and NCCL need a real /dev/shm
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     container: dict[str, Any] = {
@@ -398,7 +402,7 @@ def job_object(
         },
         "spec": job_spec,
     }
-    kopf.adopt(job, owner=run.owner_body())
+    run.adopt(job)
     return job
 
 
@@ -464,7 +468,7 @@ def service_manifest(run: RunRef, task: Task, config: OperatorConfig) -> dict[st
             "ports": [{"name": "rendezvous", "port": config.master_port, "targetPort": config.master_port}],
         },
     }
-    kopf.adopt(svc, owner=run.owner_body())
+    run.adopt(svc)
     return svc
 
 

@@ -16,6 +16,8 @@ import os
 from collections.abc import Mapping
 
 from fusionrun_operator.config import OperatorConfig, from_env
+from fusionrun_operator.logs import setup_logging
+from fusionrun_operator.runtime import Operator
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     import kopf
 
     from fusionrun_operator import handlers  # noqa: F401  (registers the handlers)
-    from fusionrun_operator.logs import setup_logging
-    from fusionrun_operator.runtime import Operator
 
     setup_logging(args.verbose)  # one handler: kopf's (logging.basicConfig beside it wrote lines twice)
     operator = Operator(cfg)

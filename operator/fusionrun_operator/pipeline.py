@@ -48,7 +48,7 @@ class Pipeline:
         return [t for t in self.tasks if t.stage is Stage.train]
 
     def any_done(self, stage: str, completed: frozenset[str]) -> bool:
-        return any(t.stage.value == stage and t.id in completed for t in self.tasks)
+        return any(t.stage == stage and t.id in completed for t in self.tasks)
 
 
 def parse_pipeline(

@@ -52,9 +52,14 @@ from jobs.cache import (
     holder_task,
     lease_holder,
     read_entry,
+    release_run,
     task_key,
 )
-from jobs.registry import Layout
+from jobs.complete import ManifestError, completed_tasks, read_manifest, read_outputs, why_incomplete
+from jobs.complete import adopt as adopt_entry
+from jobs.complete import invalidate as drop_manifest
+from jobs.observe import alignment_from_store
+from jobs.registry import Layout, Stage
 from jobs.spec import FusionRunSpec
 from jobs.store import S3Store, Store, StoreError, make_s3_client, open_store, parse_s3_uri
 
@@ -242,8 +247,6 @@ def read_store_view(
             memo.store = store
         cached = ReadCache(CountingStore(store, count or (lambda op: None)))
         if memo is None:
-            from jobs.complete import completed_tasks
-
             completed = frozenset(completed_tasks(cached, pipeline.spec, pipeline.tasks))
         else:
             completed = memo_completed(cached, pipeline, memo, sigs)
@@ -294,8 +297,6 @@ def memo_completed(
     cached: ReadCache, pipeline: Pipeline, memo: RunMemo, sigs: Mapping[str, Signature]
 ) -> frozenset[str]:
     """jobs.complete.completed_tasks with remembered verdicts: only tasks never read, or stale, are read."""
-    from jobs.complete import why_incomplete
-
     memo.forget(_stale(pipeline, memo, sigs))
     done: set[str] = set()
     for t in pipeline.tasks:  # topological order
@@ -332,7 +333,7 @@ def read_progress(
 def read_metrics(
     cached: ReadCache, pipeline: Pipeline, completed: frozenset[str], memo: RunMemo | None
 ) -> dict[str, Any] | None:
-    if not pipeline.any_done("evaluate", completed):
+    if not pipeline.any_done(Stage.evaluate, completed):
         return None
     if memo is not None and memo.metrics is not None:
         return memo.metrics
@@ -350,9 +351,7 @@ def read_alignment(
     sigs: Mapping[str, Signature],
 ) -> dict[str, Any] | None:
     """Per source, once every align task is complete (jobs.observe.alignment_from_store)."""
-    from jobs.observe import alignment_from_store
-
-    aligns = frozenset((t.id, sigs.get(t.id, ())) for t in pipeline.tasks if t.stage.value == "align")
+    aligns = frozenset((t.id, sigs.get(t.id, ())) for t in pipeline.tasks if t.stage is Stage.align)
     if memo is not None and memo.alignment is not None and memo.alignment[0] == aligns:
         return memo.alignment[1] or None
     if not aligns or any(task_id not in completed for task_id, _ in aligns):
@@ -404,8 +403,6 @@ def read_shared(
 def made_from(cached: ReadCache, task: Any, memo: RunMemo | None) -> SharedOutput | None:
     """The entry a complete task's manifest points at, when another task made it (read with the verdict:
     the manifest is in the pass's cache then; remembered after)."""
-    from jobs.complete import read_manifest
-
     if memo is not None and task.id in memo.sources:
         return memo.sources[task.id]
     m = read_manifest(cached, task) or {}
@@ -424,8 +421,6 @@ def lookup(
 ) -> SharedOutput | None:
     """A ready task's key, claim and entry (or producer); None when its inputs or the cache area cannot be
     read (no memoization: its Job runs; the pass's view of the run itself stands)."""
-    from jobs.complete import ManifestError, read_outputs
-
     memo = ready.memo
     seen = memo.lookups.get(task.id) if memo is not None else None
     if seen is not None and not ready.recheck(seen[1].claim, seen[0]):
@@ -465,8 +460,6 @@ def adopt(store: Store, pipeline: Pipeline, run_name: str, adoptions: Iterable[A
     """Make the tasks complete from the shared cache (jobs.complete.adopt: the run's manifest points at the
     entry, and the run is recorded as its user). Returns the tasks whose entry was not there (gone, or
     found corrupt and dropped): they are looked up again next pass."""
-    from jobs.complete import adopt as adopt_entry
-
     missed = []
     for a in adoptions:
         task = pipeline.by_id[a.task_id]
@@ -479,15 +472,11 @@ def delete_artifacts(store: Store, run_name: str) -> tuple[int, list[str]]:
     """spec.deleteArtifacts: first let go of the shared cache entries the run used (jobs.cache.release_run:
     its user records go, and so do the entries no other live run points at), then delete everything under
     the run's prefix. Returns (objects deleted, entries deleted)."""
-    from jobs.cache import release_run
-
     released = release_run(store, run_name)  # before the prefix: its manifests say which entries it used
     return store.delete_prefix(""), released
 
 
 def invalidate(store: Store, pipeline: Pipeline, task_ids: Iterable[str]) -> None:
     """Drop the tasks' manifests (restartFrom): the next passes see them incomplete and rerun them."""
-    from jobs.complete import invalidate as drop_manifest
-
     for task_id in task_ids:
         drop_manifest(store, pipeline.by_id[task_id])
