@@ -9,7 +9,9 @@ On a shared machine a variant timed in a block of its own can catch a busy secon
   the median over rounds of those ratios with its spread (the quartiles of the per-round ratios): a busy
   moment inflates the ratio of the one round it falls into, which the median ignores, and a wide spread
   says the machine was too busy for the figure to mean much;
-- `spread` summarizes samples of one kind (the operator's latencies) the same way.
+- `spread` summarizes samples of one kind (the operator's latencies) the same way;
+- `Spread.against(goal)` gives the verdict the spread supports: met or missed only when the whole
+  interquartile range is on one side of the goal, else undecided.
 
     timings = interleave({"clm": clm_step, "fused": fused_step}, rounds=11)
     print(f"fused / clm: {timings.ratio('fused', 'clm').fmt('x')}")   # 1.09x (IQR 1.06-1.12, 11 rounds)
@@ -47,6 +49,19 @@ class Spread:
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
+
+    def against(self, goal: float, higher_is_better: bool = False) -> str:
+        """The verdict on a goal that the spread supports: met or missed when the whole interquartile range
+        is on one side of it, else undecided (the machine was too busy to tell; rerun when it is quieter)."""
+        if higher_is_better:
+            met, missed = self.q1 >= goal, self.q3 < goal
+        else:
+            met, missed = self.q3 <= goal, self.q1 > goal
+        if met:
+            return "meets the goal"
+        if missed:
+            return "MISSES the goal"
+        return "undecided: the spread straddles the goal (a busy machine; rerun when it is quieter)"
 
 
 def spread(values: Iterable[float]) -> Spread:

@@ -52,3 +52,12 @@ def test_a_busy_moment_in_one_round_does_not_flip_the_ratio() -> None:
     assert timing.spread([3.0]).fmt(" s") == "3.00 s (1 round: no spread)"
     with pytest.raises(ValueError):
         timing.spread([])
+
+
+def test_the_verdict_is_the_one_the_spread_supports() -> None:
+    tight = timing.spread([1.08, 1.09, 1.10, 1.11, 1.12])
+    assert tight.against(1.15) == "meets the goal"
+    assert tight.against(1.05) == "MISSES the goal"
+    assert timing.spread([0.9, 1.0, 1.1, 1.4, 1.5]).against(1.15).startswith("undecided")
+    assert timing.spread([150.0, 190.0, 200.0]).against(100, higher_is_better=True) == "meets the goal"
+    assert timing.spread([50.0, 90.0, 95.0]).against(100, higher_is_better=True) == "MISSES the goal"
