@@ -61,6 +61,12 @@ crds: setup
 bench: setup
 	$(PY) -m bench.run
 
+## Every benchmark at tiny sizes, checked, the heavy ones on tiny models (a few minutes; `make test` runs it:
+## tests/test_bench_smoke.py). Fails when a benchmark crashes or its own checks fail, never on timings.
+.PHONY: bench-smoke
+bench-smoke: setup
+	$(PY) -m bench.run --smoke
+
 ## The fusion ablation on real models (docs/results.md): the base evidence run, then its variants (hours on CPU).
 ablation: setup
 	bash scripts/fetch-real-models.sh

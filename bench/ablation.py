@@ -6,6 +6,7 @@
     .venv/bin/python -m bench.ablation                                   # every variant below
     .venv/bin/python -m bench.ablation lambda-0p5 avgce                  # a selection
     .venv/bin/python -m bench.ablation --table                           # print the table only
+    .venv/bin/python -m bench.ablation --smoke                           # tiny models (bench.smoke)
 
 A variant is the base FusionRun with a few fields changed (VARIANTS), run under the name
 `<base>-<variant>` in the same store. Its prepare, extract and align tasks have the base run's content
@@ -16,6 +17,10 @@ Each variant trains the FuseLLM model only, unless it sets training.clmBaseline 
 the longer schedule train their own CLM-only baseline with the same settings). Sources are scored once, by
 the base run. Training checkpoints of finished variants are deleted (about 4 GB each); the exported model,
 the manifests, metrics and logs stay.
+
+`--smoke` runs the same code on the tiny base (bench.smoke; or --base, run first if it is not complete) with
+the variants named (default: topk-3), and fails unless the table has the base's row and each variant's,
+each with its FuseLLM minus CLM-only difference.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -101,10 +107,12 @@ def absolute_document(path: Path | str) -> dict[str, Any]:
 
 def variant_document(base_doc: dict[str, Any], variant: str) -> dict[str, Any]:
     """The variant's FusionRun document: the base one (paths resolved) with the variant's overrides, its
-    own name, one checkpoint at the end (disk) and no re-scoring of the sources (the base run did that)."""
+    own name, one checkpoint at the end (disk), no baseline but those it sets, and no re-scoring of the
+    sources (the base run did that)."""
     _, over = VARIANTS[variant]
+    off = {"clmBaseline": False, "selfDistillBaseline": False, "sourcesOnlyBaseline": False}
     common = {
-        "training": {"clmBaseline": False, "checkpointInterval": 1000},
+        "training": {**off, "checkpointInterval": 1000},
         "evaluation": {"evaluateSources": False},
     }
     spec = deep_merge(deep_merge(base_doc["spec"], common), over)
@@ -275,6 +283,9 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+SMOKE_VARIANTS = ["topk-3"]  # fusion changes, extraction and alignment adopted: the usual variant's path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.ablation",
@@ -282,23 +293,37 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("variants", nargs="*", help=f"a selection of {list(VARIANTS)} (default: all)")
-    ap.add_argument("--base", default=str(BASE_SPEC), help="the base FusionRun (already run)")
+    ap.add_argument("--base", help=f"the base FusionRun, already run (default {BASE_SPEC.name})")
     ap.add_argument("--table", action="store_true", help="only print the table of what has run")
     ap.add_argument("--json", help="also write the table as JSON here")
     ap.add_argument("--plot", help="also plot the differences and their intervals (PNG) here")
+    ap.add_argument(
+        "--smoke", action="store_true", help=f"tiny base (bench.smoke), {SMOKE_VARIANTS}; checked"
+    )
     args = ap.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    variants = args.variants or list(VARIANTS)
-    base_doc = absolute_document(args.base)
+    if not args.smoke:
+        return ablation(args, ap, args.base or str(BASE_SPEC), args.variants or list(VARIANTS))
+    with tempfile.TemporaryDirectory(prefix="bench-ablation-smoke-") as tmp:
+        from bench.smoke import write_tiny_base
+
+        base = args.base or str(write_tiny_base(Path(tmp)))
+        if subprocess.call([sys.executable, "-m", "jobs.cli", "run", base], cwd=ROOT) != 0:
+            return 1
+        return ablation(args, ap, base, args.variants or SMOKE_VARIANTS)
+
+
+def ablation(args: argparse.Namespace, ap: argparse.ArgumentParser, base: str, variants: list[str]) -> int:
+    base_doc = absolute_document(base)
     store_uri = base_doc["spec"]["store"]["uri"]
     if is_s3(store_uri):
         ap.error("the ablation links the base run's local outputs: use a file:// store")
     store_root = local_path(store_uri)
     base_name = base_doc["metadata"]["name"]
     if not (store_root / base_name / Layout.METRICS).is_file():
-        ap.error(f"run the base first: {sys.executable} -m jobs.cli run {args.base}")
+        ap.error(f"run the base first: {sys.executable} -m jobs.cli run {base}")
     failed = []
     if not args.table:
         out_dir = store_root / "ablation-specs"
@@ -317,7 +342,23 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, Path(args.plot))
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
+    if args.smoke:
+        failed += smoke_problems(rows, variants)
     return 1 if failed else 0
+
+
+def smoke_problems(rows: list[dict[str, Any]], variants: list[str]) -> list[str]:
+    """The table must have the base's row and each variant's, each with its difference on every text."""
+    out = []
+    labels = [r["variant"] for r in rows]
+    if len(rows) != 1 + len(variants) or labels[1:] != variants:
+        out.append(f"table rows {labels}, expected the base and {variants}")
+    for r in rows:
+        texts = [k for k in r if isinstance(r[k], dict)]
+        out += [f"{r['variant']}: no difference on {t}" for t in texts if not r[t].get("difference")]
+    for problem in out:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    return out
 
 
 if __name__ == "__main__":

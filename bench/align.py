@@ -1,27 +1,29 @@
 """Benchmark: MinED vocabulary map and DTW token alignment, ours vs the same algorithms in plain Python; then
 exact alignment (byte offsets + projection by spelling) against DTW + MinED on the same documents.
 
-    .venv/bin/python -m bench.align [--docs 24] [--no-full-map] [--no-exact]
+    .venv/bin/python -m bench.align [--docs 24] [--rounds 3] [--no-full-map] [--no-exact]
 
 Real text (Python standard library sources, read from this interpreter's stdlib folder), real tokenizers
 (SmolLM2 byte-level BPE as the source, Mistral v1 SentencePiece as the target). The plain-Python versions
 (`bench.reference`, which the tests also use as their oracle) implement the SAME algorithms (same costs,
 same tie-breaks), so the outputs are asserted identical on a subset before the ratio is printed. The plain
-versions run on a subset and are extrapolated per item.
+versions run on a subset and are extrapolated per item. Each comparison is timed in interleaved rounds
+(bench.timing) and reported as the median over rounds of each round's ratio, with its spread.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sysconfig
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from bench import reference
+from bench.timing import interleave, machine_load
 
 STDLIB_MODULES = ("json/decoder.py", "textwrap.py", "difflib.py", "argparse.py", "csv.py", "shlex.py")
 
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=int, default=24, help="stdlib text chunks of 1600 characters")
     parser.add_argument("--plain-map-queries", type=int, default=6, help="non-exact ids the plain map runs")
     parser.add_argument("--plain-dtw-docs", type=int, default=2, help="documents the plain DTW runs")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each comparison")
     parser.add_argument("--no-full-map", action="store_true", help="skip the full 49k x 32k map")
     parser.add_argument("--no-exact", action="store_true", help="skip exact vs DTW + MinED")
     args = parser.parse_args(argv)
@@ -97,50 +100,66 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"text: {len(texts)} stdlib chunks, {sum(map(len, texts))} chars; "
         f"source SmolLM2 {n_src_tok} tokens, target Mistral {n_tgt_tok} tokens; "
-        f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}"
+        f"{machine_load()}"
     )
 
     # --- MinED map, lazy over the source ids that occur ---------------------------------------------
     occurring = np.unique(np.concatenate(src_docs))
-    vmap, t_ours = timed(build_vocab_map, src, tgt, "mined", occurring)
+    vmap = build_vocab_map(src, tgt, "mined", occurring)
     special = set(src.special_ids.tolist())
     non_exact = [i for i in occurring.tolist() if not vmap.exact[i] and i not in special]
     cands = target_candidates(tgt).tolist()
     exact = exact_index(tgt, target_candidates(tgt))
     subset = non_exact[: args.plain_map_queries]
-    t0 = time.perf_counter()
-    plain = [reference.nearest(src.token_text[i], tgt.token_text, cands, exact) for i in subset]
-    t_plain_q = (time.perf_counter() - t0) / max(1, len(subset))
-    assert plain == vmap.ids[subset].tolist(), "plain MinED disagrees with fusion.vocab"
+
+    def plain_map() -> None:
+        plain = [reference.nearest(src.token_text[i], tgt.token_text, cands, exact) for i in subset]
+        assert plain == vmap.ids[subset].tolist(), "plain MinED disagrees with fusion.vocab"
+
+    def ours_map() -> None:
+        assert np.array_equal(build_vocab_map(src, tgt, "mined", occurring).ids, vmap.ids)
+
     # The plain map spends its time on non-exact ids (exact ones are a dict hit): extrapolate over those.
-    t_plain = t_plain_q * len(non_exact)
+    scale = len(non_exact) / max(1, len(subset))
+    t = interleave({"ours": ours_map, "plain": plain_map}, rounds=args.rounds, warmup=0)
     print(f"\nMinED map (lazy, {len(occurring)} occurring ids, {len(non_exact)} without exact match):")
-    print(f"  ours  {t_ours:8.3f} s")
+    print(f"  ours  {t.median('ours'):8.3f} s  (median of {t.rounds} rounds)")
     print(
-        f"  plain {t_plain:8.1f} s  (extrapolated: {t_plain_q:.2f} s per non-exact id, checked on "
-        f"{len(subset)} ids: identical)"
+        f"  plain {t.median('plain') * scale:8.1f} s  (extrapolated: "
+        f"{t.median('plain') / max(1, len(subset)):.2f} s per non-exact id, checked on {len(subset)} ids: "
+        "identical)"
     )
-    print(f"  ratio {t_plain / t_ours:8.0f}x")
+    r = t.ratio("plain", "ours", scale)
+    print(f"  ratio {r.fmt('x', 0)}  (median of per-round ratios): {r.against(100, higher_is_better=True)}")
 
     # --- DTW ---------------------------------------------------------------------------------------
     pairs = [(src.bytes_of(a), tgt.bytes_of(b)) for a, b in zip(src_docs, tgt_docs, strict=True)]
-    t0 = time.perf_counter()
-    paths = [dtw_align(a, b) for a, b in pairs]
-    t_dtw = time.perf_counter() - t0
     cells = sum(len(a) * len(b) for a, b in pairs)
     sub = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) * len(pairs[i][1]))[: args.plain_dtw_docs]
-    t0 = time.perf_counter()
-    for i in sub:
-        a, b = pairs[i]
-        _, plain_path = reference.dtw([x.decode("latin-1") for x in a], [x.decode("latin-1") for x in b])
-        sp, tp = paths[i]
-        assert plain_path == list(zip(sp.tolist(), tp.tolist(), strict=True)), "plain DTW disagrees"
+    paths = [dtw_align(a, b) for a, b in pairs]
+
+    def plain_dtw() -> None:
+        for i in sub:
+            a, b = pairs[i]
+            _, plain_path = reference.dtw([x.decode("latin-1") for x in a], [x.decode("latin-1") for x in b])
+            sp, tp = paths[i]
+            assert plain_path == list(zip(sp.tolist(), tp.tolist(), strict=True)), "plain DTW disagrees"
+
     t_plain_cells = sum(len(pairs[i][0]) * len(pairs[i][1]) for i in sub)
-    t_dtw_plain = (time.perf_counter() - t0) / t_plain_cells * cells
+    t = interleave(
+        {"ours": lambda: [dtw_align(a, b) for a, b in pairs], "plain": plain_dtw},
+        rounds=args.rounds,
+        warmup=0,
+    )
+    t_dtw = t.median("ours")
     print(f"\nDTW ({len(pairs)} documents, {cells / 1e6:.1f} M cells, {n_tgt_tok} target positions):")
-    print(f"  ours  {t_dtw:8.3f} s  ({n_tgt_tok / t_dtw:,.0f} target tokens/s)")
-    print(f"  plain {t_dtw_plain:8.1f} s  (extrapolated per cell from {len(sub)} documents: identical paths)")
-    print(f"  ratio {t_dtw_plain / t_dtw:8.0f}x")
+    print(f"  ours  {t_dtw:8.3f} s  ({n_tgt_tok / t_dtw:,.0f} target tokens/s; median of {t.rounds} rounds)")
+    print(
+        f"  plain {t.median('plain') / t_plain_cells * cells:8.1f} s  (extrapolated per cell from {len(sub)} "
+        "documents: identical paths)"
+    )
+    r = t.ratio("plain", "ours", cells / t_plain_cells)
+    print(f"  ratio {r.fmt('x', 0)}  (median of per-round ratios): {r.against(100, higher_is_better=True)}")
 
     # --- The whole aligned-shard transform (DTW + acceptance + top-k mapping), k = 10 ----------------
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     if not args.no_exact:
-        compare_exact(texts)
+        compare_exact(texts, args.rounds)
 
     if not args.no_full_map:
         full, t_full = timed(build_vocab_map, src, tgt, "mined")
@@ -187,7 +206,7 @@ def text_arrays(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(raw), dtype=np.uint8), offsets, np.arange(len(texts), dtype=np.int64)
 
 
-def compare_exact(texts: list[str], repeats: int = 3) -> None:
+def compare_exact(texts: list[str], rounds: int = 3) -> None:
     """Exact vs DTW + MinED per tokenizer pair: coverage against the byte-boundary bound, and speed."""
     from fusion.align import align_shard_with_stats, needed_source_ids
     from fusion.exact import align_shard_exact, align_shard_with_diagnostics
@@ -202,11 +221,12 @@ def compare_exact(texts: list[str], repeats: int = 3) -> None:
     text = text_arrays(texts)
     print(
         f"\nexact vs DTW + MinED ({len(texts)} documents, k=10; each tokenizer's own BOS convention; "
-        "time: best of 3, the lazy projection / map apart):"
+        f"time: median of {rounds} interleaved rounds, the lazy projection / map apart; speed-up: median of "
+        "per-round ratios [IQR]):"
     )
     print(
         f"  {'source -> target':20} {'positions':>9} {'bound':>7} {'exact':>7} {'DTW':>7} {'DTW ctx=':>8} "
-        f"{'exact s':>8} {'proj s':>7} {'DTW s':>7} {'map s':>6} {'speed-up':>8} {'mass':>6}"
+        f"{'exact s':>8} {'proj s':>7} {'DTW s':>7} {'map s':>6} {'speed-up [IQR]':>18} {'mass':>6}"
     )
     for src_name, tgt_name in EXACT_PAIRS:
         src_view, tgt_view = views[src_name], views[tgt_name]
@@ -218,13 +238,16 @@ def compare_exact(texts: list[str], repeats: int = 3) -> None:
             needed = needed_source_ids(src)
             proj, t_proj = timed(build_projection, toks[src_name], toks[tgt_name], needed)
             vmap, t_map = timed(build_vocab_map, src_view, tgt_view, "mined", needed)
-            t_exact = min(
-                timed(align_shard_exact, src, tgt, src_view, tgt_view, proj, *text)[1] for _ in range(repeats)
+            t = interleave(
+                {
+                    "exact": partial(align_shard_exact, src, tgt, src_view, tgt_view, proj, *text),
+                    "dtw": partial(align_shard_with_stats, src, tgt, src_view, tgt_view, vmap, "mined"),
+                },
+                rounds=rounds,
+                warmup=0,
             )
-            t_dtw = min(
-                timed(align_shard_with_stats, src, tgt, src_view, tgt_view, vmap, "mined")[1]
-                for _ in range(repeats)
-            )
+            t_exact, t_dtw, speed = t.median("exact"), t.median("dtw"), t.ratio("dtw", "exact")
+            speed_cell = f"{speed.median:.1f}x [{speed.q1:.1f}-{speed.q3:.1f}]"
             _, exact = align_shard_exact(src, tgt, src_view, tgt_view, proj, *text)
             _, _, dtw = align_shard_with_diagnostics(src, tgt, src_view, tgt_view, vmap, "mined", *text)
         pct = exact.positions / 100
@@ -232,7 +255,7 @@ def compare_exact(texts: list[str], repeats: int = 3) -> None:
             f"  {src_name + ' -> ' + tgt_name:20} {exact.positions:>9} {exact.boundary / pct:>6.1f}% "
             f"{exact.received / pct:>6.1f}% {dtw.received / pct:>6.1f}% "
             f"{dtw.received_at_boundary / max(dtw.received, 1):>8.1%} {t_exact:>8.3f} {t_proj:>7.2f} "
-            f"{t_dtw:>7.3f} {t_map:>6.2f} {t_dtw / t_exact:>7.1f}x {exact.mass_fraction:>6.1%}"
+            f"{t_dtw:>7.3f} {t_map:>6.2f} {speed_cell:>18} {exact.mass_fraction:>6.1%}"
         )
     print(
         "  bound: rows whose prefix ends where a source prefix ends (exact's ceiling); exact / DTW: rows "

@@ -5,6 +5,7 @@ of docs/results.md's evidence section, measured through the real pipeline.
     .venv/bin/python -m bench.evidence                     # every run below that is not complete yet
     .venv/bin/python -m bench.evidence seed-1 mined        # a selection
     .venv/bin/python -m bench.evidence --table results.md  # the tables of what has run (markdown)
+    .venv/bin/python -m bench.evidence --smoke             # tiny models (bench.smoke), checked
 
 The headline run is examples/evidence-pkg-code.yaml: FuseLLM and its three baselines (CLM-only,
 self-distillation, the source alone) trained on the same blocks, in the same order, for the same steps with
@@ -16,6 +17,10 @@ store's shared cache (jobs.cache): nothing is extracted twice. Checkpoints of fi
 Comparisons are paired per held-out document (the same documents in every run): within a run FuseLLM
 against each baseline (evaluate's fused_minus_*), across runs FuseLLM against FuseLLM (alignment, fusion
 settings) with fusion.evaluate.paired_bpb_difference.
+
+`--smoke` runs the same code on the tiny base (bench.smoke; or --base) with the runs named (default:
+token-level), and fails unless the tables have a section per run and each run's comparisons with the
+headline's baselines.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -272,17 +278,30 @@ def plot(store_root: Path, base: str, path: Path) -> bool:
     return True
 
 
+SMOKE_RUNS = ["token-level"]  # fusion changes, no baseline of its own: compared with the headline's
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="*", help=f"a selection of {list(RUNS)} (default: every one not done)")
-    ap.add_argument("--base", type=Path, default=BASE_SPEC)
+    ap.add_argument("--base", type=Path, help=f"the headline FusionRun (default {BASE_SPEC.name})")
     ap.add_argument("--table", type=Path, help="only write the tables of what has run to this file")
     ap.add_argument("--plot", type=Path, help="with --table: also plot FuseLLM minus each baseline (PNG)")
+    ap.add_argument("--smoke", action="store_true", help=f"the tiny base (bench.smoke), {SMOKE_RUNS}")
     args = ap.parse_args(argv)
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
         ap.error(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
-    base_doc = absolute_document(args.base)  # run documents are written elsewhere
+    if not args.smoke:
+        return evidence(args, args.base or BASE_SPEC, args.runs)
+    with tempfile.TemporaryDirectory(prefix="bench-evidence-smoke-") as tmp:
+        from bench.smoke import write_tiny_base
+
+        return evidence(args, args.base or write_tiny_base(Path(tmp)), args.runs or SMOKE_RUNS)
+
+
+def evidence(args: argparse.Namespace, base_spec: Path, runs: list[str]) -> int:
+    base_doc = absolute_document(base_spec)  # run documents are written elsewhere
     store_root = local_path(base_doc["spec"]["store"]["uri"])
     base = base_doc["metadata"]["name"]
     if args.table:
@@ -291,17 +310,32 @@ def main(argv: list[str] | None = None) -> int:
         args.table.write_text(tables(store_root, base))
         print(args.table.read_text())
         return 0
-    if fusionrun(args.base) != 0:
+    if fusionrun(base_spec) != 0:
         return 1
-    todo = args.runs or [r for r in RUNS if not (store_root / f"{base}-{r}" / Layout.METRICS).is_file()]
+    todo = runs or [r for r in RUNS if not (store_root / f"{base}-{r}" / Layout.METRICS).is_file()]
     failed = []
     for r in todo:
         t = time.time()
         rc = run_one(base_doc, store_root, r)
         print(f"=== {r}: exit {rc} after {time.time() - t:.0f} s", flush=True)
         failed += [r] if rc else []
-    print(tables(store_root, base))
+    text = tables(store_root, base)
+    print(text)
+    if args.smoke:
+        failed += smoke_problems(text, todo)
     return 1 if failed else 0
+
+
+def smoke_problems(text: str, runs: list[str]) -> list[str]:
+    """A section per run (and the headline), and each run's rows against the headline's baselines."""
+    out = [f"no section for {r}" for r in ["headline", *runs] if f"\n## {r}: " not in f"\n{text}"]
+    for run, b in HEADLINE_BASELINES:
+        row = f"| {run} FuseLLM minus the headline's {LABELS[b]} |"
+        if run in runs and row not in text:
+            out.append(f"no row {row}")
+    for problem in out:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    return out
 
 
 if __name__ == "__main__":

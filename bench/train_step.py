@@ -6,23 +6,25 @@ A step is forward + loss + backward + AdamW step on a tiny random-init Llama. Th
   clm        torch.nn.functional.cross_entropy over the vocabulary (what a plain CLM trainer runs)
   clm-ours   fusion.train.losses.ClmLoss: the CLM-only baseline's loss (fp32 logsumexp + gather, no targets)
   fused      fusion.train.losses.FusionLoss(0.9): fusion.loss.fusion_loss with K sparse targets per position
-Steps are interleaved (clm, clm-ours, fused, clm, ...) so that machine noise hits all alike; the median is
-reported and the fused/clm ratio printed (goal <= 1.15). Peak memory of a step: on a GPU
-torch.cuda.max_memory_allocated after a reset; on the CPU the peak RSS growth of a step, measured in a
-fresh child process per loss (a process's peak RSS only ever rises).
+Steps are interleaved round by round (bench.timing: clm, clm-ours, fused / clm-ours, fused, clm / ...); the
+fused/clm ratio is the median over rounds of each round's ratio, with its spread (goal <= 1.15): one busy
+moment inflates one round's ratio, not the figure. Every loss must stay finite (else exit 1). Peak memory
+of a step: on a GPU torch.cuda.max_memory_allocated after a reset; on the CPU the peak RSS growth of a
+step, measured in a fresh child process per loss (a process's peak RSS only ever rises).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from typing import Any
+
+from bench.timing import Timings, interleave, machine_load
 
 LOSSES = ("clm", "clm-ours", "fused")
 
@@ -88,19 +90,18 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
+def time_steps(args: argparse.Namespace) -> tuple[Timings, list[float]]:
+    """Interleaved rounds of one step per loss (the warm-up round creates the allocator's pools, the
+    kernels and the optimizer state); also every loss value, which must be finite."""
     model, opt, batch = build(args)
-    for name in LOSSES:  # warm-up: allocator, kernels, optimizer state
-        step(model, opt, batch, name)
-    times: dict[str, list[float]] = {n: [] for n in LOSSES}
-    for _ in range(args.steps):
-        for name in LOSSES:
-            _sync()
-            t0 = time.perf_counter()
-            step(model, opt, batch, name)
-            _sync()
-            times[name].append(time.perf_counter() - t0)
-    return times
+    losses: list[float] = []
+    timings = interleave(
+        {n: (lambda n=n: step(model, opt, batch, n)) for n in LOSSES},
+        rounds=args.steps,
+        sync=_sync,
+        after=lambda _, loss: losses.append(loss),
+    )
+    return timings, losses
 
 
 def _rss_bytes() -> int:
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per loss")
+    ap.add_argument("--steps", type=int, default=11, help="timed rounds (one step of each loss per round)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--memory-child", choices=LOSSES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -151,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(peak_memory(args, args.memory_child))
         return 0
 
-    times = time_steps(args)
-    med = {n: statistics.median(v) for n, v in times.items()}
+    timings, losses = time_steps(args)
     child = [sys.executable, "-m", "bench.train_step", *(argv if argv is not None else sys.argv[1:])]
     mem = {
         n: int(
@@ -166,33 +166,44 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
     print(
         f"train step, tiny Llama (hidden {args.hidden}, {args.layers} layers), vocab {args.vocab}, "
-        f"batch {args.batch} x {args.seq} tokens, K = {args.k}, {device}"
+        f"batch {args.batch} x {args.seq} tokens, K = {args.k}, {device}; {timings.rounds} interleaved "
+        f"rounds, {machine_load()}"
     )
-    print(f"{'loss':<10} {'median step':>12} {'min':>9} {'peak mem of a step':>20}")
+    print(f"{'loss':<10} {'median step':>12} {'IQR of its steps':>20} {'peak mem of a step':>20}")
     for n in LOSSES:
-        print(f"{n:<10} {med[n] * 1e3:>10.1f} ms {min(times[n]) * 1e3:>6.1f} ms {mem[n] / 2**20:>16.1f} MiB")
-    ratio = med["fused"] / med["clm"]
+        s = timings.summary(n)
+        iqr = f"{s.q1 * 1e3:.1f}-{s.q3 * 1e3:.1f} ms"
+        print(f"{n:<10} {s.median * 1e3:>9.1f} ms {iqr:>20} {mem[n] / 2**20:>16.1f} MiB")
+    ratio, ours = timings.ratio("fused", "clm"), timings.ratio("fused", "clm-ours")
     print(
-        f"fused / clm step time: {ratio:.3f}x (goal <= 1.15x); fused / clm-ours: "
-        f"{med['fused'] / med['clm-ours']:.3f}x; "
+        f"fused / clm step time, median of per-round ratios: {ratio.fmt('x', 3)}: {ratio.against(1.15)} "
+        "(<= 1.15x); "
+        f"fused / clm-ours: {ours.fmt('x', 3)}; "
         f"peak memory fused / clm: {mem['fused'] / max(mem['clm'], 1):.3f}x"
     )
+    bad = [x for x in losses if not math.isfinite(x)]
+    if bad:
+        print(f"FAILED: {len(bad)} of {len(losses)} step losses are not finite", file=sys.stderr)
     print(
         json.dumps(
             {
                 "bench": "train_step",
                 "device": device,
+                "load": machine_load(),
                 "vocab": args.vocab,
                 "batch": args.batch,
                 "seq": args.seq,
                 "k": args.k,
-                "median_s": med,
+                "median_s": {n: timings.median(n) for n in LOSSES},
+                "seconds": timings.seconds,
                 "peak_bytes": mem,
-                "ratio": ratio,
+                "ratio": ratio.median,
+                "ratio_spread": ratio.as_dict(),
+                "ratio_vs_clm_ours": ours.as_dict(),
             }
         )
     )
-    return 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
