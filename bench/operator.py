@@ -144,61 +144,65 @@ def apply_one(cp: ControlPlane, ns: str, name: str, spec: dict[str, Any], tmp: P
     return t0
 
 
-def wait_for(what: str, check: Callable[[], bool], t0: float, timeout: float = 60) -> float:
+LATENCY_TIMEOUT = 60.0  # seconds one latency sample may take before it counts as an error
+
+
+def wait_for(check: Callable[[], bool], t0: float, timeout: float = LATENCY_TIMEOUT) -> float | None:
+    """Seconds from t0 until check() holds; None after `timeout`."""
     while not check():
         if time.perf_counter() - t0 > timeout:
-            raise SystemExit(f"{what} after {timeout:.0f} s: is the operator running? see its log")
+            return None
         time.sleep(0.01)
     return time.perf_counter() - t0
 
 
-def measure_latency(cp: ControlPlane, ns: str, spec_for: SpecFor, samples: int, tmp: Path) -> list[float]:
+Latency = tuple[list[float], list[str]]  # the samples; what went wrong (errors)
+
+
+def has_job(cp: ControlPlane, ns: str, name: str) -> Callable[[], bool]:
+    batch, selector = client.BatchV1Api(cp.api()), f"{LABEL_RUN}={name}"
+    return lambda: bool(batch.list_namespaced_job(ns, label_selector=selector).items)
+
+
+def measure_latency(cp: ControlPlane, ns: str, spec_for: SpecFor, samples: int, tmp: Path) -> Latency:
     """Differing runs: kubectl apply -> the run's first Job exists. A first run, not measured, warms the
     operator up (as `share-writer` does for identical runs)."""
-    out = []
-    batch = client.BatchV1Api(cp.api())
+    out, errors = [], []
     for i in range(-1, samples):
         name = f"lat-{i}" if i >= 0 else "warm-up"
-        t0 = apply_one(cp, ns, name, spec_for(name), tmp)
-        selector = f"{LABEL_RUN}={name}"
-        seconds = wait_for(
-            f"no Job for {name}",
-            lambda s=selector: bool(batch.list_namespaced_job(ns, label_selector=s).items),
-            t0,
-        )
-        if i >= 0:
+        seconds = wait_for(has_job(cp, ns, name), apply_one(cp, ns, name, spec_for(name), tmp))
+        if seconds is None:
+            errors.append(f"latency: no Job for {name} after {LATENCY_TIMEOUT:.0f} s")
+        elif i >= 0:
             out.append(seconds)
-    return out
+    return out, errors
 
 
 def measure_shared_latency(
     cp: ControlPlane, ns: str, spec: dict[str, Any], samples: int, tmp: Path
-) -> list[float]:
+) -> Latency:
     """Identical runs: with `share-writer` making the output, kubectl apply of another identical run ->
-    its status says it waits for (or adopted) it."""
-    batch = client.BatchV1Api(cp.api())
-    t0 = apply_one(cp, ns, "share-writer", spec, tmp)
-    selector = f"{LABEL_RUN}=share-writer"
-    wait_for(
-        "no Job for share-writer",
-        lambda: bool(batch.list_namespaced_job(ns, label_selector=selector).items),
-        t0,
-    )
+    its status says it waits for (or adopted) it; it must make no Job of its own."""
+    errors = []
+    if wait_for(has_job(cp, ns, "share-writer"), apply_one(cp, ns, "share-writer", spec, tmp)) is None:
+        errors.append(f"latency: no Job for share-writer after {LATENCY_TIMEOUT:.0f} s")
     api = client.CustomObjectsApi(cp.api())
     out = []
     for i in range(samples):
         name = f"share-lat-{i}"
-        t0 = apply_one(cp, ns, name, spec, tmp)
 
         def shares(name: str = name) -> bool:
             run = api.get_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL, name)
             return bool(sharing(run.get("status") or {}))
 
-        out.append(wait_for(f"{name} never said it waits for share-writer", shares, t0))
-    own = [r for r, jobs in jobs_by_run(cp, ns).items() if r.startswith("share-lat-") and jobs]
-    if own:
-        raise SystemExit(f"identical runs made Jobs of their own: {own}")
-    return out
+        seconds = wait_for(shares, apply_one(cp, ns, name, spec, tmp))
+        if seconds is None:
+            errors.append(f"latency: {name} never said it waits for share-writer in {LATENCY_TIMEOUT:.0f} s")
+        else:
+            out.append(seconds)
+    own = sorted(r for r, jobs in jobs_by_run(cp, ns).items() if r.startswith("share-lat-") and jobs)
+    errors += [f"latency: {r} made Jobs of its own, the same as share-writer's" for r in own]
+    return out, errors
 
 
 def apply_burst(
@@ -496,20 +500,26 @@ def measure_kind(cp: ControlPlane, tmp: Path, kind: str, args: argparse.Namespac
     operator = OperatorProcess(cp, ns, tmp / f"operator-{kind}.log").start()
     try:
         if kind == "differing":  # each run its own corpus: its own outputs
-            latency = measure_latency(
+            latency, errors = measure_latency(
                 cp, ns, lambda n: bench_spec(store, f"corpus-{n}"), args.latency_samples, tmp
             )
             burst = measure_burst(
                 cp, ns, lambda n: bench_spec(store, f"corpus-{n}"), args.runs, tmp, args.timeout
             )
         else:  # the latency's runs share one corpus, the burst's another: one writer among the burst
-            latency = measure_shared_latency(
+            latency, errors = measure_shared_latency(
                 cp, ns, bench_spec(store, "corpus-shared-latency"), args.latency_samples, tmp
             )
             burst = measure_identical(
                 cp, ns, bench_spec(store, "corpus-shared-burst"), args.runs, tmp, args.timeout
             )
-        return {"latency_s": latency, **burst, "log_errors": operator.errors(), "alive": operator.alive()}
+        return {
+            "latency_s": latency,
+            "latency_errors": errors,
+            **burst,
+            "log_errors": operator.errors(),
+            "alive": operator.alive(),
+        }
     finally:
         operator.stop()
         if operator.errors():
@@ -519,7 +529,12 @@ def measure_kind(cp: ControlPlane, tmp: Path, kind: str, args: argparse.Namespac
 
 def error_count(r: dict[str, Any]) -> int:
     return (
-        len(r["duplicates"]) + len(r["failed"]) + len(r["missing"]) + len(r["log_errors"]) + (not r["alive"])
+        len(r["latency_errors"])
+        + len(r["duplicates"])
+        + len(r["failed"])
+        + len(r["missing"])
+        + len(r["log_errors"])
+        + (not r["alive"])
     )
 
 
@@ -533,13 +548,19 @@ def runs_rows(out: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
         rec = r["reconciled_s"]
         return f"{rec[0]:.2f} / {statistics.median(rec):.2f} / {rec[-1]:.2f}" if rec else "-"
 
-    lat: dict[str, Spread] = {k: spread(out[k]["latency_s"]) for k in KINDS}
+    lat: dict[str, Spread | None] = {
+        k: spread(out[k]["latency_s"]) if out[k]["latency_s"] else None for k in KINDS
+    }
     return [
         (
             "latency: kubectl apply -> own Job / -> waiting shown, median (IQR) (s)",
-            *(lat[k].fmt(digits=2, what="samples") for k in KINDS),
+            *(x.fmt(digits=2, what="samples") if (x := lat[k]) else "-" for k in KINDS),
         ),
-        ("  min / max (s)", *(f"{lat[k].min:.2f} / {lat[k].max:.2f}" for k in KINDS)),
+        ("  min / max (s)", *(f"{x.min:.2f} / {x.max:.2f}" if (x := lat[k]) else "-" for k in KINDS)),
+        (
+            "latency: errors (no Job; not waiting; identical runs' own Jobs)",
+            *both(lambda r: str(len(r["latency_errors"]))),
+        ),
         ("burst: runs in one kubectl apply", *both(lambda r: str(r["runs"]))),
         ("burst: kubectl apply (s)", *both(lambda r: f"{r['apply_s']:.2f}")),
         ("burst: runs reconciled", *both(lambda r: f"{len(r['reconciled_s'])} / {r['runs']}")),
@@ -569,7 +590,8 @@ def print_runs(out: dict[str, dict[str, Any]]) -> None:
     for label, a, b in rows:
         print(f"{label:<{w[0]}}  {a:>{w[1]}}  {b:>{w[2]}}")
     for kind in KINDS:
-        for problem in out[kind]["duplicates"][:10] + out[kind]["failed"][:10] + out[kind]["missing"][:10]:
+        r = out[kind]
+        for problem in r["latency_errors"] + r["duplicates"][:10] + r["failed"][:10] + r["missing"][:10]:
             print(f"  {kind}: {problem}", file=sys.stderr)
 
 
