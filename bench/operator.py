@@ -21,7 +21,8 @@ side in one invocation, each kind in its own namespace with its own operator pro
   2. Burst: `--runs` identical runs (a corpus of their own) in one `kubectl apply -f`. Reconciled: the run
      has its own prepare Job (the one writer), or no Job and its prepare task waiting for the writer
      (WaitingForSharedOutput, naming it) or adopted from it (Memoized).
-Counted as errors: runs never reconciled within the timeout; duplicates (a differing run with any Job but
+Counted as errors: a latency sample that does not come within 60 s (or an identical run that makes a Job of
+its own); runs never reconciled within the timeout; duplicates (a differing run with any Job but
 its own prepare Job; among identical runs, more than one Job for a task, or a waiting run that does not
 name the writer); runs whose phase is Failed; ERROR lines / tracebacks in the operator's log. Exit 1 on
 any error, so differing runs that stop making their own Jobs, or identical runs that stop sharing, fail.
