@@ -170,7 +170,11 @@ def test_the_k8s_tiny_example_runs_on_the_stand_in_kubelet(fusionrun_env: RunEnv
     st = env.wait_phase("tiny", "Succeeded", 900)
     print(f"stand-in kubelet: k8s-tiny apply -> Succeeded in {time.monotonic() - started:.0f} s")
     assert len(st["tasks"]) == 12
-    assert all((t["state"], t["attempts"]) == ("Succeeded", 1) for t in st["tasks"]), st["tasks"]
+    assert all(t["state"] == "Succeeded" for t in st["tasks"]), st["tasks"]
+    # Pods of the stand-in kubelet share this machine's network: the two trainings (FuseLLM, CLM-only) can
+    # race for the rendezvous port, and the loser retries. On a real kubelet each pod has its own network
+    # (tests/test_cluster.py: every task once).
+    assert all(t["attempts"] == 1 for t in st["tasks"] if not t["id"].startswith("train")), st["tasks"]
     assert st["artifactsUri"].rstrip("/") == "s3://fusionrun/runs/tiny"
     assert "runs/tiny/train/fused/model/config.json" in s3_keys(
         env.s3.client(), "fusionrun", "runs/tiny/train/"
