@@ -270,6 +270,10 @@ def test_tiny_local_example_end_to_end(tmp_path: Path) -> None:
     doc = yaml.safe_load((ROOT / "examples" / "tiny-local.yaml").read_text())
     doc["spec"]["corpus"]["uri"] = str(ROOT / "examples" / "data" / "stdlib-docstrings.txt")
     doc["spec"]["store"]["uri"] = str(tmp_path / "runs")
+    # The example's other relative paths (evaluation.taskDirs) resolve against its own folder.
+    doc["spec"]["evaluation"]["taskDirs"] = [
+        str(ROOT / "examples" / d) for d in doc["spec"]["evaluation"]["taskDirs"]
+    ]
     path = tmp_path / "tiny-local.yaml"
     path.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
