@@ -283,7 +283,9 @@ def test_operator_and_training_pod_deleted_mid_run(cluster: Cluster):
     tasks = {t["id"]: t for t in st["tasks"]}
     # The deleted pod stopped on SIGTERM after a checkpoint (exit 75): a preemption, rerun without a failure.
     assert (tasks["train"]["attempts"], tasks["train"]["failures"]) == (2, 0), tasks["train"]
-    assert all(t["attempts"] == 1 for tid, t in tasks.items() if tid != "train"), tasks
+    # Every other task ran once, or not at all (0 attempts: adopted from the README run's outputs).
+    assert all(t["attempts"] <= 1 for tid, t in tasks.items() if tid != "train"), tasks
+    assert tasks["prepare"]["attempts"] == 0 and tasks["extract-target-00000"]["attempts"] == 1
     jobs = cluster.jobs(name)
     ran = {j["metadata"]["labels"]["fusionrun.dev/task"] for j in jobs.values()}
     # The source's shards were made by the README's run: memoized here, no Job of their own.
