@@ -25,11 +25,12 @@ COPY constraints.txt /pins/constraints.txt
 RUN python -m venv /opt/fusionrun \
  && /opt/fusionrun/bin/pip install -c /pins/constraints.txt pip setuptools wheel
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone: a change to the sources rebuilds only the last small layer.
-COPY pyproject.toml README.md scripts/requirements.py ./
+# Dependencies first, from pyproject.toml alone: a change to the sources (or README) rebuilds only later layers.
+COPY pyproject.toml scripts/requirements.py ./
 RUN /opt/fusionrun/bin/python requirements.py pyproject.toml operator >/pins/requirements.txt \
  && /opt/fusionrun/bin/pip install -c /pins/constraints.txt --build-constraint /pins/constraints.txt \
     -r /pins/requirements.txt
+COPY README.md ./
 COPY fusion ./fusion
 COPY jobs ./jobs
 COPY operator ./operator
@@ -76,13 +77,14 @@ RUN ${JOB_PYTHON} -m venv /opt/fusionrun \
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 RUN /opt/fusionrun/bin/pip install --index-url "${TORCH_INDEX_URL}" -c /pins/constraints.txt torch==2.13.0
 WORKDIR /src
-COPY pyproject.toml README.md scripts/requirements.py ./
+COPY pyproject.toml scripts/requirements.py ./
 # DS_BUILD_OPS=0: no DeepSpeed C++/CUDA ops at build time (no nvcc here); the training loop uses torch's
 # AdamW, so no fused op is JIT-compiled at run time either.
 # eval: lm-evaluation-harness for evaluation.tasks (benchmarks); torch is already there, so it adds no CUDA.
 RUN /opt/fusionrun/bin/python requirements.py pyproject.toml jobs eval >/pins/requirements.txt \
  && DS_BUILD_OPS=0 /opt/fusionrun/bin/pip install -c /pins/constraints.txt \
     --build-constraint /pins/constraints.txt -r /pins/requirements.txt
+COPY README.md ./
 COPY fusion ./fusion
 COPY jobs ./jobs
 COPY operator ./operator
