@@ -288,6 +288,16 @@ def _command(spec: FusionRunSpec, task: Task, role: PodRole, config: OperatorCon
     return ["python", "-m", "jobs", *task.args(from_index=bool(role.shards))]
 
 
+def container_security() -> dict[str, Any]:
+    """The stage container's security context. Read-only root: a stage writes only to its volumes (HOME,
+    TMPDIR and the caches point at /scratch); tests/test_images.py runs every stage so."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
 def pod_spec(
     run: RunRef, spec: FusionRunSpec, task: Task, attempt: int, config: OperatorConfig, role: PodRole
 ) -> dict[str, Any]:
@@ -312,12 +322,7 @@ def pod_spec(
         "env": env,
         "resources": _resources(res),
         "volumeMounts": mounts,
-        # Read-only root: a stage writes only to its volumes (HOME, TMPDIR and caches point at /scratch).
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": container_security(),
         # The stage's last error line (FUSIONRUN_TERMINATION_LOG), else the log's tail on an error.
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
