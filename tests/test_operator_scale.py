@@ -250,11 +250,17 @@ def test_a_store_that_comes_up_within_the_grace_period_passes_the_check(monkeypa
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     endpoint = f"http://127.0.0.1:{port}"
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    # The bucket exists before the endpoint answers (moto's servers in one process share their state): the
+    # store comes up whole, as a restarted one does, not bucket-less for a moment (a race, seen in CI).
+    setup = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    setup.start()
+    setup_endpoint = f"http://127.0.0.1:{setup.get_host_and_port()[1]}"
+    boto3.client("s3", endpoint_url=setup_endpoint, region_name="us-east-1").create_bucket(Bucket="bucket")
+    setup.stop()
 
     def come_up() -> None:
         time.sleep(0.5)
         server.start()
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bucket")
 
     riser = threading.Thread(target=come_up)
     riser.start()
