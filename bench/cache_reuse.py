@@ -33,6 +33,7 @@ import yaml
 from bench.ablation import absolute_document
 from bench.timing import interleave, machine_load
 from jobs.cache import release_run
+from jobs.settings import Settings
 from jobs.spec import parse_fusionrun
 from jobs.store import open_store
 
@@ -90,7 +91,7 @@ def problems(with_reuse: dict[str, str], without: dict[str, str]) -> list[str]:
 def release(doc: dict[str, Any]) -> None:
     """Delete a variant run: its user records in the shared cache, then its own artifacts."""
     spec = parse_fusionrun(doc).spec
-    store = open_store(spec.store, doc["metadata"]["name"])
+    store = open_store(spec.store, doc["metadata"]["name"], Settings.from_env(os.environ))
     release_run(store, doc["metadata"]["name"])
     store.delete_prefix("")
 

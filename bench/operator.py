@@ -333,7 +333,7 @@ def prepare_done(spec: dict[str, Any], store: Path, run: str) -> None:
         body = f"documents of shard {i}".encode()
         run_store.put_bytes(Layout.documents(i), body)
         outputs[Layout.documents(i)] = Output(hashlib.sha256(body).hexdigest(), len(body))
-    write_manifest(run_store, task, build_manifest(parsed, task, outputs, {}, 0.0))
+    write_manifest(run_store, task, build_manifest(parsed, task, outputs=outputs, inputs={}, started_at=0.0))
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -106,17 +107,19 @@ def print_report(d: Diagnostics, label: str) -> None:
 def runs(args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
     """(name, store, spec) of each run asked for: --spec FILE, or --store URI --run NAME..."""
     from jobs.observe import recorded_spec
+    from jobs.settings import Settings
     from jobs.spec import StoreSpec, load_fusionrun
     from jobs.store import open_store
 
+    settings = Settings.from_env(os.environ)  # this command's entry point
     if args.spec:
         run = load_fusionrun(args.spec)
-        return [(run.metadata.name, open_store(run.spec.store, run.metadata.name), run.spec)]
+        return [(run.metadata.name, open_store(run.spec.store, run.metadata.name, settings), run.spec)]
     if not args.store or not args.run:
         raise SystemExit("give --spec FILE, or --store URI and --run NAME")
     out = []
     for name in args.run:
-        store = open_store(StoreSpec(uri=args.store), name)
+        store = open_store(StoreSpec(uri=args.store), name, settings)
         spec = recorded_spec(store)
         if spec is None:
             raise SystemExit(f"no run {name!r} in {args.store} (no recorded spec)")

@@ -17,8 +17,9 @@ run's deletion know what is still in use.
 
 One writer: a task that finds no entry takes the entry's lease (`lease.json`, an atomic create-if-absent:
 a conditional PUT on S3, a hard link locally) and renews it while it works; a concurrent task with the same
-key waits for the entry and adopts it; a lease not renewed for FUSIONRUN_CACHE_LEASE_SECONDS (default 600)
-is taken over (its writer died). A partial entry has no entry.json and is never adopted.
+key waits for the entry and adopts it; a lease not renewed for the settings' cache_lease_seconds
+(FUSIONRUN_CACHE_LEASE_SECONDS, 600) is taken over (its writer died). A partial entry has no entry.json
+and is never adopted.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from fusion.paths import hub_id
 from jobs.corpus import corpus_stamp
 from jobs.locations import stamp
 from jobs.registry import STAGES, CacheLayout, Stage, Task
+from jobs.settings import Settings
 from jobs.store import Store, StoreError, endpoint_of
 
 if TYPE_CHECKING:
@@ -48,18 +50,10 @@ CACHEABLE = frozenset(s for s, d in STAGES.items() if d.cacheable)
 ENTRY, USERS = CacheLayout.ENTRY, CacheLayout.USERS
 
 
-def enabled(task: Task) -> bool:
-    """Whether a task's outputs go to the shared cache: cacheable stages, unless turned off
-    (FUSIONRUN_REUSE=off: each run keeps its own outputs, as before the cache existed)."""
-    return task.stage in CACHEABLE and os.environ.get("FUSIONRUN_REUSE", "on") != "off"
-
-
-def lease_seconds() -> float:
-    return float(os.environ.get("FUSIONRUN_CACHE_LEASE_SECONDS", "600"))
-
-
-def poll_seconds() -> float:
-    return float(os.environ.get("FUSIONRUN_CACHE_POLL_SECONDS", "5"))
+def enabled(task: Task, settings: Settings) -> bool:
+    """Whether a task's outputs go to the shared cache: cacheable stages, unless turned off (settings.reuse,
+    FUSIONRUN_REUSE=off: each run keeps its own outputs, as before the cache existed)."""
+    return task.stage in CACHEABLE and settings.reuse
 
 
 def _sha(obj: Any) -> str:
@@ -278,8 +272,11 @@ def holder_id(run: str, task_id: str) -> str:
     return f"{run}/{task_id}@{socket.gethostname()}:{os.getpid()}"
 
 
-def _lease_doc(holder: str) -> bytes:
-    return json.dumps({"holder": holder, "expires_at": time.time() + lease_seconds()}).encode()
+def _lease_doc(cache: Store, holder: str) -> bytes:
+    """A lease for the store's settings' cache_lease_seconds from now."""
+    return json.dumps(
+        {"holder": holder, "expires_at": time.time() + cache.settings.cache_lease_seconds}
+    ).encode()
 
 
 def _lease(stage: Stage, key: str) -> str:
@@ -290,7 +287,7 @@ def try_lease(cache: Store, stage: Stage, key: str, holder: str) -> str | None:
     """Take the entry's lease: None when taken (by this call, or a takeover of an expired one), else the
     live holder's id."""
     lease = _lease(stage, key)
-    if cache.create(lease, _lease_doc(holder)):
+    if cache.create(lease, _lease_doc(cache, holder)):
         return None
     try:
         doc = json.loads(cache.get_bytes(lease))
@@ -300,7 +297,7 @@ def try_lease(cache: Store, stage: Stage, key: str, holder: str) -> str | None:
     if float(doc.get("expires_at", 0)) > time.time() and not _dead_here(holder_now):
         return holder_now
     cache.delete(lease)  # expired, or its writer died on this machine: whoever creates it next holds it
-    return None if cache.create(lease, _lease_doc(holder)) else "another task"
+    return None if cache.create(lease, _lease_doc(cache, holder)) else "another task"
 
 
 def lease_holder(cache: Store, stage: Stage, key: str) -> str | None:
@@ -342,10 +339,10 @@ def held_lease(cache: Store, stage: Stage, key: str, holder: str) -> Iterator[No
     stop = threading.Event()
 
     def renew() -> None:
-        while not stop.wait(lease_seconds() / 3):
+        while not stop.wait(cache.settings.cache_lease_seconds / 3):
             # A store hiccup: the next renewal tries again well before the lease expires.
             with suppress(StoreError):
-                cache.put_bytes(lease, _lease_doc(holder))
+                cache.put_bytes(lease, _lease_doc(cache, holder))
 
     thread = threading.Thread(target=renew, name="cache-lease", daemon=True)
     thread.start()

@@ -37,6 +37,7 @@ from jobs.registry import (
     shard_at_index,
 )
 from jobs.report import write_report
+from jobs.settings import Settings, SettingsError
 from jobs.spec import SpecError, StoreSpec, format_validation_error, load_fusionrun
 from jobs.stages.common import (
     InputError,
@@ -96,9 +97,10 @@ def _check_task_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> N
         ap.error(f"{args.stage} --variant {args.variant}: {args.stage} has the variants {has} only")
 
 
-def stage_main(argv: list[str] | None = None) -> int:
+def stage_main(argv: list[str] | None = None, settings: Settings | None = None) -> int:
     """Entry of `python -m jobs`: run one task; exit codes as jobs.retry says (0 done or skipped, 1 failed,
-    2 bad input: no retry can help), the message on stderr (jobs.stages.common.run_guarded)."""
+    2 bad input: no retry can help), the message on stderr (jobs.stages.common.run_guarded). settings:
+    `fusionrun stage` passes its own; else they are read from the environment here (jobs.settings)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = stage_parser()
     args = ap.parse_args(argv)
@@ -108,11 +110,12 @@ def stage_main(argv: list[str] | None = None) -> int:
         # Training owns its own process layout (DeepSpeed ranks, checkpoints, manifest); it ends a failure
         # as every stage does (run_guarded).
         return int(importlib.import_module(d.module).main(argv[1:]) or 0)
-    return run_guarded(args.stage, lambda: _run_stage(args, d))
+    return run_guarded(args.stage, lambda: _run_stage(args, d, settings))
 
 
-def _run_stage(args: argparse.Namespace, d: StageDef) -> int:
-    spec, name = load_spec_and_name(args.spec, args.run)
+def _run_stage(args: argparse.Namespace, d: StageDef, settings: Settings | None) -> int:
+    settings = settings or Settings.from_env(os.environ)
+    spec, name = load_spec_and_name(args.spec, args.run, settings)
     if args.model and args.model not in {m.name for m in spec.models}:
         raise InputError(
             f"--model {args.model}: no such model in the spec; known: {[m.name for m in spec.models]}"
@@ -122,7 +125,9 @@ def _run_stage(args: argparse.Namespace, d: StageDef) -> int:
     if args.shard is not None and not 0 <= args.shard < spec.extraction.shards:
         raise InputError(f"--shard {args.shard}: the run has extraction.shards={spec.extraction.shards}")
     task = Task(Stage(args.stage), model=args.model, shard=args.shard, variant=args.variant)
-    return run_task(importlib.import_module(d.module).run, task, spec, name, force=args.force)
+    return run_task(
+        importlib.import_module(d.module).run, task, spec, name, force=args.force, settings=settings
+    )
 
 
 def cmd_validate(path: str) -> int:
@@ -165,11 +170,12 @@ def benchmark_errors(spec: FusionRunSpec) -> list[str]:
     return light_errors(spec)
 
 
-def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str | None = None) -> int:
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    path, until = args.file, args.until
     try:
         run = load_fusionrun(path)
-        spec = apply_env_overrides(run.spec)
-        runner = LocalRunner(spec, run.metadata.name, workers=workers)
+        spec = apply_env_overrides(run.spec, settings)
+        runner = LocalRunner(spec, run.metadata.name, workers=args.workers, settings=settings)
     except SpecError as err:
         print(err, file=sys.stderr)  # names the file once
         return 1
@@ -183,7 +189,7 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
     _note_ignored(spec)
     t0 = time.time()
     try:
-        result = runner.run(force_stage=force_stage, on_task=_print_task, until=until)
+        result = runner.run(force_stage=args.force_stage, on_task=_print_task, until=until)
     except RunFailed as err:
         print(f"run {run.metadata.name} FAILED: {err}", file=sys.stderr)
         return 1
@@ -202,15 +208,16 @@ def cmd_run(path: str, force_stage: str | None, workers: int | None, until: str 
     return 0
 
 
-def open_run(args: argparse.Namespace) -> tuple[FusionRunSpec, str, Any]:
+def open_run(args: argparse.Namespace, settings: Settings) -> tuple[FusionRunSpec, str, Any]:
     """(spec, run name, store) of `fusionrun status/report TARGET`: TARGET is a FusionRun file (its store
     and name), or a run's name with --store (the spec its tasks recorded in the store)."""
     from pydantic import ValidationError
 
     if Path(args.target).is_file():
         run = load_fusionrun(args.target)
-        spec = apply_env_overrides(run.spec)
-        return spec, run.metadata.name, open_store(spec.store, run.metadata.name, check=spec.store.is_s3)
+        spec = apply_env_overrides(run.spec, settings)
+        store = open_store(spec.store, run.metadata.name, settings, check=spec.store.is_s3)
+        return spec, run.metadata.name, store
     if not args.store:
         raise SpecError(f"{args.target}: no such file; for a run's name, give its store with --store URI")
     try:
@@ -218,7 +225,7 @@ def open_run(args: argparse.Namespace) -> tuple[FusionRunSpec, str, Any]:
     except ValidationError as err:
         msg = format_validation_error(err, root="--store").replace("invalid FusionRun", "invalid store")
         raise SpecError(f"{args.target}: {msg}") from None
-    store = open_store(apply_env_overrides_store(where), args.target, check=where.is_s3)
+    store = open_store(apply_env_overrides_store(where, settings), args.target, settings, check=where.is_s3)
     try:
         spec = recorded_spec(store)
     except SpecError as err:
@@ -231,8 +238,8 @@ def open_run(args: argparse.Namespace) -> tuple[FusionRunSpec, str, Any]:
     return spec, args.target, store
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    spec, name, store = open_run(args)
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    spec, name, store = open_run(args, settings)
     status = store_status(store, spec)
     if args.json:
         print(json.dumps(status.to_k8s(), indent=1, sort_keys=True))
@@ -252,8 +259,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    spec, name, store = open_run(args)
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    spec, name, store = open_run(args, settings)
     out = Path(args.out) if args.out else Path.cwd() / "runs" / name / "report"
     path = write_report(store, spec, name, out)
     print(f"report: {path}")
@@ -272,17 +279,19 @@ def parse_age(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an age such as 30d, 12h, 45m or 90s") from None
 
 
-def open_cache(args: argparse.Namespace) -> Any:
+def open_cache(args: argparse.Namespace, settings: Settings) -> Any:
     """The shared cache area (jobs.cache) of a store given as a FusionRun file or a store URI."""
     if Path(args.target).is_file():
-        where = apply_env_overrides(load_fusionrun(args.target).spec).store
+        where = apply_env_overrides(load_fusionrun(args.target).spec, settings).store
     else:
         where = StoreSpec(uri=args.target, endpoint=args.endpoint, region=args.region, insecure=args.insecure)
-    return open_store(apply_env_overrides_store(where), CacheLayout.AREA, check=where.is_s3)
+    return open_store(
+        apply_env_overrides_store(where, settings), CacheLayout.AREA, settings, check=where.is_s3
+    )
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
-    cache = open_cache(args)
+def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
+    cache = open_cache(args, settings)
     if args.action == "ls":
         now = time.time()
         print(f"{'entry':<34} {'bytes':>12} {'last use':>9}  made by / used by")
@@ -303,9 +312,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def apply_env_overrides_store(store: Any) -> Any:
-    """FUSIONRUN_S3_ENDPOINT replaces the endpoint of an S3 store spec (see apply_env_overrides)."""
-    endpoint = os.environ.get("FUSIONRUN_S3_ENDPOINT")
+def apply_env_overrides_store(store: Any, settings: Settings) -> Any:
+    """The settings' s3.endpoint (FUSIONRUN_S3_ENDPOINT) replaces the endpoint of an S3 store spec (see
+    apply_env_overrides)."""
+    endpoint = settings.s3.endpoint
     if not endpoint or not store.is_s3:
         return store
     return store.model_copy(
@@ -313,9 +323,10 @@ def apply_env_overrides_store(store: Any) -> Any:
     )
 
 
-def apply_env_overrides(spec: FusionRunSpec) -> FusionRunSpec:
-    """FUSIONRUN_S3_ENDPOINT replaces store.endpoint of an S3 store (the same file against another server)."""
-    store = apply_env_overrides_store(spec.store)
+def apply_env_overrides(spec: FusionRunSpec, settings: Settings) -> FusionRunSpec:
+    """The settings' s3.endpoint (FUSIONRUN_S3_ENDPOINT) replaces store.endpoint of an S3 store (the same
+    file against another server)."""
+    store = apply_env_overrides_store(spec.store, settings)
     return spec if store is spec.store else spec.model_copy(update={"store": store})
 
 
@@ -359,24 +370,29 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("stage", help="run one task (python -m jobs ...)", add_help=False)
     sub.add_parser("crd", help="print or write the CRD (jobs.crd)", add_help=False)
     if argv and argv[0] == "stage":
-        return stage_main(argv[1:])
+        return stage_main(argv[1:])  # reads its settings itself, as `python -m jobs` does
     if argv and argv[0] == "crd":
         # Hook for the operator's CRD generator: everything after `crd` is its own command line.
         return int(importlib.import_module("jobs.crd").main(argv[1:]) or 0)
     args = ap.parse_args(argv)
     if args.cmd == "validate":
         return cmd_validate(args.file)
+    try:
+        settings = Settings.from_env(os.environ)  # the one place this command reads the environment
+    except SettingsError as err:
+        print(f"fusionrun: {err}", file=sys.stderr)
+        return 2
     if args.cmd in ("status", "report", "cache"):
         command = {"status": cmd_status, "report": cmd_report, "cache": cmd_cache}[args.cmd]
         try:
-            return command(args)
+            return command(args, settings)
         except SpecError as err:
             print(err, file=sys.stderr)  # names the file or the run once
             return 1
         except StoreError as err:
             print(f"{args.target}: {err}", file=sys.stderr)
             return 1
-    return cmd_run(args.file, args.force_stage, args.workers, args.until)
+    return cmd_run(args, settings)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,7 @@ def input_digests(store: Store, dag_by_id: dict[str, Task], task: Task) -> dict[
 def build_manifest(
     spec: FusionRunSpec,
     task: Task,
+    *,
     outputs: dict[str, Output],
     inputs: dict[str, str],
     started_at: float,
@@ -270,7 +271,15 @@ def adopt(
         return None
     inputs = input_digests(store, dag_by_id, task)
     summary = {**entry.record.get("summary", {}), "reused_from": entry.record.get("created_by")}
-    manifest = build_manifest(spec, task, outputs, inputs, time.time(), entry.record.get("counts"), summary)
+    manifest = build_manifest(
+        spec,
+        task,
+        outputs=outputs,
+        inputs=inputs,
+        started_at=time.time(),
+        counts=entry.record.get("counts"),
+        summary=summary,
+    )
     manifest |= {"entry": entry.prefix, "cache_key": key}
     add_user(cache, entry, run, manifest_key(task))
     write_manifest(store, task, manifest)

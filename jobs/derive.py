@@ -185,7 +185,13 @@ def derive_status(
         observed_generation=generation,
         completion_time=(old.completion_time or now_s) if finished else None,
         conditions=conditions(
-            old, summary.phase, summary.fail_reason, summary.message, stages, generation, now_s
+            old,
+            phase=summary.phase,
+            fail_reason=summary.fail_reason,
+            message=summary.message,
+            stages=stages,
+            gen=generation,
+            now_s=now_s,
         ),
         stages=stages,
         tasks=tasks,

@@ -40,6 +40,7 @@ from jobs.observe import artifacts_uri, read_json, training_from_store
 from jobs.plan import STAGE_ORDER, Stage, Task, TaskState, build_dag, downstream, ready_tasks
 from jobs.registry import Layout
 from jobs.retry import EXIT_PREEMPTED, TERMINATION_LOG_ENV, backoff_seconds
+from jobs.settings import Settings
 from jobs.spec import FusionRunSpec, Retry
 from jobs.status import FusionRunStatus, Memoization, TaskStatus, TrainingProgress
 from jobs.store import LocalStore, Store, StoreError, open_store
@@ -192,9 +193,12 @@ class LocalRunner:
         python: str = sys.executable,
         store: Store | None = None,
         extra_env: dict[str, str] | None = None,
+        settings: Settings | None = None,
     ):
+        """settings: the process's (jobs.settings: the CLI's, from its environment, which the tasks'
+        processes inherit); default: jobs.settings' defaults. A given store keeps its own."""
         self.spec, self.run_name, self.python = spec, run_name, python
-        self.store = store or open_store(spec.store, run_name, check=spec.store.is_s3)
+        self.store = store or open_store(spec.store, run_name, settings or Settings(), check=spec.store.is_s3)
         self.cpus = cpu_count()
         self.workers = max(1, workers or self.cpus)
         if isinstance(self.store, LocalStore):
@@ -384,7 +388,7 @@ class LocalRunner:
     def _adopt(self, task: Task) -> Memoization | None:
         """Adopt the shared cache's entry for the task when one exists (jobs.cache): nothing is launched.
         Returns where the entry came from, or None on a miss."""
-        if not cache_enabled(task):
+        if not cache_enabled(task, self.store.settings):
             return None
         try:
             key = content_key(self.store, self.spec, task, self.by_id)
@@ -397,7 +401,9 @@ class LocalRunner:
 
     def _made_by_another(self, task: Task) -> Memoization | None:
         """Where the shared entry a complete task's manifest points at came from, when another run made it."""
-        manifest = (read_manifest(self.store, task) if cache_enabled(task) else None) or {}
+        manifest = (
+            read_manifest(self.store, task) if cache_enabled(task, self.store.settings) else None
+        ) or {}
         made = (manifest.get("summary") or {}).get("reused_from") or {}
         if not made.get("run"):
             return None

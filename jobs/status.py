@@ -241,6 +241,7 @@ def condition(
 
 def conditions(
     old: FusionRunStatus,
+    *,
     phase: str,
     fail_reason: str | None,
     message: str,

@@ -22,7 +22,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from fusion.atomic import PARTIAL_SUFFIX, atomic_path, copy_atomic, write_atomic
 from fusion.uris import S3, is_s3, strip_file
 from jobs import credentials
 from jobs.credentials import redact
+from jobs.settings import Settings
 from jobs.spec import StoreSpec
 
 
@@ -47,9 +48,12 @@ class StoreError(RuntimeError):
 
 
 class Store(ABC):
-    """Objects under one run's prefix. Keys use '/' and never start with '/'."""
+    """Objects under one run's prefix. Keys use '/' and never start with '/'. `settings`: the process's
+    (jobs.settings), given to open_store; whatever the store opens in turn (its sibling, S3 objects of
+    the run) is opened with them."""
 
     base_uri: str
+    settings: Settings
 
     def uri_for(self, key: str) -> str:
         return f"{self.base_uri.rstrip('/')}/{_clean_key(key)}"
@@ -108,9 +112,10 @@ def _clean_key(key: str) -> str:
 
 
 class LocalStore(Store):
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, settings: Settings | None = None):
         self.root = root
         self.base_uri = f"file://{root}"
+        self.settings = settings or Settings()
 
     def _p(self, key: str) -> Path:
         return self.root / _clean_key(key)
@@ -189,7 +194,7 @@ class LocalStore(Store):
             tmp.unlink(missing_ok=True)
 
     def sibling(self, name: str) -> Store:
-        return LocalStore(self.root.parent / _clean_key(name))
+        return LocalStore(self.root.parent / _clean_key(name), self.settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,19 +283,24 @@ def unreachable_endpoint(err: Exception) -> str | None:
 
 @dataclass(frozen=True)
 class S3Endpoint:
-    """Which S3 service to talk to (AWS when `endpoint` is None) and how. Credentials come from the
-    environment or boto3's default chain, unless given to make_s3_client."""
+    """Which S3 service to talk to (AWS when `endpoint` is None) and how: the settings' retries, timeouts,
+    region and keys (jobs.settings; boto3's default chain without keys), unless given to make_s3_client."""
 
     endpoint: str | None = None
     region: str | None = None
     insecure: bool = False
+    settings: Settings = field(default_factory=Settings, compare=False, repr=False)
 
     @classmethod
-    def of(cls, spec: S3Endpoint | StoreSpec | None) -> S3Endpoint:
-        """The endpoint of a store spec (its S3 settings apply to every s3:// URI of the run), or AWS's."""
-        if spec is None or isinstance(spec, S3Endpoint):
-            return spec or cls()
-        return cls(spec.endpoint, spec.region, spec.insecure)
+    def of(cls, spec: S3Endpoint | StoreSpec | None, settings: Settings | None = None) -> S3Endpoint:
+        """The endpoint of a store spec (its S3 settings apply to every s3:// URI of the run), or AWS's;
+        with `settings` (an endpoint keeps its own unless given others)."""
+        if isinstance(spec, S3Endpoint):
+            return spec if settings is None else replace(spec, settings=settings)
+        settings = settings or Settings()
+        if spec is None:
+            return cls(settings=settings)
+        return cls(spec.endpoint, spec.region, spec.insecure, settings)
 
     @property
     def label(self) -> str:
@@ -309,24 +319,23 @@ def make_s3_client(
     with jitter), path-style addressing for custom endpoints.
 
     credentials: (access key id, secret access key) instead of boto3's default chain (the operator reads
-    them from the run's Secret); kept in the client only, never logged. connect_timeout / read_timeout:
-    seconds, instead of FUSIONRUN_S3_CONNECT_TIMEOUT / FUSIONRUN_S3_READ_TIMEOUT."""
+    them from the run's Secret), else the settings' (those of `where`, an S3Endpoint, or the defaults);
+    kept in the client only, never logged. max_attempts / connect_timeout / read_timeout: instead of the
+    settings' (the operator's are short: a pass must not block)."""
     import boto3
     from botocore.config import Config
 
     ep = S3Endpoint.of(where)
-    env = os.environ.get
+    s3 = ep.settings.s3
     cfg = Config(
-        retries={
-            "max_attempts": max_attempts or int(env("FUSIONRUN_S3_MAX_ATTEMPTS", "8")),
-            "mode": "standard",
-        },
-        connect_timeout=connect_timeout or float(env("FUSIONRUN_S3_CONNECT_TIMEOUT", "5")),
-        read_timeout=read_timeout or float(env("FUSIONRUN_S3_READ_TIMEOUT", "60")),
+        retries={"max_attempts": max_attempts or s3.max_attempts, "mode": "standard"},
+        connect_timeout=connect_timeout or s3.connect_timeout,
+        read_timeout=read_timeout or s3.read_timeout,
         s3={"addressing_style": "path"} if ep.endpoint else {},
-        region_name=ep.region or env("AWS_REGION") or env("AWS_DEFAULT_REGION") or "us-east-1",
+        region_name=ep.region or s3.region or "us-east-1",
     )
-    return boto3.session.Session(**_session_keys(credentials, ep.label)).client(
+    keys, token = (credentials, None) if credentials is not None else (s3.keys, s3.session_token)
+    return boto3.session.Session(**_session_keys(keys, token, ep.label)).client(
         "s3", endpoint_url=ep.endpoint, config=cfg, verify=None if not ep.insecure else False
     )
 
@@ -339,21 +348,18 @@ def clean_key(value: str, what: str) -> str:
         raise StoreError(str(err), permanent=True, reason="InvalidCredentials") from None
 
 
-def _session_keys(credentials: tuple[str, str] | None, label: str) -> dict[str, str]:
-    """boto3 Session arguments: the given keys, else the environment's (both checked by clean_key), else
+def _session_keys(keys: tuple[str, str] | None, token: str | None, label: str) -> dict[str, str]:
+    """boto3 Session arguments: the keys (checked by clean_key) and a session token with them, else
     nothing (boto3's default chain: pod identity, config files)."""
-    env = os.environ
-    if credentials is None and env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        credentials = (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
-        if env.get("AWS_SESSION_TOKEN"):
-            token = clean_key(env["AWS_SESSION_TOKEN"], "AWS_SESSION_TOKEN")
-            return {**_session_keys(credentials, label), "aws_session_token": token}
-    if credentials is None:
+    if keys is None:
         return {}
-    return {
-        "aws_access_key_id": clean_key(credentials[0], f"the S3 access key id for {label}"),
-        "aws_secret_access_key": clean_key(credentials[1], f"the S3 secret access key for {label}"),
+    out = {
+        "aws_access_key_id": clean_key(keys[0], f"the S3 access key id for {label}"),
+        "aws_secret_access_key": clean_key(keys[1], f"the S3 secret access key for {label}"),
     }
+    if token:
+        out["aws_session_token"] = clean_key(token, "AWS_SESSION_TOKEN")
+    return out
 
 
 class S3Store(Store):
@@ -361,6 +367,7 @@ class S3Store(Store):
         from boto3.s3.transfer import TransferConfig
 
         self.where, self.bucket = S3Endpoint.of(where), bucket
+        self.settings = self.where.settings
         self.prefix = prefix.strip("/")
         self.endpoint = self.where.label
         self.base_uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -379,11 +386,12 @@ class S3Store(Store):
     def check(self) -> None:
         """Fail early and clearly when the endpoint, bucket or credentials are wrong.
 
-        An endpoint whose host does not resolve or that refuses connections is retried for
-        FUSIONRUN_S3_CHECK_SECONDS (default 30: a store Service being created or restarting comes back in
-        that time), then permanent: before any work, it means the spec names a wrong endpoint. Later in a
-        task the same error is transient (exit 1, retried)."""
-        grace = float(os.environ.get("FUSIONRUN_S3_CHECK_SECONDS", "30"))
+        An endpoint whose host does not resolve or that refuses connections is retried for the settings'
+        s3.check_seconds (FUSIONRUN_S3_CHECK_SECONDS, 30: a store Service being created or restarting comes
+        back in that time; the operator's are 0: a pass never waits), then permanent: before any work, it
+        means the spec names a wrong endpoint. Later in a task the same error is transient (exit 1,
+        retried)."""
+        grace = self.settings.s3.check_seconds
         started = time.monotonic()
         while True:
             try:
@@ -540,16 +548,26 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def open_store(store_spec: StoreSpec, run_name: str, check: bool = False) -> Store:
+def open_store(
+    store_spec: StoreSpec,
+    run_name: str,
+    settings: Settings,
+    *,
+    check: bool = False,
+    client: Any | None = None,
+) -> Store:
     """The store of one run: keys are relative to `<store uri>/<run name>/`.
 
-    check: for S3, verify endpoint, bucket and credentials now (a clear error before any work)."""
+    settings: the process's (jobs.settings), which the store carries to what it opens. check: for S3,
+    verify endpoint, bucket and credentials now (a clear error before any work). client: an S3 client to
+    use (the operator's, with the run's keys), else one from the settings."""
     if not run_name or "/" in run_name:
         raise StoreError(f"invalid run name {run_name!r}: use the FusionRun's metadata.name", permanent=True)
     uri = store_spec.uri
     if store_spec.is_s3:
         bucket, prefix = parse_s3_uri(uri)
-        store = S3Store(store_spec, bucket, f"{prefix}/{run_name}" if prefix else run_name)
+        where = S3Endpoint.of(store_spec, settings)
+        store = S3Store(where, bucket, f"{prefix}/{run_name}" if prefix else run_name, client=client)
         if check:
             store.check()
         return store
@@ -560,15 +578,11 @@ def open_store(store_spec: StoreSpec, run_name: str, check: bool = False) -> Sto
             "resolves it against the YAML file's folder) or give an absolute path",
             permanent=True,
         )
-    return LocalStore(Path(path) / run_name)
+    return LocalStore(Path(path) / run_name, settings)
 
 
 # --------------------------------------------------------------------------------------------------
 # Models kept in S3
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FUSIONRUN_CACHE", Path.home() / ".cache" / "fusionrun"))
 
 
 def endpoint_of(
@@ -576,11 +590,11 @@ def endpoint_of(
 ) -> S3Endpoint:
     """The S3 service that reaches the s3:// URIs of a run (models, corpora in other buckets): the run
     store's when the store is in S3; for a local run store, the spec's store settings (`spec_store`: AWS
-    with the default credential chain unless it names an endpoint)."""
+    with the default credential chain unless it names an endpoint), with the store's settings."""
     if isinstance(where, S3Store):
         return where.where
     if isinstance(where, Store):
-        return S3Endpoint.of(spec_store)
+        return S3Endpoint.of(spec_store, where.settings)
     return S3Endpoint.of(where)
 
 
@@ -591,18 +605,20 @@ def download_model(where: Store | S3Endpoint | StoreSpec | None, uri: str, fresh
     fresh: make sure the cached copy is current (for corpora, which are edited in place; a model's folder
     is not expected to change): the objects are listed every time and the cache entry is keyed by their
     (key, size, ETag), so a folder whose objects changed is downloaded again, into a new entry (older
-    entries stay until the cache, FUSIONRUN_CACHE, is cleared: another process may still be reading one)."""
+    entries stay until the cache, the settings' cache_dir, is cleared: another process may still be reading
+    one)."""
     if not is_s3(uri):
         return uri
     ep = endpoint_of(where)
     bucket, prefix = parse_s3_uri(uri)
     src = S3Store(ep, bucket, prefix)
+    cache_dir = ep.settings.cache_dir
     name = hashlib.sha256(f"{ep.endpoint}|{uri}".encode()).hexdigest()[:16]
     objects = src.list_stats("") if fresh else None
     if objects is not None:
-        dest = cache_dir() / "corpora" / f"{name}-{objects_digest(objects)[:16]}"
+        dest = cache_dir / "corpora" / f"{name}-{objects_digest(objects)[:16]}"
     else:
-        dest = cache_dir() / "models" / name
+        dest = cache_dir / "models" / name
     done = dest.parent / f"{dest.name}.complete"  # beside, not inside: the folder holds only the model
     if done.is_file():
         return str(dest)

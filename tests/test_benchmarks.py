@@ -22,6 +22,7 @@ from fusion.benchmarks import (
     scan_task_dirs,
 )
 from jobs.benchmarks import light_errors
+from jobs.settings import Settings
 from jobs.spec import parse_spec
 from tests.conftest import MISTRAL_URI, QWEN_URI
 
@@ -292,7 +293,7 @@ def _fake_training(store, spec, tok_len: int, tmp: Path) -> None:
             key = f"train/{t.variant or 'fused'}/model/{f.name}"
             store.upload(f, key)
             outputs[key] = Output(sha256_file(f), f.stat().st_size)
-        write_manifest(store, t, build_manifest(spec, t, outputs, {}, time.time()))
+        write_manifest(store, t, build_manifest(spec, t, outputs=outputs, inputs={}, started_at=time.time()))
 
 
 def _events(err: str) -> list[tuple[str, str, bool]]:
@@ -326,7 +327,7 @@ def _run_with_tasks(tmp_path: Path, source_tok: str = MISTRAL_URI):
     spec = parse_spec(
         _spec(tmp_path, [{"name": "stdlib_pick"}, {"name": "stdlib_ppl"}], [str(tasks)], source_tok)
     )
-    store = open_store(spec.store, "b")
+    store = open_store(spec.store, "b", Settings())
     run_task(prepare.run, Task(Stage.prepare), spec, "b")
     _fake_training(store, spec, len(load_tokenizer(MISTRAL_URI)), tmp_path / "models")
     return tasks, spec, store
@@ -546,7 +547,7 @@ def test_local_run_with_tasks_report_and_status(tmp_path: Path) -> None:
     spec = parse_spec(d)
     result = LocalRunner(spec, "bt", extra_env={"OMP_NUM_THREADS": "1"}).run()
     assert result.ran == len(build_dag(spec))
-    metrics = json.loads(open_store(spec.store, "bt").get_bytes("evaluate/metrics.json"))
+    metrics = json.loads(open_store(spec.store, "bt", Settings()).get_bytes("evaluate/metrics.json"))
     assert set(metrics["tasks"]["stdlib_pick"]["models"]) == {"target-before", "fused", "source:mis"}
     lines = result.report.read_text().splitlines()
     assert lines[2].startswith("> **Tiny random-init models.**") and "docs/results.md" in lines[2]

@@ -28,8 +28,9 @@ from jobs.complete import read_manifest
 from jobs.corpus import CUT, PIECE, shard_pieces
 from jobs.local import LocalRunner
 from jobs.registry import CacheLayout, Layout, Stage, Task
+from jobs.settings import Settings
 from jobs.spec import parse_spec
-from jobs.store import LocalStore, open_store
+from jobs.store import LocalStore, Store, open_store
 from tests.artifacts import output_file
 from tests.harness.s3 import ENDPOINT
 from tests.test_local_pipeline import tiny_spec
@@ -56,28 +57,26 @@ def test_a_document_cut_differently_changes_only_its_own_shard() -> None:
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
-def test_the_lease_has_one_holder_and_dead_ones_are_taken_over(kind, tmp_path, request, monkeypatch):
+def test_the_lease_has_one_holder_and_dead_ones_are_taken_over(kind, tmp_path, request):
+    def cache_with(settings: Settings) -> Store:
+        if kind == "s3":
+            store = {"uri": f"s3://{bucket}/r", "endpoint": ENDPOINT, "insecure": True}
+            spec = parse_spec({**tiny_spec(tmp_path), "store": store})
+            return cache_of(open_store(spec.store, "run", settings))
+        return cache_of(LocalStore(tmp_path / "store" / "run", settings))
+
     if kind == "s3":
         request.getfixturevalue("s3_server")
         bucket = request.getfixturevalue("s3_bucket")
-        spec = parse_spec(
-            {
-                **tiny_spec(tmp_path),
-                "store": {"uri": f"s3://{bucket}/r", "endpoint": ENDPOINT, "insecure": True},
-            }
-        )
-        cache = cache_of(open_store(spec.store, "run"))
-    else:
-        cache = cache_of(LocalStore(tmp_path / "store" / "run"))
+    cache = cache_with(Settings())
     key = "ab" + "0" * 62
     assert cache.create("x/created", b"1") and not cache.create("x/created", b"2")
     assert cache.get_bytes("x/created") == b"1"
     assert try_lease(cache, Stage.extract, key, "a/t@elsewhere:1") is None  # taken
     assert try_lease(cache, Stage.extract, key, "b/t@elsewhere:2") == "a/t@elsewhere:1"  # busy
     stale = "ef" + "0" * 62
-    monkeypatch.setenv("FUSIONRUN_CACHE_LEASE_SECONDS", "-1")  # a lease that is never renewed expires
-    assert try_lease(cache, Stage.extract, stale, "a/t@elsewhere:1") is None
-    monkeypatch.delenv("FUSIONRUN_CACHE_LEASE_SECONDS")
+    expired = cache_with(Settings(cache_lease_seconds=-1))  # a lease that is never renewed expires
+    assert try_lease(expired, Stage.extract, stale, "a/t@elsewhere:1") is None
     assert try_lease(cache, Stage.extract, stale, "b/t@elsewhere:2") is None  # taken over
     lease = json.loads(cache.get_bytes(f"{CacheLayout.entry(Stage.extract, stale)}/lease.json"))
     assert lease["holder"] == "b/t@elsewhere:2"

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from jobs.cli import apply_env_overrides, main, stage_main
+from jobs.settings import Settings
 from jobs.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,14 +119,15 @@ def test_python_m_jobs_prepare_like_a_kubernetes_job(tmp_path: Path) -> None:
     assert m["counts"]["documents"] == 5
 
 
-def test_s3_endpoint_override_from_env(monkeypatch) -> None:
+def test_s3_endpoint_override_from_env() -> None:
     store = {"uri": "s3://b/p", "endpoint": "https://s3.example", "insecure": False}
     spec = parse_spec({**SPEC, "store": store})
-    monkeypatch.setenv("FUSIONRUN_S3_ENDPOINT", "http://127.0.0.1:9999")
-    got = apply_env_overrides(spec)
+    settings = Settings.from_env({"FUSIONRUN_S3_ENDPOINT": "http://127.0.0.1:9999"})
+    got = apply_env_overrides(spec, settings)
     assert got.store.endpoint == "http://127.0.0.1:9999" and got.store.insecure
     local = parse_spec({**SPEC, "store": {"uri": "/tmp/x"}})
-    assert apply_env_overrides(local) is local
+    assert apply_env_overrides(local, settings) is local
+    assert apply_env_overrides(spec, Settings()) is spec
 
 
 def test_unreachable_s3_store_is_a_clear_failure(monkeypatch, capsys) -> None:

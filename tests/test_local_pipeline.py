@@ -21,6 +21,7 @@ from jobs.cache import cache_of
 from jobs.complete import manifest_key, read_manifest
 from jobs.local import LocalRunner, RunFailed, threads_for
 from jobs.plan import Stage, Task, build_dag
+from jobs.settings import Settings
 from jobs.spec import parse_spec
 from jobs.store import open_store
 from tests.artifacts import output_file
@@ -108,7 +109,7 @@ def test_local_run_end_to_end_then_rerun_skips_all(tmp_path: Path) -> None:
     result = runner.run(on_task=lambda tid, outcome, s: lines.append((tid, outcome)))
     n_tasks = len(build_dag(spec))  # prepare, 2x2 extract, 2 align, 2 fuse, train, evaluate
     assert n_tasks == 11 and result.ran == n_tasks and result.skipped == 0
-    store = open_store(spec.store, "e2e")
+    store = open_store(spec.store, "e2e", Settings())
     _check_complete_run(store, spec, result.report)
     assert result.report == tmp_path / "store" / "e2e" / "report" / "report.md"
     assert store.exists("report/report.json")
@@ -210,7 +211,7 @@ def test_killed_mid_extract_then_resumed(tmp_path: Path) -> None:
     proc.wait(timeout=60)
     assert killed_during is not None, "extraction never seen running"
     spec = parse_spec(spec_dict)
-    store = open_store(spec.store, "kill")
+    store = open_store(spec.store, "kill", Settings())
     dag = build_dag(spec)
     done_before = {t.id: store.get_bytes(manifest_key(t)) for t in dag if store.exists(manifest_key(t))}
     assert "prepare" in done_before and killed_during not in done_before
@@ -248,7 +249,7 @@ def test_local_run_with_store_on_seaweedfs(s3_server, s3_bucket, tmp_path: Path)
     runner = LocalRunner(spec, "s3run", local_dir=tmp_path / "local", extra_env={"OMP_NUM_THREADS": "1"})
     result = runner.run()
     assert result.ran == len(build_dag(spec))
-    store = open_store(spec.store, "s3run")
+    store = open_store(spec.store, "s3run", Settings())
     _check_complete_run(store, spec, result.report)
     keys = store.list("")
     extract = read_manifest(store, Task(Stage.extract, "tgt", 0))

@@ -23,6 +23,7 @@ from fusionrun_operator.policies.compaction import compact
 from fusionrun_operator.reconcile import reconcile
 
 from jobs.registry import CacheLayout, Stage
+from jobs.settings import Settings
 from jobs.status import FusionRunStatus, Memoization, TaskStatus
 from tests.test_reconcile import CONFIG, T0, created, ev, job, spec, states
 
@@ -355,7 +356,7 @@ def _prepare(p: Any, run_name: str) -> dict[str, Any]:
     from jobs.store import open_store
 
     assert LocalRunner(p.spec, run_name).run(until="prepare").outcomes == {"prepare": "ran"}
-    m = read_manifest(open_store(p.spec.store, run_name), p.by_id["prepare"])
+    m = read_manifest(open_store(p.spec.store, run_name, Settings()), p.by_id["prepare"])
     assert m is not None and m["entry"].startswith("prepare/")
     return m
 
@@ -380,7 +381,7 @@ def test_the_store_view_keys_ready_tasks_as_their_jobs_do_and_finds_entries_leas
     # the key from the recorded identities is the key the stage computed from the files themselves
     assert found == SharedOutput(fresh["prepare"].claim, made["cache_key"], True, "lam9", "prepare")
     # the pass adopts it: lam8's manifest points at lam9's entry; the next view sees it complete
-    store8 = open_store(lam8.spec.store, "lam8")
+    store8 = open_store(lam8.spec.store, "lam8", Settings())
     assert adopt(store8, lam8, "lam8", [Adoption("prepare", made["cache_key"])]) == []
     view = read_store_view(lam8, "lam8")
     assert view.completed == {"prepare"} and view.made_from["prepare"].from_run == "lam9"
@@ -393,7 +394,7 @@ def test_the_store_view_keys_ready_tasks_as_their_jobs_do_and_finds_entries_leas
     m48 = _pipeline(tmp_path, maxLength=48)
     miss = read_store_view(m48, "m48").shared["prepare"]
     assert miss.key not in (None, made["cache_key"]) and not miss.hit and miss.producer is None
-    cache = cache_of(open_store(m48.spec.store, "m48"))
+    cache = cache_of(open_store(m48.spec.store, "m48", Settings()))
     assert try_lease(cache, Stage.prepare, miss.key, "other/prepare@elsewhere:1") is None
     assert read_store_view(m48, "m48").shared["prepare"].producer == "run other (task prepare)"
     cache.delete(f"{CacheLayout.entry(Stage.prepare, miss.key)}/lease.json")
@@ -435,8 +436,10 @@ def test_deleting_a_run_keeps_the_entries_another_run_uses(tmp_path: Path) -> No
     own = _prepare(m48, "m48")["entry"]  # used by m48 only
     lam8 = _pipeline(tmp_path)
     key = read_store_view(lam8, "lam8").shared["prepare"].key
-    assert adopt(open_store(lam8.spec.store, "lam8"), lam8, "lam8", [Adoption("prepare", key)]) == []
-    cache = cache_of(open_store(lam9.spec.store, "lam9"))
+    assert (
+        adopt(open_store(lam8.spec.store, "lam8", Settings()), lam8, "lam8", [Adoption("prepare", key)]) == []
+    )
+    cache = cache_of(open_store(lam9.spec.store, "lam9", Settings()))
     users = {e.prefix: sorted(e.users) for e in list_entries(cache)}
     assert users == {shared: ["lam8", "lam9"], own: ["m48"]}
 

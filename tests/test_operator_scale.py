@@ -23,6 +23,7 @@ from prometheus_client import generate_latest
 
 from jobs.complete import build_manifest, input_digests, invalidate, write_manifest
 from jobs.retry import write_termination_message
+from jobs.settings import S3Settings, Settings
 from jobs.spec import StoreSpec
 from jobs.status import FusionRunStatus, TaskStatus
 from jobs.store import S3Store, StoreError, open_store
@@ -46,10 +47,16 @@ def pipeline(tmp_path: Path, shards: int = 50) -> Pipeline:
 
 
 def complete(p: Pipeline, task_ids: list[str]) -> None:
-    store = open_store(p.spec.store, "demo")
+    store = open_store(p.spec.store, "demo", Settings())
     for t in p.tasks:
         if t.id in task_ids:
-            write_manifest(store, t, build_manifest(p.spec, t, {}, input_digests(store, p.by_id, t), 0.0))
+            write_manifest(
+                store,
+                t,
+                build_manifest(
+                    p.spec, t, outputs={}, inputs=input_digests(store, p.by_id, t), started_at=0.0
+                ),
+            )
 
 
 def active(task_ids: list[str], attempt: int = 1, state: str = "Active") -> list[JobObservation]:
@@ -91,7 +98,7 @@ def test_an_idle_pass_reads_nothing_and_a_finished_job_reads_its_task_again(tmp_
     view(memo, finished)
     assert requests == Counter()
     # restartFrom: the manifests go and the memo forgets them: read again, incomplete
-    store = open_store(p.spec.store, "demo")
+    store = open_store(p.spec.store, "demo", Settings())
     invalidate(store, p.by_id[extract[0]])
     memo.forget([extract[0]])
     assert extract[0] not in view(memo, finished).completed
@@ -116,7 +123,7 @@ def test_the_memo_says_what_a_full_read_says_as_jobs_come_and_go(tmp_path: Path)
 
 def test_training_progress_is_read_while_its_job_runs_and_once_after(tmp_path: Path) -> None:
     p = pipeline(tmp_path, shards=1)
-    store = open_store(p.spec.store, "demo")
+    store = open_store(p.spec.store, "demo", Settings())
     store.put_bytes("train/fused/progress.json", json.dumps({"step": 3, "total_steps": 9}).encode())
     memo, n = RunMemo().for_spec("s"), Counter()
     running, ended = active(["train"]), active(["train"], state="Succeeded")
@@ -208,17 +215,14 @@ def test_new_settings() -> None:
         ("http://127.0.0.1:9", "nothing listens there (connection refused)"),
     ],
 )
-def test_an_unreachable_store_endpoint_is_permanent_at_the_check(monkeypatch, endpoint, why) -> None:
+def test_an_unreachable_store_endpoint_is_permanent_at_the_check(endpoint, why) -> None:
     from jobs.stages.common import exit_code_for
 
-    monkeypatch.setenv("FUSIONRUN_S3_MAX_ATTEMPTS", "2")
-    monkeypatch.setenv("FUSIONRUN_S3_CHECK_SECONDS", "1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    settings = Settings(s3=S3Settings(max_attempts=2, check_seconds=1, keys=("k", "s")))
     spec = StoreSpec(uri="s3://bucket/runs", endpoint=endpoint, insecure=True)
     started = time.monotonic()
     with pytest.raises(StoreError) as err:
-        open_store(spec, "demo", check=True)
+        open_store(spec, "demo", settings, check=True)
     assert time.monotonic() - started >= 1  # tried again for the grace period first
     assert err.value.permanent and exit_code_for(err.value) == 2
     assert str(err.value) == (
@@ -226,7 +230,7 @@ def test_an_unreachable_store_endpoint_is_permanent_at_the_check(monkeypatch, en
         "(scheme, host, port) or start the store"
     )
     # the same endpoint later in a task (a store restarting mid-run) is retried
-    store = open_store(spec, "demo")
+    store = open_store(spec, "demo", settings)
     assert isinstance(store, S3Store)
     with pytest.raises(StoreError) as later:
         store.get_bytes("prepare/manifest.json")
@@ -244,10 +248,9 @@ def test_a_store_that_comes_up_within_the_grace_period_passes_the_check(monkeypa
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    monkeypatch.setenv("FUSIONRUN_S3_MAX_ATTEMPTS", "1")
-    monkeypatch.setenv("FUSIONRUN_S3_CHECK_SECONDS", "20")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")  # for the test's own client that makes the bucket
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    settings = Settings(s3=S3Settings(max_attempts=1, check_seconds=20, keys=("k", "s")))
     endpoint = f"http://127.0.0.1:{port}"
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     # The bucket exists before the endpoint answers (moto's servers in one process share their state): the
@@ -266,7 +269,8 @@ def test_a_store_that_comes_up_within_the_grace_period_passes_the_check(monkeypa
     riser.start()
     try:
         started = time.monotonic()
-        open_store(StoreSpec(uri="s3://bucket/runs", endpoint=endpoint, insecure=True), "demo", check=True)
+        spec = StoreSpec(uri="s3://bucket/runs", endpoint=endpoint, insecure=True)
+        open_store(spec, "demo", settings, check=True)
         assert 0.5 < time.monotonic() - started < 20
     finally:
         riser.join()

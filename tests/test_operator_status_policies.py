@@ -112,7 +112,10 @@ def test_render_status_composes_the_policies() -> None:
     old = FusionRunStatus(
         phase="Running", observed_generation=2, metrics={"old": 1}, observed_restart="fuse/1"
     )
-    inp = StatusInputs("demo", 3, T0, {"fused": {"step": 5, "total_steps": 20}}, None, None)
+    progress = {"fused": {"step": 5, "total_steps": 20}}
+    inp = StatusInputs(
+        run_name="demo", generation=3, now=T0, progress=progress, metrics=None, restart_key=None
+    )
     new, evs = render_status(old, p, records, RunFacts(), Clock(T0, T0), inp)
     assert (new.phase, new.stage, new.progress, new.message) == (
         "Running",
@@ -132,7 +135,9 @@ def test_render_status_composes_the_policies() -> None:
     assert [e.reason for e in evs] == ["JobShape", "Prepared", "Extracted", "Aligned", "Fused"]
     assert new.job_shape == "PerTask" and evs[0].message.startswith("Jobs: PerTask (one Job per task")
     records["train"] = t("train", "Succeeded", attempts=2)
-    inp = StatusInputs("demo", 3, T0, {}, {"bpb": 1.0}, "train/2")
+    inp = StatusInputs(
+        run_name="demo", generation=3, now=T0, progress={}, metrics={"bpb": 1.0}, restart_key="train/2"
+    )
     fin, evs = render_status(new, p, records, RunFacts(), Clock(T0, T0), inp)
     assert (fin.phase, fin.stage, fin.progress, fin.completion_time) == ("Succeeded", "train", "10/10", NOW_S)
     assert (fin.metrics, fin.observed_restart) == ({"bpb": 1.0}, "train/2")

@@ -13,6 +13,7 @@ from fusionrun_operator.pipeline import Pipeline, parse_pipeline
 from fusionrun_operator.store_view import StoreView, invalidate, read_store_view
 
 from jobs.complete import build_manifest, input_digests, write_manifest
+from jobs.settings import Settings
 from jobs.store import S3Store, Store, open_store
 from tests.harness.s3 import ACCESS_KEY, ENDPOINT, SECRET_KEY
 
@@ -36,12 +37,16 @@ def run_pipeline(store: dict[str, Any]) -> Pipeline:
 def complete(store: Store, p: Pipeline, n: int) -> None:
     """Write real manifests (with their input digests) for the first n tasks of the DAG."""
     for t in p.tasks[:n]:
-        write_manifest(store, t, build_manifest(p.spec, t, {}, input_digests(store, p.by_id, t), 0.0))
+        write_manifest(
+            store,
+            t,
+            build_manifest(p.spec, t, outputs={}, inputs=input_digests(store, p.by_id, t), started_at=0.0),
+        )
 
 
 def test_local_store_view_never_reads_a_secret(tmp_path: Path) -> None:
     p = run_pipeline({"uri": f"file://{tmp_path}", "credentialsSecret": {"name": "keys"}})
-    store = open_store(p.spec.store, "demo")
+    store = open_store(p.spec.store, "demo", Settings())
     assert [t.id for t in p.tasks] == [
         "prepare",
         "extract-target-00000",
@@ -78,7 +83,7 @@ def test_local_store_view_never_reads_a_secret(tmp_path: Path) -> None:
 
 def test_an_unreadable_store_is_unknown_not_empty(tmp_path: Path) -> None:
     p = run_pipeline({"uri": f"file://{tmp_path}"})
-    store = open_store(p.spec.store, "demo")
+    store = open_store(p.spec.store, "demo", Settings())
     complete(store, p, 1)
     store.put_bytes("train/fused/progress.json", b"{not json")
     errors: list[Exception] = []
@@ -96,7 +101,7 @@ def test_s3_store_view_uses_the_runs_keys(s3_server, s3_bucket) -> None:
             "credentialsSecret": {"name": "k"},
         }
     )
-    complete(open_store(p.spec.store, "demo"), p, 2)  # with the keys of the test's environment
+    complete(open_store(p.spec.store, "demo", Settings()), p, 2)  # with the keys of the test's environment
     asked: list[str] = []
 
     def keys() -> tuple[str, str]:

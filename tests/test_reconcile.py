@@ -14,6 +14,7 @@ from fusionrun_operator.kube import merge_patch
 from fusionrun_operator.observations import JobObservation, Observed, observe_jobs
 from fusionrun_operator.reconcile import reconcile
 
+from jobs.settings import Settings
 from jobs.status import FusionRunStatus
 
 T0 = datetime(2026, 11, 25, 1, 0, 0, tzinfo=timezone.utc)
@@ -608,9 +609,9 @@ def test_operator_reads_a_real_local_store(tmp_path) -> None:
 
     doc = spec(store={"uri": f"file://{tmp_path}"})
     fr_spec = FusionRunSpec.model_validate(doc)
-    store = open_store(fr_spec.store, "demo")
+    store = open_store(fr_spec.store, "demo", Settings())
     prepare = Task(Stage.prepare)
-    write_manifest(store, prepare, build_manifest(fr_spec, prepare, {}, {}, started_at=0.0))
+    write_manifest(store, prepare, build_manifest(fr_spec, prepare, outputs={}, inputs={}, started_at=0.0))
     progress = {"step": 3, "total_steps": 12, "loss": 2.0, "tokens_per_s": 100.0}
     store.put_bytes("train/fused/progress.json", json.dumps(progress).encode())
 
@@ -724,7 +725,11 @@ def test_one_pass_reads_each_manifest_once(tmp_path) -> None:
     dag = build_dag(fr_spec)
     by_id = {t.id: t for t in dag}
     for t in dag[:5]:  # prepare and the four extracts, each with its real input digests
-        write_manifest(store, t, build_manifest(fr_spec, t, {}, input_digests(store, by_id, t), 0.0))
+        write_manifest(
+            store,
+            t,
+            build_manifest(fr_spec, t, outputs={}, inputs=input_digests(store, by_id, t), started_at=0.0),
+        )
     store.reads.clear()
     plain = completed_tasks(store, fr_spec, dag)
     plain_reads = store.reads["prepare/manifest.json"]

@@ -26,6 +26,7 @@ from jobs.corpus import (
     unpack_texts,
 )
 from jobs.plan import Stage, Task
+from jobs.settings import Settings
 from jobs.spec import Corpus, parse_spec
 from jobs.stages import align, extract, fuse, prepare
 from jobs.stages.common import StageError, run_task
@@ -229,7 +230,7 @@ def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral
     from fusion.format import read_shard, sha256_file
 
     spec = _spec(tmp_path)
-    store = open_store(spec.store, "r")
+    store = open_store(spec.store, "r", Settings())
 
     assert run_task(prepare.run, _t("prepare"), spec, "r") == 0
     m = read_manifest(store, "prepare/manifest.json")
@@ -329,7 +330,8 @@ def test_missing_input_and_unloadable_model(tmp_path: Path) -> None:
     assert "model mis" in msg and "no-such-model" in msg and "Fix uri/ggufFile/randomInit of model mis" in msg
     assert (
         not (tmp_path / "store" / "r" / "extract" / "mis").exists()
-        or read_manifest(open_store(bad.store, "r"), "extract/mis/shard-00000.manifest.json") is None
+        or read_manifest(open_store(bad.store, "r", Settings()), "extract/mis/shard-00000.manifest.json")
+        is None
     )
     bad_tok = _spec(
         tmp_path, sources=[{"name": "mis", "tokenizer": str(tmp_path / "nothing.model"), "randomInit": {}}]
@@ -356,7 +358,7 @@ def test_a_model_that_will_not_load_fails_every_stage_that_loads_it_alike(
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(spec.model_dump_json(by_alias=True, exclude_none=True))
     assert run_task(prepare.run, _t("prepare"), spec, "r") == 0  # tokenizers only: fine
-    store = open_store(spec.store, "r")
+    store = open_store(spec.store, "r", Settings())
 
     def made(stage: Stage) -> None:
         """The stage's tasks done, as far as their dependants' manifests check (train reads the fused
@@ -366,7 +368,9 @@ def test_a_model_that_will_not_load_fails_every_stage_that_loads_it_alike(
                 key = Layout.shard(task) if stage is Stage.fuse else Layout.model_prefix(task.variant) + "x"
                 store.put_bytes(key, b"made upstream")
                 output = {key: Output(sha256_bytes(b"made upstream"), len(b"made upstream"))}
-                write_manifest(store, task, build_manifest(spec, task, output, {}, 0.0))
+                write_manifest(
+                    store, task, build_manifest(spec, task, outputs=output, inputs={}, started_at=0.0)
+                )
 
     made(Stage.fuse)
     # a rank of its own, so that training starts no launcher (and leaves this process's environment alone)
@@ -459,11 +463,11 @@ def test_report_pieces() -> None:
 
 
 @pytest.mark.s3
-def test_prepare_reads_a_corpus_from_s3(s3_server, s3_bucket, tmp_path: Path, monkeypatch) -> None:
+def test_prepare_reads_a_corpus_from_s3(s3_server, s3_bucket, tmp_path: Path) -> None:
     """Corpus and store on the same S3 server (the store's endpoint and credentials read the corpus)."""
     from fusion.format import read_shard
 
-    monkeypatch.setenv("FUSIONRUN_CACHE", str(tmp_path / "cache"))
+    cached = Settings(cache_dir=tmp_path / "cache")
 
     c = s3_server.client()
     c.put_object(Bucket=s3_bucket, Key="data/corpus.txt", Body="\n\n".join(TEXT).encode())
@@ -472,8 +476,8 @@ def test_prepare_reads_a_corpus_from_s3(s3_server, s3_bucket, tmp_path: Path, mo
     store = {"uri": f"s3://{s3_bucket}/runs", "endpoint": ENDPOINT, "insecure": True}
     for uri, n_docs in ((f"s3://{s3_bucket}/data/corpus.txt", 6), (f"s3://{s3_bucket}/data/folder", 2)):
         spec = _spec(tmp_path, corpus={"uri": uri, "heldoutFraction": 0.0}, store=store)
-        assert run_task(prepare.run, _t("prepare"), spec, "r", force=True) == 0
-        st = open_store(spec.store, "r")
+        assert run_task(prepare.run, _t("prepare"), spec, "r", force=True, settings=cached) == 0
+        st = open_store(spec.store, "r", cached)
         m = read_manifest(st, "prepare/manifest.json")
         assert m["counts"]["documents"] == n_docs and m["counts"]["heldout_documents"] == 0
     shard = read_output(st, _t("prepare"), "prepare/shard-00000.safetensors", tmp_path / "s.safetensors")
@@ -482,15 +486,13 @@ def test_prepare_reads_a_corpus_from_s3(s3_server, s3_bucket, tmp_path: Path, mo
 
 
 @pytest.mark.s3
-def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
-    s3_server, s3_bucket, tmp_path: Path, monkeypatch
-) -> None:
+def test_an_s3_corpus_edited_in_place_makes_prepare_stale(s3_server, s3_bucket, tmp_path: Path) -> None:
     """The stamp of an s3:// corpus (keys, sizes, ETags of the objects read) is recorded; an object rewritten
     (even to the same size) or a file added to the folder makes prepare stale, and its rerun reads the new
     objects, not a stale cached copy. Objects the folder's glob leaves out change nothing."""
     from fusion.format import read_shard
 
-    monkeypatch.setenv("FUSIONRUN_CACHE", str(tmp_path / "cache"))
+    cached = Settings(cache_dir=tmp_path / "cache")
     c = s3_server.client()
     store = {"uri": f"s3://{s3_bucket}/runs", "endpoint": ENDPOINT, "insecure": True}
 
@@ -503,7 +505,7 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
         return m, unpack_texts(raw["text"], raw["doc_offsets"])
 
     def run_and_check(spec, st, run: str, n_docs: int, texts: list[str]) -> str:
-        assert run_task(prepare.run, _t("prepare"), spec, run) == 0
+        assert run_task(prepare.run, _t("prepare"), spec, run, settings=cached) == 0
         m, got = prepared(st, run)
         assert m["counts"]["documents"] == n_docs and m["counts"]["train_documents"] == n_docs
         assert got == texts
@@ -511,7 +513,7 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
         assert stamp == corpus_stamp(spec.corpus, spec.store) and len(stamp) == 64
         assert not corpus_changed(st, spec)
         started = m["started_at"]
-        assert run_task(prepare.run, _t("prepare"), spec, run) == 0  # unchanged: skipped
+        assert run_task(prepare.run, _t("prepare"), spec, run, settings=cached) == 0  # unchanged: skipped
         assert read_manifest(st, "prepare/manifest.json")["started_at"] == started
         return stamp
 
@@ -520,7 +522,7 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
     spec = _spec(
         tmp_path, corpus={"uri": f"s3://{s3_bucket}/data/corpus.txt", "heldoutFraction": 0.0}, store=store
     )
-    st = open_store(spec.store, "one")
+    st = open_store(spec.store, "one", cached)
     first = run_and_check(spec, st, "one", 2, ["alpha", "bravo"])
     c.put_object(Bucket=s3_bucket, Key="data/corpus.txt", Body=b"ALPHA\n\nBRAVO")  # same size, new ETag
     assert corpus_changed(st, spec)
@@ -540,7 +542,7 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
         corpus={"uri": f"s3://{s3_bucket}/data/folder", "glob": "**/*.txt", "heldoutFraction": 0.0},
         store=store,
     )
-    st = open_store(spec.store, "dir")
+    st = open_store(spec.store, "dir", cached)
     first = run_and_check(spec, st, "dir", 2, ["file one", "file two"])
     c.put_object(Bucket=s3_bucket, Key="data/folder/notes.md", Body=b"edited, still not read")
     c.put_object(Bucket=s3_bucket, Key="data/folder2/x.txt", Body=b"edited elsewhere")
@@ -560,12 +562,12 @@ def test_an_s3_corpus_edited_in_place_makes_prepare_stale(
     assert len(list((tmp_path / "cache" / "corpora").glob("*.complete"))) == 4
 
 
-def test_an_unreachable_s3_corpus_is_a_clear_store_error(tmp_path: Path, monkeypatch) -> None:
+def test_an_unreachable_s3_corpus_is_a_clear_store_error(tmp_path: Path) -> None:
+    from jobs.settings import S3Settings
     from jobs.spec import StoreSpec
-    from jobs.store import StoreError
+    from jobs.store import S3Endpoint, StoreError
 
-    monkeypatch.setenv("FUSIONRUN_S3_MAX_ATTEMPTS", "1")
-    monkeypatch.setenv("FUSIONRUN_S3_CONNECT_TIMEOUT", "1")
+    quick = Settings(s3=S3Settings(max_attempts=1, connect_timeout=1))
     down = StoreSpec(uri=str(tmp_path / "store"), endpoint="http://127.0.0.1:9", insecure=True)
     corpus = Corpus(uri="s3://corpora/data/folder")
     with pytest.raises(
@@ -573,14 +575,14 @@ def test_an_unreachable_s3_corpus_is_a_clear_store_error(tmp_path: Path, monkeyp
         match=r"^corpus.uri s3://corpora/data/folder: cannot reach S3 endpoint "
         r"http://127.0.0.1:9.*store.endpoint",
     ):
-        corpus_stamp(corpus, down)
+        corpus_stamp(corpus, S3Endpoint.of(down, quick))
     spec = _spec(
         tmp_path,
         corpus={"uri": "s3://corpora/data/folder"},
         store={"uri": str(tmp_path / "store"), "endpoint": "http://127.0.0.1:9", "insecure": True},
     )
     with pytest.raises(StoreError, match="cannot reach S3 endpoint"):
-        run_task(prepare.run, _t("prepare"), spec, "r")  # the stamp, before anything is read
+        run_task(prepare.run, _t("prepare"), spec, "r", settings=quick)  # the stamp, before anything is read
     # A local corpus never touches S3: the stamp of the same file, whatever the store says.
     f = tmp_path / "corpus.txt"
     assert corpus_stamp(Corpus(uri=str(f)), down) == corpus_stamp(Corpus(uri=f"file://{f}"), None)

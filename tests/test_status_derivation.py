@@ -177,7 +177,12 @@ def test_conditions_keep_their_transition_time_until_their_status_changes() -> N
     st = Stages(
         prepare=StageStatus(state="Succeeded", tasks=1, succeeded=1), evaluate=StageStatus(state="Skipped")
     )
-    out = {c.type: c for c in conditions(old, "Failed", "JobFailed", "m", st, 4, NOW_S)}
+    out = {
+        c.type: c
+        for c in conditions(
+            old, phase="Failed", fail_reason="JobFailed", message="m", stages=st, gen=4, now_s=NOW_S
+        )
+    }
     assert list(out) == [
         "Running",
         "Succeeded",
@@ -218,7 +223,7 @@ def test_conditions_keep_their_transition_time_until_their_status_changes() -> N
         "Disabled",
         "evaluate is disabled in the spec",
     )
-    same = conditions(old, "Running", None, "m", st, 4, NOW_S)
+    same = conditions(old, phase="Running", fail_reason=None, message="m", stages=st, gen=4, now_s=NOW_S)
     assert same[0].last_transition_time == EARLIER and same[2].last_transition_time == EARLIER
     assert same[2].reason == "AsExpected"
 

@@ -23,6 +23,7 @@ from jobs.complete import (
     write_manifest,
 )
 from jobs.plan import Stage, Task, build_dag
+from jobs.settings import Settings
 from jobs.spec import StoreSpec, parse_spec
 from jobs.store import LocalStore, S3Store, StoreError, download_model, open_store
 from tests.harness.s3 import ENDPOINT
@@ -40,7 +41,7 @@ def _train_complete(tmp_path: Path) -> tuple[LocalStore, Task]:
     """A store where every task of SPEC up to FuseLLM's training is complete (placeholder outputs)."""
     spec = parse_spec(SPEC)
     dag = build_dag(spec)
-    store = open_store(StoreSpec(uri=str(tmp_path)), "r")
+    store = open_store(StoreSpec(uri=str(tmp_path)), "r", Settings())
     for task in dag:
         if task.stage is not Stage.evaluate:
             _complete(store, spec, task, dag, {f"{task.id}.out": task.id.encode()})
@@ -109,13 +110,13 @@ def _exercise(store) -> None:
 
 
 def test_local_store_contract(tmp_path: Path) -> None:
-    store = open_store(StoreSpec(uri=f"file://{tmp_path}"), "run1")
+    store = open_store(StoreSpec(uri=f"file://{tmp_path}"), "run1", Settings())
     assert isinstance(store, LocalStore) and store.root == tmp_path / "run1"
     _exercise(store)
 
 
 def test_local_store_upload_download_atomic(tmp_path: Path) -> None:
-    store = open_store(StoreSpec(uri=str(tmp_path / "s")), "run1")
+    store = open_store(StoreSpec(uri=str(tmp_path / "s")), "run1", Settings())
     src = tmp_path / "f.bin"
     src.write_bytes(os.urandom(1000))
     store.upload(src, "x/f.bin")
@@ -127,12 +128,12 @@ def test_local_store_upload_download_atomic(tmp_path: Path) -> None:
 
 def test_local_store_relative_uri_is_rejected() -> None:
     with pytest.raises(StoreError, match="relative"):
-        open_store(StoreSpec(uri="./runs"), "r")
+        open_store(StoreSpec(uri="./runs"), "r", Settings())
 
 
 @pytest.mark.s3
 def test_s3_store_contract(s3_server, s3_bucket) -> None:
-    store = open_store(_s3_spec(s3_bucket), "run1", check=True)
+    store = open_store(_s3_spec(s3_bucket), "run1", Settings(), check=True)
     assert isinstance(store, S3Store) and store.base_uri == f"s3://{s3_bucket}/runs/run1"
     _exercise(store)
 
@@ -141,7 +142,7 @@ def test_s3_store_contract(s3_server, s3_bucket) -> None:
 def test_s3_multipart_upload_and_download(s3_server, s3_bucket, tmp_path: Path) -> None:
     from boto3.s3.transfer import TransferConfig
 
-    store = open_store(_s3_spec(s3_bucket), "run1")
+    store = open_store(_s3_spec(s3_bucket), "run1", Settings())
     store.transfer = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
     data = os.urandom(12 << 20)  # 3 parts
     src = tmp_path / "big.bin"
@@ -154,26 +155,26 @@ def test_s3_multipart_upload_and_download(s3_server, s3_bucket, tmp_path: Path) 
 
 
 @pytest.mark.s3
-def test_s3_errors_name_endpoint_bucket_and_fix(s3_server, monkeypatch) -> None:
-    monkeypatch.setenv("FUSIONRUN_S3_MAX_ATTEMPTS", "2")
+def test_s3_errors_name_endpoint_bucket_and_fix(s3_server) -> None:
+    env = {**os.environ, "FUSIONRUN_S3_MAX_ATTEMPTS": "2"}  # the settings an entry point reads
     with pytest.raises(StoreError, match=r"bucket 'no-such-bucket'.*does not exist; create it"):
-        open_store(_s3_spec("no-such-bucket"), "r", check=True)
+        open_store(_s3_spec("no-such-bucket"), "r", Settings.from_env(env), check=True)
     bucket = s3_server.make_bucket()
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    wrong = Settings.from_env({**env, "AWS_SECRET_ACCESS_KEY": "wrong-secret"})
     with pytest.raises(StoreError, match="access denied") as err:
-        open_store(_s3_spec(bucket), "r", check=True)
-    assert "wrong-secret" not in str(err.value)
-    monkeypatch.setenv("FUSIONRUN_S3_CONNECT_TIMEOUT", "1")
+        open_store(_s3_spec(bucket), "r", wrong, check=True)
+    assert "wrong-secret" not in str(err.value) and "wrong-secret" not in repr(wrong)
+    quick = Settings.from_env({**env, "FUSIONRUN_S3_CONNECT_TIMEOUT": "1"})
     spec = StoreSpec(uri=f"s3://{bucket}/p", endpoint="http://127.0.0.1:9", insecure=True)
     with pytest.raises(StoreError, match=r"cannot reach S3 endpoint http://127.0.0.1:9.*store.endpoint"):
-        open_store(spec, "r").put_bytes("k", b"v")
+        open_store(spec, "r", quick).put_bytes("k", b"v")
 
 
 @pytest.mark.s3
 def test_s3_rides_out_a_server_restart(s3_server, s3_bucket, tmp_path: Path) -> None:
     """The server goes away and comes back while the store keeps writing: bounded retries ride it out."""
     s3_server.require_owned()
-    store = open_store(_s3_spec(s3_bucket), "run1")
+    store = open_store(_s3_spec(s3_bucket), "run1", Settings())
     store.put_bytes("before", b"1")
     s3_server.stop()
     restarter = threading.Timer(2.0, s3_server.start)
@@ -191,13 +192,13 @@ def test_s3_rides_out_a_server_restart(s3_server, s3_bucket, tmp_path: Path) -> 
 
 
 @pytest.mark.s3
-def test_download_model_caches_an_s3_folder(s3_server, s3_bucket, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("FUSIONRUN_CACHE", str(tmp_path / "cache"))
+def test_download_model_caches_an_s3_folder(s3_server, s3_bucket, tmp_path) -> None:
     c = s3_server.client()
     c.put_object(Bucket=s3_bucket, Key="models/m1/config.json", Body=b"{}")
     c.put_object(Bucket=s3_bucket, Key="models/m1/sub/w.bin", Body=b"w")
-    store = open_store(_s3_spec(s3_bucket), "run1")
+    store = open_store(_s3_spec(s3_bucket), "run1", Settings(cache_dir=tmp_path / "cache"))
     path = Path(download_model(store, f"s3://{s3_bucket}/models/m1"))
+    assert path.is_relative_to(tmp_path / "cache" / "models")  # the settings' cache, carried by the store
     assert (path / "config.json").read_bytes() == b"{}" and (path / "sub" / "w.bin").read_bytes() == b"w"
     c.delete_object(Bucket=s3_bucket, Key="models/m1/config.json")
     assert download_model(store, f"s3://{s3_bucket}/models/m1") == str(path)  # cached: no second download
@@ -217,7 +218,8 @@ def _complete(store, spec, task: Task, dag, outputs: dict[str, bytes]) -> dict:
     for k, data in outputs.items():
         store.put_bytes(k, data)
         outs[k] = Output(hashlib.sha256(data).hexdigest(), len(data))
-    m = build_manifest(spec, task, outs, input_digests(store, {t.id: t for t in dag}, task), time.time())
+    inputs = input_digests(store, {t.id: t for t in dag}, task)
+    m = build_manifest(spec, task, outputs=outs, inputs=inputs, started_at=time.time())
     write_manifest(store, task, m)
     return m
 
@@ -226,7 +228,7 @@ def test_manifest_completeness_rules(tmp_path: Path) -> None:
     spec = parse_spec(SPEC)
     dag = build_dag(spec)
     by_id = {t.id: t for t in dag}
-    store = open_store(StoreSpec(uri=str(tmp_path)), "r")
+    store = open_store(StoreSpec(uri=str(tmp_path)), "r", Settings())
     prep, ext = by_id["prepare"], by_id["extract-tgt-00000"]
     assert manifest_key(ext) == "extract/tgt/shard-00000.manifest.json"
     assert why_incomplete(store, spec, prep, by_id) == "no manifest"

@@ -13,6 +13,7 @@ import pytest
 from jobs.cli import main as fusionrun
 from jobs.credentials import MASK, CredentialsError, clean_key, redact
 from jobs.kubeyaml import KubeYamlError, decode, load_yaml
+from jobs.settings import Settings
 from jobs.spec import (
     FusionRunSpec,
     SpecError,
@@ -22,7 +23,7 @@ from jobs.spec import (
     parse_spec,
     unknown_fields,
 )
-from jobs.store import StoreError, _s3_error, make_s3_client
+from jobs.store import S3Endpoint, StoreError, _s3_error, make_s3_client
 
 SPEC = {
     "target": {"name": "tgt", "tokenizer": "/tok", "randomInit": {}},
@@ -250,17 +251,18 @@ def test_keys_are_cleaned_or_refused_without_their_value() -> None:
         assert problem in str(err.value) and "PLANTED" not in str(err.value)
 
 
-def test_the_s3_client_uses_cleaned_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_s3_client_uses_cleaned_keys() -> None:
     store = StoreSpec(uri="s3://b/p", endpoint="http://127.0.0.1:9", insecure=True)
     client = make_s3_client(store, 1, credentials=("AKIAPLANTED123\n", " s3cret\n"))
     creds = client._request_signer._credentials
     assert (creds.access_key, creds.secret_key) == ("AKIAPLANTED123", "s3cret")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFROMENV\n")  # kubectl create secret --from-file of an echo
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret\n")
-    assert make_s3_client(store, 1)._request_signer._credentials.access_key == "AKIAFROMENV"
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA FROM ENV")
+    # kubectl create secret --from-file of an echo: the keys the settings read from the environment
+    env = {"AWS_ACCESS_KEY_ID": "AKIAFROMENV\n", "AWS_SECRET_ACCESS_KEY": "envsecret\n"}
+    from_env = S3Endpoint.of(store, Settings.from_env(env))
+    assert make_s3_client(from_env, 1)._request_signer._credentials.access_key == "AKIAFROMENV"
+    spaced = S3Endpoint.of(store, Settings.from_env({**env, "AWS_ACCESS_KEY_ID": "AKIA FROM ENV"}))
     with pytest.raises(StoreError) as err:
-        make_s3_client(store, 1)
+        make_s3_client(spaced, 1)
     assert err.value.reason == "InvalidCredentials" and err.value.permanent and "FROM" not in str(err.value)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fusion.train import checkpoint as ck
+from jobs.settings import Settings
 from jobs.spec import StoreSpec
 from jobs.store import open_store
 from tests.harness.s3 import ENDPOINT
@@ -55,7 +56,7 @@ def test_checkpoints_of_another_configuration_are_dropped(tmp_path: Path):
     make_checkpoint(tmp_path, 7, marker=False)  # maybe ours, cut short: not for this function to judge
     assert ck.drop_foreign_local(tmp_path, "fp") == [500]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-7"]
-    store = open_store(StoreSpec(uri=f"file://{tmp_path / 'store'}"), "run")
+    store = open_store(StoreSpec(uri=f"file://{tmp_path / 'store'}"), "run", Settings())
     for s, fp in ((2, "fp"), (500, "old-config")):
         d = make_checkpoint(tmp_path / "src", s, fingerprint=fp)
         ck.upload(store, PREFIX, d, ck.hash_files(d))
@@ -115,10 +116,10 @@ def roundtrip(store, tmp_path: Path) -> None:
 
 
 def test_upload_download_prune_on_a_file_store(tmp_path: Path):
-    roundtrip(open_store(StoreSpec(uri=f"file://{tmp_path / 'store'}"), "run"), tmp_path)
+    roundtrip(open_store(StoreSpec(uri=f"file://{tmp_path / 'store'}"), "run", Settings()), tmp_path)
 
 
 @pytest.mark.s3
 def test_upload_download_prune_on_s3(s3_server, s3_bucket, tmp_path: Path):
     spec = StoreSpec(uri=f"s3://{s3_bucket}/runs", endpoint=ENDPOINT, insecure=True)
-    roundtrip(open_store(spec, "run", check=True), tmp_path)
+    roundtrip(open_store(spec, "run", Settings(), check=True), tmp_path)

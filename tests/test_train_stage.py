@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.settings import Settings
 from jobs.stages.train import EXIT_PREEMPTED, group_exit_code, rank_envs, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +197,7 @@ def fused_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         yaml.safe_dump(spec_doc(d / "tok", d / "store", procsPerNode=2, gradientCheckpointing=True))
     )
     run = load_fusionrun(spec_file)
-    store = open_store(run.spec.store, run.metadata.name)
+    store = open_store(run.spec.store, run.metadata.name, Settings())
     by_id = {t.id: t for t in build_dag(run.spec)}
     paths = write_corpus_shards(tok, d / "shards", n_shards=2)
     from fusion.format import sha256_file
@@ -206,7 +207,9 @@ def fused_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         store.upload(p, key)
         task = by_id[Task(Stage.fuse, shard=s).id]
         outputs = {key: Output(sha256_file(p), p.stat().st_size)}
-        write_manifest(store, task, build_manifest(run.spec, task, outputs, {}, 0.0))
+        write_manifest(
+            store, task, build_manifest(run.spec, task, outputs=outputs, inputs={}, started_at=0.0)
+        )
     return {"spec": spec_file, "store": d / "store" / "stage-test", "dir": d}
 
 

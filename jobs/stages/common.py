@@ -11,7 +11,6 @@ message naming the artifact.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -30,7 +29,6 @@ from jobs.cache import (
     held_lease,
     holder_id,
     located,
-    poll_seconds,
     publish,
     try_lease,
 )
@@ -53,6 +51,7 @@ from jobs.complete import (
 from jobs.plan import build_dag
 from jobs.registry import STAGES, CacheLayout, Layout, Stage, Task
 from jobs.retry import write_termination_message
+from jobs.settings import Settings, SettingsError
 from jobs.spec import (
     FusionRunSpec,
     SpecError,
@@ -78,7 +77,9 @@ class InputError(StageError):
 
 def exit_code_for(err: Exception) -> int:
     """The process exit code of a stage that failed with `err` (jobs.retry's contract)."""
-    if isinstance(err, SpecError | InputError) or (isinstance(err, StoreError) and err.permanent):
+    if isinstance(err, SpecError | InputError | SettingsError) or (
+        isinstance(err, StoreError) and err.permanent
+    ):
         return EXIT_USAGE
     return EXIT_FAILED
 
@@ -90,17 +91,20 @@ def run_guarded(stage: str, body: Callable[[], int]) -> int:
     code jobs.retry's contract gives it (exit_code_for)."""
     try:
         return body()
-    except (SpecError, StageError, StoreError, ManifestError) as err:
+    except (SpecError, StageError, StoreError, ManifestError, SettingsError) as err:
         log_event("failed", stage=stage, error=str(err))
         print(f"error: {err}", file=sys.stderr)
         write_termination_message(f"{stage}: {err}")
         return exit_code_for(err)
 
 
-def load_spec_and_name(spec_file: str | None, run_name: str | None) -> tuple[FusionRunSpec, str]:
-    """The spec from --spec (a FusionRun YAML/JSON document, or a bare spec) or env FUSIONRUN_SPEC (JSON of
-    the spec, as Kubernetes Jobs get it); the run name from --run, env FUSIONRUN_NAME or metadata.name."""
-    name = run_name or os.environ.get("FUSIONRUN_NAME")
+def load_spec_and_name(
+    spec_file: str | None, run_name: str | None, settings: Settings
+) -> tuple[FusionRunSpec, str]:
+    """The spec from --spec (a FusionRun YAML/JSON document, or a bare spec) or the settings' spec_json (env
+    FUSIONRUN_SPEC, as Kubernetes Jobs get it); the run name from --run, the settings' run_name (env
+    FUSIONRUN_NAME) or metadata.name."""
+    name = run_name or settings.run_name
     if spec_file:
         path = Path(spec_file)
         try:
@@ -114,7 +118,7 @@ def load_spec_and_name(spec_file: str | None, run_name: str | None) -> tuple[Fus
             raise SpecError(f"--spec {path}: expected a FusionRun document or a spec mapping")
         spec = resolve_relative_paths(parse_spec(doc), path.parent.resolve())
     else:
-        raw = os.environ.get("FUSIONRUN_SPEC")
+        raw = settings.spec_json
         if not raw:
             raise SpecError("no spec: pass --spec FILE or set FUSIONRUN_SPEC to the spec as JSON")
         try:
@@ -145,6 +149,11 @@ class StageContext:
     @cached_property
     def by_id(self) -> dict[str, Task]:
         return {t.id: t for t in self.dag}
+
+    @property
+    def settings(self) -> Settings:
+        """The process's settings (jobs.settings), which the run's store was opened with."""
+        return self.store.settings
 
     @property
     def s3(self) -> Any:
@@ -306,11 +315,13 @@ def run_task(
     run_name: str,
     force: bool = False,
     store: Store | None = None,
+    settings: Settings | None = None,
 ) -> int:
     """Run one task unless complete (complete_task). A task of a cacheable stage adopts the shared entry
     of its content key when one exists (jobs.cache), else writes it under the entry's lease. Returns a
-    process exit code."""
-    store = store or open_store(spec.store, run_name, check=spec.store.is_s3)
+    process exit code. The run's store (opened with `settings`, default: jobs.settings' defaults) unless
+    given (then its own settings hold)."""
+    store = store or open_store(spec.store, run_name, settings or Settings(), check=spec.store.is_s3)
     dag = build_dag(spec)
     by_id = {t.id: t for t in dag}
     if task.id not in by_id:
@@ -321,7 +332,7 @@ def run_task(
         scratch = Path(tempfile.mkdtemp(prefix=f"fusionrun-{task.id}-"))
         try:
             ctx = StageContext(spec, run_name, store, task, dag, scratch)
-            if cache_enabled(task):
+            if cache_enabled(task, store.settings):
                 return _run_cached(stage_fn, ctx, inputs, force)
             return _run_plain(stage_fn, ctx, inputs)
         finally:
@@ -333,7 +344,15 @@ def run_task(
 def _run_plain(stage_fn: StageFn, ctx: StageContext, inputs: dict[str, str]) -> dict[str, Any]:
     stamps = text_stamps(ctx.store, ctx.spec, ctx.task)  # before reading: an edit meanwhile redoes it
     counts, summary = stage_fn(ctx)
-    return build_manifest(ctx.spec, ctx.task, ctx.outputs, inputs, ctx.started_at, counts, summary | stamps)
+    return build_manifest(
+        ctx.spec,
+        ctx.task,
+        outputs=ctx.outputs,
+        inputs=inputs,
+        started_at=ctx.started_at,
+        counts=counts,
+        summary=summary | stamps,
+    )
 
 
 def _run_cached(stage_fn: StageFn, ctx: StageContext, inputs: dict[str, str], force: bool) -> dict[str, Any]:
@@ -351,7 +370,7 @@ def _run_cached(stage_fn: StageFn, ctx: StageContext, inputs: dict[str, str], fo
         if busy is None:
             break
         log_event("waiting", task=task.id, key=key[:16], holder=busy)
-        time.sleep(poll_seconds())
+        time.sleep(store.settings.cache_poll_seconds)
     with held_lease(cache, task.stage, key, holder):
         ctx.entry_prefix = CacheLayout.entry(task.stage, key)
         stamps = text_stamps(store, spec, task)
@@ -363,7 +382,15 @@ def _run_cached(stage_fn: StageFn, ctx: StageContext, inputs: dict[str, str], fo
             "created_by": {"run": ctx.run_name, "task": task.id},
         }
         entry = publish(cache, task.stage, key, files, made)
-    manifest = build_manifest(spec, task, ctx.outputs, inputs, ctx.started_at, counts, summary | stamps)
+    manifest = build_manifest(
+        spec,
+        task,
+        outputs=ctx.outputs,
+        inputs=inputs,
+        started_at=ctx.started_at,
+        counts=counts,
+        summary=summary | stamps,
+    )
     manifest |= {"entry": entry.prefix, "cache_key": key}
     add_user(cache, entry, ctx.run_name, manifest_key(task))
     return manifest
@@ -525,11 +552,12 @@ def load_model_at(
         raise (StageError if oom else InputError)(f"{what} will not load: {err}. {fix}") from None
 
 
-def set_threads() -> int:
-    """Torch intra-op threads from FUSIONRUN_THREADS / OMP_NUM_THREADS (the local runner's share)."""
+def set_threads(settings: Settings) -> int:
+    """Torch intra-op threads from the settings (FUSIONRUN_THREADS / OMP_NUM_THREADS: the local runner's
+    share); torch's own choice without."""
     import torch
 
-    n = int(os.environ.get("FUSIONRUN_THREADS") or os.environ.get("OMP_NUM_THREADS") or 0)
+    n = settings.threads
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()

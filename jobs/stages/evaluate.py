@@ -112,7 +112,7 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from fusion.tokens import encode_documents
     from jobs.stages.evaluate_tasks import prepare_tasks, score_model
 
-    threads = set_threads()
+    threads = set_threads(ctx.settings)
     plan = prepare_tasks(ctx)  # bad tasks fail here, before any model is scored
     held = ctx.heldout()
     texts = unpack_texts(held["text"], held["doc_offsets"])

@@ -24,7 +24,7 @@ from jobs.stages.common import (
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     from fusion.extract import extract_documents
 
-    threads = set_threads()
+    threads = set_threads(ctx.settings)
     name, s = ctx.task.model, ctx.task.shard
     assert name is not None and s is not None
     raw = ctx.input_shard(Stage.prepare)

@@ -45,6 +45,7 @@ from jobs.progress import (
     read_history,
 )
 from jobs.registry import Layout, Stage, Variant
+from jobs.settings import Settings
 
 EXIT_PREEMPTED = 75  # = fusion.train.loop.EXIT_PREEMPTED (kept here so the launcher needs no torch import)
 PROGRESS_INTERVAL_S = 10.0  # progress.json is rewritten at most this often (and at the last step)
@@ -268,8 +269,9 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from jobs.spec import SpecError
     from jobs.stages.common import InputError, StageError, load_spec_and_name
 
+    settings = Settings.from_env(os.environ)  # training's own entry point (its ranks run it too)
     try:
-        spec, name = load_spec_and_name(args.spec, args.run)
+        spec, name = load_spec_and_name(args.spec, args.run, settings)
         if args.variant not in trained_variants(spec):
             field = {"clm": "clmBaseline", "self": "selfDistillBaseline", "sources": "sourcesOnlyBaseline"}
             raise InputError(
@@ -281,26 +283,34 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
             return launch_ranks(argv, envs)
         if envs is not None:
             os.environ.update(envs[0])
-        return run_rank(spec, name, args.variant, args.force)
+        return run_rank(spec, name, args.variant, settings, args.force)
     except SpecError:
         raise
     except ValueError as err:  # the launcher's environment; a training config or data fusion cannot use
         raise StageError(str(err)) from None
 
 
-def run_rank(spec: Any, run_name: str, variant: str, force: bool = False) -> int:
+def run_rank(spec: Any, run_name: str, variant: str, settings: Settings, force: bool = False) -> int:
     """This process's rank of the training task: train (resuming), export, and on rank 0 the manifest."""
     from jobs.complete import build_manifest
     from jobs.stages.common import complete_task
 
-    job = TrainJob.open(spec, run_name, variant, force)
+    job = TrainJob.open(spec, run_name, variant, settings, force)
 
     def work(reason: str | None, inputs: dict[str, str]) -> dict[str, Any] | int:
         started = time.time()
         done = job.train(reason, inputs)
         if done.outputs is None:
             return done.exit_code
-        return build_manifest(spec, job.task, done.outputs, inputs, started, done.counts, done.summary)
+        return build_manifest(
+            spec,
+            job.task,
+            outputs=done.outputs,
+            inputs=inputs,
+            started_at=started,
+            counts=done.counts,
+            summary=done.summary,
+        )
 
     code = complete_task(job.store, spec, job.dag, job.task, force, work, writer=job.rank == 0)
     if code == 0 and job.published and "FUSIONRUN_WORK_DIR" not in os.environ:
@@ -336,12 +346,12 @@ class TrainJob:
     published: bool = False  # rank 0 uploaded the model (the manifest may be written)
 
     @classmethod
-    def open(cls, spec: Any, run_name: str, variant: str, force: bool) -> TrainJob:
+    def open(cls, spec: Any, run_name: str, variant: str, settings: Settings, force: bool) -> TrainJob:
         from jobs.plan import build_dag
         from jobs.registry import Stage, Task
         from jobs.store import open_store
 
-        store = open_store(spec.store, run_name, check=spec.store.is_s3)
+        store = open_store(spec.store, run_name, settings, check=spec.store.is_s3)
         dag = build_dag(spec)
         task = {t.id: t for t in dag}[Task(Stage.train, variant=variant).id]
         rank = int(os.environ["RANK"])

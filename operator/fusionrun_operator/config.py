@@ -22,6 +22,10 @@ passed to what needs them; nothing reads them at import time.
 | FUSIONRUN_METRICS_PORT | 8081 | Prometheus /metrics port ("" disables) |
 | FUSIONRUN_REUSE | on | share prepare/extract/align outputs across runs (jobs.cache); off: not (pods too) |
 
+The stores a pass reads are opened with `store_settings`: jobs.settings from the same variables (region, keys,
+AWS_* and FUSIONRUN_CACHE*), with the operator's own short S3 retries and timeouts and no grace at the
+bucket check (`pass_settings`): a pass never waits on a store.
+
 Pure: `from_env(mapping)` has no side effects; bad values fail with the variable's name and what is allowed.
 """
 
@@ -29,12 +33,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydantic import ValidationError
 
 from fusionrun_operator.capabilities import SHAPES, Capabilities
 from jobs.retry import EXIT_PREEMPTED, EXIT_USAGE
+from jobs.settings import Settings, SettingsError
 from jobs.spec import Resources, StageResources, format_validation_error
 
 # Exit code with which stage jobs report bad input (invalid spec, bad arguments, unusable input files):
@@ -54,6 +59,13 @@ NORMAL_WAITING_REASONS = frozenset({"ContainerCreating", "PodInitializing"})
 
 class ConfigError(ValueError):
     """An operator setting with a bad value; the message names the variable."""
+
+
+def pass_settings(settings: Settings) -> Settings:
+    """The settings a reconcile pass opens stores with: two attempts, 3 s to connect, 10 s to read, and no
+    grace at the check (one HEAD: an endpoint that does not answer is reported, and read again next pass)."""
+    s3 = replace(settings.s3, max_attempts=2, connect_timeout=3.0, read_timeout=10.0, check_seconds=0.0)
+    return replace(settings, s3=s3)
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,8 @@ class OperatorConfig:
     # What the API server supports (detected at start by runtime.Operator.detect_server, then put here with
     # dataclasses.replace); the default, nothing detected, gives today's one-Job-per-task shape.
     server: Capabilities = field(default_factory=Capabilities)
+    # How a pass opens a run's store (jobs.settings, through pass_settings).
+    store_settings: Settings = field(default_factory=lambda: pass_settings(Settings()), repr=False)
 
     @property
     def clusterwide(self) -> bool:
@@ -156,6 +170,10 @@ def from_env(env: Mapping[str, str]) -> OperatorConfig:
     if shape not in SHAPES:
         raise ConfigError(f"FUSIONRUN_JOB_SHAPE={shape!r}: use {', '.join(SHAPES)}")
     port = {"FUSIONRUN_METRICS_PORT": env.get("FUSIONRUN_METRICS_PORT", str(d.metrics_port)).strip()}
+    try:
+        store_settings = pass_settings(Settings.from_env(env))
+    except SettingsError as err:
+        raise ConfigError(str(err)) from None
     return OperatorConfig(
         job_image=env.get("FUSIONRUN_JOB_IMAGE") or d.job_image,
         image_pull_policy=policy,
@@ -180,4 +198,5 @@ def from_env(env: Mapping[str, str]) -> OperatorConfig:
         metrics_port=int(_number(port, "FUSIONRUN_METRICS_PORT", 0, 1))
         if port["FUSIONRUN_METRICS_PORT"]
         else None,
+        store_settings=store_settings,
     )

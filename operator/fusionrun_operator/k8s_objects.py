@@ -424,6 +424,7 @@ def job_manifest(
     run: RunRef,
     spec: FusionRunSpec,
     task: Task,
+    *,
     attempt: int,
     config: OperatorConfig,
     rank: int | None = None,
@@ -487,10 +488,17 @@ def task_manifests(
 ) -> list[dict[str, Any]]:
     """Everything one attempt of a task needs: one Job; for multi-node training the Service and one Job
     per node rank (all-or-nothing: the operator replaces the whole group when one rank fails)."""
+
+    def job(rank: int | None) -> dict[str, Any]:
+        deadline = active_deadline_seconds
+        return job_manifest(
+            run, spec, task, attempt=attempt, config=config, rank=rank, active_deadline_seconds=deadline
+        )
+
     if not task.distributed:
-        return [job_manifest(run, spec, task, attempt, config, None, active_deadline_seconds)]
+        return [job(None)]
     nodes = spec.training.nodes
-    jobs = [job_manifest(run, spec, task, attempt, config, r, active_deadline_seconds) for r in range(nodes)]
+    jobs = [job(r) for r in range(nodes)]
     return [service_manifest(run, task, config), *jobs] if nodes > 1 else jobs
 
 

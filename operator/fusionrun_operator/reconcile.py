@@ -77,14 +77,14 @@ def reconcile(
 
     facts = RunFacts(deadline_hit, spec.active_deadline_seconds, spec.suspend, blocked_run(blocked))
     status_inputs = StatusInputs(
-        obs.run.name,
-        obs.run.generation,
-        now,
-        obs.progress,
-        obs.metrics,
-        restart.key,
-        obs.alignment,
-        config.server,
+        run_name=obs.run.name,
+        generation=obs.run.generation,
+        now=now,
+        progress=obs.progress,
+        metrics=obs.metrics,
+        restart_key=restart.key,
+        alignment=obs.alignment,
+        server=config.server,
     )
     fx.status, events = render_status(old, pipe, records, facts, clock, status_inputs)
     checks = {CREDENTIALS_READY: obs.credentials, STORE_READABLE: obs.store_access}

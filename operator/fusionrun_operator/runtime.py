@@ -257,6 +257,7 @@ class Operator:
             count=self.metrics.store_request,
             reuse=self.config.reuse,
             recheck=self.claims.recheck((fr["metadata"]["namespace"], name)),
+            settings=self.config.store_settings,
         )
         if errors:
             self.metrics.errors.labels("store").inc()
@@ -286,5 +287,5 @@ class Operator:
         if not plan.read:
             reason = plan.skipped.reason if plan.skipped else "NotAllowed"
             raise PermissionError(f"not deleting artifacts ({reason}): {check.access.message}")
-        store = open_run_store(spec, name, lambda: plan.keys)
+        store = open_run_store(spec, name, self.config.store_settings, lambda: plan.keys)
         return delete_artifacts(CountingStore(store, self.metrics.store_request), name)

@@ -2,8 +2,9 @@
 once before reconcile through a per-pass read cache; plus the one write a pass makes (restartFrom drops
 manifests). The only operator module that uses jobs.complete (what makes a task complete).
 
-The S3 client comes from jobs.store's factory with the run's keys (read from its Secret by the caller) and
-short retries and timeouts: the operator must not hang on a store that is down. Keys stay in memory only:
+The store is jobs.store.open_store's, opened with the operator's pass settings (config.pass_settings: short
+retries and timeouts, no grace at the bucket check) and an S3 client with the run's keys (read from its
+Secret by the caller): the operator must not hang on a store that is down. Keys stay in memory only:
 never logged, never in status or events. An unreadable store is "unknown" (completed=None: reconcile then
 trusts Job states), never "nothing done".
 
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from fusionrun_operator.config import pass_settings
 from fusionrun_operator.effects import Adoption
 from fusionrun_operator.observations import JobObservation, SharedOutput
 from fusionrun_operator.pipeline import Pipeline
@@ -60,14 +62,12 @@ from jobs.complete import adopt as adopt_entry
 from jobs.complete import invalidate as drop_manifest
 from jobs.observe import alignment_from_store
 from jobs.registry import Layout, Stage
+from jobs.settings import Settings
 from jobs.spec import FusionRunSpec
-from jobs.store import S3Store, Store, StoreError, make_s3_client, open_store, parse_s3_uri
+from jobs.store import S3Endpoint, S3Store, Store, StoreError, make_s3_client, open_store
 
 Credentials = tuple[str, str]  # (access key id, secret access key)
 CredentialsFn = Callable[[], "Credentials | None"]  # read only when the store is S3
-
-# The operator's S3 client: two attempts, 3 s to connect, 10 s to read (a pass must not block for long).
-S3_ATTEMPTS, S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT = 2, 3.0, 10.0
 
 
 class StoreView(NamedTuple):
@@ -85,18 +85,15 @@ def unread() -> StoreView:
     return StoreView(None, None, {}, None)
 
 
-def open_run_store(spec: FusionRunSpec, run_name: str, credentials: CredentialsFn | None = None) -> Store:
-    if not spec.store.is_s3:
-        return open_store(spec.store, run_name)
-    bucket, prefix = parse_s3_uri(spec.store.uri)
-    client = make_s3_client(
-        spec.store,
-        S3_ATTEMPTS,
-        credentials=credentials() if credentials else None,
-        connect_timeout=S3_CONNECT_TIMEOUT,
-        read_timeout=S3_READ_TIMEOUT,
-    )
-    return S3Store(spec.store, bucket, f"{prefix}/{run_name}" if prefix else run_name, client=client)
+def open_run_store(
+    spec: FusionRunSpec, run_name: str, settings: Settings, credentials: CredentialsFn | None = None
+) -> Store:
+    """The run's store with `settings` (config.store_settings); for S3 a client with the run's keys."""
+    client = None
+    if spec.store.is_s3:
+        keys = credentials() if credentials else None
+        client = make_s3_client(S3Endpoint.of(spec.store, settings), credentials=keys)
+    return open_store(spec.store, run_name, settings, client=client)
 
 
 # Store methods -> the request each makes (what fusionrun_store_requests_total counts).
@@ -234,15 +231,18 @@ def read_store_view(
     count: Callable[[str], None] | None = None,
     reuse: bool = True,
     recheck: Recheck | None = None,
+    settings: Settings | None = None,
 ) -> StoreView:
     """What the store says for this pass; unread() (after on_error) when it cannot be read: a StoreError, a
     missing Secret, a malformed JSON file. memo: remember between passes (None: read everything, every
     pass); signatures: each task's Jobs now (job_signatures); count: called once per store request;
-    reuse: look ready tasks up in the shared cache (read_shared; recheck: see there)."""
+    reuse: look ready tasks up in the shared cache (read_shared; recheck: see there); settings: how the
+    store is opened (config.store_settings; default: pass_settings of jobs.settings' defaults)."""
     sigs = signatures or {}
     try:
         opened = memo is None or memo.store is None
-        store = open_run_store(pipeline.spec, run_name, credentials) if opened else memo.store
+        settings = settings or pass_settings(Settings())
+        store = open_run_store(pipeline.spec, run_name, settings, credentials) if opened else memo.store
         if memo is not None:
             memo.store = store
         cached = ReadCache(CountingStore(store, count or (lambda op: None)))

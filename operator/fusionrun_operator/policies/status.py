@@ -23,7 +23,7 @@ from jobs.derive import RunFacts, derive_status
 from jobs.status import FusionRunStatus, TaskStatus
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StatusInputs:
     run_name: str
     generation: int
