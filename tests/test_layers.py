@@ -158,7 +158,7 @@ def test_our_light_modules_are_imported_at_the_top() -> None:
 
 
 # Functions over the limit, left to the engineer restructuring them (issue 23, items 1-2).
-LONG_FUNCTIONS = {"jobs.stages.evaluate.run"}
+LONG_FUNCTIONS: set[str] = set()
 MAX_LINES = 80
 
 

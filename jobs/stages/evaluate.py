@@ -108,12 +108,19 @@ def eval_corpus_texts(ctx: StageContext, i: int) -> list[str]:
 
 
 def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    from fusion.benchmarks import private_tokenizer
-    from fusion.tokens import encode_documents
-    from jobs.stages.evaluate_tasks import prepare_tasks, score_model
+    from jobs.stages.evaluate_tasks import prepare_tasks
 
     threads = set_threads(ctx.settings)
     plan = prepare_tasks(ctx)  # bad tasks fail here, before any model is scored
+    sets = text_sets(ctx)
+    results, task_scores = score_models(ctx, plan, sets)
+    metrics = metrics_of(ctx, plan, sets, results, task_scores)
+    ctx.put_json(Layout.METRICS, metrics)
+    return metrics["heldout"], summary_of(ctx, metrics, results, threads)
+
+
+def text_sets(ctx: StageContext) -> dict[str, list[str]]:
+    """Text sets scored by every model: the held-out split first, then evaluation.corpora in spec order."""
     held = ctx.heldout()
     texts = unpack_texts(held["text"], held["doc_offsets"])
     limit = ctx.spec.evaluation.max_documents
@@ -123,50 +130,72 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
             "no held-out documents to evaluate on: raise corpus.heldoutFraction above 0 or set "
             "evaluation.enabled: false"
         )
-    # Text sets scored by every model: the held-out split first, then evaluation.corpora in spec order.
     sets = {"heldout": texts}
     for i, c in enumerate(ctx.spec.evaluation.corpora):
         sets[c.name] = eval_corpus_texts(ctx, i)
+    return sets
+
+
+def score_models(
+    ctx: StageContext, plan: Any, sets: dict[str, list[str]]
+) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, dict[str, Any]]]]:
+    """Every model's figures on every text set (text -> label -> figures) and, with a task plan, its task
+    scores (label -> task -> entry): the target before training, each trained variant, the sources."""
+    from fusion.benchmarks import private_tokenizer
+    from fusion.tokens import encode_documents
+    from jobs.stages.evaluate_tasks import score_model
+
     results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in sets}
-    tgt = ctx.spec.target.name
-    tok, view = load_model_tokenizer(ctx, tgt)
-    tgt_bos = adds_bos(ctx, tgt, tok)
-    docs = {name: encode_documents(tok, t, add_bos=tgt_bos) for name, t in sets.items()}
+    task_scores: dict[str, dict[str, dict[str, Any]]] = {}
+    encoded: dict[str, dict[str, list[np.ndarray]]] = {}  # model name -> text set -> documents
 
-    task_scores: dict[str, dict[str, dict[str, Any]]] = {}  # model label -> task name -> entry
-    hf_tgt = private_tokenizer(tok) if plan is not None else None  # one copy for the three target variants
-
-    def add(
-        label: str, model: Any, v: Any, encoded: dict[str, list[np.ndarray]], hf_tok: Any, name: str
-    ) -> None:
-        for text, d in encoded.items():
-            results[text][label] = score(model, v, d, ctx.spec.extraction.batch_tokens)
+    def add(label: str, name: str, model: Any, tok: Any, view: Any, hf_tok: Any) -> None:
+        if name not in encoded:  # once per tokenizer: the target's variants share it
+            bos = adds_bos(ctx, name, tok)
+            encoded[name] = {text: encode_documents(tok, texts, add_bos=bos) for text, texts in sets.items()}
+        for text, docs in encoded[name].items():
+            results[text][label] = score(model, view, docs, ctx.spec.extraction.batch_tokens)
             figures = {k: x for k, x in results[text][label].items() if not k.startswith("doc_")}
             log_event("scored", task=ctx.task.id, model=label, text=text, **figures)
         if plan is not None:  # addBos as set, else lm-eval's default (the tokenizer's own)
             task_scores[label] = score_model(ctx, plan, label, model, hf_tok, ctx.spec.model(name).add_bos)
 
+    tgt = ctx.spec.target.name
+    tok, view = load_model_tokenizer(ctx, tgt)
+    hf_tgt = private_tokenizer(tok) if plan is not None else None  # one copy for every target variant
     target = load_spec_model(ctx, tgt, vocab_size=view.vocab_size, eos_id=view.eos_id)
-    add("target-before", target, view, docs, hf_tgt, tgt)
+    add("target-before", tgt, target, tok, view, hf_tgt)
     for variant in [dep.variant or "fused" for dep in ctx.dependencies(Stage.train)]:
-        add(variant, trained_model(ctx, variant, view.vocab_size), view, docs, hf_tgt, tgt)
+        add(variant, tgt, trained_model(ctx, variant, view.vocab_size), tok, view, hf_tgt)
     if ctx.spec.evaluation.evaluate_sources:
         for m in ctx.spec.sources:
             stok, sview = load_model_tokenizer(ctx, m.name)
-            bos = adds_bos(ctx, m.name, stok)
+            model = load_spec_model(ctx, m.name, vocab_size=sview.vocab_size, eos_id=sview.eos_id)
             add(
                 f"source:{m.name}",
-                load_spec_model(ctx, m.name, vocab_size=sview.vocab_size, eos_id=sview.eos_id),
-                sview,
-                {name: encode_documents(stok, t, add_bos=bos) for name, t in sets.items()},
-                private_tokenizer(stok) if plan is not None else None,
                 m.name,
+                model,
+                stok,
+                sview,
+                private_tokenizer(stok) if plan is not None else None,
             )
+    return results, task_scores
+
+
+def metrics_of(
+    ctx: StageContext,
+    plan: Any,
+    sets: dict[str, list[str]],
+    results: dict[str, dict[str, dict[str, Any]]],
+    task_scores: dict[str, dict[str, dict[str, Any]]],
+) -> dict[str, Any]:
+    """evaluate/metrics.json: each text set's figures per model, FuseLLM against each baseline the run
+    trained (paired per document), and the task scores."""
 
     def block(name: str) -> dict[str, Any]:
         n_bytes = sum(len(t.encode("utf-8")) for t in sets[name])
         out: dict[str, Any] = {"documents": len(sets[name]), "bytes": n_bytes, "models": results[name]}
-        for baseline in BASELINES:  # FuseLLM against each baseline the run trained, paired per document
+        for baseline in BASELINES:
             comparison = fused_vs_clm(results[name], baseline)
             if comparison is not None:
                 out[f"fused_minus_{baseline}"] = comparison
@@ -184,7 +213,13 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
 
         metrics["tasks"] = tasks_block(plan.requests, task_scores)
         metrics["task_summary"] = task_summary(metrics["tasks"], plan.requests)
-    ctx.put_json(Layout.METRICS, metrics)
+    return metrics
+
+
+def summary_of(
+    ctx: StageContext, metrics: dict[str, Any], results: dict[str, dict[str, dict[str, Any]]], threads: int
+) -> dict[str, Any]:
+    """The manifest's summary: bits per byte of each model on each text set, the comparisons, the tasks."""
 
     def bpb(models: dict[str, dict[str, Any]]) -> dict[str, float]:
         return {
@@ -195,6 +230,6 @@ def run(ctx: StageContext) -> tuple[dict[str, Any], dict[str, Any]]:
     summary |= {k: v for k, v in metrics.items() if k.startswith("fused_minus_")}
     for c in ctx.spec.evaluation.corpora:
         summary[f"bits_per_byte:{c.name}"] = bpb(results[c.name])
-    if plan is not None:
+    if "task_summary" in metrics:
         summary["task_summary"] = metrics["task_summary"]
-    return metrics["heldout"], summary
+    return summary
