@@ -78,6 +78,7 @@ ablation: setup
 evidence-data: setup
 	$(PY) examples/data/make_pkg_code_corpus.py
 	$(PY) examples/data/make_debian_faq_text.py
+	$(PY) examples/tasks-pkg/make_pkg_tasks.py
 
 ## The evidence (docs/results.md): the headline run (FuseLLM and its baselines), its replicates and comparisons,
 ## each a real `fusionrun run` reusing the extraction through the shared cache (hours on 2 CPU cores).

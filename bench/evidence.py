@@ -6,6 +6,7 @@ of docs/results.md's evidence section, measured through the real pipeline.
     .venv/bin/python -m bench.evidence seed-1 mined        # a selection
     .venv/bin/python -m bench.evidence --table results.md  # the tables of what has run (markdown)
     .venv/bin/python -m bench.evidence --smoke             # tiny models (bench.smoke), checked
+    .venv/bin/python -m bench.evidence top-k-128 --until align   # shards for bench.source_value only
 
 The headline run is examples/evidence-pkg-code.yaml: FuseLLM and its three baselines (CLM-only,
 self-distillation, the source alone) trained on the same blocks, in the same order, for the same steps with
@@ -39,7 +40,7 @@ import yaml
 
 from bench.ablation import _json, absolute_document, deep_merge
 from fusion.uris import local_path
-from jobs.registry import Layout
+from jobs.registry import STAGE_NAMES, Layout, Stage
 from jobs.spec import parse_fusionrun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +85,11 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
         "MinCE per token (the candidate with most mass on each gold token), the rest as the headline",
         {"fusion": {"level": "token"}, "training": NO_BASELINES},
     ),
+    "top-k-128": (
+        "k = 128 entries per position (bench.source_value's best teacher), with its own self-distillation at "
+        "k = 128 (CLM-only does not depend on k: the headline's)",
+        {"extraction": {"topK": 128}, "training": {"clmBaseline": False, "sourcesOnlyBaseline": False}},
+    ),
     "lambda-0p9": (
         "lambda 0.9 (the paper's), with its own self-distillation (CLM-only has lambda 1: the headline's)",
         {"training": {"lambda": 0.9, "clmBaseline": False, "sourcesOnlyBaseline": False}},
@@ -103,12 +109,13 @@ def run_document(base_doc: dict[str, Any], run: str) -> dict[str, Any]:
     }
 
 
-def fusionrun(path: Path) -> int:
-    print(f"    {sys.executable} -m jobs.cli run {path}", flush=True)
-    return subprocess.call([sys.executable, "-m", "jobs.cli", "run", str(path)], cwd=ROOT)
+def fusionrun(path: Path, until: str | None = None) -> int:
+    command = [sys.executable, "-m", "jobs.cli", "run", str(path), *(["--until", until] if until else [])]
+    print(f"    {' '.join(command)}", flush=True)
+    return subprocess.call(command, cwd=ROOT)
 
 
-def run_one(base_doc: dict[str, Any], store_root: Path, run: str) -> int:
+def run_one(base_doc: dict[str, Any], store_root: Path, run: str, until: str | None = None) -> int:
     doc = run_document(base_doc, run)
     parse_fusionrun(doc)  # a bad override fails here, naming the field
     folder = store_root / "evidence-specs"
@@ -116,7 +123,7 @@ def run_one(base_doc: dict[str, Any], store_root: Path, run: str) -> int:
     path = folder / f"{doc['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     print(f"\n=== {run}: {RUNS[run][0]}", flush=True)
-    rc = fusionrun(path)
+    rc = fusionrun(path, until)
     if rc == 0:  # the exported models, metrics and manifests stay; checkpoints (GBs) go
         for ckpt in (store_root / doc["metadata"]["name"]).glob(Layout.checkpoints("*")):
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -194,6 +201,7 @@ def cross_run(
 HEADLINE_BASELINES = [
     *((run, b) for run in ("token-level", "mined", "paper-fusion") for b in ("self", "clm")),
     ("lambda-0p9", "clm"),
+    ("top-k-128", "clm"),
 ]
 
 
@@ -223,6 +231,7 @@ def tables(store_root: Path, base: str) -> str:
         ),
         ("headline", "paper-fusion", "everything the diagnostics called for minus the paper's pipeline"),
         ("token-level", "headline", "MinCE per token minus per document (exact + continuation)"),
+        ("top-k-128", "headline", "k = 128 minus k = 10"),
     ):
         out += _row(what, [cross_run(metrics, t, a, b) for t in texts])
     for run, b in HEADLINE_BASELINES:
@@ -288,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", type=Path, help="only write the tables of what has run to this file")
     ap.add_argument("--plot", type=Path, help="with --table: also plot FuseLLM minus each baseline (PNG)")
     ap.add_argument("--smoke", action="store_true", help=f"the tiny base (bench.smoke), {SMOKE_RUNS}")
+    ap.add_argument(
+        "--until",
+        choices=STAGE_NAMES[: STAGE_NAMES.index(Stage.fuse.value) + 1],
+        help="stop every run (the headline too) after this stage: the inputs of bench.source_value",
+    )
     args = ap.parse_args(argv)
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
@@ -310,15 +324,17 @@ def evidence(args: argparse.Namespace, base_spec: Path, runs: list[str]) -> int:
         args.table.write_text(tables(store_root, base))
         print(args.table.read_text())
         return 0
-    if fusionrun(base_spec) != 0:
+    if fusionrun(base_spec, args.until) != 0:
         return 1
     todo = runs or [r for r in RUNS if not (store_root / f"{base}-{r}" / Layout.METRICS).is_file()]
     failed = []
     for r in todo:
         t = time.time()
-        rc = run_one(base_doc, store_root, r)
+        rc = run_one(base_doc, store_root, r, args.until)
         print(f"=== {r}: exit {rc} after {time.time() - t:.0f} s", flush=True)
         failed += [r] if rc else []
+    if args.until:
+        return 1 if failed else 0
     text = tables(store_root, base)
     print(text)
     if args.smoke:
