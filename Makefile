@@ -86,6 +86,9 @@ evidence: evidence-data
 	bash scripts/fetch-real-models.sh
 	$(PY) -m jobs.cli run examples/evidence-pkg-code.yaml --until align
 	$(PY) -m bench.source_value --spec examples/evidence-pkg-code.yaml
+	$(PY) -m bench.evidence top-k-128 --until align
+	for k in 10 32 64 128; do \
+	  $(PY) -m bench.source_value --store examples/runs --run evidence-pkg-code-top-k-128 --top-k $$k || exit 1; done
 	for knob in "--temperature 2" "--temperature 0.5" "--top-k 5" "--top-k 3" "--ce-unit token"; do \
 	  $(PY) -m bench.source_value --spec examples/evidence-pkg-code.yaml $$knob || exit 1; done
 	$(PY) -m bench.evidence $(RUNS)

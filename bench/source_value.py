@@ -117,9 +117,10 @@ def runs(args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
         return [(run.metadata.name, open_store(run.spec.store, run.metadata.name, settings), run.spec)]
     if not args.store or not args.run:
         raise SystemExit("give --spec FILE, or --store URI and --run NAME")
+    uri = args.store if "://" in args.store else Path(args.store).resolve().as_uri()  # a folder: file://
     out = []
     for name in args.run:
-        store = open_store(StoreSpec(uri=args.store), name, settings)
+        store = open_store(StoreSpec(uri=uri), name, settings)
         spec = recorded_spec(store)
         if spec is None:
             raise SystemExit(f"no run {name!r} in {args.store} (no recorded spec)")
@@ -130,7 +131,7 @@ def runs(args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", type=Path, help="a FusionRun file (its store and name)")
-    ap.add_argument("--store", help="a store URI, with --run (the runs' recorded specs are read)")
+    ap.add_argument("--store", help="a store URI or folder, with --run (the runs' recorded specs are read)")
     ap.add_argument("--run", nargs="+", default=[], help="run name(s) in --store")
     ap.add_argument("--temperature", type=float, help="default: the run's fusion.temperature")
     ap.add_argument("--top-k", type=int, help="default: the run's fusion.topK")
