@@ -67,10 +67,10 @@ class Settings:
         d, ds = cls(), S3Settings()
         keys = (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) if _has_keys(env) else None
         s3 = S3Settings(
-            max_attempts=int(_number(env, "FUSIONRUN_S3_MAX_ATTEMPTS", ds.max_attempts, int, 1)),
-            connect_timeout=_number(env, "FUSIONRUN_S3_CONNECT_TIMEOUT", ds.connect_timeout, float, 0),
-            read_timeout=_number(env, "FUSIONRUN_S3_READ_TIMEOUT", ds.read_timeout, float, 0),
-            check_seconds=_number(env, "FUSIONRUN_S3_CHECK_SECONDS", ds.check_seconds, float, 0),
+            max_attempts=int(env_number(env, "FUSIONRUN_S3_MAX_ATTEMPTS", ds.max_attempts, int, 1)),
+            connect_timeout=env_number(env, "FUSIONRUN_S3_CONNECT_TIMEOUT", ds.connect_timeout, float, 0),
+            read_timeout=env_number(env, "FUSIONRUN_S3_READ_TIMEOUT", ds.read_timeout, float, 0),
+            check_seconds=env_number(env, "FUSIONRUN_S3_CHECK_SECONDS", ds.check_seconds, float, 0),
             endpoint=env.get("FUSIONRUN_S3_ENDPOINT") or None,
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
             keys=keys,
@@ -82,10 +82,14 @@ class Settings:
         return cls(
             cache_dir=Path(cache) if cache else d.cache_dir,
             reuse=env.get("FUSIONRUN_REUSE", "on") != "off",
-            cache_lease_seconds=_number(env, "FUSIONRUN_CACHE_LEASE_SECONDS", d.cache_lease_seconds, float),
-            cache_poll_seconds=_number(env, "FUSIONRUN_CACHE_POLL_SECONDS", d.cache_poll_seconds, float, 0),
+            cache_lease_seconds=env_number(
+                env, "FUSIONRUN_CACHE_LEASE_SECONDS", d.cache_lease_seconds, float
+            ),
+            cache_poll_seconds=env_number(
+                env, "FUSIONRUN_CACHE_POLL_SECONDS", d.cache_poll_seconds, float, 0
+            ),
             s3=s3,
-            threads=int(_number(threads, threads_var, 0, int, 0)),
+            threads=int(env_number(threads, threads_var, 0, int, 0)),
             run_name=env.get("FUSIONRUN_NAME") or None,
             spec_json=env.get("FUSIONRUN_SPEC") or None,
         )
@@ -95,9 +99,10 @@ def _has_keys(env: Mapping[str, str]) -> bool:
     return bool(env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"))
 
 
-def _number(
+def env_number(
     env: Mapping[str, str], key: str, default: float, kind: type, minimum: float | None = None
 ) -> float:
+    """A number from a variable (default when unset or empty); a bad value raises SettingsError naming it."""
     raw = env.get(key)
     if raw is None or raw == "":
         return default

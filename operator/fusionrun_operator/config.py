@@ -39,7 +39,7 @@ from pydantic import ValidationError
 
 from fusionrun_operator.capabilities import SHAPES, Capabilities
 from jobs.retry import EXIT_PREEMPTED, EXIT_USAGE
-from jobs.settings import Settings, SettingsError
+from jobs.settings import Settings, SettingsError, env_number
 from jobs.spec import Resources, StageResources, format_validation_error
 
 # Exit code with which stage jobs report bad input (invalid spec, bad arguments, unusable input files):
@@ -116,16 +116,10 @@ def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
 
 
 def _number(env: Mapping[str, str], key: str, default: float, minimum: float, kind: type = int) -> float:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
     try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{key}={raw!r}: expected a{'n integer' if kind is int else ' number'}") from None
-    if value < minimum:
-        raise ConfigError(f"{key}={raw!r}: must be at least {minimum}")
-    return value
+        return env_number(env, key, default, kind, minimum)
+    except SettingsError as err:  # the operator's own error type: main reports it the same way
+        raise ConfigError(str(err)) from None
 
 
 def _stage_defaults(env: Mapping[str, str]) -> dict[str, StageResources]:
