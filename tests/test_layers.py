@@ -123,13 +123,8 @@ def _heavy(module: str, seen: frozenset[str] = frozenset()) -> bool:
 # Imports of our torch-free modules that stay inside functions, and why.
 LATE_IMPORTS = {
     "fusionrun_operator.main.main": "registers the kopf handlers, once the settings are read",
-    # Left to the engineer who merges the model loaders and the status derivation (issue 23, items 1-2).
-    "jobs.local.LocalRunner.run": "items 1-2",
-    "jobs.stages.common.model_location": "items 1-2",
-    "jobs.stages.common.load_model_tokenizer": "items 1-2",
-    "jobs.stages.common.adds_bos": "items 1-2",
 }
-LATE_MODULES = {"jobs.stages.train", "jobs.stages.evaluate"}  # items 1-2 as well
+LATE_MODULES: set[str] = set()
 
 
 def _functions(tree: ast.AST, prefix: str):

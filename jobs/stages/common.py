@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion.format import ShardError, read_shard, sha256_file, write_shard
+from fusion.tokens import TokenizerView, adds_bos_by_default
 from jobs.cache import (
     add_user,
     cache_of,
@@ -48,6 +49,7 @@ from jobs.complete import (
     why_incomplete,
     write_manifest,
 )
+from jobs.locations import fetch
 from jobs.plan import build_dag
 from jobs.registry import STAGES, CacheLayout, Layout, Stage, Task
 from jobs.retry import write_termination_message
@@ -457,7 +459,6 @@ def model_location(ctx: StageContext, uri: str | None) -> str | None:
     """A path (or hub id) fusion can load: s3:// folders are downloaded (cached), pkg:// resolved."""
     if uri is None:
         return None
-    from jobs.locations import fetch
 
     try:
         return fetch(uri, ctx.s3, kind="model")
@@ -468,7 +469,6 @@ def model_location(ctx: StageContext, uri: str | None) -> str | None:
 def load_model_tokenizer(ctx: StageContext, name: str) -> tuple[Any, Any]:
     """The tokenizer and its TokenizerView of a spec model; errors name the model and the field to fix."""
     from fusion.hub import load_tokenizer
-    from fusion.tokens import TokenizerView
 
     m = ctx.spec.model(name)
     uri = m.tokenizer_uri
@@ -486,7 +486,6 @@ def load_model_tokenizer(ctx: StageContext, name: str) -> tuple[Any, Any]:
 
 def adds_bos(ctx: StageContext, name: str, tok: Any) -> bool:
     """Whether documents start with BOS for model `name`: its addBos, else its tokenizer's own default."""
-    from fusion.tokens import adds_bos_by_default
 
     flag = ctx.spec.model(name).add_bos
     return adds_bos_by_default(tok) if flag is None else flag

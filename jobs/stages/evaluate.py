@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from jobs.corpus import unpack_texts
+from fusion.tokens import encode_documents
+from jobs.corpus import CorpusError, read_documents, unpack_texts
 from jobs.registry import Layout, Stage, Variant
 from jobs.stages.common import (
     InputError,
@@ -95,7 +96,6 @@ def fused_vs_clm(models: dict[str, dict[str, Any]], baseline: str = "clm") -> di
 
 def eval_corpus_texts(ctx: StageContext, i: int) -> list[str]:
     """The documents of evaluation.corpora[i], read like the training corpus (local or s3://)."""
-    from jobs.corpus import CorpusError, read_documents
     from jobs.stages.prepare import text_path
 
     c = ctx.spec.evaluation.corpora[i]
@@ -142,7 +142,6 @@ def score_models(
     """Every model's figures on every text set (text -> label -> figures) and, with a task plan, its task
     scores (label -> task -> entry): the target before training, each trained variant, the sources."""
     from fusion.benchmarks import private_tokenizer
-    from fusion.tokens import encode_documents
     from jobs.stages.evaluate_tasks import score_model
 
     results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in sets}

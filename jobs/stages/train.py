@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion.train.config import TrainConfig
+from fusion.train.config import TrainConfig, use_bf16
 from fusion.train.reporting import EndState, StepMetrics
+from jobs.complete import Output, build_manifest, fingerprint, read_manifest
+from jobs.plan import build_dag, trained_variants
 from jobs.progress import (
     ProgressRecord,
     ProgressState,
@@ -44,8 +46,10 @@ from jobs.progress import (
     progress_key,
     read_history,
 )
-from jobs.registry import Layout, Stage, Variant
+from jobs.registry import Layout, Stage, Task, Variant
 from jobs.settings import Settings
+from jobs.spec import SpecError
+from jobs.store import open_store
 
 EXIT_PREEMPTED = 75  # = fusion.train.loop.EXIT_PREEMPTED (kept here so the launcher needs no torch import)
 PROGRESS_INTERVAL_S = 10.0  # progress.json is rewritten at most this often (and at the last step)
@@ -265,8 +269,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     """This process's part: the node's launcher (it starts the ranks) or a rank."""
-    from jobs.plan import trained_variants
-    from jobs.spec import SpecError
     from jobs.stages.common import InputError, StageError, load_spec_and_name
 
     settings = Settings.from_env(os.environ)  # training's own entry point (its ranks run it too)
@@ -292,7 +294,6 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
 def run_rank(spec: Any, run_name: str, variant: str, settings: Settings, force: bool = False) -> int:
     """This process's rank of the training task: train (resuming), export, and on rank 0 the manifest."""
-    from jobs.complete import build_manifest
     from jobs.stages.common import complete_task
 
     job = TrainJob.open(spec, run_name, variant, settings, force)
@@ -347,9 +348,6 @@ class TrainJob:
 
     @classmethod
     def open(cls, spec: Any, run_name: str, variant: str, settings: Settings, force: bool) -> TrainJob:
-        from jobs.plan import build_dag
-        from jobs.registry import Stage, Task
-        from jobs.store import open_store
 
         store = open_store(spec.store, run_name, settings, check=spec.store.is_s3)
         dag = build_dag(spec)
@@ -403,7 +401,6 @@ def _train_io(work: Path, store: Any, variant: str, fingerprint: str) -> Any:
 
 def checkpoint_fingerprint(spec: Any, task: Any, inputs: dict[str, str]) -> str:
     """Checkpoints are only resumed by a run with the same training settings and the same inputs."""
-    from jobs.complete import fingerprint
 
     fp = fingerprint(spec, task) + ":" + ",".join(f"{k}={v}" for k, v in sorted(inputs.items()))
     return hashlib.sha256(fp.encode()).hexdigest()
@@ -413,7 +410,6 @@ def fused_shards(ctx: Any) -> list[Any]:
     """The fuse shards this variant trains on (its fuse variant's: clm reads FuseLLM's), with the sha256
     their manifests recorded (checked when opened)."""
     from fusion.train.data import ShardSource
-    from jobs.complete import read_manifest
     from jobs.stages.common import StageError
 
     shards = []
@@ -445,7 +441,6 @@ def _model_and_data(ctx: Any, cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
 def publish_model(store: Any, variant: str, export_dir: Path) -> dict[str, Any]:
     """Upload the exported HF folder to the variant's model prefix (Layout); returns the manifest outputs."""
     from fusion.format import sha256_file
-    from jobs.complete import Output
 
     outputs: dict[str, Output] = {}
     for f in sorted(export_dir.rglob("*")):
@@ -474,7 +469,6 @@ def _load_target(ctx: Any, vocab_size: int, eos_id: int | None) -> Any:
     stages' one loader (common.load_spec_model: a target that will not load is bad input, as in extract)."""
     import torch
 
-    from fusion.train.config import use_bf16
     from jobs.stages.common import load_spec_model
 
     on_gpu = torch.cuda.is_available()
