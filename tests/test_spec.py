@@ -145,9 +145,17 @@ def test_fingerprint_fields_follow_what_decides_each_stage() -> None:
     k3 = parse_spec(_with("fusion.topK", 3))
     assert spec_fingerprint_fields(k3, "fuse")["fusion"]["topK"] == 3
     assert spec_fingerprint_fields(a, "train") == spec_fingerprint_fields(k3, "train")
-    # alignment.projection (added later) counts only when set: aligned shards made before it stay valid
-    assert spec_fingerprint_fields(a, "align") == {"alignment": {"method": "mined", "vocabMap": "lazy"}}
-    cont = parse_spec(_with("alignment", {"method": "exact", "projection": "continuation"}))
-    assert spec_fingerprint_fields(cont, "align")["alignment"]["projection"] == "continuation"
+    # The default alignment is exact + continuation (resolved in the spec, so the fingerprint names it)
+    assert spec_fingerprint_fields(a, "align") == {
+        "alignment": {"method": "exact", "vocabMap": "lazy", "projection": "continuation"}
+    }
+    # alignment.projection (added later) counts only when it is not spelling: aligned shards made before it
+    # (the paper's alignment, the old default; exact + spelling) keep their fingerprints
+    mined = parse_spec(_with("alignment", {"method": "mined"}))
+    assert spec_fingerprint_fields(mined, "align") == {"alignment": {"method": "mined", "vocabMap": "lazy"}}
+    spelling = parse_spec(_with("alignment", {"method": "exact", "projection": "spelling"}))
+    assert spec_fingerprint_fields(spelling, "align") == {
+        "alignment": {"method": "exact", "vocabMap": "lazy"}
+    }
     for stage in ("prepare", "extract", "fuse", "train"):
-        assert spec_fingerprint_fields(a, stage) == spec_fingerprint_fields(cont, stage)
+        assert spec_fingerprint_fields(a, stage) == spec_fingerprint_fields(mined, stage)
