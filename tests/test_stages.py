@@ -229,7 +229,7 @@ def test_add_bos_reaches_extraction_and_prepare_leaves_room_for_it(tmp_path: Pat
 def test_stages_prepare_extract_align_fuse(tmp_path: Path, smollm2_view, mistral_tokenizer) -> None:
     from fusion.format import read_shard, sha256_file
 
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path, alignment={"method": "mined"})  # the paper's path: a vocab map is built
     store = open_store(spec.store, "r", Settings())
 
     assert run_task(prepare.run, _t("prepare"), spec, "r") == 0
