@@ -103,18 +103,17 @@ def checked(dist: str, pinned: dict[str, str]) -> metadata.Distribution:
     return found
 
 
-def module_sources(name: str, dist: metadata.Distribution) -> dict[str, str]:
-    """The package's modules (tests and vendored code left out), path -> source, in path order."""
+def module_sources(name: str, dist: metadata.Distribution) -> dict[str, tuple[str, ast.Module]]:
+    """The package's modules (tests and vendored code left out), path -> (source, its tree), in path order."""
     root = Path(str(dist.locate_file(name)))
     files = sorted(p for p in root.rglob("*.py") if not SKIP_PARTS & set(p.relative_to(root).parts[:-1]))
     out = {}
     for path in files:
         try:
             source = path.read_text(encoding="utf-8")
-            ast.parse(source)
+            out[f"{name}/{path.relative_to(root)}"] = (source, ast.parse(source))
         except (UnicodeDecodeError, SyntaxError, ValueError):
             continue
-        out[f"{name}/{path.relative_to(root)}"] = source
     return out
 
 
@@ -170,12 +169,13 @@ def nextsentence_items(rng: random.Random, documents: dict[str, list[str]]) -> l
 
 def build(sizes: dict[str, int]) -> dict[str, list[dict]]:
     pinned = pins()
-    sources: dict[str, str] = {}
+    parsed: dict[str, tuple[str, ast.Module]] = {}
     for name, dist in CODE_PACKAGES.items():
         if name in TRAINED:
             raise TaskBuildError(f"{name} is in the evidence training corpus: drop it from CODE_PACKAGES")
-        sources.update(module_sources(name, checked(dist, pinned)))
-    trees = {m: ast.parse(s) for m, s in sources.items()}
+        parsed.update(module_sources(name, checked(dist, pinned)))
+    sources = {m: source for m, (source, _) in parsed.items()}
+    trees = {m: tree for m, (_, tree) in parsed.items()}
     prose = {m: docstring_texts(tree) for m, tree in trees.items()}
     for dist in sorted(pinned):
         if dist not in TRAINED and dist not in {"pip", "setuptools", "wheel"}:
