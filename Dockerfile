@@ -19,6 +19,8 @@ ARG JOB_BASE_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 # Operator: build a virtualenv with the `operator` extra only (kopf, kubernetes client, prometheus_client;
 # never torch).
 FROM ${PYTHON_IMAGE} AS operator-build
+# Labelled so that `scripts/images.sh build` can remove the build stages an older build left behind.
+LABEL io.fusionrun.build-stage="operator-build"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY constraints.txt /pins/constraints.txt
 # The pinned pip first: its --build-constraint keeps the build environments of sdists on the pins too.
@@ -63,6 +65,8 @@ ENTRYPOINT ["fusionrun-operator"]
 # ------------------------------------------------------------------------------------------------
 # Job: the stage entrypoint (`fusionrun`, `python -m jobs <stage>`) with CUDA torch and DeepSpeed.
 FROM ${JOB_BASE_IMAGE} AS job-build
+# Labelled so that `scripts/images.sh build` can remove the build stages an older build left behind.
+LABEL io.fusionrun.build-stage="job-build"
 # The base's own Python: python3.12 on Ubuntu 24.04 (CUDA), python3.11 on Debian 12 (the CPU flavour).
 ARG JOB_PYTHON=python3.12
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

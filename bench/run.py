@@ -39,7 +39,10 @@ HEAVY = {
     "cache_reuse": "a second run with another lambda, with and without the shared cache (jobs.cache)",
     "evidence": "FuseLLM vs its baselines, and the runs that change one thing (docs/results.md)",
     "ablation": "the earlier fusion ablation table (docs/results.md)",
+    "task_scoring": "a multiple-choice task through HFLM vs the shared-context scoring evaluate uses",
 }
+# The heavy ones whose smoke shares the tiny base run (bench.smoke); the others make their own tiny inputs.
+SHARED_BASE = ("cache_reuse", "evidence", "ablation")
 # name -> the arguments of its smoke run. The heavy ones get `--base <the shared tiny base>` too.
 SMOKE = {
     "storage": ["--max-bytes", "8000"],
@@ -56,6 +59,7 @@ SMOKE = {
     "cache_reuse": ["--smoke"],
     "evidence": ["--smoke"],
     "ablation": ["--smoke"],
+    "task_scoring": ["--smoke"],
 }
 SMOKE_TIMEOUT = 900  # seconds per benchmark: a hang fails the smoke instead of holding CI
 
@@ -93,12 +97,12 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-smoke-") as tmp:
         base: list[str] = []
-        if args.smoke and any(n in HEAVY for n in names):
+        if args.smoke and any(n in SHARED_BASE for n in names):
             from bench.smoke import write_tiny_base
 
             base = ["--base", str(write_tiny_base(Path(tmp)))]
         for name in names:
-            extra = [*SMOKE[name], *(base if name in HEAVY else [])] if args.smoke else []
+            extra = [*SMOKE[name], *(base if name in SHARED_BASE else [])] if args.smoke else []
             print(f"\n=== bench.{name}{' (smoke)' if args.smoke else ''}: {known[name]}", flush=True)
             t = time.perf_counter()
             rc = call([sys.executable, "-m", f"bench.{name}", *extra], timeout)

@@ -256,11 +256,17 @@ def private_tokenizer(tokenizer: Any) -> Any:
     return copy.deepcopy(tokenizer)
 
 
-def wrap_model(model: Any, tokenizer: Any, add_bos: bool | None, max_length: int, batch_size: int) -> Any:
-    """lm-eval's HFLM around an already-loaded causal LM; `tokenizer` may be modified (private_tokenizer)."""
-    from lm_eval.models.huggingface import HFLM
+# How wrap_model's LM scores requests; part of each kept task score's key (a change of method rescores).
+SCORING = "shared-context"
 
-    return HFLM(
+
+def wrap_model(model: Any, tokenizer: Any, add_bos: bool | None, max_length: int, batch_size: int) -> Any:
+    """lm-eval's HFLM around an already-loaded causal LM, scoring the requests that share a context (the
+    choices of a multiple-choice item) from one pass over it. `tokenizer` may be modified
+    (private_tokenizer)."""
+    from fusion.shared_context import SharedContextLM
+
+    return SharedContextLM(
         pretrained=model,
         tokenizer=tokenizer,
         add_bos_token=add_bos,

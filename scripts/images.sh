@@ -127,15 +127,36 @@ cmd_build() {
   local common=(build --network host $(ulimits) --layers "${mounts[@]}"
     --build-arg "VERSION=$VERSION" --build-arg "REVISION=$revision" "${base_args[@]}" -f Dockerfile .)
   local t0=$SECONDS
+  local job_args=(--build-arg JOB_PYTHON=python3.11 --build-arg "TORCH_INDEX_URL=$(torch_index)")
   podman_ "${common[@]}" --target operator -t "$OPERATOR_IMAGE"
   local t_operator=$((SECONDS - t0)); t0=$SECONDS
-  podman_ "${common[@]}" --target job -t "$JOB_IMAGE" \
-    --build-arg JOB_PYTHON=python3.11 --build-arg "TORCH_INDEX_URL=$(torch_index)"
+  podman_ "${common[@]}" --target job -t "$JOB_IMAGE" "${job_args[@]}"
   local t_job=$((SECONDS - t0))
   log "built $OPERATOR_IMAGE in $t_operator s, $JOB_IMAGE in $t_job s"
+  # The build stages of this build (layer-cache hits now): kept, they are the next build's cache.
+  podman_ "${common[@]}" -q --target operator-build --iidfile "$tmp/keep.operator" >/dev/null
+  podman_ "${common[@]}" -q --target job-build --iidfile "$tmp/keep.job" "${job_args[@]}" >/dev/null
+  remove_superseded "$(cat "$tmp/keep.operator")" "$(cat "$tmp/keep.job")"
   local torch; torch=$(podman_ run --rm $(ulimits) --entrypoint python "$JOB_IMAGE" -c 'import torch; print(torch.__version__)')
   [[ $torch == *+cpu ]] || log "warning: $JOB_IMAGE has torch $torch, not a CPU build (several GB larger)"
   podman_ images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E "fusionrun-(operator|job)" >&2 || true
+}
+
+# Every build of changed code leaves its predecessors untagged: the old final images (2.2 GB for the job) and
+# the old build stages. Left there they fill the disk of a machine that builds often (a CI runner: ~40 GB in
+# a day). Removes exactly those: untagged images carrying our labels, except the build stages given (the
+# current ones); their layers shared with the current images stay.
+remove_superseded() {
+  local keep=" $* " id ids=() label
+  for label in io.fusionrun.build-stage org.opencontainers.image.title=fusionrun-operator \
+    org.opencontainers.image.title=fusionrun-job; do
+    while read -r id; do
+      [[ -n $id && $keep != *" ${id#sha256:} "* && $keep != *" sha256:${id#sha256:} "* ]] && ids+=("$id")
+    done < <(podman_ images --no-trunc --filter dangling=true --filter "label=$label" --format '{{.ID}}')
+  done
+  ((${#ids[@]})) || return 0
+  podman_ rmi "${ids[@]}" >/dev/null 2>&1 || log "some superseded images are in use: left"
+  log "removed ${#ids[@]} superseded image(s) of earlier builds"
 }
 
 cmd_save() {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +36,9 @@ def client(endpoint: str):  # -> botocore S3 client
         region_name="us-east-1",
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
     )
+
+
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # what SeaweedFS (and AWS) accept
 
 
 def ready(endpoint: str, buckets: list[str]) -> bool:
@@ -67,6 +71,12 @@ def start(args: argparse.Namespace) -> int:
         sys.exit(
             "s3_local: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the keys the server will accept)"
         )
+    bad = [b for b in args.bucket if not BUCKET_NAME.fullmatch(b)]
+    if bad:
+        sys.exit(
+            f"s3_local: --bucket {bad}: give bucket names of 3-63 characters: "
+            "lowercase letters, digits, '.' and '-', beginning and ending with a letter or digit"
+        )
     endpoint = f"http://{args.ip}:{PORT}"
     # weed mini serves S3 on IP and on 127.0.0.1 with fixed ports: a second instance would half start.
     for host in sorted({args.ip, "127.0.0.1"}):
@@ -84,6 +94,9 @@ def start(args: argparse.Namespace) -> int:
                 f"-ip.bind={args.ip}",
                 "-admin.ui=false",
                 "-master.telemetry=false",  # it would report usage to a server on the internet
+                # Each bucket takes volumes of its own; left automatic they are 1 GiB each, counted from the
+                # free disk, so a nearly full disk holds only a few buckets. Small volumes hold many.
+                "-master.volumeSizeLimitMB=64",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -268,3 +268,20 @@ def test_manifest_completeness_rules(tmp_path: Path) -> None:
     assert why_incomplete(store, other, ext, by_id) is None
     src_ext = Task(Stage.extract, "src", 0, deps=("prepare",))
     assert why_incomplete(store, other, src_ext, by_id) == "no manifest"
+
+
+@pytest.mark.s3
+def test_the_test_s3_server_serves_more_buckets_than_the_disk_would_size_it_for(s3_server) -> None:
+    """Every bucket takes a volume of its own. With the volume count left to SeaweedFS (free disk / 1 GiB) a
+    machine with 21 GiB free ran out after ~19 buckets and CI failed with InternalError; the harness fixes the
+    count and size, so 40 buckets at once (twice that) each take a write."""
+    c = s3_server.client()
+    buckets = [s3_server.make_bucket() for _ in range(40)]
+    try:
+        for b in buckets:
+            c.put_object(Bucket=b, Key="k", Body=b"v")
+        assert [c.get_object(Bucket=b, Key="k")["Body"].read() for b in buckets] == [b"v"] * 40
+    finally:
+        for b in buckets:
+            s3_server.remove_bucket(b)
+    assert not {b["Name"] for b in c.list_buckets()["Buckets"]} & set(buckets)

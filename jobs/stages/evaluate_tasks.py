@@ -4,8 +4,8 @@ Checked first (before any model is scored): the task folders, their data files, 
 task built once by lm-eval. Then, per model, each task's score is kept in the store as soon as it is done,
 in one object per model (`Layout.task_scores`), each entry keyed by what decides the score: the model's
 identity (its spec, or the trained weights' digests) and the task's settings (name, few-shot, limit, the
-digest of the folder defining it, lm-eval's version, length, batch size, BOS). A failure keeps the scores
-already made; a rerun scores only what is missing or changed.
+digest of the folder defining it, lm-eval's version, length, batch size, scoring method, BOS). A failure
+keeps the scores already made; a rerun scores only what is missing or changed.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from fusion.benchmarks import (
     LM_EVAL_VERSION,
+    SCORING,
     installed_version,
     metric_from_docs,
     needs_builtin,
@@ -125,6 +126,7 @@ def settings_of(plan: TaskPlan, req: Any, add_bos: bool | None) -> dict[str, Any
         "lmEval": installed_version(),
         "maxLength": plan.max_length,
         "batchSize": plan.batch_size,
+        "scoring": SCORING,
         "addBos": add_bos,
     }
 

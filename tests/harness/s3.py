@@ -27,6 +27,7 @@ ACCESS_KEY = "k"
 SECRET_KEY = "s"
 HOST, PORT = "127.0.0.1", 8333
 ENDPOINT = f"http://{HOST}:{PORT}"
+VOLUME_SIZE_MB, MAX_VOLUMES = 64, 400
 
 
 def weed_binary() -> str | None:
@@ -96,6 +97,12 @@ class S3Server:
                 f"-ip.bind={HOST}",
                 "-admin.ui=false",
                 "-master.telemetry=false",  # no usage reports to a server on the internet
+                # Every bucket is a collection with volumes of its own. Left automatic, the volume count is
+                # free disk / volume size (21 volumes of 1 GiB with 21 GiB free), and a test session that
+                # makes more buckets than that fails with InternalError "no free volumes left". Small,
+                # sparse volumes and a fixed count do not depend on the disk of the machine running CI.
+                f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
+                f"-volume.max={MAX_VOLUMES}",
             ],
             env=env,
             stdout=log,
@@ -138,6 +145,19 @@ class S3Server:
         while _port_open(HOST, PORT) and time.monotonic() < deadline:
             time.sleep(0.1)
 
+    def remove_bucket(self, name: str) -> None:
+        """Delete a bucket and every object in it; best effort (a test that stopped the server, or one whose
+        bucket is gone already, leaves nothing to clean)."""
+        c = self.client()
+        try:
+            for page in c.get_paginator("list_objects_v2").paginate(Bucket=name):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    c.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+            c.delete_bucket(Bucket=name)
+        except Exception:  # cleanup must not turn a passing test into an error
+            pass
+
     def make_bucket(self, name: str | None = None) -> str:
         name = name or f"t-{uuid.uuid4().hex[:10]}"
         c = self.client()
@@ -176,6 +196,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @pytest.fixture
-def s3_bucket(s3_server: S3Server) -> str:
-    """A fresh, empty bucket on the session's server."""
-    return s3_server.make_bucket()
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
+    """A fresh, empty bucket on the session's server, removed with its objects afterwards (its volumes are
+    given back, so a long session does not run out of them)."""
+    bucket = s3_server.make_bucket()
+    yield bucket
+    s3_server.remove_bucket(bucket)
