@@ -341,7 +341,8 @@ def fingerprint_fields(spec_json: Mapping[str, Any], task: Task) -> dict[str, An
         return {"fusion": _set_only(d["fusion"], {"topK": None, "ceOn": "own", "fallback": "onehot"})}
     if stage is Stage.train:
         # Which baselines exist decides which tasks there are, not what any one of them trains.
-        return {"training": {k: v for k, v in d["training"].items() if k not in _TRAIN_UNFINGERPRINTED}}
+        training = _set_only(d["training"], {"lambdaFinal": None})
+        return {"training": {k: v for k, v in training.items() if k not in _TRAIN_UNFINGERPRINTED}}
     return {"evaluation": _set_only(d["evaluation"], {"corpora": [], "tasks": [], "taskDirs": []})}
 
 

@@ -261,6 +261,14 @@ class Training(Spec):
         le=1.0,
         description="Weight of the causal-LM loss; 1 - lambda the fusion loss.",
     )
+    lambda_final: float | None = Field(
+        None,
+        alias="lambdaFinal",
+        ge=0.0,
+        le=1.0,
+        description="Weight of the causal-LM loss at the last step: it moves linearly from lambda at the "
+        "first step to this (e.g. 0.5 -> 1.0: the teacher early, the data late). Unset: lambda throughout.",
+    )
     loss: Literal["ce", "kl"] = Field("ce", description="Fusion loss: soft-label cross-entropy or KL.")
     learning_rate: float = Field(1e-5, gt=0.0, le=1.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"

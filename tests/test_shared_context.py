@@ -10,10 +10,25 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from fusion.models import ARCHITECTURES, load_model
-from fusion.shared_context import SharedContextLM, context_groups
+from fusion.shared_context import SharedContextLM, batches, context_groups
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2}
 MAX_LENGTH = 64
+
+
+def test_batches_stay_within_the_token_budget() -> None:
+    def group(ctx_len: int, *cont_lens: int) -> list:
+        return [(("", ""), [1] * ctx_len, [2] * n) for n in cont_lens]
+
+    reqs = group(10, 1, 3) + group(30, 2, 2) + group(20, 5, 1)
+    groups = [[0, 1], [2, 3], [4, 5]]
+    # Longest context first: 30 ([2, 3]), 20, 10. The first two cost two contexts of 30 and four
+    # continuations of 5 - 1 tokens = 76 tokens: over 70, they are split (then 2 x 20 + 4 x 4 = 56 fit); at
+    # 76 they share a batch, and the third needs 3 x 30 + 6 x 4 = 114.
+    assert batches(groups, reqs, 70) == [[[2, 3]], [[4, 5], [0, 1]]]
+    assert batches(groups, reqs, 76) == [[[2, 3], [4, 5]], [[0, 1]]]
+    assert batches(groups, reqs, 114) == [[[2, 3], [4, 5], [0, 1]]]
+    assert batches(groups, reqs, 1) == [[[2, 3]], [[4, 5]], [[0, 1]]]  # a group alone, whatever its size
 
 
 def test_context_groups_by_hand() -> None:
@@ -73,14 +88,12 @@ def test_log_likelihoods_are_hflms_and_each_context_runs_once(arch: str, mistral
     assert [g for _, g in got] == [g for _, g in want]
     assert [v for v, _ in got] == pytest.approx([v for v, _ in want], abs=1e-4)
 
-    # The shared groups ran their context once, then (n choices) x (longest choice - 1) tokens; the lone
-    # request ran through HFLM's path as context + continuation minus its last token, padded to its batch.
-    lengths = {name: len(r[1]) for name, r in zip("QQQQLCC", requests, strict=True)}
-    conts = [len(r[2]) for r in requests]
-    q_cost = lengths["Q"] + 4 * (max(conts[:4]) - 1)
-    c_cost = lengths["C"] + 2 * (max(conts[5:]) - 1)
-    lone = len(requests[4][1]) + len(requests[4][2]) - 1
-    assert shared_tokens == q_cost + c_cost + lone
+    # One batch: both shared contexts, padded to the longer, once; then every choice but its last token,
+    # padded to the longest; the lone request through HFLM's path (context + continuation but its last token).
+    q, lone, c = requests[0], requests[4], requests[5]
+    contexts = 2 * max(len(q[1]), len(c[1]))
+    choices = 6 * (max(len(r[2]) for r in requests[:4] + requests[5:]) - 1)
+    assert shared_tokens == contexts + choices + len(lone[1]) + len(lone[2]) - 1
     assert torch.is_inference_mode_enabled() is False  # the scoring left no global mode behind
 
 

@@ -140,6 +140,10 @@ def test_fingerprint_fields_follow_what_decides_each_stage() -> None:
     assert spec_fingerprint_fields(a, "train") != spec_fingerprint_fields(b, "train")
     assert spec_fingerprint_fields(a, "extract") != spec_fingerprint_fields(c, "extract")
     assert spec_fingerprint_fields(a, "prepare") == spec_fingerprint_fields(c, "prepare")
+    # training.lambdaFinal (added later) counts only when set: trained models made before it stay valid
+    assert "lambdaFinal" not in spec_fingerprint_fields(a, "train")["training"]
+    ramp = parse_spec(_with("training.lambdaFinal", 1.0))
+    assert spec_fingerprint_fields(ramp, "train")["training"]["lambdaFinal"] == 1.0
     # fusion.topK (added later) counts only when set: fused shards made before it stay valid
     assert "topK" not in spec_fingerprint_fields(a, "fuse")["fusion"]
     k3 = parse_spec(_with("fusion.topK", 3))

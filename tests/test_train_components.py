@@ -233,3 +233,25 @@ def test_throughput_figures_by_hand():
     meter = Throughput(0, 10, clock=lambda: next(times))
     meter.begin_step()
     assert meter.metrics(1, (2.0, 2.0, 0.0, 8.0), 1, None, has_fusion=False, epoch=0).fusion_loss is None
+
+
+def test_the_loop_trains_each_step_with_the_loss_of_that_step(dist, tiny_shard, tmp_path):  # noqa: F811
+    """training.lambdaFinal: the loop asks the loss for each update's own (here 10 updates, lambda 0.5 ->
+    1.0 in nine equal moves); the schedule's loss is what the step back-propagates."""
+    from fusion.train.loop import Trainer, TrainIO
+
+    seen = []
+
+    class Scheduled(FusionLoss):
+        def at(self, step: int, total_steps: int) -> FusionLoss:
+            loss = super().at(step, total_steps)
+            seen.append((step, round(loss.lam, 6)))
+            return loss
+
+    setup = make_engine(dist)
+    fb = FusedBlocks([ShardSource(tiny_shard)], seq_len=4, seed=0)
+    cfg = TrainConfig(max_steps=10, micro_batch_size=1, grad_accum=2, seq_len=4, checkpoint_interval=1000)
+    trainer = Trainer(cfg, None, fb, TrainIO(tmp_path), loss=Scheduled(0.5, lam_final=1.0))
+    result = trainer._train(setup, dist, manager(setup, dist, tmp_path), None, PreemptionFlag())
+    assert result.steps_done == 10
+    assert seen == [(s, round(0.5 + 0.5 * s / 9, 6)) for s in range(10)]

@@ -120,6 +120,17 @@ def test_make_loss_follows_the_variant() -> None:
         FusionLoss(0.5, "mse")
 
 
+def test_a_lambda_schedule_gives_each_step_its_own_loss() -> None:
+    scheduled = make_loss(TrainConfig(variant="fused", lam=0.5, lam_final=1.0))
+    assert scheduled == FusionLoss(0.5, "ce", lam_final=1.0)
+    assert scheduled.at(0, 3) == FusionLoss(0.5, "ce") and scheduled.at(2, 3) == FusionLoss(1.0, "ce")
+    assert FusionLoss(0.5).at(7, 9) == FusionLoss(0.5)  # no schedule: itself
+    clm = make_loss(TrainConfig(variant="clm", lam=0.5, lam_final=0.9))
+    assert clm.at(1, 3) is clm  # CLM-only is lambda 1 throughout
+    with pytest.raises(ValueError, match=r"lambdaFinal must be in \[0, 1\], got 2"):
+        TrainConfig(lam_final=2)
+
+
 def test_trainer_refuses_the_fusion_loss_on_blocks_without_targets(tiny_shard: Path) -> None:  # noqa: F811
     from fusion.train.loop import Trainer, TrainIO
 

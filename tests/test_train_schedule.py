@@ -78,3 +78,13 @@ def test_total_steps_cover_every_block_once_per_epoch():
 def test_invalid_config_names_the_fields():
     with pytest.raises(ValueError, match=r"lambda must be in \[0, 1\].*zeroStage must be 0, 1, 2 or 3"):
         TrainConfig(lam=1.5, zero_stage=4)
+
+
+def test_lambda_schedule_by_hand():
+    from fusion.train.schedule import lambda_at
+
+    assert [lambda_at(s, 5, 0.5, 1.0) for s in range(5)] == [0.5, 0.625, 0.75, 0.875, 1.0]
+    assert [lambda_at(s, 3, 0.9, 0.3) for s in range(3)] == pytest.approx([0.9, 0.6, 0.3])
+    assert {lambda_at(s, 5, 0.7, None) for s in range(5)} == {0.7}  # unset: lambda throughout
+    assert lambda_at(0, 1, 0.5, 1.0) == 0.5  # one step: the first weight
+    assert lambda_at(9, 5, 0.5, 1.0) == 1.0  # past the end (a longer resumed run): the last weight

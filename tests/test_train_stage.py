@@ -70,6 +70,7 @@ def test_train_config_follows_the_spec():
 # every spec.training field that reaches TrainConfig, at a value other than both defaults (camelCase keys)
 NON_DEFAULT_TRAINING = {
     "lambda": 0.5,
+    "lambdaFinal": 0.8,
     "loss": "kl",
     "learningRate": 0.02,
     "schedule": "linear",

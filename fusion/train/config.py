@@ -23,6 +23,7 @@ Variant = Literal["fused", "clm"]
 class TrainConfig:
     variant: Variant = "fused"
     lam: float = 0.9  # weight of the CLM loss; the "clm" variant forces 1.0 (see `effective_lambda`)
+    lam_final: float | None = None  # the weight at the last step (linear from lam); None: lam throughout
     loss_kind: Literal["ce", "kl"] = "ce"
     learning_rate: float = 1e-5
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -48,6 +49,8 @@ class TrainConfig:
             problems.append(f"variant must be fused or clm, got {self.variant!r}")
         if not 0.0 <= self.lam <= 1.0:
             problems.append(f"lambda must be in [0, 1], got {self.lam}")
+        if self.lam_final is not None and not 0.0 <= self.lam_final <= 1.0:
+            problems.append(f"lambdaFinal must be in [0, 1], got {self.lam_final}")
         if self.zero_stage not in (0, 1, 2, 3):
             problems.append(f"zeroStage must be 0, 1, 2 or 3, got {self.zero_stage}")
         for name in ("micro_batch_size", "grad_accum", "checkpoint_interval"):

@@ -162,7 +162,7 @@ class Trainer:
         n_micro = self.cfg.grad_accum * dist.world
         while step < total:
             meter.begin_step()
-            out = self._step(setup, dist, data, stop)
+            out = self._step(setup, dist, data, stop, self.loss.at(step, total))
             step, data = step + 1, out.data
             metrics = meter.metrics(
                 step, out.sums, n_micro, out.learning_rate, self.loss.uses_targets, data.epoch
@@ -181,7 +181,7 @@ class Trainer:
         return result
 
     def _step(
-        self, setup: TrainSetup, dist: DistContext, data: DataState, stop: PreemptionFlag
+        self, setup: TrainSetup, dist: DistContext, data: DataState, stop: PreemptionFlag, loss: TrainLoss
     ) -> StepResult:
         cfg = self.cfg
         return train_step(
@@ -189,7 +189,7 @@ class Trainer:
             setup.optimizer,
             self.blocks,
             data,
-            self.loss,
+            loss,
             cfg.grad_accum,
             cfg.micro_batch_size,
             dist,

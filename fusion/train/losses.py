@@ -12,12 +12,13 @@ LossParts; `uses_targets` tells the data loader whether to read the fused target
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
 
 import torch
 
 from fusion.train.config import TrainConfig
+from fusion.train.schedule import lambda_at
 
 
 class LossParts(NamedTuple):
@@ -31,12 +32,19 @@ class TrainLoss(Protocol):
 
     def __call__(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> LossParts: ...
 
+    def at(self, step: int, total_steps: int) -> TrainLoss:
+        """The loss of optimizer update `step` (a lambda schedule changes it; others return themselves)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ClmLoss:
     """The causal-LM loss alone; reads only batch["labels"]."""
 
     uses_targets: bool = False
+
+    def at(self, step: int, total_steps: int) -> ClmLoss:
+        return self
 
     def __call__(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> LossParts:
         from fusion.loss import clm_loss
@@ -47,17 +55,24 @@ class ClmLoss:
 
 @dataclass(frozen=True)
 class FusionLoss:
-    """lam * CLM + (1 - lam) * fusion loss of `kind` (fusion.loss.fusion_loss)."""
+    """lam * CLM + (1 - lam) * fusion loss of `kind` (fusion.loss.fusion_loss); with `lam_final`, lam moves
+    linearly to it over the training (`at`)."""
 
     lam: float
     kind: str = "ce"
     uses_targets: bool = True
+    lam_final: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lambda must be in [0, 1], got {self.lam}")
         if self.kind not in ("ce", "kl"):
             raise ValueError(f"fusion loss kind must be 'ce' or 'kl', got {self.kind!r}")
+
+    def at(self, step: int, total_steps: int) -> FusionLoss:
+        if self.lam_final is None:
+            return self
+        return replace(self, lam=lambda_at(step, total_steps, self.lam, self.lam_final), lam_final=None)
 
     def __call__(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> LossParts:
         from fusion.loss import fusion_loss
@@ -78,4 +93,4 @@ def make_loss(cfg: TrainConfig) -> TrainLoss:
     """The loss of the config's variant: CLM-only for "clm", the fusion loss for "fused"."""
     if cfg.variant == "clm":
         return ClmLoss()
-    return FusionLoss(cfg.lam, cfg.loss_kind)
+    return FusionLoss(cfg.lam, cfg.loss_kind, lam_final=cfg.lam_final)

@@ -43,6 +43,14 @@ def lr_factor(
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
+def lambda_at(step: int, total_steps: int, lam: float, lam_final: float | None) -> float:
+    """The causal-LM weight of optimizer update `step` (0-based) of `total_steps`: `lam` throughout when
+    `lam_final` is None, else linear from `lam` at the first update to `lam_final` at the last."""
+    if lam_final is None or total_steps < 2:
+        return lam
+    return lam + (lam_final - lam) * min(step, total_steps - 1) / (total_steps - 1)
+
+
 def make_scheduler(
     optimizer, total_steps: int, warmup_ratio: float, kind: ScheduleKind, min_lr_ratio: float = 0.0
 ):

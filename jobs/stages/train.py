@@ -59,7 +59,7 @@ PROGRESS_INTERVAL_S = 10.0  # progress.json is rewritten at most this often (and
 # TrainConfig from the spec: derived by field name, so that a new field cannot be silently dropped
 
 # spec.training field -> TrainConfig field, where the names differ
-RENAMED_FIELDS: dict[str, str] = {"lambda_": "lam", "loss": "loss_kind"}
+RENAMED_FIELDS: dict[str, str] = {"lambda_": "lam", "lambda_final": "lam_final", "loss": "loss_kind"}
 # spec.training fields that shape the launch or the DAG, not the training of one variant
 NOT_TRAINING_FIELDS: frozenset[str] = frozenset(
     {"nodes", "procs_per_node", "clm_baseline", "self_distill_baseline", "sources_only_baseline"}
