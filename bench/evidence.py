@@ -95,6 +95,11 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
         "k = 128 (CLM-only does not depend on k: the headline's)",
         {"extraction": {"topK": 128}, "training": {"clmBaseline": False, "sourcesOnlyBaseline": False}},
     ),
+    "lambda-ramp": (
+        "lambda from 0.5 at the first step to 1.0 at the last (training.lambdaFinal: the teacher early, the "
+        "data late), with its own self-distillation on the same schedule (CLM-only: the headline's)",
+        {"training": {"lambdaFinal": 1.0, "clmBaseline": False, "sourcesOnlyBaseline": False}},
+    ),
     "lambda-0p9": (
         "lambda 0.9 (the paper's), with its own self-distillation (CLM-only has lambda 1: the headline's)",
         {"training": {"lambda": 0.9, "clmBaseline": False, "sourcesOnlyBaseline": False}},
@@ -210,6 +215,7 @@ HEADLINE_BASELINES = [
         for b in ("self", "clm")
     ),
     ("lambda-0p9", "clm"),
+    ("lambda-ramp", "clm"),
     ("top-k-128", "clm"),
 ]
 
@@ -251,6 +257,7 @@ def tables(store_root: Path, base: str) -> str:
         ),
         ("token-level", "headline", "MinCE per token minus per document (exact + continuation)"),
         ("top-k-128", "headline", "k = 128 minus k = 10"),
+        ("lambda-ramp", "headline", "lambda 0.5 -> 1.0 minus lambda 0.5"),
     ):
         out += _row(what, [cross_run(metrics, t, a, b) for t in texts])
     for run, b in HEADLINE_BASELINES:
