@@ -68,7 +68,12 @@ def test_a_training_record_of_the_fingerprint_that_counted_clm_baseline_stays_va
     store, train = _train_complete(tmp_path)
     old_spec = parse_spec({**SPEC, "training": {"seqLen": 128, "clmBaseline": False}})
     dumped = old_spec.model_dump(mode="json", by_alias=True)["training"]
-    skip = ("checkpointInterval", "selfDistillBaseline", "sourcesOnlyBaseline")
+    skip = (
+        "checkpointInterval",
+        "selfDistillBaseline",
+        "sourcesOnlyBaseline",
+        "lambdaFinal",
+    )  # lambdaFinal: later
     fields = {"training": {k: v for k, v in dumped.items() if k not in skip}}
     m = read_manifest(store, train)
     record = {"fields": fields, "task": "train", "version": m["version"]}
