@@ -40,7 +40,7 @@ import yaml
 
 from bench.ablation import _json, absolute_document, deep_merge
 from fusion.uris import local_path
-from jobs.registry import STAGE_NAMES, Layout, Stage
+from jobs.registry import STAGE_NAMES, Layout, Stage, Variant
 from jobs.spec import parse_fusionrun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +48,21 @@ BASE_SPEC = ROOT / "examples" / "evidence-pkg-code.yaml"
 ALL_BASELINES = {"clmBaseline": True, "selfDistillBaseline": True, "sourcesOnlyBaseline": True}
 NO_BASELINES = {"clmBaseline": False, "selfDistillBaseline": False, "sourcesOnlyBaseline": False}
 LIGHT_EVAL = {"evaluateSources": False, "tasks": [], "taskDirs": []}  # the headline run scores those
+
+# The two-source runs (FuseChat-style experts made by FusionRun itself): a code expert (the headline's
+# CLM-only model: SmolLM2 trained on the package code) and a prose expert (run `expert-prose`: SmolLM2
+# trained on the Debian Developer's Reference), fused into SmolLM2 on both texts (code-prose.jsonl), each
+# expert alone and both, scored on held-out code and prose nobody trained on. "{store}" and "{base}" in a
+# value are the store's folder and the headline run's name.
+GENERATED = ROOT / "examples" / "data" / "generated"
+CODE_EXPERT = {"name": "code", "uri": f"{{store}}/{{base}}/{Layout.model_prefix(Variant.clm.value)}"}
+PROSE_EXPERT = {"name": "prose", "uri": f"{{store}}/{{base}}-expert-prose/{Layout.model_prefix(None)}"}
+HELDOUT_TEXTS = [
+    {"name": "stdlib-code", "uri": str(ROOT / "examples" / "data" / "stdlib-code.txt")},
+    {"name": "debian-faq", "uri": str(GENERATED / "debian-faq.txt")},
+    {"name": "debian-reference", "uri": str(GENERATED / "debian-reference.txt")},
+]
+CODE_PROSE = {"uri": str(GENERATED / "code-prose.jsonl"), "format": "jsonl"}
 
 # run -> (what it measures, overrides of the headline FusionRun, camelCase as in the YAML)
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -104,13 +119,63 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
         "lambda 0.9 (the paper's), with its own self-distillation (CLM-only has lambda 1: the headline's)",
         {"training": {"lambda": 0.9, "clmBaseline": False, "sourcesOnlyBaseline": False}},
     ),
+    "expert-prose": (
+        "the prose expert of the two-source runs: SmolLM2 trained on the Debian Developer's Reference with "
+        "lambda 1 (the CLM objective alone; the code expert stands in as the unused teacher)",
+        {
+            "sources": [CODE_EXPERT],
+            "corpus": {"uri": str(GENERATED / "dev-reference.jsonl"), "format": "jsonl"},
+            "training": {"lambda": 1.0, **NO_BASELINES},
+            "evaluation": {"corpora": HELDOUT_TEXTS},
+        },
+    ),
+    "two-experts": (
+        "both experts (code, prose) fused into SmolLM2 on code and prose, with CLM-only on the same text; "
+        "each expert scored on its own",
+        {
+            "sources": [CODE_EXPERT, PROSE_EXPERT],
+            "corpus": CODE_PROSE,
+            "training": {**NO_BASELINES, "clmBaseline": True},
+            "evaluation": {"corpora": HELDOUT_TEXTS, "evaluateSources": True},
+        },
+    ),
+    "code-expert": (
+        "the code expert alone, the rest as two-experts",
+        {
+            "sources": [CODE_EXPERT],
+            "corpus": CODE_PROSE,
+            "training": NO_BASELINES,
+            "evaluation": {"corpora": HELDOUT_TEXTS},
+        },
+    ),
+    "prose-expert": (
+        "the prose expert alone, the rest as two-experts",
+        {
+            "sources": [PROSE_EXPERT],
+            "corpus": CODE_PROSE,
+            "training": NO_BASELINES,
+            "evaluation": {"corpora": HELDOUT_TEXTS},
+        },
+    ),
 }
 
 
-def run_document(base_doc: dict[str, Any], run: str) -> dict[str, Any]:
-    _, over = RUNS[run]
+def placed(value: Any, store_root: Path, base: str) -> Any:
+    """`value` with "{store}" and "{base}" in its strings replaced (the expert models' folders)."""
+    if isinstance(value, dict):
+        return {k: placed(v, store_root, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [placed(v, store_root, base) for v in value]
+    if isinstance(value, str):
+        return value.replace("{store}", str(store_root)).replace("{base}", base)
+    return value
+
+
+def run_document(base_doc: dict[str, Any], run: str, store_root: Path) -> dict[str, Any]:
+    base = base_doc["metadata"]["name"]
+    over = placed(RUNS[run][1], store_root, base)
     spec = deep_merge(deep_merge(base_doc["spec"], {"evaluation": LIGHT_EVAL}), over)
-    name = f"{base_doc['metadata']['name']}-{run}"
+    name = f"{base}-{run}"
     return {
         "apiVersion": base_doc["apiVersion"],
         "kind": "FusionRun",
@@ -126,7 +191,7 @@ def fusionrun(path: Path, until: str | None = None) -> int:
 
 
 def run_one(base_doc: dict[str, Any], store_root: Path, run: str, until: str | None = None) -> int:
-    doc = run_document(base_doc, run)
+    doc = run_document(base_doc, run, store_root)
     parse_fusionrun(doc)  # a bad override fails here, naming the field
     folder = store_root / "evidence-specs"
     folder.mkdir(parents=True, exist_ok=True)
