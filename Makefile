@@ -74,10 +74,12 @@ ablation: setup
 	$(PY) -m bench.ablation $(VARIANTS)
 
 ## Texts of the source-knowledge evidence (docs/evidence-notes.md), built from pinned installed packages
-## into examples/data/generated/ (not committed). The Debian FAQ needs `apt-get install debian-faq`.
+## into examples/data/generated/ (not committed). The Debian texts need
+## `apt-get install debian-faq developers-reference debian-reference-en`.
 evidence-data: setup
 	$(PY) examples/data/make_pkg_code_corpus.py
 	$(PY) examples/data/make_debian_faq_text.py
+	$(PY) examples/data/make_debian_docs.py
 	$(PY) examples/tasks-pkg/make_pkg_tasks.py
 
 ## The evidence (docs/results.md): the headline run (FuseLLM and its baselines), its replicates and comparisons,

@@ -27,6 +27,7 @@ headline's baselines.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,7 @@ import yaml
 
 from bench.ablation import _json, absolute_document, deep_merge
 from fusion.uris import local_path
-from jobs.registry import STAGE_NAMES, Layout, Stage, Variant
+from jobs.registry import STAGE_NAMES, CacheLayout, Layout, Stage, Task, Variant
 from jobs.spec import parse_fusionrun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +64,7 @@ HELDOUT_TEXTS = [
     {"name": "debian-reference", "uri": str(GENERATED / "debian-reference.txt")},
 ]
 CODE_PROSE = {"uri": str(GENERATED / "code-prose.jsonl"), "format": "jsonl"}
+TWO_SOURCE_RUNS = ("expert-prose", "two-experts", "code-expert", "prose-expert")  # in the order they need
 
 # run -> (what it measures, overrides of the headline FusionRun, camelCase as in the YAML)
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -328,7 +330,76 @@ def tables(store_root: Path, base: str) -> str:
     for run, b in HEADLINE_BASELINES:
         what = f"{run} FuseLLM minus the headline's {LABELS[b]}"
         out += _row(what, [cross_run(metrics, t, run, "headline", "fused", b) for t in texts])
+    out += two_source_tables(store_root, base, metrics)
     return "\n".join(out) + "\n"
+
+
+# (run a, model of a, run b, model of b, what): the two-source comparisons, all on code-prose.jsonl
+TWO_SOURCE_ROWS = [
+    ("two-experts", "fused", "code-expert", "fused", "both experts minus the code expert alone"),
+    ("two-experts", "fused", "prose-expert", "fused", "both experts minus the prose expert alone"),
+    ("two-experts", "fused", "two-experts", "clm", "both experts minus CLM-only"),
+    ("code-expert", "fused", "two-experts", "clm", "the code expert alone minus CLM-only"),
+    ("prose-expert", "fused", "two-experts", "clm", "the prose expert alone minus CLM-only"),
+]
+
+
+def two_source_tables(store_root: Path, base: str, metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """FuseLLM with both experts against each expert alone and CLM-only (paired per held-out document), and
+    which candidate MinCE picked in each domain of the training text."""
+    if "two-experts" not in metrics:
+        return []
+    texts = [*metrics["two-experts"].get("corpora", {}), "heldout"]
+    out = ["", "## Two sources (FuseLLM, the same held-out documents)", ""]
+    out += ["| comparison | " + " | ".join(texts) + " |", "|---|" + "---|" * len(texts)]
+    for a, ma, b, mb, what in TWO_SOURCE_ROWS:
+        out += _row(what, [cross_run(metrics, t, a, b, ma, mb) for t in texts])
+    out += ["", "### What MinCE picked, per domain of the training text (documents)", ""]
+    out += ["| run | domain | " + " | ".join(["target", "code", "prose"]) + " |", "|---|---|---|---|---|"]
+    for run in ("two-experts", "code-expert", "prose-expert"):
+        picks = domain_picks(store_root / f"{base}-{run}", GENERATED / "code-prose.jsonl")
+        for domain, counts in sorted(picks.items()):
+            cells = [str(counts.get(c, "-")) for c in ("smollm2", "code", "prose")]
+            out.append(f"| {run} | {domain} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def domain_picks(run_dir: Path, corpus: Path) -> dict[str, dict[str, int]]:
+    """{domain: {candidate: documents (or positions) MinCE picked it for}} over the FuseLLM fuse shards:
+    each prepared training document's domain is that of the corpus record it came from (`domain`)."""
+    from fusion.format import read_shard
+    from jobs.corpus import unpack_texts
+
+    prepare = _json(run_dir / Layout.manifest(Task(stage=Stage.prepare)))
+    if not prepare or not corpus.is_file():
+        return {}
+    records = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line]
+    domains = [r.get("domain", "?") for r in records]
+    cache = run_dir.parent / CacheLayout.AREA / prepare["entry"]
+    out: dict[str, dict[str, int]] = {}
+    for s in range(prepare["summary"]["shards"]):
+        docs = read_shard(cache / CacheLayout.file(Stage.prepare, Layout.documents(s)))
+        fused = read_shard(run_dir / Layout.shard(Task(stage=Stage.fuse, shard=s)))
+        texts = dict(
+            zip(docs["doc_index"].tolist(), unpack_texts(docs["text"], docs["doc_offsets"]), strict=True)
+        )
+        doc_domain = [_domain_of(texts[i], records, domains) for i in fused["doc_index"].tolist()]
+        choice = np.asarray(fused["choice"])
+        if len(choice) != len(doc_domain):  # token level: one choice per position
+            doc_domain = np.repeat(doc_domain, np.diff(np.asarray(fused["doc_offsets"]))).tolist()
+        for domain, pick in zip(doc_domain, choice.tolist(), strict=True):
+            if pick >= 0:
+                name = fused.meta["candidates"][pick]
+                out.setdefault(domain, {})[name] = out.setdefault(domain, {}).get(name, 0) + 1
+    return out
+
+
+def _domain_of(text: str, records: list[dict[str, Any]], domains: list[str]) -> str:
+    """The domain of the record a prepared document is (or, cut, is a piece of)."""
+    for r, d in zip(records, domains, strict=True):
+        if text == r["text"] or text in r["text"]:
+            return d
+    return "?"
 
 
 def _row(what: str, cells: list[tuple[float, float, float] | None]) -> list[str]:

@@ -11,7 +11,6 @@ Exit codes of `python -m jobs ...`:
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -42,10 +41,10 @@ def retry_after(retry: Retry, *, permanent: bool, failures: int) -> int | None:
     return backoff_seconds(retry, failures)
 
 
-def write_termination_message(message: str) -> None:
-    """Leave `message` (the stage's last error line) in the file FUSIONRUN_TERMINATION_LOG names, cut to
-    what Kubernetes keeps. Best effort: a failure to write must not hide the stage's own error."""
-    path = os.environ.get(TERMINATION_LOG_ENV)
+def write_termination_message(message: str, path: str | None) -> None:
+    """Leave `message` (the stage's last error line) in the file at `path` (the entry point's
+    FUSIONRUN_TERMINATION_LOG; none: nowhere), cut to what Kubernetes keeps. Best effort: a failure to
+    write must not hide the stage's own error."""
     if not path:
         return
     data = message.encode(errors="replace")[:TERMINATION_MESSAGE_MAX]

@@ -21,6 +21,10 @@ area, s3:// models and corpora), so an operator pass never waits on a variable i
 | FUSIONRUN_THREADS, OMP_NUM_THREADS | (torch's) | a stage's torch threads (the local runner's share) |
 | FUSIONRUN_NAME, FUSIONRUN_SPEC | (none) | a stage's run name and spec (JSON), as Kubernetes Jobs get them |
 
+One variable stays outside: FUSIONRUN_TERMINATION_LOG (where a failing stage leaves its error line for the
+kubelet) is read by the entry points' failure handler (jobs.stages.common.run_guarded), since the settings
+may be what failed to build.
+
 Imports nothing of ours (the bottom layer of jobs/). A bad value fails when the settings are built, naming
 the variable (SettingsError), not halfway through a task.
 """

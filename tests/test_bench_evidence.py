@@ -5,11 +5,13 @@ they claim on the same documents."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import evidence
-from bench.ablation import absolute_document
+from bench.ablation import _json, absolute_document
 from jobs.cache import Identities, task_key
 from jobs.plan import Stage, build_dag, trained_variants
 from jobs.spec import parse_fusionrun
@@ -23,6 +25,10 @@ class SpecIdentities(Identities):
 
     def _get(self, kind, ref, compute):
         return f"{kind}:{sorted(ref.items())}"
+
+
+STORE = Path("/store")
+SINGLE_SOURCE = [r for r in evidence.RUNS if r not in evidence.TWO_SOURCE_RUNS]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +45,10 @@ def test_the_headline_trains_every_baseline_on_the_same_blocks(base) -> None:
     assert spec.evaluation.evaluate_sources and spec.evaluation.tasks  # scored in the headline run only
 
 
-@pytest.mark.parametrize("run", list(evidence.RUNS))
+@pytest.mark.parametrize("run", SINGLE_SOURCE)
 def test_each_run_reuses_the_extraction_and_changes_only_its_fields(base, run: str) -> None:
     spec, doc = base
-    v = parse_fusionrun(evidence.run_document(doc, run))
+    v = parse_fusionrun(evidence.run_document(doc, run, STORE))
     assert v.metadata.name == f"evidence-pkg-code-{run}"
     assert not v.spec.evaluation.evaluate_sources and not v.spec.evaluation.tasks  # scored once
     ids, by_id = SpecIdentities(), {t.id: t for t in build_dag(spec)}
@@ -52,24 +58,24 @@ def test_each_run_reuses_the_extraction_and_changes_only_its_fields(base, run: s
             inputs = {"inputs of": t.id}
             same = task_key(v.spec, t, ids, inputs) == task_key(spec, by_id[t.id], ids, inputs)
             assert same is not (extracts_anew and t.stage is Stage.extract), t.id
-    mined = evidence.run_document(doc, "mined")["spec"]
+    mined = evidence.run_document(doc, "mined", STORE)["spec"]
     assert mined["alignment"]["method"] == "mined" and mined["fusion"]["ceOn"] == "target"
-    top_k = parse_fusionrun(evidence.run_document(doc, "top-k-128")).spec
+    top_k = parse_fusionrun(evidence.run_document(doc, "top-k-128", STORE)).spec
     assert (top_k.extraction.top_k, trained_variants(top_k)) == (128, ["fused", "self"])
-    paper = parse_fusionrun(evidence.run_document(doc, "paper-fusion")).spec
+    paper = parse_fusionrun(evidence.run_document(doc, "paper-fusion", STORE)).spec
     assert (paper.fusion.ce_on, paper.fusion.fallback, trained_variants(paper)) == (
         "own",
         "onehot",
         ["fused"],
     )
-    token = parse_fusionrun(evidence.run_document(doc, "token-level")).spec
+    token = parse_fusionrun(evidence.run_document(doc, "token-level", STORE)).spec
     assert (token.fusion.level, token.fusion.ce_on, trained_variants(token)) == ("token", "target", ["fused"])
-    lam = parse_fusionrun(evidence.run_document(doc, "lambda-0p9")).spec
+    lam = parse_fusionrun(evidence.run_document(doc, "lambda-0p9", STORE)).spec
     assert lam.training.lambda_ == 0.9 and trained_variants(lam) == ["fused", "self"]  # CLM-only: lambda 1
-    seed = parse_fusionrun(evidence.run_document(doc, "seed-1")).spec
+    seed = parse_fusionrun(evidence.run_document(doc, "seed-1", STORE)).spec
     assert seed.training.seed == 1 and trained_variants(seed) == ["fused", "clm", "self"]
     for run in ("one-epoch", "one-epoch-seed-1"):  # the headline comparisons again, on one pass
-        short = parse_fusionrun(evidence.run_document(doc, run)).spec
+        short = parse_fusionrun(evidence.run_document(doc, run, STORE)).spec
         assert short.training.max_steps == 17 and trained_variants(short) == ["fused", "clm", "self"]
 
 
@@ -95,3 +101,90 @@ def test_tables_pair_the_same_documents_within_and_across_runs(tmp_path) -> None
     # The plot: one panel per baseline the headline trained; nothing to plot without the headline.
     assert evidence.plot(tmp_path, "b", tmp_path / "d.png") and (tmp_path / "d.png").stat().st_size > 0
     assert not evidence.plot(tmp_path, "missing", tmp_path / "e.png") and not (tmp_path / "e.png").exists()
+
+
+def test_the_two_source_runs_fuse_the_experts_on_the_same_blocks(base) -> None:
+    spec, doc = base
+    runs = {r: parse_fusionrun(evidence.run_document(doc, r, STORE)).spec for r in evidence.TWO_SOURCE_RUNS}
+    code = "/store/evidence-pkg-code/train/clm/model/"  # the headline's CLM-only model
+    prose = "/store/evidence-pkg-code-expert-prose/train/fused/model/"  # lambda 1: CLM-only as well
+    expert = runs["expert-prose"]
+    assert expert.training.lambda_ == 1.0 and trained_variants(expert) == ["fused"]
+    assert expert.corpus.uri.endswith("/dev-reference.jsonl")
+    assert [(m.name, m.uri) for m in expert.sources] == [("code", code)]
+    assert [(m.name, m.uri) for m in runs["two-experts"].sources] == [("code", code), ("prose", prose)]
+    assert [m.uri for m in runs["code-expert"].sources] == [code]
+    assert [m.uri for m in runs["prose-expert"].sources] == [prose]
+    assert trained_variants(runs["two-experts"]) == ["fused", "clm"]
+    assert runs["two-experts"].evaluation.evaluate_sources  # each expert scored on the held-out texts
+    # The three fusions: the same corpus, blocks and training; each expert extracted once for all of them
+    # (prepare's key names its models, but its documents are the same bytes when the experts share the
+    # target's tokenizer: extraction is keyed by those bytes, the `inputs` here).
+    ids = SpecIdentities()
+    keys = {
+        r: {
+            t.id: task_key(runs[r], t, ids, {"inputs": "the same documents"})
+            for t in build_dag(runs[r])
+            if t.stage is Stage.extract
+        }
+        for r in ("two-experts", "code-expert", "prose-expert")
+    }
+    for r in ("code-expert", "prose-expert"):
+        assert keys[r].items() <= keys["two-experts"].items(), r
+        assert runs[r].training == runs["two-experts"].training.model_copy(update={"clm_baseline": False})
+    prepare = [task_key(s, build_dag(s)[0], ids, {}) for s in (spec, runs["two-experts"])]
+    assert prepare[0] != prepare[1]  # not the headline's text
+    assert [c.name for c in runs["two-experts"].evaluation.corpora] == [
+        "stdlib-code",
+        "debian-faq",
+        "debian-reference",
+    ]
+
+
+def test_the_two_source_tables_compare_both_experts_with_each_alone_and_count_the_picks(tmp_path) -> None:
+    from fusion.format import write_shard
+    from jobs.corpus import pack_texts
+    from jobs.registry import CacheLayout, Layout, Stage, Task
+
+    def m(bits: list[float]) -> dict:  # two documents of 10 bytes each
+        return {"bits_per_byte": sum(bits) / 20, "perplexity": 2.0, "doc_bits": bits, "doc_bytes": [10, 10]}
+
+    def metrics(run: str, models: dict) -> None:
+        (tmp_path / run / "evaluate").mkdir(parents=True)
+        doc = {"models": models, "corpora": {"debian-faq": {"models": models}}}
+        (tmp_path / run / "evaluate" / "metrics.json").write_text(json.dumps(doc))
+
+    metrics("b-two-experts", {"fused": m([8, 8]), "clm": m([10, 10])})
+    metrics("b-code-expert", {"fused": m([9, 9])})
+    # The training text: two code records, one prose record; MinCE picked code, the target, prose.
+    corpus = tmp_path / "code-prose.jsonl"
+    records = [("def f(): pass", "code"), ("x = 1", "code"), ("Debian is free.", "prose")]
+    corpus.write_text("".join(json.dumps({"text": t, "domain": d}) + "\n" for t, d in records))
+    entry = "prepare/ab/abc"
+    run = tmp_path / "b-two-experts"
+    (run / "prepare").mkdir()
+    (run / Layout.manifest(Task(stage=Stage.prepare))).write_text(
+        json.dumps({"entry": entry, "summary": {"shards": 1}})
+    )
+    text, offsets = pack_texts(["Debian is free.", "def f(): pass", "x = 1"])
+    docs_path = tmp_path / CacheLayout.AREA / entry / CacheLayout.file(Stage.prepare, Layout.documents(0))
+    docs_path.parent.mkdir(parents=True)
+    write_shard(docs_path, "raw", {"text": text, "doc_offsets": offsets, "doc_index": np.array([5, 0, 1])})
+    fused = {
+        "doc_index": np.array([0, 1, 5]),
+        "doc_offsets": np.array([0, 2, 4, 6]),
+        "input_ids": np.arange(6, dtype=np.uint16),
+        "target_ids": np.zeros((6, 1), np.int32),
+        "target_probs": np.ones((6, 1), np.float16),
+        "choice": np.array([1, 0, 2], np.int8),
+    }
+    fuse_path = run / Layout.shard(Task(stage=Stage.fuse, shard=0))
+    fuse_path.parent.mkdir(parents=True)
+    write_shard(fuse_path, "fused", fused, meta={"candidates": ["smollm2", "code", "prose"]})
+    assert evidence.domain_picks(run, corpus) == {"code": {"code": 1, "smollm2": 1}, "prose": {"prose": 1}}
+    runs = {r: _json(tmp_path / f"b-{r}" / Layout.METRICS) for r in ("two-experts", "code-expert")}
+    md = "\n".join(evidence.two_source_tables(tmp_path, "b", runs))
+    one = "-0.1000 [-0.1000, -0.1000]"
+    assert f"| both experts minus the code expert alone | {one} | {one} |" in md
+    assert "| both experts minus CLM-only | -0.2000 [-0.2000, -0.2000] | -0.2000 [-0.2000, -0.2000] |" in md
+    assert "prose expert alone" not in md  # not run: no row

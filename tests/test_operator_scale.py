@@ -278,12 +278,18 @@ def test_a_store_that_comes_up_within_the_grace_period_passes_the_check(monkeypa
 
 
 def test_the_stage_error_reaches_the_termination_log(tmp_path: Path, monkeypatch) -> None:
+    from jobs.stages.common import InputError, run_guarded
+
     path = tmp_path / "termination-log"
     monkeypatch.setenv("FUSIONRUN_TERMINATION_LOG", str(path))
-    write_termination_message("prepare: " + "x" * 5000)
+
+    def fails() -> int:
+        raise InputError("x" * 5000)
+
+    assert run_guarded("prepare", fails) == 2  # the entry point reads the variable, the stage's error lands
     assert path.read_bytes() == b"prepare: " + b"x" * (4096 - 9)
     monkeypatch.delenv("FUSIONRUN_TERMINATION_LOG")
-    write_termination_message("nothing written")  # local runs: no file
+    write_termination_message("nothing written", None)  # local runs: no file
     assert path.stat().st_size == 4096
     # what the stand-in kubelet reports, like a kubelet: the file, else the log's tail on a failure
     log = tmp_path / "pod.log"

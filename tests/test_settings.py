@@ -102,7 +102,7 @@ READS_ENVIRONMENT = {
     "jobs/stages/train.py": "training's own entry point and its ranks' launcher environment",
     "jobs/local.py": "the environment the local runner's task processes inherit",
     "jobs/stages/evaluate_tasks.py": "sets HF_DATASETS_OFFLINE for lm-eval",
-    "jobs/retry.py": "the termination log's path (left to issue 23's items 1-2)",
+    "jobs/stages/common.py": "run_guarded, every stage process's failure handler: the termination log's path",
     "operator/fusionrun_operator/main.py": "the operator's entry point",
 }
 

@@ -11,6 +11,7 @@ message naming the artifact.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -52,7 +53,7 @@ from jobs.complete import (
 from jobs.locations import fetch
 from jobs.plan import build_dag
 from jobs.registry import STAGES, CacheLayout, Layout, Stage, Task
-from jobs.retry import write_termination_message
+from jobs.retry import TERMINATION_LOG_ENV, write_termination_message
 from jobs.settings import Settings, SettingsError
 from jobs.spec import (
     FusionRunSpec,
@@ -96,7 +97,8 @@ def run_guarded(stage: str, body: Callable[[], int]) -> int:
     except (SpecError, StageError, StoreError, ManifestError, SettingsError) as err:
         log_event("failed", stage=stage, error=str(err))
         print(f"error: {err}", file=sys.stderr)
-        write_termination_message(f"{stage}: {err}")
+        # Read here, at the process's edge: the settings may be what failed to build.
+        write_termination_message(f"{stage}: {err}", os.environ.get(TERMINATION_LOG_ENV))
         return exit_code_for(err)
 
 
