@@ -36,6 +36,12 @@ fused  (training targets on the target's tokenization)
   target_ids int32 [N,K]       fused distribution's ids, -1 where empty
   target_probs float16 [N,K]   its probabilities (rows sum to 1 over non-empty entries; 0 where empty)
   choice int8 [D] or [N]       MinCE: index of the candidate picked (0 = target); AvgCE: -1
+
+Top-k id arrays (topk_ids, target_ids) are stored packed when that saves room: each id + 1 (so an empty
+entry, -1, is 0) in the fewest bits that hold the shard's largest id, row by row (uint8 [N, ceil(k * bits /
+8)]; 18-19 bits for Gemma's 262k vocabulary instead of int32's 32, 16 for SmolLM2's 49k in the aligned and
+fused shards), the header recording bits, width and dtype. Readers unpack to the dtype above, so no
+consumer sees the difference; shards written before (format 1, unpacked) read as before.
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ import numpy as np
 
 from fusion.atomic import atomic_path
 
-FORMAT_VERSION = "1"
-_HEADER_KEY = "fusionrun"  # safetensors metadata key holding {"kind", "format_version", "meta"} as JSON
+FORMAT_VERSION = "2"  # 2: top-k ids packed ("packed" in the header); 1 (unpacked) is read as well
+_HEADER_KEY = "fusionrun"  # safetensors metadata key: {"kind", "format_version", "meta", "packed"} as JSON
+PACKABLE = ("topk_ids", "target_ids")  # 2-D id arrays, stored in the bits their largest id needs
+_PACK_ENTRIES = 1 << 20  # ids (un)packed at a time: bounds the temporary bit arrays (32 B an id)
 
 # name -> (allowed dtypes, ndim, leading dimension: "N" tokens, "D" documents, "D+1")
 _COMMON = {
@@ -102,6 +110,52 @@ class ShardError(ValueError):
 def id_dtype(vocab_size: int) -> np.dtype:
     """The smallest id dtype that holds every id of a vocabulary (uint16 up to 65,536 entries)."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def id_bits(ids: np.ndarray) -> int:
+    """Bits per entry that hold every id + 1 of `ids` (>= -1; -1, an empty entry, packs as 0)."""
+    return max(1, (int(ids.max()) + 1 if ids.size else 0).bit_length())
+
+
+def _row_chunks(n: int, width: int) -> range:
+    return range(0, n, max(1, _PACK_ENTRIES // max(1, width)))
+
+
+def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
+    """[n, k] ids (>= -1, each + 1 < 2**bits) as uint8 [n, ceil(k * bits / 8)], little-endian bit order."""
+    n, k = ids.shape
+    out = np.empty((n, (k * bits + 7) // 8), np.uint8)
+    step = _row_chunks(n, k).step
+    for lo in _row_chunks(n, k):
+        v = (ids[lo : lo + step].astype(np.int64) + 1).astype("<u4").reshape(-1, 1).view(np.uint8)
+        b = np.unpackbits(v, axis=1, bitorder="little")[:, :bits]  # [rows * k, bits]
+        out[lo : lo + step] = np.packbits(b.reshape(-1, k * bits), axis=1, bitorder="little")
+    return out
+
+
+def unpack_ids(packed: np.ndarray, bits: int, width: int, dtype: str) -> np.ndarray:
+    """The [n, width] ids `pack_ids` packed, as `dtype` (empty entries -1)."""
+    n = packed.shape[0]
+    out = np.empty((n, width), dtype)
+    step = _row_chunks(n, width).step
+    for lo in _row_chunks(n, width):
+        b = np.unpackbits(packed[lo : lo + step], axis=1, count=width * bits, bitorder="little")
+        b = np.pad(b.reshape(-1, bits), ((0, 0), (0, 32 - bits)))  # each id's bits, padded to 32
+        v = np.packbits(b, axis=1, bitorder="little").view("<u4").reshape(-1, width).astype(np.int64)
+        out[lo : lo + step] = v - 1
+    return out
+
+
+def _packing(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """{name: {bits, width, dtype}} of the id arrays that packing makes smaller."""
+    out = {}
+    for name in PACKABLE:
+        a = arrays.get(name)
+        if a is None or a.ndim != 2 or not a.size or int(a.min()) < -1:
+            continue
+        if (bits := id_bits(a)) < 8 * a.dtype.itemsize:
+            out[name] = {"bits": bits, "width": int(a.shape[1]), "dtype": str(a.dtype)}
+    return out
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -171,12 +225,14 @@ def write_shard(
     path = Path(path)
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     validate_arrays(kind, arrays, str(path))
+    packed = _packing(arrays)
+    stored = {k: pack_ids(a, packed[k]["bits"]) if k in packed else a for k, a in arrays.items()}
     # ONE metadata key: safetensors stores the metadata map in hash order, which differs from process to
     # process, so several keys would make identical shards differ in bytes (and in sha256).
-    doc = {"kind": kind, "format_version": FORMAT_VERSION, "meta": meta or {}}
+    doc = {"kind": kind, "format_version": FORMAT_VERSION, "meta": meta or {}, "packed": packed}
     header = {_HEADER_KEY: json.dumps(doc, sort_keys=True, separators=(",", ":"))}
     with atomic_path(path) as tmp:
-        save_file(arrays, tmp, metadata=header)
+        save_file(stored, tmp, metadata=header)
         digest = sha256_file(tmp)
     return ShardInfo(path, digest, path.stat().st_size, _counts(arrays))
 
@@ -184,8 +240,11 @@ def write_shard(
 class Shard:
     """A read-only shard. Arrays load lazily from the memory-mapped file (`shard["topk_ids"]`)."""
 
-    def __init__(self, path: Path, kind: str, meta: dict[str, Any], handle: Any):
+    def __init__(
+        self, path: Path, kind: str, meta: dict[str, Any], handle: Any, packed: dict[str, Any] | None = None
+    ):
         self.path, self.kind, self.meta, self._h = path, kind, meta, handle
+        self.packed = packed or {}  # {name: {bits, width, dtype}} of the arrays stored packed
         self._cache: dict[str, np.ndarray] = {}
 
     def keys(self) -> list[str]:
@@ -197,10 +256,14 @@ class Shard:
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._cache:
             try:
-                self._cache[name] = self._h.get_tensor(name)
+                self._cache[name] = self._unpacked(name, self._h.get_tensor(name))
             except Exception as err:  # safetensors raises its own error types
                 raise ShardError(f"{self.path}: cannot read array {name}: {err}") from None
         return self._cache[name]
+
+    def _unpacked(self, name: str, stored: np.ndarray) -> np.ndarray:
+        p = self.packed.get(name)
+        return stored if p is None else unpack_ids(stored, p["bits"], p["width"], p["dtype"])
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of one array, read from the memory map without loading the whole array
@@ -212,8 +275,10 @@ class Shard:
             n = int(sl.get_shape()[0])
             lo, hi = max(0, min(start, n)), max(0, min(stop, n))
             if hi <= lo:  # safetensors rejects empty slices at the end of an array
-                return np.empty((0, *sl.get_shape()[1:]), dtype=_ST_DTYPES[sl.get_dtype()])
-            return sl[lo:hi]
+                return self._unpacked(
+                    name, np.empty((0, *sl.get_shape()[1:]), dtype=_ST_DTYPES[sl.get_dtype()])
+                )
+            return self._unpacked(name, sl[lo:hi])
         except Exception as err:  # safetensors raises its own error types
             raise ShardError(f"{self.path}: cannot read rows {start}:{stop} of {name}: {err}") from None
 
@@ -246,9 +311,10 @@ def read_shard(path: str | os.PathLike, kind: str | None = None, sha256: str | N
     except Exception as err:
         raise ShardError(f"{path}: not a readable shard ({err}); {fix}") from None
     try:
+        packed: dict[str, Any] = {}
         if _HEADER_KEY in header:
             doc = json.loads(header[_HEADER_KEY])
-            got, meta = doc.get("kind"), doc.get("meta", {})
+            got, meta, packed = doc.get("kind"), doc.get("meta", {}), doc.get("packed") or {}
         else:  # the earlier layout: kind / format_version / meta as separate keys
             got, meta = header.get("kind"), json.loads(header.get("meta", "{}"))
     except (ValueError, AttributeError) as err:
@@ -257,21 +323,32 @@ def read_shard(path: str | os.PathLike, kind: str | None = None, sha256: str | N
         raise ShardError(f"{path}: not a FusionRun shard (no kind in header); {fix}")
     if kind is not None and got != kind:
         raise ShardError(f"{path}: expected a {kind} shard, found {got}")
-    shard = Shard(path, got, meta, h)
-    validate_arrays(got, {k: _LazyShape(h, k) for k in h.keys()}, str(path))  # noqa: SIM118
+    shard = Shard(path, got, meta, h, packed)
+    shapes = {k: _LazyShape(h, k, packed.get(k)) for k in h.keys()}  # noqa: SIM118
+    bad = [
+        k
+        for k, p in packed.items()
+        if k in shapes and shapes[k].stored_width != (p["width"] * p["bits"] + 7) // 8
+    ]
+    if bad:
+        raise ShardError(f"{path}: packed arrays {bad} do not match their header; {fix}")
+    validate_arrays(got, shapes, str(path))
     return shard
 
 
 class _LazyShape:
     """Shape and dtype of an array without reading it (validation of big shards stays cheap)."""
 
-    def __init__(self, handle: Any, name: str):
+    def __init__(self, handle: Any, name: str, packed: dict[str, Any] | None = None):
         sl = handle.get_slice(name)
         self.shape = tuple(sl.get_shape())
-        self.ndim = len(self.shape)
+        self.stored_width = self.shape[1] if len(self.shape) > 1 else None
         # Validation compares dtype names only. bf16 and fp8 have no numpy dtype: keep their names so they
         # fail validation by name instead of passing as something they are not.
         self.dtype = _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype())
+        if packed:  # validated as what readers get
+            self.shape, self.dtype = (self.shape[0], packed["width"]), packed["dtype"]
+        self.ndim = len(self.shape)
         self._h, self._name = handle, name
 
     def __len__(self) -> int:

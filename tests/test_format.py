@@ -194,7 +194,7 @@ def test_empty_shard_and_raw_kind(tmp_path: Path) -> None:
     assert read_shard(info.path, "raw")["text"].tobytes() == b"hi"
     assert json.loads(json.dumps(info.counts)) == {}
     assert os.path.getsize(info.path) == info.nbytes
-    assert fmt.FORMAT_VERSION == "1"
+    assert fmt.FORMAT_VERSION == "2"  # 2: packed top-k ids; shards of format 1 read as before
 
 
 def test_shard_gets_the_usual_file_mode(tmp_path: Path) -> None:
@@ -240,4 +240,101 @@ def test_unreadable_header_is_named(tmp_path: Path) -> None:
     path = tmp_path / "h.safetensors"
     save_file({"x": np.zeros(1, np.uint8)}, str(path), metadata={"fusionrun": "{not json"})
     with pytest.raises(ShardError, match=r"h\.safetensors: unreadable FusionRun header"):
+        read_shard(path)
+
+
+@pytest.mark.parametrize(
+    ("top", "bits"),
+    [(0, 1), (1, 2), (254, 8), (49_151, 16), (262_143, 19), (151_645, 18), ((1 << 31) - 2, 31)],
+)
+def test_ids_pack_to_the_bits_their_largest_id_needs_and_unpack_exactly(top: int, bits: int) -> None:
+    # Each id + 1 is stored (-1, an empty entry, is 0): ids up to 2**b - 2 take b bits.
+    rng = np.random.default_rng(top)
+    ids = rng.integers(-1, top + 1, (7, 13)).astype(np.int32)
+    ids[3, 5], ids[0, 0] = top, -1
+    assert fmt.id_bits(ids) == bits
+    packed = fmt.pack_ids(ids, bits)
+    assert packed.dtype == np.uint8 and packed.shape == (7, (13 * bits + 7) // 8)
+    np.testing.assert_array_equal(fmt.unpack_ids(packed, bits, 13, "int32"), ids)
+
+
+def test_hand_packed_bits() -> None:
+    # ids 0, 2, -1 in 2 bits each (stored 1, 3, 0): 0b00_11_01 in one little-endian byte = 13.
+    ids = np.array([[0, 2, -1]], np.int32)
+    assert fmt.pack_ids(ids, 2).tolist() == [[0b001101]]
+    # Large arrays pack a bounded number of ids at a time (here 8): the rows join up exactly.
+    many = np.arange(-1, 299, dtype=np.int32).reshape(100, 3)
+    old = fmt._PACK_ENTRIES
+    try:
+        fmt._PACK_ENTRIES = 8
+        packed = fmt.pack_ids(many, 9)
+        np.testing.assert_array_equal(fmt.unpack_ids(packed, 9, 3, "int32"), many)
+    finally:
+        fmt._PACK_ENTRIES = old
+    np.testing.assert_array_equal(fmt.unpack_ids(fmt.pack_ids(many, 9), 9, 3, "int32"), many)
+
+
+def _fused_arrays(vocab: int, k: int = 10) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    offsets = np.array([0, 6, 9], np.int64)
+    ids = rng.integers(0, vocab, (9, k)).astype(np.int32)
+    ids[:, -3:] = -1  # empty entries
+    return {
+        "doc_index": np.array([0, 1], np.int64),
+        "doc_offsets": offsets,
+        "input_ids": rng.integers(0, min(vocab, 65536), 9).astype(np.uint16),
+        "target_ids": ids,
+        "target_probs": np.full((9, k), 0.1, np.float16),
+        "choice": np.array([0, 1], np.int8),
+    }
+
+
+def test_shards_store_packed_ids_and_readers_see_the_arrays_written(tmp_path: Path) -> None:
+    # Gemma's 262k vocabulary: 19 bits an entry instead of int32's 32 (10 entries: 24 bytes, not 40).
+    arrays = _fused_arrays(262_144)
+    arrays["target_ids"][0, 0] = 262_143
+    info = write_shard(tmp_path / "f.safetensors", "fused", arrays)
+    shard = read_shard(info.path, "fused", info.sha256)
+    assert shard.packed == {"target_ids": {"bits": 19, "width": 10, "dtype": "int32"}}
+    assert shard._h.get_slice("target_ids").get_shape() == [9, 24]
+    got = shard["target_ids"]
+    assert got.dtype == np.int32 and got.shape == (9, 10)
+    np.testing.assert_array_equal(got, arrays["target_ids"])
+    np.testing.assert_array_equal(shard.rows("target_ids", 4, 7), arrays["target_ids"][4:7])
+    assert shard.rows("target_ids", 9, 12).shape == (0, 10)
+    unpacked = sum(a.nbytes for a in arrays.values())
+    assert unpacked - (info.nbytes - struct.unpack("<Q", info.path.read_bytes()[:8])[0] - 8) == 9 * (40 - 24)
+    # ids that fit their dtype already (uint16 at 16 bits) and raw arrays stay as they are
+    ex = _extract_arrays(k=10)
+    ex["topk_ids"][0, 0] = 65_534
+    assert read_shard(write_shard(tmp_path / "e.safetensors", "extract", ex).path).packed == {}
+
+
+def test_a_format_1_shard_reads_as_before(tmp_path: Path) -> None:
+    """Shards written before packing (int32 ids, no "packed" in the header) stay readable as they are."""
+    from safetensors.numpy import save_file
+
+    arrays = _fused_arrays(262_144)
+    doc = {"kind": "fused", "format_version": "1", "meta": {}}
+    path = tmp_path / "old.safetensors"
+    save_file(arrays, str(path), metadata={"fusionrun": json.dumps(doc)})
+    shard = read_shard(path, "fused")
+    assert shard.packed == {}
+    np.testing.assert_array_equal(shard["target_ids"], arrays["target_ids"])
+
+
+def test_a_packed_array_that_does_not_match_its_header_is_refused(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    arrays = _fused_arrays(262_144)
+    arrays["target_ids"] = np.zeros((9, 20), np.uint8)  # 19 bits x 10 entries need 24 bytes a row
+    doc = {
+        "kind": "fused",
+        "format_version": "2",
+        "meta": {},
+        "packed": {"target_ids": {"bits": 19, "width": 10, "dtype": "int32"}},
+    }
+    path = tmp_path / "bad.safetensors"
+    save_file(arrays, str(path), metadata={"fusionrun": json.dumps(doc)})
+    with pytest.raises(ShardError, match=r"packed arrays \['target_ids'\] do not match their header"):
         read_shard(path)
