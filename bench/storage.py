@@ -1,6 +1,7 @@
 """Bytes stored per real token: our extract shards vs the FuseLLM reference layout (defect 4).
 
     .venv/bin/python -m bench.storage [--max-bytes N] [--top-k K [K ...]]
+    .venv/bin/python -m bench.storage --repack examples/runs/evidence-pkg-code   # a run's real shards
 
 Text: the running interpreter's own standard library (module sources and their docstrings), split into
 documents at top-level definitions, so lengths vary the way real corpora do. For two real tokenizers of
@@ -108,11 +109,52 @@ def measure(name: str, tok, view, texts: list[str], top_k: int, folder: Path) ->
     }
 
 
+def repack(run_dir: Path) -> int:
+    """Each extract and align shard of a run (format 1 or 2) written again in the current format beside a
+    temporary folder: bytes per token as stored and as written now, and the id bits packing used."""
+    import json
+
+    from fusion.format import read_shard, write_shard
+
+    manifests = sorted(
+        [*run_dir.glob("extract/*/shard-*.manifest.json"), *run_dir.glob("align/*/shard-*.manifest.json")]
+    )
+    if not manifests:
+        print(f"error: no extract or align shards under {run_dir}", file=sys.stderr)
+        return 1
+    print(f"{'shard':<44} {'k':>4} {'tokens':>7} {'stored B/tok':>12} {'now B/tok':>10} {'id bits':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in manifests:
+            doc = json.loads(m.read_text())
+            entry = run_dir.parent / "_cache" / doc["entry"] if doc.get("entry") else None
+            path = (
+                entry / "shard.safetensors"
+                if entry
+                else m.with_name(m.name.replace(".manifest.json", ".safetensors"))
+            )
+            shard = read_shard(path)
+            arrays = {k: shard[k] for k in shard.keys()}  # noqa: SIM118  (a Shard is not a mapping)
+            info = write_shard(Path(tmp) / "s.safetensors", shard.kind, arrays, shard.meta)
+            tokens = int(arrays["doc_offsets"][-1])
+            bits = (
+                read_shard(info.path)
+                .packed.get("topk_ids", {})
+                .get("bits", 8 * arrays["topk_ids"].dtype.itemsize)
+            )
+            name = str(m.relative_to(run_dir)).removesuffix(".manifest.json")
+            k, before = arrays["topk_ids"].shape[1], path.stat().st_size / tokens
+            print(f"{name:<44} {k:>4} {tokens:>7,} {before:>12.1f} {info.nbytes / tokens:>10.1f} {bits:>7}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-bytes", type=int, default=80_000, help="text to read from the stdlib")
     parser.add_argument("--top-k", type=int, nargs="+", default=[10], help="one or more k, side by side")
+    parser.add_argument("--repack", type=Path, help="a run's folder in a local store: its shards, repacked")
     args = parser.parse_args(argv)
+    if args.repack:
+        return repack(args.repack)
 
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     import torch

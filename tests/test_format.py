@@ -338,3 +338,26 @@ def test_a_packed_array_that_does_not_match_its_header_is_refused(tmp_path: Path
     save_file(arrays, str(path), metadata={"fusionrun": json.dumps(doc)})
     with pytest.raises(ShardError, match=r"packed arrays \['target_ids'\] do not match their header"):
         read_shard(path)
+
+
+def test_bench_storage_repacks_a_runs_format_1_shards(tmp_path: Path, capsys) -> None:
+    """bench.storage --repack: a run's shards as stored (here format 1, int32 ids) and as written now."""
+    from safetensors.numpy import save_file
+
+    from bench.storage import repack
+
+    arrays = _extract_arrays(
+        n_docs=400, k=10
+    )  # 5 + 1 + 7 + 397 * 3 = 1,204 tokens: the header is a small share
+    arrays["topk_ids"] = arrays["topk_ids"].astype(np.int32)
+    arrays["topk_ids"][0, 0] = 262_142  # Gemma's vocabulary: 18 bits
+    shard = tmp_path / "run" / "extract" / "gemma3" / "shard-00000.safetensors"
+    shard.parent.mkdir(parents=True)
+    save_file(arrays, str(shard), metadata={"fusionrun": json.dumps({"kind": "extract", "meta": {}})})
+    shard.with_name("shard-00000.manifest.json").write_text("{}")
+    assert repack(tmp_path / "run") == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    before, now = float(row[3]), float(row[4])
+    assert row[0] == "extract/gemma3/shard-00000" and row[1:3] == ["10", "1,204"] and row[5] == "18"
+    assert before - now == pytest.approx(40 - 23, abs=0.5)  # 10 ids: 40 B as int32, 23 B in 18 bits
+    assert repack(tmp_path / "empty") == 1
