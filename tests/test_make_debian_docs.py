@@ -110,7 +110,7 @@ def test_the_mixed_corpus_labels_each_record_with_its_domain(tmp_path, monkeypat
     )
     assert main(["--out", str(out), "--min-bytes", "100"]) == 0
     mixed = [json.loads(line) for line in (out / "code-prose.jsonl").read_text().splitlines()]
-    assert [r["domain"] for r in mixed] == ["code", "prose"]
+    assert [r["domain"] for r in mixed] == ["code", "prose"]  # every other record of each: the first
     assert mixed[1]["text"].startswith("If you want to create a new package") and mixed[1]["text"].endswith(
         "x" * 400
     )
