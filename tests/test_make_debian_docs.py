@@ -117,3 +117,16 @@ def test_the_mixed_corpus_labels_each_record_with_its_domain(tmp_path, monkeypat
     assert (out / "debian-reference.txt").read_text().startswith("The shell prompt is where")
     main.__globals__.update(installed_version=lambda p: None)
     assert main(["--out", str(out)]) == 1  # the packages not installed: a clear error, nothing written
+
+
+def test_unseen_documents_are_held_out_of_the_experts_and_of_the_mixed_training_split() -> None:
+    from jobs.corpus import heldout_split
+
+    code, prose = [f"c{i}" for i in range(40)], [f"p{i}" for i in range(30)]
+    unseen = GEN["unseen_documents"](code, prose)
+    mixed = code[::2] + prose[::2]
+    mixed_train = {mixed[i] for i in heldout_split(len(mixed), 0.15, 0)[0]}
+    for name, docs in (("code-unseen", code), ("prose-unseen", prose)):
+        expert_held = {docs[i] for i in heldout_split(len(docs), 0.15, 0)[1]}
+        # exactly the expert's held-out documents that are not in the mixed training split
+        assert set(unseen[name]) == expert_held - mixed_train and unseen[name], name

@@ -9,6 +9,9 @@
   (pkg-code.jsonl, from make_pkg_code_corpus.py) and of dev-reference.jsonl, so about the headline's size
   (the same 34 steps are two passes over it), each record with its `domain` (read by bench.evidence's
   MinCE-picks table; the corpus reader takes only `text`).
+- `code-unseen.jsonl`, `prose-unseen.jsonl`: per domain the documents that no model of the two-source runs
+  trained on (held out of the expert's run and of code-prose.jsonl's training split): the in-domain
+  held-out texts of the two-source comparison.
 
 Deterministic for the pinned package versions; nothing generated is committed:
 
@@ -30,6 +33,7 @@ GENERATED = Path(__file__).resolve().parent / "generated"
 DEV_REF = Path("/usr/share/developers-reference/_sources")
 DEB_REF = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
 PINNED = {"developers-reference": "12.18", "debian-reference-en": "2.100"}
+HELDOUT_FRACTION, SPLIT_SEED = 0.15, 0  # corpus.heldoutFraction and corpus.seed of the evidence runs
 
 UNDERLINE = re.compile(r"^([=\-*~^#\"'+])\1{3,}\s*$")  # reST section underline (or overline)
 DIRECTIVE = re.compile(r"^\.\. ")  # labels, index entries, comments, directives
@@ -123,6 +127,23 @@ def documents(sections: list[list[str]], doc_bytes: int, min_bytes: int, max_byt
     return out
 
 
+def unseen_documents(code: list[str], prose: list[str]) -> dict[str, list[str]]:
+    """Per domain, the documents no model of the two-source runs trained on: held out of its expert's run
+    (each expert's corpus split as FusionRun splits it: heldoutFraction 0.15, seed 0, as in
+    examples/evidence-pkg-code.yaml) and not in code-prose.jsonl's training split (every other document,
+    split the same way)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from jobs.corpus import heldout_split
+
+    n_code = len(code[::2])
+    mixed_held = set(heldout_split(n_code + len(prose[::2]), HELDOUT_FRACTION, SPLIT_SEED)[1].tolist())
+    out = {}
+    for name, docs, first in (("code-unseen", code, 0), ("prose-unseen", prose, n_code)):
+        held = heldout_split(len(docs), HELDOUT_FRACTION, SPLIT_SEED)[1].tolist()
+        out[name] = [docs[i] for i in held if i % 2 or first + i // 2 in mixed_held]
+    return out
+
+
 def write_jsonl(path: Path, records: list[dict[str, str]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
@@ -163,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         {"text": t, "domain": "prose"} for t in prose[::2]
     ]
     write_jsonl(args.out / "code-prose.jsonl", mixed)
-    for name, docs in (
-        ("dev-reference.jsonl", prose),
-        ("debian-reference.txt", held),
-        ("code-prose.jsonl", mixed),
-    ):
+    unseen = unseen_documents(code, prose)
+    for name, docs in unseen.items():
+        write_jsonl(args.out / f"{name}.jsonl", [{"text": t} for t in docs])
+    written = {"dev-reference.jsonl": prose, "debian-reference.txt": held, "code-prose.jsonl": mixed}
+    written |= {f"{name}.jsonl": docs for name, docs in unseen.items()}
+    for name, docs in written.items():
         print(f"{args.out / name}: {len(docs)} documents")
     return 0
 
