@@ -357,6 +357,17 @@ def two_source_tables(store_root: Path, base: str, metrics: dict[str, dict[str, 
     out += ["| comparison | " + " | ".join(texts) + " |", "|---|" + "---|" * len(texts)]
     for a, ma, b, mb, what in TWO_SOURCE_ROWS:
         out += _row(what, [cross_run(metrics, t, a, b, ma, mb) for t in texts])
+    out += ["", "### Bits per byte on the training text, per domain (each model on its own tokens)", ""]
+    out += ["| domain | SmolLM2 | code expert | prose expert |", "|---|---|---|---|"]
+    bpb = domain_bits_per_byte(
+        store_root / f"{base}-two-experts", GENERATED / "code-prose.jsonl", ["smollm2", "code", "prose"]
+    )
+    for domain, by in sorted(bpb.items()):
+        out.append(
+            f"| {domain} | "
+            + " | ".join(f"{by[m]:.4f}" if m in by else "-" for m in ("smollm2", "code", "prose"))
+            + " |"
+        )
     out += ["", "### What MinCE picked, per domain of the training text (documents)", ""]
     out += ["| run | domain | " + " | ".join(["target", "code", "prose"]) + " |", "|---|---|---|---|---|"]
     for run in ("two-experts", "code-expert", "prose-expert"):
@@ -367,26 +378,39 @@ def two_source_tables(store_root: Path, base: str, metrics: dict[str, dict[str, 
     return [*out, ""]
 
 
-def domain_picks(run_dir: Path, corpus: Path) -> dict[str, dict[str, int]]:
-    """{domain: {candidate: documents (or positions) MinCE picked it for}} over the FuseLLM fuse shards:
-    each prepared training document's domain is that of the corpus record it came from (`domain`)."""
+def document_domains(run_dir: Path, corpus: Path) -> list[dict[int, str]]:
+    """Per training shard, {prepared document id: its domain}: that of the corpus record it came from
+    (`domain`). Empty when the run has not prepared or the corpus is not here."""
     from fusion.format import read_shard
     from jobs.corpus import unpack_texts
 
     prepare = _json(run_dir / Layout.manifest(Task(stage=Stage.prepare)))
     if not prepare or not corpus.is_file():
-        return {}
+        return []
     records = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line]
     domains = [r.get("domain", "?") for r in records]
     cache = run_dir.parent / CacheLayout.AREA / prepare["entry"]
-    out: dict[str, dict[str, int]] = {}
+    out = []
     for s in range(prepare["summary"]["shards"]):
         docs = read_shard(cache / CacheLayout.file(Stage.prepare, Layout.documents(s)))
-        fused = read_shard(run_dir / Layout.shard(Task(stage=Stage.fuse, shard=s)))
-        texts = dict(
-            zip(docs["doc_index"].tolist(), unpack_texts(docs["text"], docs["doc_offsets"]), strict=True)
+        texts = unpack_texts(docs["text"], docs["doc_offsets"])
+        out.append(
+            {
+                i: _domain_of(t, records, domains)
+                for i, t in zip(docs["doc_index"].tolist(), texts, strict=True)
+            }
         )
-        doc_domain = [_domain_of(texts[i], records, domains) for i in fused["doc_index"].tolist()]
+    return out
+
+
+def domain_picks(run_dir: Path, corpus: Path) -> dict[str, dict[str, int]]:
+    """{domain: {candidate: documents (or positions) MinCE picked it for}} over the FuseLLM fuse shards."""
+    from fusion.format import read_shard
+
+    out: dict[str, dict[str, int]] = {}
+    for s, domain_of in enumerate(document_domains(run_dir, corpus)):
+        fused = read_shard(run_dir / Layout.shard(Task(stage=Stage.fuse, shard=s)))
+        doc_domain = [domain_of[i] for i in fused["doc_index"].tolist()]
         choice = np.asarray(fused["choice"])
         if len(choice) != len(doc_domain):  # token level: one choice per position
             doc_domain = np.repeat(doc_domain, np.diff(np.asarray(fused["doc_offsets"]))).tolist()
@@ -395,6 +419,28 @@ def domain_picks(run_dir: Path, corpus: Path) -> dict[str, dict[str, int]]:
                 name = fused.meta["candidates"][pick]
                 out.setdefault(domain, {})[name] = out.setdefault(domain, {}).get(name, 0) + 1
     return out
+
+
+def domain_bits_per_byte(run_dir: Path, corpus: Path, models: list[str]) -> dict[str, dict[str, float]]:
+    """{domain: {model: bits per byte}} of each model on the run's training documents, from its extract
+    shards (each model on its own tokens): what MinCE compares, per domain."""
+    from fusion.format import read_shard
+
+    sums: dict[str, dict[str, list[float]]] = {}
+    for s, domain_of in enumerate(document_domains(run_dir, corpus)):
+        for model in models:
+            manifest_path = run_dir / Layout.manifest(Task(stage=Stage.extract, model=model, shard=s))
+            if not manifest_path.is_file():
+                continue
+            manifest = _json(manifest_path)
+            entry = run_dir.parent / CacheLayout.AREA / manifest["entry"] if manifest.get("entry") else None
+            key = Layout.shard(Task(stage=Stage.extract, model=model, shard=s))
+            ex = read_shard(entry / CacheLayout.file(Stage.extract, key) if entry else run_dir / key)
+            nll, nbytes = np.asarray(ex["doc_nll"]), np.asarray(ex["doc_pred_nbytes"])
+            for j, i in enumerate(ex["doc_index"].tolist()):
+                acc = sums.setdefault(domain_of[i], {}).setdefault(model, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + float(nll[j]), acc[1] + float(nbytes[j])
+    return {d: {m: nb[0] / np.log(2) / nb[1] for m, nb in by.items() if nb[1]} for d, by in sums.items()}
 
 
 def _domain_of(text: str, records: list[dict[str, Any]], domains: list[str]) -> str:

@@ -184,6 +184,27 @@ def test_the_two_source_tables_compare_both_experts_with_each_alone_and_count_th
     fuse_path.parent.mkdir(parents=True)
     write_shard(fuse_path, "fused", fused, meta={"candidates": ["smollm2", "code", "prose"]})
     assert evidence.domain_picks(run, corpus) == {"code": {"code": 1, "smollm2": 1}, "prose": {"prose": 1}}
+    # The code expert's extraction: 2 ln 2 nats over 4 bytes and 6 ln 2 over 3 bytes on code, 3 ln 2 over
+    # 6 bytes on prose: 8 bits / 7 bytes on code, 0.5 on prose.
+    ln2 = float(np.log(2))
+    extract = {
+        "doc_index": np.array([0, 1, 5]),
+        "doc_offsets": np.array([0, 2, 4, 6]),
+        "input_ids": np.arange(6, dtype=np.uint16),
+        "token_nbytes": np.ones(6, np.uint16),
+        "topk_ids": np.zeros((6, 1), np.uint16),
+        "topk_logprobs": np.zeros((6, 1), np.float16),
+        "gold_logprob": np.zeros(6, np.float16),
+        "doc_nll": np.array([2 * ln2, 6 * ln2, 3 * ln2], np.float32),
+        "doc_pred_nbytes": np.array([4, 3, 6]),
+        "doc_n_pred": np.array([1, 1, 1], np.int32),
+    }
+    ex_task = Task(stage=Stage.extract, model="code", shard=0)
+    (run / Layout.shard(ex_task)).parent.mkdir(parents=True)
+    write_shard(run / Layout.shard(ex_task), "extract", extract)
+    (run / Layout.manifest(ex_task)).write_text("{}")  # not from the shared cache: the run's own shard
+    got = evidence.domain_bits_per_byte(run, corpus, ["smollm2", "code"])
+    assert got == {"code": {"code": pytest.approx(8 / 7)}, "prose": {"code": pytest.approx(0.5)}}
     runs = {r: _json(tmp_path / f"b-{r}" / Layout.METRICS) for r in ("two-experts", "code-expert")}
     md = "\n".join(evidence.two_source_tables(tmp_path, "b", runs))
     one = "-0.1000 [-0.1000, -0.1000]"
