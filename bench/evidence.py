@@ -41,8 +41,11 @@ import yaml
 
 from bench.ablation import _json, absolute_document, deep_merge
 from fusion.uris import local_path
-from jobs.registry import STAGE_NAMES, CacheLayout, Layout, Stage, Task, Variant
+from jobs.cache import located
+from jobs.complete import read_manifest
+from jobs.registry import STAGE_NAMES, Layout, Stage, Task, Variant
 from jobs.spec import parse_fusionrun
+from jobs.store import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_SPEC = ROOT / "examples" / "evidence-pkg-code.yaml"
@@ -378,21 +381,31 @@ def two_source_tables(store_root: Path, base: str, metrics: dict[str, dict[str, 
     return [*out, ""]
 
 
+def stored_path(run_dir: Path, task: Task, key: str) -> Path | None:
+    """The file of `task`'s output `key` in the local run folder `run_dir`, in the shared cache when its
+    manifest points there (jobs.cache.located, as the stages read it); None without a manifest."""
+    store = LocalStore(run_dir)
+    manifest = read_manifest(store, task)
+    if manifest is None:
+        return None
+    where, physical = located(store, manifest, key)
+    return where.local_path(physical)
+
+
 def document_domains(run_dir: Path, corpus: Path) -> list[dict[int, str]]:
     """Per training shard, {prepared document id: its domain}: that of the corpus record it came from
     (`domain`). Empty when the run has not prepared or the corpus is not here."""
     from fusion.format import read_shard
     from jobs.corpus import unpack_texts
 
-    prepare = _json(run_dir / Layout.manifest(Task(stage=Stage.prepare)))
+    prepare = read_manifest(LocalStore(run_dir), Task(stage=Stage.prepare))
     if not prepare or not corpus.is_file():
         return []
     records = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line]
     domains = [r.get("domain", "?") for r in records]
-    cache = run_dir.parent / CacheLayout.AREA / prepare["entry"]
     out = []
     for s in range(prepare["summary"]["shards"]):
-        docs = read_shard(cache / CacheLayout.file(Stage.prepare, Layout.documents(s)))
+        docs = read_shard(stored_path(run_dir, Task(stage=Stage.prepare), Layout.documents(s)))
         texts = unpack_texts(docs["text"], docs["doc_offsets"])
         out.append(
             {
@@ -429,13 +442,11 @@ def domain_bits_per_byte(run_dir: Path, corpus: Path, models: list[str]) -> dict
     sums: dict[str, dict[str, list[float]]] = {}
     for s, domain_of in enumerate(document_domains(run_dir, corpus)):
         for model in models:
-            manifest_path = run_dir / Layout.manifest(Task(stage=Stage.extract, model=model, shard=s))
-            if not manifest_path.is_file():
+            task = Task(stage=Stage.extract, model=model, shard=s)
+            path = stored_path(run_dir, task, Layout.shard(task))
+            if path is None:
                 continue
-            manifest = _json(manifest_path)
-            entry = run_dir.parent / CacheLayout.AREA / manifest["entry"] if manifest.get("entry") else None
-            key = Layout.shard(Task(stage=Stage.extract, model=model, shard=s))
-            ex = read_shard(entry / CacheLayout.file(Stage.extract, key) if entry else run_dir / key)
+            ex = read_shard(path)
             nll, nbytes = np.asarray(ex["doc_nll"]), np.asarray(ex["doc_pred_nbytes"])
             for j, i in enumerate(ex["doc_index"].tolist()):
                 acc = sums.setdefault(domain_of[i], {}).setdefault(model, [0.0, 0.0])

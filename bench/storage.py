@@ -115,6 +115,8 @@ def repack(run_dir: Path) -> int:
     import json
 
     from fusion.format import read_shard, write_shard
+    from jobs.cache import located
+    from jobs.store import LocalStore
 
     manifests = sorted(
         [*run_dir.glob("extract/*/shard-*.manifest.json"), *run_dir.glob("align/*/shard-*.manifest.json")]
@@ -123,15 +125,12 @@ def repack(run_dir: Path) -> int:
         print(f"error: no extract or align shards under {run_dir}", file=sys.stderr)
         return 1
     print(f"{'shard':<44} {'k':>4} {'tokens':>7} {'stored B/tok':>12} {'now B/tok':>10} {'id bits':>7}")
+    store = LocalStore(run_dir)
     with tempfile.TemporaryDirectory() as tmp:
         for m in manifests:
-            doc = json.loads(m.read_text())
-            entry = run_dir.parent / "_cache" / doc["entry"] if doc.get("entry") else None
-            path = (
-                entry / "shard.safetensors"
-                if entry
-                else m.with_name(m.name.replace(".manifest.json", ".safetensors"))
-            )
+            key = str(m.relative_to(run_dir)).replace(".manifest.json", ".safetensors")
+            where, physical = located(store, json.loads(m.read_text()), key)  # as the stages read it
+            path = where.local_path(physical)
             shard = read_shard(path)
             arrays = {k: shard[k] for k in shard.keys()}  # noqa: SIM118  (a Shard is not a mapping)
             info = write_shard(Path(tmp) / "s.safetensors", shard.kind, arrays, shard.meta)

@@ -166,7 +166,7 @@ def test_the_two_source_tables_compare_both_experts_with_each_alone_and_count_th
     run = tmp_path / "b-two-experts"
     (run / "prepare").mkdir()
     (run / Layout.manifest(Task(stage=Stage.prepare))).write_text(
-        json.dumps({"entry": entry, "summary": {"shards": 1}})
+        json.dumps({"stage": "prepare", "entry": entry, "summary": {"shards": 1}, "outputs": {}})
     )
     text, offsets = pack_texts(["Debian is free.", "def f(): pass", "x = 1"])
     docs_path = tmp_path / CacheLayout.AREA / entry / CacheLayout.file(Stage.prepare, Layout.documents(0))
@@ -202,7 +202,9 @@ def test_the_two_source_tables_compare_both_experts_with_each_alone_and_count_th
     ex_task = Task(stage=Stage.extract, model="code", shard=0)
     (run / Layout.shard(ex_task)).parent.mkdir(parents=True)
     write_shard(run / Layout.shard(ex_task), "extract", extract)
-    (run / Layout.manifest(ex_task)).write_text("{}")  # not from the shared cache: the run's own shard
+    (run / Layout.manifest(ex_task)).write_text(
+        '{"stage": "extract", "outputs": {}}'
+    )  # not from the shared cache: the run's own shard
     got = evidence.domain_bits_per_byte(run, corpus, ["smollm2", "code"])
     assert got == {"code": {"code": pytest.approx(8 / 7)}, "prose": {"code": pytest.approx(0.5)}}
     runs = {r: _json(tmp_path / f"b-{r}" / Layout.METRICS) for r in ("two-experts", "code-expert")}
