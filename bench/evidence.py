@@ -126,6 +126,18 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
         "lambda 0.9 (the paper's), with its own self-distillation (CLM-only has lambda 1: the headline's)",
         {"training": {"lambda": 0.9, "clmBaseline": False, "sourcesOnlyBaseline": False}},
     ),
+    "large-tasks": (
+        "the headline's models (trained once: reused) scored on pkg_docname, 3,000 items of code no model "
+        "trained on (examples/tasks-pkg), FuseLLM minus each baseline paired per item",
+        {
+            "training": {"sourcesOnlyBaseline": False},
+            "evaluation": {
+                "corpora": [],
+                "taskDirs": [str(ROOT / "examples" / "tasks-pkg")],
+                "tasks": [{"name": "pkg_docname"}],
+            },
+        },
+    ),
     "expert-prose": (
         "the prose expert of the two-source runs: SmolLM2 trained on the Debian Developer's Reference with "
         "lambda 1 (the CLM objective alone; the code expert stands in as the unused teacher)",
