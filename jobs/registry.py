@@ -37,6 +37,9 @@ class Variant(str, Enum):
     sources = "sources"  # the sources alone as teachers (the target's own distribution left out)
 
 
+# The baselines FuseLLM is compared with (evaluate's `fused_minus_<baseline>` figures), in that order.
+BASELINES: tuple[str, ...] = tuple(v.value for v in Variant if v is not Variant.fused)
+
 # Variants whose training needs fused shards of their own (clm trains on the fused variant's blocks: CLM-only
 # training reads the fused variant's shards, so fuse has no clm).
 FUSE_VARIANTS: tuple[Variant, ...] = (Variant.fused, Variant.self, Variant.sources)

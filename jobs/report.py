@@ -6,7 +6,7 @@
   - how often MinCE picked each candidate (fuse manifests' summaries)
   - per-task timings (manifests' started_at / finished_at)
   - lm-evaluation-harness benchmark tasks (evaluate/metrics.json "tasks"): a table per task, FuseLLM minus
-    CLM-only with its interval, and a plot
+    each trained baseline with its interval, and a plot
 The first lines say what the run can show: a run of tiny random-init models shows that every stage works,
 not whether fusion helps; a run of pretrained models leads with FuseLLM against CLM-only.
 Written to a local folder and copied into the store under report/. Everything missing is reported as
@@ -24,7 +24,7 @@ from jobs.complete import read_manifest
 from jobs.observe import alignment_from_store
 from jobs.plan import build_dag, trained_variants
 from jobs.progress import TrainingHistory, read_history
-from jobs.registry import Layout, Stage, Task, Variant
+from jobs.registry import BASELINES, Layout, Stage, Task, Variant
 from jobs.spec import FusionRunSpec
 from jobs.store import Store, StoreError
 
@@ -402,16 +402,19 @@ def headline(data: dict[str, Any]) -> list[str]:
         out.append(f"Before training, the sources' value: {data['source_value']['verdict']}.")
     for name, row in (metrics.get("task_summary") or {}).items():
         block = (metrics.get("tasks") or {}).get(name, {})
-        d = block.get("fused_minus_clm", {}).get(row["metric"])
-        if d:
-            better = block.get("higher_is_better", {}).get(row["metric"])
-            sign = "" if better is None else (" (higher is better)" if better else " (lower is better)")
-            out.append(f"- {name}, {row['metric']}{sign}: FuseLLM minus CLM-only {_interval(d)}.")
+        better = block.get("higher_is_better", {}).get(row["metric"])
+        sign = "" if better is None else (" (higher is better)" if better else " (lower is better)")
+        for baseline in BASELINES:
+            d = block.get(f"fused_minus_{baseline}", {}).get(row["metric"])
+            if d:
+                who = BASELINE_NAMES[baseline]
+                out.append(f"- {name}, {row['metric']}{sign}: FuseLLM minus {who} {_interval(d)}.")
     return [*out, ""] if out else []
 
 
 def render_tasks(metrics: dict[str, Any]) -> list[str]:
-    """A table per lm-eval result: each model's metrics with lm-eval's stderr, then FuseLLM minus CLM-only."""
+    """A table per lm-eval result: each model's metrics with lm-eval's stderr, then FuseLLM minus each
+    trained baseline."""
     lines: list[str] = []
     for name, b in (metrics.get("tasks") or {}).items():
         names = b.get("metric_names") or []
@@ -433,8 +436,9 @@ def render_tasks(metrics: dict[str, Any]) -> list[str]:
             ]
             lines.append(f"| {label_name(label)} | " + " | ".join(cells) + " |")
         lines.append("")
-        for m, d in (b.get("fused_minus_clm") or {}).items():
-            lines.append(f"- FuseLLM minus CLM-only, {m}: {_interval(d)}.")
+        for baseline in BASELINES:
+            for m, d in (b.get(f"fused_minus_{baseline}") or {}).items():
+                lines.append(f"- FuseLLM minus {BASELINE_NAMES[baseline]}, {m}: {_interval(d)}.")
         lines.append("")
     return lines
 
@@ -451,7 +455,7 @@ def _plot_tasks(metrics: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     labels = ordered_labels(
-        {k: 1 for row in rows.values() for k in row if k not in ("metric", "fused_minus_clm")}
+        {k: 1 for row in rows.values() for k in row if k != "metric" and not k.startswith("fused_minus_")}
     )
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) * max(1, len(labels)) / 3), 3.5))
     width = 0.8 / max(1, len(labels))

@@ -177,9 +177,23 @@ def test_tasks_block_and_summary_by_hand() -> None:
         "target-before": {"grp": entry(0.25, [0, 0, 0, 1], 2.0, [[-8 * ln2, 4], [-8 * ln2, 4]])},
         "fused": {"grp": entry(0.75, [1, 1, 0, 1], 1.5, [[-8 * ln2, 4], [-4 * ln2, 4]])},
         "clm": {"grp": entry(0.5, [1, 0, 0, 1], 1.0, [[-4 * ln2, 4], [-4 * ln2, 4]])},
+        "self": {"grp": entry(0.5, [0, 1, 0, 1], 1.5, [[-8 * ln2, 4], [-4 * ln2, 4]])},
     }
     block = tasks_block([TaskRequest("grp")], scores)
     assert set(block) == {"pick", "ppl"}
+    # Every trained baseline gets its comparison; the target before training is no baseline. FuseLLM minus
+    # self-distillation per item: [1, 0, 0, 0]. Means of 4 resampled items: P(0) = (3/4)^4 = 0.32 > 2.5%,
+    # P(>= 0.75) = 0.051 > 2.5% > P(1) = 0.004: the 95% interval is [0, 0.75].
+    assert {k for k in block["pick"] if k.startswith("fused_minus_")} == {
+        "fused_minus_clm",
+        "fused_minus_self",
+    }
+    assert block["pick"]["fused_minus_self"]["acc"] == {"delta": 0.25, "ci95_low": 0.0, "ci95_high": 0.75}
+    assert block["ppl"]["fused_minus_self"]["bits_per_byte"] == {
+        "delta": 0.0,
+        "ci95_low": 0.0,
+        "ci95_high": 0.0,
+    }
     assert block["pick"]["models"]["fused"] == {"acc": {"value": 0.75, "stderr": 0.25}}
     assert block["pick"]["fused_minus_clm"]["acc"]["delta"] == 0.25
     assert block["ppl"]["models"]["clm"]["bits_per_byte"]["stderr"] == "N/A"
@@ -194,7 +208,15 @@ def test_tasks_block_and_summary_by_hand() -> None:
     # "grp" itself is no result name (a group would be one): summary rows only for names lm-eval reported
     assert task_summary(block, [TaskRequest("grp")]) == {}
     assert task_summary(block, [TaskRequest("pick")]) == {
-        "pick": {"metric": "acc", "target-before": 0.25, "fused": 0.75, "clm": 0.5, "fused_minus_clm": 0.25}
+        "pick": {
+            "metric": "acc",
+            "target-before": 0.25,
+            "fused": 0.75,
+            "clm": 0.5,
+            "self": 0.5,
+            "fused_minus_clm": 0.25,
+            "fused_minus_self": 0.25,
+        }
     }
 
 
@@ -479,6 +501,7 @@ def _metrics_with_tasks() -> dict:
             "acc": {"delta": 0.125, "ci95_low": -0.125, "ci95_high": 0.375},
             "acc_norm": {"delta": 0.0},
         },
+        "fused_minus_self": {"acc": {"delta": 0.25, "ci95_low": 0.0, "ci95_high": 0.5}},
     }
     return {
         "models": {"fused": {"bits_per_byte": 1.2}, "clm": {"bits_per_byte": 1.3}},
@@ -504,6 +527,10 @@ def test_report_leads_with_what_the_run_can_show(tmp_path: Path) -> None:
         "- pick, acc (higher is better): FuseLLM minus CLM-only +0.1250 (95% paired bootstrap interval "
         "-0.1250 to +0.3750)."
     )
+    assert real[4] == (
+        "- pick, acc (higher is better): FuseLLM minus self-distillation +0.2500 (95% paired bootstrap "
+        "interval +0.0000 to +0.5000)."
+    )
     text = "\n".join(real)
     assert "| model | acc | acc_norm |" in text
     # reading order: target before, CLM only, FuseLLM; each figure with lm-eval's stderr
@@ -517,6 +544,7 @@ def test_report_leads_with_what_the_run_can_show(tmp_path: Path) -> None:
         "- FuseLLM minus CLM-only, acc_norm: +0.0000 (no interval: per-document values not available)."
         in text
     )
+    assert "- FuseLLM minus self-distillation, acc: +0.2500 (95% paired bootstrap interval" in text
     assert "![benchmark tasks](tasks.png)" in text
     assert (
         _plot_tasks(data["metrics"], tmp_path / "tasks.png")

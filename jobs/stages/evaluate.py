@@ -19,7 +19,7 @@ import numpy as np
 
 from fusion.tokens import encode_documents
 from jobs.corpus import CorpusError, read_documents, unpack_texts
-from jobs.registry import Layout, Stage, Variant
+from jobs.registry import BASELINES, Layout, Stage
 from jobs.stages.common import (
     InputError,
     StageContext,
@@ -31,8 +31,6 @@ from jobs.stages.common import (
     log_event,
     set_threads,
 )
-
-BASELINES = tuple(v.value for v in Variant if v is not Variant.fused)
 
 
 def trained_model_dir(ctx: StageContext, variant: str) -> str:

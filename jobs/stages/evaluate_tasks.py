@@ -33,7 +33,7 @@ from fusion.benchmarks import (
 )
 from jobs.benchmarks import dir_errors, exact_errors, requests
 from jobs.complete import read_manifest
-from jobs.registry import Layout, Stage
+from jobs.registry import BASELINES, Layout, Stage
 from jobs.stages.common import StageContext, StageError, log_event
 from jobs.stages.prepare import text_path
 
@@ -190,8 +190,9 @@ def score_model(
 
 def tasks_block(requests: list[Any], scores: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Per lm-eval result (each requested task, and a group's subtasks): its settings, per model each metric
-    with its stderr as lm-eval reports it, and FuseLLM minus CLM-only per metric with a 95% paired bootstrap
-    interval over the documents (where each document's value is known)."""
+    with its stderr as lm-eval reports it, and FuseLLM minus each trained baseline (`fused_minus_clm`,
+    `fused_minus_self`, `fused_minus_sources`) per metric with a 95% paired bootstrap interval over the
+    documents (where each document's value is known)."""
     block: dict[str, Any] = {}
     for req in requests:
         for label, by_req in scores.items():
@@ -213,22 +214,24 @@ def tasks_block(requests: list[Any], scores: dict[str, dict[str, dict[str, Any]]
                 )
                 b["models"][label] = result["metrics"]
         for name, b in block.items():
-            if b["requested_as"] == req.name and {"fused", "clm"} <= set(b["models"]):
-                docs = [scores[v][req.name].get("per_doc", {}).get(name, {}) for v in ("fused", "clm")]
-                b["fused_minus_clm"] = fused_minus_clm(b["models"]["fused"], b["models"]["clm"], *docs)
+            if b["requested_as"] != req.name or "fused" not in b["models"]:
+                continue
+            for baseline in (v for v in BASELINES if v in b["models"]):
+                docs = [scores[v][req.name].get("per_doc", {}).get(name, {}) for v in ("fused", baseline)]
+                b[f"fused_minus_{baseline}"] = fused_minus(b["models"]["fused"], b["models"][baseline], *docs)
     return block
 
 
-def fused_minus_clm(
-    fused: dict[str, Any], clm: dict[str, Any], docs_f: dict[str, Any], docs_c: dict[str, Any]
+def fused_minus(
+    fused: dict[str, Any], other: dict[str, Any], docs_f: dict[str, Any], docs_o: dict[str, Any]
 ) -> dict[str, Any]:
-    """Per metric: FuseLLM's figure minus CLM-only's, with a paired interval where it can be had."""
+    """Per metric: FuseLLM's figure minus another model's, with a paired interval where it can be had."""
     out = {}
     for metric, fig in fused.items():
-        a, b = fig.get("value"), clm.get(metric, {}).get("value")
+        a, b = fig.get("value"), other.get(metric, {}).get("value")
         if a is None or b is None:
             continue
-        out[metric] = {"delta": round(a - b, 6), **paired_interval(docs_f, docs_c, metric, a)}
+        out[metric] = {"delta": round(a - b, 6), **paired_interval(docs_f, docs_o, metric, a)}
     return out
 
 
@@ -253,7 +256,7 @@ def main_metric(b: dict[str, Any]) -> str | None:
 
 def task_summary(block: dict[str, Any], requests: list[Any]) -> dict[str, Any]:
     """Small, for FusionRun.status: per requested task its main metric for each model, and FuseLLM minus
-    CLM-only. The full table stays in evaluate/metrics.json and evaluate/tasks/ in the store."""
+    each trained baseline. The full table stays in evaluate/metrics.json and evaluate/tasks/ in the store."""
     out = {}
     for req in requests:
         b = block.get(req.name)
@@ -264,7 +267,9 @@ def task_summary(block: dict[str, Any], requests: list[Any]) -> dict[str, Any]:
         for label, figures in b["models"].items():
             value = figures.get(metric, {}).get("value")
             row[label] = None if value is None else round(value, 5)
-        if metric in b.get("fused_minus_clm", {}):
-            row["fused_minus_clm"] = b["fused_minus_clm"][metric]["delta"]
+        for baseline in BASELINES:
+            diff = b.get(f"fused_minus_{baseline}", {}).get(metric)
+            if diff is not None:
+                row[f"fused_minus_{baseline}"] = diff["delta"]
         out[req.name] = row
     return out
