@@ -278,6 +278,59 @@ def run_table(metrics: dict[str, Any], text: str) -> list[str]:
     return [*lines, ""]
 
 
+def task_table(metrics: dict[str, Any], run_dir: Path) -> list[str]:
+    """Each lm-eval task a run scored: every model's figures (lm-eval's stderr beside), then FuseLLM minus
+    each baseline (task_comparisons)."""
+    lines: list[str] = []
+    for name, b in (metrics.get("tasks") or {}).items():
+        names = [m for m in b.get("metric_names") or [] if m in ("acc", "acc_norm")]
+        lines += [f"### task {name}, {b.get('samples')} items", "", "| model | " + " | ".join(names) + " |"]
+        lines.append("|---|" + "---|" * len(names))
+        for k in (k for k in LABELS if k in b["models"]):
+            cells = [_with_stderr(b["models"][k].get(m, {})) for m in names]
+            lines.append(f"| {LABELS[k]} | " + " | ".join(cells) + " |")
+        lines += ["", *task_comparisons(b, name, names, run_dir), ""]
+    return lines
+
+
+def task_comparisons(b: dict[str, Any], name: str, metrics: list[str], run_dir: Path) -> list[str]:
+    """FuseLLM minus each baseline with evaluate's 95% paired interval over the items, and the share of
+    items the two models answer differently (what sets the interval's width: about 1.96 sqrt(share / N))."""
+    lines = ["| comparison | metric | difference [95% paired bootstrap CI] | items answered differently |"]
+    lines.append("|---|---|---|---|")
+    for base in ("clm", "self", "sources"):
+        for m in metrics:
+            d = b.get(f"fused_minus_{base}", {}).get(m)
+            if d is None:
+                continue
+            ci = f" [{d['ci95_low']:+.4f}, {d['ci95_high']:+.4f}]" if "ci95_low" in d else " (no interval)"
+            differ = item_disagreement(run_dir, b["requested_as"], name, m, base)
+            share = "-" if differ is None else f"{differ:.1%}"
+            lines.append(f"| FuseLLM minus {LABELS[base]} | {m} | {d['delta']:+.4f}{ci} | {share} |")
+    return lines
+
+
+def _with_stderr(figure: dict[str, Any]) -> str:
+    value, err = figure.get("value"), figure.get("stderr")
+    if value is None:
+        return "-"
+    return f"{value:.4f} ± {err:.4f}" if isinstance(err, int | float) else f"{value:.4f}"
+
+
+def item_disagreement(run_dir: Path, requested: str, name: str, metric: str, baseline: str) -> float | None:
+    """The share of a task's items on which FuseLLM's per-item value differs from the baseline's (from the
+    scores evaluate keeps per model); None where either model's per-item values are not kept."""
+    per_item = []
+    for label in ("fused", baseline):
+        doc = _json(run_dir / Layout.task_scores(label)) or {}
+        per_doc = doc.get("tasks", {}).get(requested, {}).get("per_doc", {}).get(name, {})
+        per_item.append(per_doc.get(metric))
+    a, b = per_item
+    if a is None or b is None or len(a) != len(b) or not a:
+        return None
+    return float(np.mean(np.asarray(a) != np.asarray(b)))
+
+
 def cross_run(
     metrics: dict[str, dict[str, Any]], text: str, a: str, b: str, model: str = "fused", model_b: str = ""
 ) -> tuple[float, float, float] | None:
@@ -313,6 +366,7 @@ def tables(store_root: Path, base: str) -> str:
         out += [f"## {run}: {RUNS[run][0] if run in RUNS else 'examples/evidence-pkg-code.yaml'}", ""]
         for text in texts:
             out += [f"### {text}", "", *run_table(m, text)]
+        out += task_table(m, store_root / names[run])
     out += [
         "## Across runs (FuseLLM, the same held-out documents)",
         "",

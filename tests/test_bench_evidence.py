@@ -50,7 +50,8 @@ def test_each_run_reuses_the_extraction_and_changes_only_its_fields(base, run: s
     spec, doc = base
     v = parse_fusionrun(evidence.run_document(doc, run, STORE))
     assert v.metadata.name == f"evidence-pkg-code-{run}"
-    assert not v.spec.evaluation.evaluate_sources and not v.spec.evaluation.tasks  # scored once
+    assert not v.spec.evaluation.evaluate_sources  # scored once, in the headline run
+    assert bool(v.spec.evaluation.tasks) is (run == "large-tasks")  # the 60-item tasks: in the headline
     ids, by_id = SpecIdentities(), {t.id: t for t in build_dag(spec)}
     extracts_anew = "extraction" in evidence.RUNS[run][1]  # top-k-128: its own k = 128 extraction
     for t in build_dag(v.spec):
@@ -77,6 +78,56 @@ def test_each_run_reuses_the_extraction_and_changes_only_its_fields(base, run: s
     for run in ("one-epoch", "one-epoch-seed-1"):  # the headline comparisons again, on one pass
         short = parse_fusionrun(evidence.run_document(doc, run, STORE)).spec
         assert short.training.max_steps == 17 and trained_variants(short) == ["fused", "clm", "self"]
+
+
+def test_large_tasks_scores_the_headlines_models_on_thousands_of_items(base) -> None:
+    from jobs.registry import fingerprint_fields
+
+    spec, doc = base
+    v = parse_fusionrun(evidence.run_document(doc, "large-tasks", STORE)).spec
+    assert trained_variants(v) == ["fused", "clm", "self"]
+    trained = {t.id: t for t in build_dag(spec) if t.stage is Stage.train}
+    for t in (t for t in build_dag(v) if t.stage is Stage.train):  # the same training as the headline's
+        want = fingerprint_fields(spec.model_dump(mode="json", by_alias=True), trained[t.id])
+        assert fingerprint_fields(v.model_dump(mode="json", by_alias=True), t) == want, t.id
+    assert [(t.name, t.limit) for t in v.evaluation.tasks] == [("pkg_docname", None)]  # every item
+    assert v.evaluation.task_dirs == [str(evidence.ROOT / "examples" / "tasks-pkg")]
+
+
+def test_task_table_pairs_items_and_counts_disagreements(tmp_path) -> None:
+    def scores(label: str, acc: list[int]) -> None:
+        doc = {"model": label, "tasks": {"t": {"per_doc": {"t": {"doc_ids": [0, 1, 2, 3], "acc": acc}}}}}
+        path = tmp_path / "evaluate" / "tasks" / f"{label}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc))
+
+    scores("fused", [1, 1, 0, 1])
+    scores("clm", [1, 0, 0, 1])
+    figures = {
+        "fused": {"acc": {"value": 0.75, "stderr": 0.25}},
+        "clm": {"acc": {"value": 0.5, "stderr": 0.25}},
+    }
+    block = {
+        "requested_as": "t",
+        "samples": 4,
+        "metric_names": ["acc"],
+        "models": {**figures, "self": {"acc": {"value": 0.5, "stderr": "N/A"}}},
+        "fused_minus_clm": {"acc": {"delta": 0.25, "ci95_low": 0.0, "ci95_high": 0.75}},
+        "fused_minus_self": {"acc": {"delta": 0.25}},  # no per-item values kept for self
+    }
+    lines = evidence.task_table({"tasks": {"t": block}}, tmp_path)
+    assert lines[:7] == [
+        "### task t, 4 items",
+        "",
+        "| model | acc |",
+        "|---|---|",
+        "| CLM-only | 0.5000 ± 0.2500 |",
+        "| self-distillation | 0.5000 |",
+        "| FuseLLM | 0.7500 ± 0.2500 |",
+    ]
+    assert "| FuseLLM minus CLM-only | acc | +0.2500 [+0.0000, +0.7500] | 25.0% |" in lines  # 1 item of 4
+    assert "| FuseLLM minus self-distillation | acc | +0.2500 (no interval) | - |" in lines
+    assert evidence.task_table({"models": {}}, tmp_path) == []
 
 
 def test_tables_pair_the_same_documents_within_and_across_runs(tmp_path) -> None:
