@@ -27,14 +27,7 @@ class TaskState(str, Enum):
 
 def trained_variants(spec: FusionRunSpec) -> list[str]:
     """The variants the run trains: FuseLLM, then each baseline the spec asks for."""
-    t = spec.training
-    wanted = {
-        Variant.fused: True,
-        Variant.clm: t.clm_baseline,
-        Variant.self: t.self_distill_baseline,
-        Variant.sources: t.sources_only_baseline,
-    }
-    return [v.value for v, on in wanted.items() if on]
+    return spec.trained_variants()
 
 
 def _fused_by(variant: str) -> str:

@@ -346,7 +346,10 @@ def fingerprint_fields(spec_json: Mapping[str, Any], task: Task) -> dict[str, An
         # Which baselines exist decides which tasks there are, not what any one of them trains.
         training = _set_only(d["training"], {"lambdaFinal": None})
         return {"training": {k: v for k, v in training.items() if k not in _TRAIN_UNFINGERPRINTED}}
-    return {"evaluation": _set_only(d["evaluation"], {"corpora": [], "tasks": [], "taskDirs": []})}
+    evaluation = _set_only(d["evaluation"], {"corpora": [], "tasks": [], "taskDirs": []})
+    if "tasks" in evaluation:  # a task's models (added later) count only when set
+        evaluation["tasks"] = [_set_only(t, {"models": None}) for t in evaluation["tasks"]]
+    return {"evaluation": evaluation}
 
 
 _TRAIN_UNFINGERPRINTED = ("checkpointInterval", "clmBaseline", "selfDistillBaseline", "sourcesOnlyBaseline")

@@ -30,7 +30,7 @@ from pydantic.alias_generators import to_camel
 
 from fusion.uris import absolute_uri, is_s3
 from jobs.kubeyaml import KubeYamlError, decode, load_yaml
-from jobs.registry import STAGE_ORDER, Stage
+from jobs.registry import STAGE_ORDER, Stage, Variant
 
 API_GROUP = "fusionrun.dev"
 API_VERSION = "v1alpha1"
@@ -324,6 +324,10 @@ class EvalCorpus(TextSource):
 TASK_DIR_PATTERN = rf"^(file://|s3://{_BUCKET}|/|\./|\.\./)"
 
 
+# What evaluate calls the models it scores: the target before training, each trained variant, each source.
+SCORED_MODEL_PATTERN = r"^(target-before|source:[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?|[a-z]{1,32})$"
+
+
 class BenchmarkTask(Spec):
     """A task of EleutherAI's lm-evaluation-harness, scored on every model of the run."""
 
@@ -338,6 +342,13 @@ class BenchmarkTask(Spec):
         None,
         ge=1,
         description="Score only the first N documents (lm-eval's --limit): a quick check, not the benchmark.",
+    )
+    models: list[Annotated[str, Field(pattern=SCORED_MODEL_PATTERN)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Score this task on these models only (a costly task on the models being compared): "
+        "target-before, fused, clm, self, sources, source:<name>. Default: every model the run evaluates.",
     )
 
 
@@ -355,7 +366,7 @@ class Evaluation(Spec):
     tasks: list[BenchmarkTask] = Field(
         default_factory=list,
         max_length=64,
-        description="lm-evaluation-harness tasks scored on the target before training, FuseLLM, the CLM-only "
+        description="lm-evaluation-harness tasks scored on the target before training, FuseLLM, each trained "
         'baseline and (evaluateSources) each source; results under "tasks" in evaluate/metrics.json.',
     )
     task_dirs: list[Annotated[str, Field(pattern=TASK_DIR_PATTERN)]] = Field(
@@ -545,7 +556,35 @@ class FusionRunSpec(Spec):
                 "training.sourcesOnlyBaseline: with fusion.includeTarget false the FuseLLM model already "
                 "learns from the sources alone; drop sourcesOnlyBaseline or set includeTarget true"
             )
+        self._task_models_are_scored()
         return self
+
+    def trained_variants(self) -> list[str]:
+        """The variants the run trains: FuseLLM, then each baseline the spec asks for."""
+        t = self.training
+        wanted = {
+            Variant.fused: True,
+            Variant.clm: t.clm_baseline,
+            Variant.self: t.self_distill_baseline,
+            Variant.sources: t.sources_only_baseline,
+        }
+        return [v.value for v, on in wanted.items() if on]
+
+    def scored_models(self) -> list[str]:
+        """What evaluate scores, by the names its results use: the target before training, each trained
+        variant, then (evaluateSources) each source."""
+        sources = [f"source:{m.name}" for m in self.sources] if self.evaluation.evaluate_sources else []
+        return ["target-before", *self.trained_variants(), *sources]
+
+    def _task_models_are_scored(self) -> None:
+        known = self.scored_models()
+        for i, task in enumerate(self.evaluation.tasks):
+            unknown = [m for m in task.models or [] if m not in known]
+            if unknown:
+                raise ValueError(
+                    f"evaluation.tasks[{i}].models: {unknown} not scored by this run; choose from {known} "
+                    "(a baseline needs its training.*Baseline, a source evaluation.evaluateSources)"
+                )
 
     @property
     def models(self) -> list[ModelRef]:

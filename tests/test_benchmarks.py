@@ -146,6 +146,43 @@ def test_paired_difference_by_hand() -> None:
     assert paired_difference([[1, 2]], [[1, 3]], "f1") is None  # pairs of an unknown aggregate: no interval
 
 
+def test_a_task_is_scored_only_on_the_models_it_names(tmp_path: Path, monkeypatch) -> None:
+    """evaluation.tasks[].models: score_model skips the tasks that leave a model out (nothing scored, nothing
+    written for them) and scores the rest; without models every task is scored on every model."""
+    from types import SimpleNamespace
+
+    from fusion.benchmarks import TaskRequest
+    from jobs.stages import evaluate_tasks
+    from jobs.stages.evaluate_tasks import TaskPlan, score_model
+    from jobs.store import LocalStore
+
+    scored = []
+
+    def fake_score(lm, req, manager):
+        scored.append((lm, req.name))
+        return {"results": {req.name: {"metrics": {"acc": {"value": 0.5}}}}}
+
+    monkeypatch.setattr(evaluate_tasks, "model_identity", lambda ctx, label: {"model": label})
+    monkeypatch.setattr(evaluate_tasks, "wrap_model", lambda model, *args: model)
+    monkeypatch.setattr(evaluate_tasks, "score_task", fake_score)
+    store = LocalStore(tmp_path)
+    ctx = SimpleNamespace(
+        store=store,
+        task=SimpleNamespace(id="evaluate"),
+        put_json=lambda key, doc: store.put_bytes(key, json.dumps(doc).encode()),
+    )
+    reqs = [TaskRequest("cheap"), TaskRequest("costly")]
+    plan = TaskPlan(reqs, None, {"cheap": "d", "costly": "d"}, 64, 1, {"costly": ["fused", "clm"]})
+    assert [plan.scores("costly", m) for m in ("fused", "clm", "target-before")] == [True, True, False]
+    assert set(score_model(ctx, plan, "target-before", "m0", None, None)) == {"cheap"}
+    assert set(score_model(ctx, plan, "fused", "m1", None, None)) == {"cheap", "costly"}
+    assert scored == [("m0", "cheap"), ("m1", "cheap"), ("m1", "costly")]
+    kept = json.loads(store.get_bytes("evaluate/tasks/target-before.json"))
+    assert set(kept["tasks"]) == {"cheap"}
+    every = TaskPlan(reqs, None, {"cheap": "d", "costly": "d"}, 64, 1)
+    assert all(every.scores(r.name, "source:src") for r in reqs)
+
+
 def test_tasks_block_and_summary_by_hand() -> None:
     from fusion.benchmarks import TaskRequest
     from jobs.stages.evaluate_tasks import task_summary, tasks_block

@@ -95,6 +95,30 @@ def test_examples_validate_and_resolve_relative_paths(name: str) -> None:
             {"hiddenSize": 65, "numHeads": 4},
             "hiddenSize (65) must be a multiple of numHeads",
         ),
+        # evaluation.tasks[].models: only models the run scores, by the names its results use
+        (
+            "evaluation.tasks",
+            [{"name": "a"}, {"name": "b", "models": ["fused", "self"]}],
+            "evaluation.tasks[1].models: ['self'] not scored by this run; choose from ['target-before', "
+            "'fused', 'clm', 'source:src'] (a baseline needs its training.*Baseline, a source "
+            "evaluation.evaluateSources)",
+        ),
+        (
+            "evaluation",
+            {"evaluateSources": False, "tasks": [{"name": "a", "models": ["source:src"]}]},
+            "evaluation.tasks[0].models: ['source:src'] not scored by this run; choose from "
+            "['target-before', 'fused', 'clm']",
+        ),
+        (
+            "evaluation.tasks",
+            [{"name": "a", "models": []}],
+            "spec.evaluation.tasks.0.models: List should have",
+        ),
+        (
+            "evaluation.tasks",
+            [{"name": "a", "models": ["FuseLLM"]}],
+            "spec.evaluation.tasks.0.models.0: String should match pattern",
+        ),
     ],
 )
 def test_bad_spec_names_the_field(path: str, value, message: str) -> None:
@@ -144,6 +168,13 @@ def test_fingerprint_fields_follow_what_decides_each_stage() -> None:
     assert "lambdaFinal" not in spec_fingerprint_fields(a, "train")["training"]
     ramp = parse_spec(_with("training.lambdaFinal", 1.0))
     assert spec_fingerprint_fields(ramp, "train")["training"]["lambdaFinal"] == 1.0
+    # evaluation.tasks[].models (added later) counts only when set: task scores made before it stay valid
+    tasks = parse_spec(_with("evaluation.tasks", [{"name": "a", "limit": 5}]))
+    assert spec_fingerprint_fields(tasks, "evaluate")["evaluation"]["tasks"] == [
+        {"name": "a", "numFewshot": 0, "limit": 5}
+    ]
+    chosen = parse_spec(_with("evaluation.tasks", [{"name": "a", "limit": 5, "models": ["fused", "clm"]}]))
+    assert spec_fingerprint_fields(chosen, "evaluate")["evaluation"]["tasks"][0]["models"] == ["fused", "clm"]
     # fusion.topK (added later) counts only when set: fused shards made before it stay valid
     assert "topK" not in spec_fingerprint_fields(a, "fuse")["fusion"]
     k3 = parse_spec(_with("fusion.topK", 3))

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,12 @@ class TaskPlan:
     definitions: dict[str, str]  # request name -> what defines it (task folder digest, or lm-eval built-in)
     max_length: int
     batch_size: int
+    models: dict[str, list[str] | None] = field(default_factory=dict)  # request name -> models; None: all
+
+    def scores(self, request: str, label: str) -> bool:
+        """Whether `label` (target-before, a variant, source:NAME) is to be scored on this task."""
+        chosen = self.models.get(request)
+        return chosen is None or label in chosen
 
 
 def task_dir_paths(ctx: StageContext) -> list[Path]:
@@ -93,7 +99,8 @@ def prepare_tasks(ctx: StageContext) -> TaskPlan | None:
             f"taskDir:{digests[str(owner)]}" if owner else f"lm-eval {installed_version()} built-in"
         )
     spec = ctx.spec
-    return TaskPlan(reqs, manager, definitions, spec.extraction.max_length, batch_size(spec))
+    models = {t.name: t.models for t in spec.evaluation.tasks}
+    return TaskPlan(reqs, manager, definitions, spec.extraction.max_length, batch_size(spec), models)
 
 
 def model_identity(ctx: StageContext, label: str) -> dict[str, Any]:
@@ -159,6 +166,8 @@ def score_model(
     lm = None
     out = {}
     for req in plan.requests:
+        if not plan.scores(req.name, label):
+            continue  # evaluation.tasks[].models leaves this model out
         settings = settings_of(plan, req, add_bos)
         key = score_key(identity, settings)
         entry = doc["tasks"].get(req.name)
