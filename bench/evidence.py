@@ -128,14 +128,17 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "large-tasks": (
         "the headline's FuseLLM, CLM-only and self-distillation (trained again: the same weights, bit for "
-        "bit) scored on pkg_docname, 3,000 items of code no model trained on (examples/tasks-pkg), FuseLLM "
-        "minus each baseline paired per item",
+        "bit) scored on pkg_docname (3,000 items of code) and pkg_nextsentence (2,000 of prose), text no "
+        "model trained on (examples/tasks-pkg), FuseLLM minus each baseline paired per item",
         {
             "training": {"sourcesOnlyBaseline": False},
             "evaluation": {
                 "corpora": [],
                 "taskDirs": [str(ROOT / "examples" / "tasks-pkg")],
-                "tasks": [{"name": "pkg_docname", "models": ["fused", "clm", "self"]}],
+                "tasks": [
+                    {"name": "pkg_docname", "models": ["fused", "clm", "self"]},
+                    {"name": "pkg_nextsentence", "models": ["fused", "clm", "self"]},
+                ],
             },
         },
     ),

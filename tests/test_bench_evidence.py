@@ -92,7 +92,8 @@ def test_large_tasks_scores_the_headlines_models_on_thousands_of_items(base) -> 
         assert fingerprint_fields(v.model_dump(mode="json", by_alias=True), t) == want, t.id
     # every item, on the models compared (3,000 items take ~20-35 min a model on this machine)
     assert [(t.name, t.limit, t.models) for t in v.evaluation.tasks] == [
-        ("pkg_docname", None, ["fused", "clm", "self"])
+        ("pkg_docname", None, ["fused", "clm", "self"]),
+        ("pkg_nextsentence", None, ["fused", "clm", "self"]),
     ]
     assert v.evaluation.task_dirs == [str(evidence.ROOT / "examples" / "tasks-pkg")]
 
