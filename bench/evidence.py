@@ -43,7 +43,7 @@ from bench.ablation import _json, absolute_document, deep_merge
 from fusion.uris import local_path
 from jobs.cache import located
 from jobs.complete import read_manifest
-from jobs.registry import STAGE_NAMES, Layout, Stage, Task, Variant
+from jobs.registry import BASELINES, STAGE_NAMES, Layout, Stage, Task, Variant
 from jobs.spec import parse_fusionrun
 from jobs.store import LocalStore
 
@@ -273,7 +273,7 @@ def run_table(metrics: dict[str, Any], text: str) -> list[str]:
         "| comparison | bits/byte difference [95% paired bootstrap CI] | perplexity change |",
         "|---|---|---|",
     ]
-    for b in ("clm", "self", "sources"):
+    for b in BASELINES:
         if "fused" in models and b in models:
             change = models["fused"]["perplexity"] / models[b]["perplexity"] - 1
             lines.append(
@@ -302,7 +302,7 @@ def task_comparisons(b: dict[str, Any], name: str, metrics: list[str], run_dir: 
     items the two models answer differently (what sets the interval's width: about 1.96 sqrt(share / N))."""
     lines = ["| comparison | metric | difference [95% paired bootstrap CI] | items answered differently |"]
     lines.append("|---|---|---|---|")
-    for base in ("clm", "self", "sources"):
+    for base in BASELINES:
         for m in metrics:
             d = b.get(f"fused_minus_{base}", {}).get(m)
             if d is None:
